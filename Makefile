@@ -1,0 +1,35 @@
+# The README's two commands: `make run` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STUBS  := internvl/serving/v1/serving_pb2.py
+MODEL  ?=
+DEVICE ?= cpu
+PORT   ?= 8000
+
+.PHONY: run test proto tiny-model clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+# gRPC stubs from the contract (generated, not committed).
+$(STUBS): proto/internvl/serving/v1/serving.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+proto: $(STUBS)
+
+# The whole stack on localhost: Redis, vision encoder, LLM decoder, gateway (tiny model unless MODEL= is set).
+run: $(STUBS)
+	$(PY) -m tools.run_local --device $(DEVICE) --port $(PORT) $(if $(MODEL),--model $(MODEL))
+
+test: $(STUBS)
+	$(PY) -m pytest -q
+
+tiny-model: $(VENV)/.installed
+	$(PY) -m tools.make_tiny_checkpoint --out .cache/tiny-internvl2_5
+
+clean:
+	rm -rf internvl .cache .pytest_cache
