@@ -1,0 +1,43 @@
+"""gRPC server and channel set-up shared by the services."""
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+# Embeddings of the largest request (8B, 13 tiles, bf16) are ~27 MB; leave room for many images.
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def create_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=OPTIONS)
+
+
+def create_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=OPTIONS)
+
+
+def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    """Register the standard health service; it reports NOT_SERVING until `set_serving`."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+async def set_serving(servicer: health.aio.HealthServicer, *service_names: str) -> None:
+    for name in ("", *service_names):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def serve_until_signal(server: grpc.aio.Server, grace_s: float = 5.0) -> None:
+    """Run a started server until SIGINT/SIGTERM, then stop taking calls and let in-flight ones finish."""
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace_s)

@@ -1,0 +1,59 @@
+"""Layers both GPU services' model files share: RMSNorm, fused projections, attention."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # flash-attn when importable (GPU, fp16/bf16); SDPA otherwise.
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, as the reference implementations do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class FusedLinear(nn.Linear):
+    """One matmul for several projections stored apart in checkpoints (q/k/v, gate/up).
+
+    `sizes` maps each shard id to its number of output rows, in the order they are stacked.
+    """
+
+    def __init__(self, in_features: int, sizes: dict[object, int], bias: bool):
+        super().__init__(in_features, sum(sizes.values()), bias=bias)
+        self.offsets, start = {}, 0
+        for shard, rows in sizes.items():
+            self.offsets[shard] = (start, rows)
+            start += rows
+        self.shards = tuple(sizes)
+
+    def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:
+        start, rows = self.offsets[shard]
+        if tensor.shape[0] != rows or tensor.shape[1:] != param.shape[1:]:
+            raise ValueError(f"shard {shard} of shape {tuple(tensor.shape)} does not fit rows {start}:{start + rows} "
+                             f"of {tuple(param.shape)}")
+        param[start:start + rows].copy_(tensor)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """q [b, s_q, h, d], k/v [b, s_k, h_kv, d] -> [b, s_q, h, d]. Causal means aligned to the end of k."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = None
+    if causal and q.shape[2] > 1:
+        s_q, s_k = q.shape[2], k.shape[2]
+        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)

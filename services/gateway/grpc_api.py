@@ -1,0 +1,66 @@
+"""The public gRPC Gateway service: the chat-completions semantics of the REST API over gRPC."""
+import grpc
+from google.protobuf.json_format import MessageToDict
+from pydantic import ValidationError
+
+from internvl.serving.v1 import serving_pb2 as pb
+from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from services.gateway.chat import ChatService
+from services.gateway.errors import ApiError
+from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart
+
+
+class GatewayServicer(pb_grpc.GatewayServicer):
+    def __init__(self, chat: ChatService):
+        self.chat = chat
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+        answer = pb.ChatResponse(model=request.model)
+        async for r in self._stream(request, context):
+            answer.id = r.id
+            answer.text += r.text
+            if r.finish_reason:
+                answer.finish_reason = r.finish_reason
+                answer.usage.CopyFrom(r.usage)
+        return answer
+
+    async def ChatStream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
+        async for r in self._stream(request, context):
+            yield r
+
+    async def ListModels(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelList:
+        return pb.ModelList(models=[self.chat.model_name])
+
+    async def _stream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
+        try:
+            generate = await self.chat.prepare(to_chat_request(request))
+            async for r in self.chat.generate(generate):
+                yield pb.ChatResponse(id=generate.request_id, model=request.model, text=r.text,
+                                      finish_reason=r.finish_reason, usage=r.usage if r.finish_reason else None)
+        except ApiError as e:
+            await context.abort(e.grpc_code(), e.message)
+
+
+def to_chat_request(request: pb.ChatRequest) -> ChatCompletionRequest:
+    """Validate a gRPC request with the same rules as REST; an invalid one is an ApiError 400."""
+    fields = MessageToDict(request, preserving_proto_field_name=True)
+    fields.pop("messages", None)
+    try:
+        messages = [Message(role=m.role, content=[_part(p) for p in m.content]) for m in request.messages]
+        return ChatCompletionRequest(messages=messages, **fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ApiError(400, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from e
+
+
+def _part(part: pb.ContentPart) -> TextPart | ImagePart:
+    kind = part.WhichOneof("part")
+    if kind == "text":
+        return TextPart(type="text", text=part.text)
+    if kind == "image_url":
+        return ImagePart(type="image_url", image_url=ImageURL(url=part.image_url))
+    if kind == "image_bytes":
+        url = ImageURL(url="bytes:")
+        url._data = part.image_bytes
+        return ImagePart(type="image_url", image_url=url)
+    raise ApiError(400, "a content part has neither text nor an image")

@@ -1,0 +1,97 @@
+"""OpenAI-compatible REST: /v1/chat/completions (with SSE streaming), /v1/models, health."""
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from internvl.serving.v1 import serving_pb2 as pb
+from services.gateway.chat import ChatService
+from services.gateway.errors import ApiError, bad_request
+from services.gateway.schema import ChatCompletionRequest
+
+
+def create_app(chat: ChatService) -> FastAPI:
+    app = FastAPI(title="InternVL serving gateway", version="1")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return JSONResponse(bad_request(f"{where}: {first['msg']}" if where else first["msg"], where or None).body(),
+                            status_code=400)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": chat.model_name, "object": "model", "owned_by": "internvl-serving",
+                                            "created": 0}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        stream = chat.generate(await chat.prepare(req))
+        # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
+        first = await anext(stream)
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(first, stream, completion_id, created, req.model, include_usage),
+                                     media_type="text/event-stream")
+        text, finish, usage = "", "", None
+        async for r in _chain(first, stream):
+            text += r.text
+            finish, usage = r.finish_reason or finish, r.usage if r.HasField("usage") else usage
+        return {
+            "id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": _usage(usage),
+        }
+
+    return app
+
+
+async def _chain(first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]):
+    yield first
+    async for r in rest:
+        yield r
+
+
+def _usage(u: pb.Usage | None) -> dict:
+    p, c = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+async def _sse(first, rest, completion_id: str, created: int, model: str, include_usage: bool):
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    usage = None
+    try:
+        async for r in _chain(first, rest):
+            if r.text:
+                yield chunk({"content": r.text})
+            if r.finish_reason:
+                usage = r.usage
+                yield chunk({}, r.finish_reason)
+    except ApiError as e:  # headers are sent: the error travels as an event, never as a silent cut
+        yield f"data: {json.dumps(e.body())}\n\n"
+        return
+    if include_usage:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [], "usage": _usage(usage)}
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,181 @@
+"""Getting client images: fetch the encoded bytes (data: or http(s): URL), decode them safely.
+
+Every client mistake (bad URL, unreachable host, oversize or corrupt image) becomes a 400
+`ApiError` whose message says what is wrong, so it never surfaces later as a 500 from
+the vision encoder.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import urllib.parse
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from services.gateway.errors import bad_request
+
+# Formats we are willing to decode. Pillow can open many more (EPS would even run
+# Ghostscript); an internet-facing service only needs the common web formats.
+# JPEG covers MPO (multi-picture JPEGs from phones): Pillow opens them through the JPEG plugin.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+# Leading bytes of each supported format, used only to word error messages
+# ("looks like a PNG but is corrupt" versus "not an image at all").
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+
+_URL_SHOWN_CHARS = 200  # URLs are echoed in errors; keep long ones from flooding the message
+
+
+def image_hash(data: bytes) -> str:
+    """SHA-256 hex digest of the encoded image bytes (input to the embedding cache key)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sniff_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode encoded image bytes into a fully loaded RGB `PIL.Image.Image`.
+
+    The declared dimensions are checked against `max_pixels` from the header alone,
+    before any pixel data is decompressed, so a small file declaring a huge image
+    (decompression bomb) costs nothing. The image is then decoded completely, so a
+    truncated or corrupt file fails here rather than later in tiling. Mode conversion
+    is `convert("RGB")`, as in the reference preprocessing (alpha is dropped).
+    Raises a 400 `ApiError` for anything that is not a usable image.
+    """
+    if not data:
+        raise bad_request("image data is empty")
+    try:
+        # Image.open reads only the header; Pillow itself refuses headers declaring more
+        # than 2 * Image.MAX_IMAGE_PIXELS pixels (DecompressionBombError).
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise bad_request(f"image is too large: over the limit of {max_pixels} pixels ({exc})") from None
+    except UnidentifiedImageError:
+        sniffed = _sniff_format(data)
+        if sniffed:
+            raise bad_request(f"image data looks like {sniffed} but its header could not be parsed "
+                              "(corrupt file, or zero width or height)") from None
+        raise bad_request("image data is not a supported image; supported formats: "
+                          + ", ".join(SUPPORTED_FORMATS)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        what = f"{_sniff_format(data)} image" if _sniff_format(data) else "image data"
+        raise bad_request(f"{what} header could not be parsed: {exc}") from None
+
+    with image:
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise bad_request(f"image has zero size ({width}x{height})")
+        if width * height > max_pixels:
+            raise bad_request(f"image is {width}x{height} = {width * height} pixels, "
+                              f"over the limit of {max_pixels} pixels")
+        try:
+            image.load()  # full decode: truncation and corrupt data surface here
+            # convert() also detaches the result from the BytesIO holding the encoded bytes.
+            return image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise bad_request(f"{image.format} image is truncated or corrupt: {exc}") from None
+
+
+def _shown(url: str) -> str:
+    return url if len(url) <= _URL_SHOWN_CHARS else url[:_URL_SHOWN_CHARS] + "..."
+
+
+def _too_large(max_bytes: int):
+    return bad_request(f"image larger than {max_bytes} bytes")
+
+
+def _decode_data_url(url: str, max_bytes: int) -> bytes:
+    """Bytes of a `data:[<media type>][;params];base64,<payload>` URL."""
+    header, comma, payload = url[len("data:"):].partition(",")
+    if not comma:
+        raise bad_request("malformed data URL: no ',' before the payload")
+    media_type, *params = (part.strip().lower() for part in header.split(";"))
+    if "base64" not in params:
+        raise bad_request("data URL must be base64-encoded, e.g. data:image/png;base64,...")
+    if media_type and not (media_type.startswith("image/") or media_type == "application/octet-stream"):
+        raise bad_request(f"data URL media type {media_type!r} is not an image type")
+
+    # Tolerate what clients commonly produce: line breaks, percent-encoding, the URL-safe
+    # alphabet, missing '=' padding. Anything else outside the base64 alphabet is an error.
+    if "%" in payload:
+        payload = urllib.parse.unquote(payload)
+    payload = "".join(payload.split()).replace("-", "+").replace("_", "/")
+    payload += "=" * (-len(payload) % 4)
+    # Cheap pre-check on the encoded length, so an oversize payload is not decoded at all.
+    if len(payload) // 4 * 3 - payload[-2:].count("=") > max_bytes:
+        raise _too_large(max_bytes)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise bad_request(f"data URL payload is not valid base64: {exc}") from None
+    if not data:
+        raise bad_request("data URL contains no image data")
+    return data
+
+
+async def _download(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float) -> bytes:
+    shown = _shown(url)
+    try:
+        # httpx timeouts apply per network operation; asyncio.timeout bounds the whole
+        # download, so a server trickling bytes cannot hold the request open.
+        async with asyncio.timeout(timeout_s):
+            async with client.stream("GET", url, timeout=timeout_s, follow_redirects=True) as response:
+                if not response.is_success:
+                    raise bad_request(f"could not fetch image from {shown}: HTTP "
+                                      f"{response.status_code} {response.reason_phrase}".rstrip())
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise _too_large(max_bytes)
+                body = bytearray()
+                # Enforced while reading: a missing or lying Content-Length changes nothing.
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise _too_large(max_bytes)
+    except (TimeoutError, httpx.TimeoutException):
+        raise bad_request(f"timed out after {timeout_s:g} s fetching image from {shown}") from None
+    except httpx.InvalidURL as exc:
+        raise bad_request(f"invalid image URL {shown}: {exc}") from None
+    except httpx.HTTPError as exc:
+        reason = str(exc) or type(exc).__name__
+        raise bad_request(f"could not fetch image from {shown}: {reason}") from None
+    if not body:
+        raise bad_request(f"image URL {shown} returned an empty body")
+    return bytes(body)
+
+
+async def fetch_image(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float) -> bytes:
+    """Return the encoded image bytes named by `url` (a `data:` or `http(s)://` URL).
+
+    At most `max_bytes` are accepted and an http(s) fetch takes at most `timeout_s`
+    seconds in total; redirects are followed. Any failure is a 400 `ApiError`.
+    The bytes are not decoded here: see `decode_image`.
+    """
+    url = url.strip()
+    scheme, colon, _ = url.partition(":")
+    scheme = scheme.lower() if colon else ""
+    if scheme == "data":
+        return _decode_data_url(url, max_bytes)
+    if scheme in ("http", "https"):
+        return await _download(url, client, max_bytes, timeout_s)
+    if not scheme:
+        raise bad_request(f"image URL {_shown(url)!r} has no scheme; use http(s):// or a data: URL")
+    raise bad_request(f"unsupported image URL scheme {scheme!r}; use http(s):// or a data: URL")

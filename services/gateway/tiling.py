@@ -1,0 +1,101 @@
+"""InternVL dynamic-resolution tiling ("dynamic_preprocess" in the model cards).
+
+An image is resized to a grid of `tile_size` x `tile_size` tiles whose aspect ratio is
+closest to the image's, cut into those tiles row by row, and - when the grid has more
+than one tile - followed by a thumbnail of the whole image. The result must be
+pixel-identical to the model cards' preprocessing, because the model was trained on
+exactly those pixels; every choice below (candidate order, tie rule, resampling filter)
+reproduces that behaviour. Normalisation to float happens downstream.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+TILE_SIZE = 448
+
+
+@lru_cache(maxsize=64)
+def _candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    """All (cols, rows) with min_num <= cols * rows <= max_num, in the cards' order.
+
+    The cards collect the grids into a Python set and stable-sort it by area, so grids
+    of equal area keep the set's iteration order, which depends on the order the grids
+    were inserted. That order only decides exact ties between two equal-area grids
+    (possible only when min_num > 1, e.g. 1x2 vs 2x1 for a 5:4 image), but we insert in
+    the same order anyway so the choice matches for every (min_num, max_num).
+    """
+    grids: set[tuple[int, int]] = set()
+    for limit in range(min_num, max_num + 1):
+        for cols in range(1, limit + 1):
+            for rows in range(1, limit + 1):
+                if min_num <= cols * rows <= max_num:
+                    grids.add((cols, rows))
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
+
+
+def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
+                tile_size: int = TILE_SIZE) -> tuple[int, int]:
+    """Return the tile grid `(cols, rows)` for an image of `width` x `height` pixels.
+
+    Picks the grid whose cols/rows ratio is closest to width/height, scanning grids by
+    increasing tile count. On an exact tie the larger grid wins only if the image has
+    more than half the pixels of that grid (so small images are not blown up into many
+    tiles that carry no extra detail).
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if not 1 <= min_num <= max_num:
+        raise ValueError(f"need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
+
+    # Same float arithmetic as the cards (width / height, cols / rows), so that ties
+    # are detected identically.
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in _candidate_grids(min_num, max_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and 2 * width * height > tile_size * tile_size * cols * rows:
+            # Integer form of `area > 0.5 * tile_size**2 * cols * rows`; exact either way.
+            best = (cols, rows)
+    return best
+
+
+def count_tiles(width: int, height: int, max_num: int = 12, min_num: int = 1,
+                use_thumbnail: bool = True, tile_size: int = TILE_SIZE) -> int:
+    """Number of tiles `tile_image` produces for an image of this size, without resizing."""
+    cols, rows = choose_grid(width, height, min_num, max_num, tile_size)
+    blocks = cols * rows
+    return blocks + 1 if use_thumbnail and blocks > 1 else blocks
+
+
+def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
+               use_thumbnail: bool = True, tile_size: int = TILE_SIZE) -> np.ndarray:
+    """Cut `image` into InternVL tiles.
+
+    Returns a uint8 array `[n_tiles, tile_size, tile_size, 3]` (RGB): the grid tiles in
+    row-major order, then (if `use_thumbnail` and the grid has more than one tile) the
+    whole image resized to one tile. Non-RGB images are converted with
+    `Image.convert("RGB")` as the cards do: alpha is dropped, not blended onto a
+    background, and palette / greyscale / CMYK images take PIL's standard conversion.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    cols, rows = choose_grid(rgb.width, rgb.height, min_num, max_num, tile_size)
+    blocks = cols * rows
+    with_thumbnail = use_thumbnail and blocks > 1
+
+    # One bicubic resize of the whole image to the grid size (not a resize per tile):
+    # tiles then share seams exactly as in the reference.
+    grid = np.asarray(rgb.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC))
+
+    tiles = np.empty((blocks + with_thumbnail, tile_size, tile_size, 3), dtype=np.uint8)
+    for k in range(blocks):
+        row, col = divmod(k, cols)
+        tiles[k] = grid[row * tile_size:(row + 1) * tile_size, col * tile_size:(col + 1) * tile_size]
+    if with_thumbnail:
+        # Resized from the original image, not from the grid, as in the reference.
+        tiles[blocks] = np.asarray(rgb.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+    return tiles

@@ -1,0 +1,88 @@
+"""LLM decoder service: `python -m services.llm_decoder --model DIR_OR_HUB_ID`."""
+import argparse
+import asyncio
+import logging
+
+import torch
+from prometheus_client import start_http_server
+from transformers import AutoTokenizer
+
+from internvl.serving.v1 import serving_pb2 as pb
+from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from services.common import settings
+from services.common.checkpoint import model_fingerprint, read_model_config, resolve_checkpoint
+from services.common.grpc_utils import add_health, create_server, serve_until_signal, set_serving
+from services.llm_decoder.engine.llm_engine import LLMEngine
+from services.llm_decoder.models import load_language_model
+from services.llm_decoder.server import LlmDecoderServicer
+
+log = logging.getLogger("llm_decoder")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.llm_decoder", description=__doc__)
+    settings.add_model_args(p)
+    settings.add(p, "--port", "DECODER_PORT", 50052, "gRPC port", int)
+    settings.add(p, "--metrics-port", "DECODER_METRICS_PORT", 9102, "Prometheus /metrics port (0 = off)", int)
+    settings.add(p, "--max-model-len", "MAX_MODEL_LEN", 0, "longest prompt + completion (0 = the model's)", int)
+    settings.add(p, "--kv-cache-tokens", "KV_CACHE_TOKENS", 0,
+                 "KV cache size in tokens (0 = from free GPU memory, or 4 contexts on CPU)", int)
+    settings.add(p, "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", 0.9,
+                 "share of GPU memory the weights and KV cache may use", float)
+    settings.add(p, "--block-size", "KV_BLOCK_SIZE", 16, "tokens per KV block", int)
+    settings.add(p, "--max-batched-tokens", "MAX_BATCHED_TOKENS", 8192, "prompt tokens per prefill step", int)
+    settings.add(p, "--max-running", "MAX_RUNNING", 64, "sequences decoded together", int)
+    return p.parse_args()
+
+
+def kv_blocks(args, model: torch.nn.Module, max_model_len: int, dtype: torch.dtype) -> int:
+    """The KV budget in blocks: as asked, else what free GPU memory allows, else room for four full contexts."""
+    attn = model.kv_layers()
+    bytes_per_token = 2 * len(attn) * attn[0].kv_heads * attn[0].head_dim * dtype.itemsize
+    tokens = args.kv_cache_tokens
+    if not tokens and args.device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info()
+        tokens = int((free - total * (1 - args.gpu_memory_utilization)) // bytes_per_token)
+    tokens = tokens or 4 * max_model_len
+    if tokens < max_model_len:
+        raise SystemExit(f"KV cache of {tokens} tokens cannot hold one {max_model_len}-token context; "
+                         "lower --max-model-len or raise the KV budget")
+    return tokens // args.block_size
+
+
+async def main() -> None:
+    args = parse_args()
+    settings.setup_logging()
+    if not args.model:
+        raise SystemExit("--model (or MODEL) is required")
+    path = resolve_checkpoint(args.model)
+    cfg = read_model_config(path)
+    dtype = settings.torch_dtype(args.dtype, args.device)
+    model = load_language_model(cfg, path, args.device, dtype)
+    max_model_len = args.max_model_len or cfg.text.max_position_embeddings
+    num_blocks = kv_blocks(args, model, max_model_len, dtype)
+    engine = LLMEngine(model, cfg.image_token_id, num_blocks=num_blocks, block_size=args.block_size,
+                       max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
+                       device=args.device, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path).backend_tokenizer
+    info = pb.ModelInfo(model=args.model, fingerprint=model_fingerprint(path), dtype=str(dtype).removeprefix("torch."),
+                        hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile,
+                        max_model_len=max_model_len)
+    servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
+                                  max_model_len, dtype, info)
+    engine.start()
+    server = create_server()
+    pb_grpc.add_LlmDecoderServicer_to_server(servicer, server)
+    health = add_health(server)
+    server.add_insecure_port(f"[::]:{args.port}")
+    await server.start()
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    await set_serving(health, "internvl.serving.v1.LlmDecoder")
+    log.info("LLM decoder serving %s on :%d (KV cache: %d blocks of %d tokens)", args.model, args.port, num_blocks,
+             args.block_size)
+    await serve_until_signal(server)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

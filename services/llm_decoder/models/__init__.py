@@ -1,0 +1,24 @@
+"""One file per LLM family; `load_language_model` builds the right one and fills it from the checkpoint."""
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from services.common.checkpoint import ModelConfig, TensorReader, load_weights
+from services.llm_decoder.models.qwen2 import Qwen2ForCausalLM
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {"qwen2": Qwen2ForCausalLM}
+
+
+def load_language_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Build the LLM and read only the language-model tensors."""
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = FAMILIES[cfg.text.family](cfg.text)
+    model = model.to(dtype).to_empty(device=device)
+    load_weights(model, TensorReader(path), cfg.text_prefix, model.checkpoint_name)
+    log.info("language model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
+    return model.eval()

@@ -1,0 +1,99 @@
+"""The LlmDecoder gRPC servicer: validates a request, hands it to the engine, streams tokens and text deltas."""
+import asyncio
+import uuid
+
+import grpc
+import torch
+from prometheus_client import Counter, Gauge
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from internvl.serving.v1 import serving_pb2 as pb
+from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from services.common.tensors import from_proto
+from services.llm_decoder.engine.llm_engine import LLMEngine
+from services.llm_decoder.engine.sequence import SamplingParams, Sequence
+
+REQUESTS = Counter("decoder_requests_total", "Generate calls", ["finish_reason"])
+RUNNING = Gauge("decoder_running_requests", "Generate calls in progress")
+TOKENS = Counter("decoder_generated_tokens_total", "Tokens generated")
+
+
+class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
+    def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, image_token_id: int, vocab_size: int,
+                 hidden_size: int, max_model_len: int, dtype: torch.dtype, info: pb.ModelInfo):
+        self.tokenizer, self.image_token_id, self.vocab_size = tokenizer, image_token_id, vocab_size
+        self.hidden_size, self.max_model_len, self.dtype, self.info = hidden_size, max_model_len, dtype, info
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.engine = engine
+        engine.on_token = self.on_token
+
+    def on_token(self, seq: Sequence, token: int, reason: str | None) -> None:
+        """Engine thread -> the request's event loop."""
+        loop, queue = self.streams[seq.id]
+        loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            seq = self._sequence(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[seq.id] = (asyncio.get_running_loop(), queue)
+        detok = DecodeStream(skip_special_tokens=True)
+        RUNNING.inc()
+        reason = None
+        try:
+            self.engine.add(seq)
+            while reason is None:
+                token, reason = await queue.get()
+                if reason == "error":
+                    await context.abort(grpc.StatusCode.INTERNAL, "generation failed")
+                TOKENS.inc()
+                text = detok.step(self.tokenizer, token) or ""
+                usage = pb.Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)) \
+                    if reason else None
+                yield pb.GenerateResponse(token_ids=[token], text=text, finish_reason=reason or "", usage=usage)
+        finally:
+            if reason is None:  # the client went away (or the call failed): free the work
+                self.engine.abort(seq.id)
+            REQUESTS.labels(reason or "cancelled").inc()
+            RUNNING.dec()
+            self.streams.pop(seq.id, None)
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self.info
+
+    def _sequence(self, request: pb.GenerateRequest) -> Sequence:
+        """Check a request against the model and the limits; a bad one raises ValueError with the reason."""
+        ids = list(request.token_ids)
+        if not ids:
+            raise ValueError("token_ids is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.max_model_len}-token context")
+        s = request.sampling
+        room = self.max_model_len - len(ids)
+        if s.max_tokens < 0 or s.max_tokens > room:
+            raise ValueError(f"max_tokens={s.max_tokens} exceeds the {room} tokens left in the context "
+                             f"({len(ids)} prompt tokens, context {self.max_model_len})")
+        if s.temperature < 0 or not 0 <= s.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in [0, 1]")
+        images = [self._image(i, t) for i, t in enumerate(request.images)]
+        rows, slots = sum(t.shape[0] for t in images), ids.count(self.image_token_id)
+        if rows != slots:
+            raise ValueError(f"prompt has {slots} image-context tokens but {rows} embedding rows were sent")
+        params = SamplingParams(max_tokens=s.max_tokens or room, temperature=s.temperature, top_p=s.top_p or 1.0,
+                                stop_token_ids=frozenset(s.stop_token_ids),
+                                seed=s.seed if s.HasField("seed") else None)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        return Sequence(id=uuid.uuid4().hex, prompt_ids=ids, params=params, generator=generator,
+                        image_embeds=torch.cat(images).to(self.dtype) if images else None)
+
+    def _image(self, index: int, msg: pb.Tensor) -> torch.Tensor:
+        t = from_proto(msg)
+        if t.dim() != 2 or t.shape[1] != self.hidden_size or not t.is_floating_point():
+            raise ValueError(f"images[{index}]: expected float embeddings [rows, {self.hidden_size}], "
+                             f"got {msg.dtype} {list(msg.shape)}")
+        return t

@@ -1,0 +1,60 @@
+"""Vision encoder service: `python -m services.vision_encoder --model DIR_OR_HUB_ID`."""
+import argparse
+import asyncio
+import logging
+
+from prometheus_client import start_http_server
+
+from internvl.serving.v1 import serving_pb2 as pb
+from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from services.common import settings
+from services.common.cache import EmbeddingCache
+from services.common.checkpoint import model_fingerprint, read_model_config, resolve_checkpoint
+from services.common.grpc_utils import add_health, create_server, serve_until_signal, set_serving
+from services.vision_encoder.encoder import TileBatcher, load_vision_model
+from services.vision_encoder.server import VisionEncoderServicer
+
+log = logging.getLogger("vision_encoder")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.vision_encoder", description=__doc__)
+    settings.add_model_args(p)
+    settings.add(p, "--port", "VISION_PORT", 50051, "gRPC port", int)
+    settings.add(p, "--metrics-port", "VISION_METRICS_PORT", 9101, "Prometheus /metrics port (0 = off)", int)
+    settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
+    settings.add(p, "--cache-ttl", "CACHE_TTL_S", 3600, "seconds an image's embeddings stay cached", int)
+    settings.add(p, "--max-batch-tiles", "VISION_MAX_BATCH_TILES", 64, "most tiles in one forward pass", int)
+    settings.add(p, "--max-wait-ms", "VISION_MAX_WAIT_MS", 5.0, "how long a batch waits for more tiles", float)
+    return p.parse_args()
+
+
+async def main() -> None:
+    args = parse_args()
+    settings.setup_logging()
+    if not args.model:
+        raise SystemExit("--model (or MODEL) is required")
+    path = resolve_checkpoint(args.model)
+    cfg = read_model_config(path)
+    dtype = settings.torch_dtype(args.dtype, args.device)
+    model = load_vision_model(cfg, path, args.device, dtype)
+    info = pb.ModelInfo(model=args.model, fingerprint=model_fingerprint(path), dtype=str(dtype).removeprefix("torch."),
+                        hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile)
+    batcher = TileBatcher(model, args.device, args.max_batch_tiles, args.max_wait_ms / 1000)
+    batcher.start()
+    cache = EmbeddingCache(args.redis_url, args.cache_ttl)
+    server = create_server()
+    pb_grpc.add_VisionEncoderServicer_to_server(VisionEncoderServicer(cfg, batcher, cache, info), server)
+    health = add_health(server)
+    server.add_insecure_port(f"[::]:{args.port}")
+    await server.start()
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    await set_serving(health, "internvl.serving.v1.VisionEncoder")
+    log.info("vision encoder serving %s on :%d", args.model, args.port)
+    await serve_until_signal(server)
+    await cache.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

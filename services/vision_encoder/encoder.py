@@ -1,0 +1,101 @@
+"""Loads the vision tower and encodes tiles, batching tiles of concurrent requests into shared forward passes."""
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prometheus_client import Counter, Gauge
+
+from services.common.checkpoint import ModelConfig, TensorReader, load_weights
+from services.vision_encoder.intern_vit import InternVisionModel, native_vision_name
+
+log = logging.getLogger(__name__)
+
+TILES = Counter("vision_tiles_encoded_total", "Tiles run through the vision tower")
+BATCHES = Counter("vision_batches_total", "Forward passes of the vision tower")
+QUEUED_TILES = Gauge("vision_queued_tiles", "Tiles waiting for a forward pass (the pool's autoscaling signal)")
+
+
+def load_vision_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dtype) -> InternVisionModel:
+    """Build the tower + projector and fill them from the checkpoint's vision and projector tensors only."""
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = InternVisionModel(cfg)
+    model = model.to(dtype).to_empty(device=device)  # no random init of weights about to be overwritten
+    reader = TensorReader(path)
+    load_weights(model.vision_tower, reader, cfg.vision_prefix, native_vision_name)
+    load_weights(model.projector, reader, cfg.projector_prefix, lambda n: (n, None))
+    log.info("vision model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
+    return model.eval()
+
+
+@dataclass
+class _Job:
+    tiles: torch.Tensor           # uint8 [n, H, W, 3]
+    future: asyncio.Future
+
+
+class TileBatcher:
+    """Queue in front of the model: one worker forms batches of up to `max_batch_tiles` from concurrent calls."""
+
+    def __init__(self, model: InternVisionModel, device: str, max_batch_tiles: int, max_wait_s: float):
+        self.model, self.device = model, device
+        self.max_batch_tiles, self.max_wait_s = max_batch_tiles, max_wait_s
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="vision-forward")  # the device runs one batch at a time
+        self.worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.worker = asyncio.create_task(self._run())
+
+    async def encode(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Embeddings [n_i * tokens_per_tile, hidden] for each image's uint8 tiles [n_i, H, W, 3]."""
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(tiles, loop.create_future()) for tiles in images]
+        for job in jobs:
+            QUEUED_TILES.inc(job.tiles.shape[0])
+            self.queue.put_nowait(job)
+        return list(await asyncio.gather(*(job.future for job in jobs)))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        carry: _Job | None = None
+        while True:
+            batch = [carry or await self.queue.get()]
+            carry = None
+            tiles = batch[0].tiles.shape[0]
+            deadline = loop.time() + self.max_wait_s
+            while tiles < self.max_batch_tiles:
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    break
+                if tiles + job.tiles.shape[0] > self.max_batch_tiles:
+                    carry = job  # starts the next batch
+                    break
+                batch.append(job)
+                tiles += job.tiles.shape[0]
+            QUEUED_TILES.dec(tiles)
+            try:
+                outputs = await loop.run_in_executor(self.executor, self._forward, [j.tiles for j in batch])
+            except Exception as e:  # a failed batch fails its callers, not the worker
+                log.exception("vision forward failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            for job, out in zip(batch, outputs):
+                if not job.future.done():
+                    job.future.set_result(out)
+
+    def _forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        tiles = torch.cat(images).to(self.device, non_blocking=True)
+        # A single image larger than a batch still runs, in slices of max_batch_tiles.
+        out = torch.cat([self.model(chunk) for chunk in tiles.split(self.max_batch_tiles)])
+        BATCHES.inc()
+        TILES.inc(tiles.shape[0])
+        per_tile = out.shape[0] // tiles.shape[0]
+        return [t.cpu() for t in out.split([img.shape[0] * per_tile for img in images])]

@@ -1,0 +1,45 @@
+"""The VisionEncoder gRPC servicer: validates tiles, encodes them through the batcher, caches the embeddings."""
+import asyncio
+
+import grpc
+import torch
+from prometheus_client import Counter
+
+from internvl.serving.v1 import serving_pb2 as pb
+from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from services.common.cache import EmbeddingCache, encode_value
+from services.common.checkpoint import ModelConfig
+from services.common.tensors import from_proto, to_proto
+from services.vision_encoder.encoder import TileBatcher
+
+REQUESTS = Counter("vision_encode_requests_total", "Encode calls", ["status"])
+IMAGES = Counter("vision_images_encoded_total", "Images encoded")
+
+
+class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
+    def __init__(self, cfg: ModelConfig, batcher: TileBatcher, cache: EmbeddingCache, info: pb.ModelInfo):
+        self.cfg, self.batcher, self.cache, self.info = cfg, batcher, cache, info
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        try:
+            images = [self._tiles(i, img.tiles) for i, img in enumerate(request.images)]
+        except ValueError as e:
+            REQUESTS.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        embeddings = [to_proto(e) for e in await self.batcher.encode(images)]
+        await asyncio.gather(*(
+            self.cache.put(img.cache_key, encode_value(self.info.fingerprint, tiles.shape[0], emb))
+            for img, tiles, emb in zip(request.images, images, embeddings) if img.cache_key))
+        REQUESTS.labels("ok").inc()
+        IMAGES.inc(len(images))
+        return pb.EncodeResponse(images=[pb.ImageEmbeddings(embeddings=e) for e in embeddings])
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self.info
+
+    def _tiles(self, index: int, msg: pb.Tensor) -> torch.Tensor:
+        size = self.cfg.vision.image_size
+        if msg.dtype != "uint8" or len(msg.shape) != 4 or list(msg.shape[1:]) != [size, size, 3] or msg.shape[0] < 1:
+            raise ValueError(f"images[{index}]: tiles must be uint8 [n>=1, {size}, {size}, 3], "
+                             f"got {msg.dtype} {list(msg.shape)}")
+        return from_proto(msg)
