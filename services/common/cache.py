@@ -14,10 +14,11 @@ log = logging.getLogger(__name__)
 _ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
 
 
-def image_cache_key(fingerprint: str, image_sha256: str, max_num: int, use_thumbnail: bool, tile_size: int) -> str:
-    """Everything that changes an image's embeddings is in the key."""
+def image_cache_key(namespace: str, fingerprint: str, image_sha256: str, max_num: int, use_thumbnail: bool,
+                    tile_size: int) -> str:
+    """Everything that changes an image's embeddings is in the key; `namespace` separates deployments."""
     params = f"{fingerprint}|{image_sha256}|{max_num}|{int(use_thumbnail)}|{tile_size}"
-    return "ivl:emb:" + hashlib.sha256(params.encode()).hexdigest()
+    return f"{namespace}:" + hashlib.sha256(params.encode()).hexdigest()
 
 
 def encode_value(fingerprint: str, tiles: int, embeddings: pb.Tensor) -> bytes:

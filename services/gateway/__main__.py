@@ -35,6 +35,7 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--vision-addr", "VISION_ADDR", "localhost:50051", "vision encoder pool (host:port)")
     settings.add(p, "--decoder-addr", "DECODER_ADDR", "localhost:50052", "LLM decoder pool (host:port)")
     settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
+    settings.add(p, "--cache-namespace", "CACHE_NAMESPACE", "ivl:emb", "prefix of the cache keys in Redis")
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
     settings.add(p, "--max-images", "MAX_IMAGES", 16, "most images per request", int)
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
@@ -73,10 +74,11 @@ async def main() -> None:
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
                     max_images=args.max_images, max_image_bytes=args.max_image_bytes)
-    cache = EmbeddingCache(args.redis_url, ttl_s=0)
+    cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
     async with httpx.AsyncClient(follow_redirects=True) as http:
         chat = ChatService(name, prompt, Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile),
-                           cache, http, limits, use_thumbnail=cfg.use_thumbnail)
+                           cache, http, limits, use_thumbnail=cfg.use_thumbnail,
+                           cache_namespace=args.cache_namespace)
         grpc_server = create_server()
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(chat), grpc_server)
         health = add_health(grpc_server)

@@ -42,9 +42,10 @@ class Pools:
 
 class ChatService:
     def __init__(self, model_name: str, prompt: PromptBuilder, pools: Pools, cache: EmbeddingCache,
-                 http: httpx.AsyncClient, limits: Limits, use_thumbnail: bool = True):
+                 http: httpx.AsyncClient, limits: Limits, use_thumbnail: bool = True, cache_namespace: str = "ivl:emb"):
         self.model_name, self.prompt, self.pools, self.cache = model_name, prompt, pools, cache
         self.http, self.limits, self.use_thumbnail = http, limits, use_thumbnail
+        self.cache_namespace = cache_namespace
 
     async def prepare(self, req: ChatCompletionRequest) -> pb.GenerateRequest:
         """Validate, resolve every image to embeddings (cache first), and build the decoder request."""
@@ -79,8 +80,8 @@ class ChatService:
 
     async def _embed_images(self, images: list[ImageURL], max_num: int) -> tuple[list[pb.Tensor], list[int]]:
         datas = await asyncio.gather(*(self._fetch(img) for img in images))
-        keys = [image_cache_key(self.pools.fingerprint, image_hash(d), max_num, self.use_thumbnail, TILE_SIZE)
-                for d in datas]
+        keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, image_hash(d), max_num,
+                                self.use_thumbnail, TILE_SIZE) for d in datas]
         embeddings: list[pb.Tensor | None] = [None] * len(images)
         tiles = [0] * len(images)
         for i, raw in enumerate(await self.cache.get_many(keys)):

@@ -19,6 +19,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         async for r in self._stream(request, context):
             answer.id = r.id
             answer.text += r.text
+            answer.token_ids.extend(r.token_ids)
             if r.finish_reason:
                 answer.finish_reason = r.finish_reason
                 answer.usage.CopyFrom(r.usage)
@@ -36,7 +37,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             generate = await self.chat.prepare(to_chat_request(request))
             async for r in self.chat.generate(generate):
                 yield pb.ChatResponse(id=generate.request_id, model=request.model, text=r.text,
-                                      finish_reason=r.finish_reason, usage=r.usage if r.finish_reason else None)
+                                      token_ids=r.token_ids, finish_reason=r.finish_reason,
+                                      usage=r.usage if r.finish_reason else None)
         except ApiError as e:
             await context.abort(e.grpc_code(), e.message)
 

@@ -24,6 +24,9 @@ def create_app(chat: ChatService) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return JSONResponse(bad_request(f"request body is not valid JSON: {first['ctx']['error']}").body(),
+                                status_code=400)
         where = ".".join(str(p) for p in first["loc"] if p != "body")
         return JSONResponse(bad_request(f"{where}: {first['msg']}" if where else first["msg"], where or None).body(),
                             status_code=400)
@@ -45,18 +48,19 @@ def create_app(chat: ChatService) -> FastAPI:
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(first, stream, completion_id, created, req.model, include_usage),
-                                     media_type="text/event-stream")
-        text, finish, usage = "", "", None
+            return StreamingResponse(_sse(first, stream, completion_id, created, req.model, include_usage,
+                                          req.return_token_ids), media_type="text/event-stream")
+        text, token_ids, finish, usage = "", [], "", None
         async for r in _chain(first, stream):
             text += r.text
+            token_ids += r.token_ids
             finish, usage = r.finish_reason or finish, r.usage if r.HasField("usage") else usage
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                         "logprobs": None}],
-            "usage": _usage(usage),
-        }
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                  "logprobs": None}
+        if req.return_token_ids:
+            choice["token_ids"] = token_ids
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [choice], "usage": _usage(usage)}
 
     return app
 
@@ -72,21 +76,24 @@ def _usage(u: pb.Usage | None) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _sse(first, rest, completion_id: str, created: int, model: str, include_usage: bool):
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+async def _sse(first, rest, completion_id: str, created: int, model: str, include_usage: bool,
+               return_token_ids: bool):
+    def chunk(delta: dict, finish: str | None = None, token_ids: list[int] | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        if return_token_ids and token_ids is not None:
+            choice["token_ids"] = token_ids
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+                "choices": [choice]}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
     usage = None
     try:
         async for r in _chain(first, rest):
-            if r.text:
-                yield chunk({"content": r.text})
+            # Tokens that complete no character yet still travel (with their ids), so nothing is dropped.
+            yield chunk({"content": r.text} if r.text else {}, r.finish_reason or None, list(r.token_ids))
             if r.finish_reason:
                 usage = r.usage
-                yield chunk({}, r.finish_reason)
     except ApiError as e:  # headers are sent: the error travels as an event, never as a silent cut
         yield f"data: {json.dumps(e.body())}\n\n"
         return

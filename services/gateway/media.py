@@ -66,8 +66,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         # Image.open reads only the header; Pillow itself refuses headers declaring more
         # than 2 * Image.MAX_IMAGE_PIXELS pixels (DecompressionBombError).
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise bad_request(f"image is too large: over the limit of {max_pixels} pixels ({exc})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise bad_request(f"image dimensions are too large: over the limit of {max_pixels} pixels") from None
     except UnidentifiedImageError:
         sniffed = _sniff_format(data)
         if sniffed:
@@ -76,7 +76,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise bad_request("image data is not a supported image; supported formats: "
                           + ", ".join(SUPPORTED_FORMATS)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        what = f"{_sniff_format(data)} image" if _sniff_format(data) else "image data"
+        sniffed = _sniff_format(data)
+        what = f"{sniffed} image" if sniffed else "image data"
         raise bad_request(f"{what} header could not be parsed: {exc}") from None
 
     with image:
@@ -133,6 +134,16 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
 
 async def _download(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float) -> bytes:
     shown = _shown(url)
+    # Validate up front what httpx would only trip over mid-connect (a port over 65535
+    # surfaces as a bare OverflowError from the socket layer).
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise bad_request(f"invalid image URL {shown}: {exc}") from None
+    if not parsed.host:
+        raise bad_request(f"invalid image URL {shown}: no host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise bad_request(f"invalid image URL {shown}: port {parsed.port} out of range")
     try:
         # httpx timeouts apply per network operation; asyncio.timeout bounds the whole
         # download, so a server trickling bytes cannot hold the request open.

@@ -49,6 +49,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_num: int | None = Field(default=None, ge=1, description="most tiles per image (the model cards' max_num)")
+    return_token_ids: bool = Field(default=False, description="add the generated token ids to each choice (as vLLM)")
 
     def images(self) -> list[ImageURL]:
         return [p.image_url for m in self.messages for p in m.parts() if isinstance(p, ImagePart)]

