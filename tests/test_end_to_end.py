@@ -1,0 +1,221 @@
+"""The whole stack as real processes (gateway, vision encoder, LLM decoder, redis-server) against the reference."""
+import json
+import urllib.request
+
+import grpc
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from internvl.serving.v1 import serving_pb2 as pb
+from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from tests.conftest import data_url, noise_image, png_bytes
+
+MODEL = "tiny-internvl2_5"
+MAX_NUM = 4
+MAX_TOKENS = 24
+IMAGES = [noise_image(500, 300, seed=1), noise_image(240, 700, seed=2), noise_image(448, 448, seed=3)]
+
+# (name, OpenAI messages, chat-template messages for the reference, images in order)
+CASES = [
+    ("text", [{"role": "user", "content": "Tell me about the weather in Shanghai."}],
+     [{"role": "user", "content": [{"type": "text", "text": "Tell me about the weather in Shanghai."}]}], []),
+    ("one_image",
+     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}},
+                                   {"type": "text", "text": "Describe the image."}]}],
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+     [IMAGES[0]]),
+    ("two_images",
+     [{"role": "system", "content": "You are a careful assistant."},
+      {"role": "user", "content": [{"type": "text", "text": "Compare "},
+                                   {"type": "image_url", "image_url": {"url": data_url(IMAGES[1])}},
+                                   {"type": "text", "text": " with "},
+                                   {"type": "image_url", "image_url": {"url": data_url(IMAGES[2])}}]}],
+     [{"role": "system", "content": [{"type": "text", "text": "You are a careful assistant."}]},
+      {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
+                                   {"type": "text", "text": " with "}, {"type": "image"}]}],
+     [IMAGES[1], IMAGES[2]]),
+]
+
+
+def metric(url: str, name: str, **labels) -> float:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def to_grpc(messages: list[dict]) -> list[pb.ChatMessage]:
+    out = []
+    for m in messages:
+        content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        parts = []
+        for p in content:
+            if p["type"] == "text":
+                parts.append(pb.ContentPart(text=p["text"]))
+            else:  # send the raw bytes: the gRPC API takes images without base64
+                parts.append(pb.ContentPart(image_bytes=_png_of(p["image_url"]["url"])))
+        out.append(pb.ChatMessage(role=m["role"], content=parts))
+    return out
+
+
+def _png_of(url: str) -> bytes:
+    import base64
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    with grpc.insecure_channel(stack.gateway_grpc) as channel:
+        yield pb_grpc.GatewayStub(channel)
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    return {name: reference.generate(ref_messages, images, MAX_NUM, MAX_TOKENS)
+            for name, _, ref_messages, images in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_rest_greedy_equals_reference(client, expected, reference, case):
+    name, messages, _, _ = case
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                       extra_body={"max_num": MAX_NUM, "return_token_ids": True})
+    choice = r.choices[0]
+    assert choice.token_ids == expected[name]
+    assert choice.message.content == reference.tokenizer.decode(expected[name], skip_special_tokens=True)
+    assert r.usage.completion_tokens == len(expected[name])
+    assert choice.finish_reason == ("stop" if expected[name][-1] == reference.tokenizer.eos_token_id else "length")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_grpc_greedy_equals_reference(gateway, expected, case):
+    name, messages, _, _ = case
+    request = pb.ChatRequest(model=MODEL, messages=to_grpc(messages), max_tokens=MAX_TOKENS, temperature=0,
+                             max_num=MAX_NUM)
+    answer = gateway.Chat(request, timeout=120)
+    assert list(answer.token_ids) == expected[name]
+    assert answer.usage.completion_tokens == len(expected[name])
+    streamed = list(gateway.ChatStream(request, timeout=120))
+    assert [t for r in streamed for t in r.token_ids] == expected[name]
+    assert "".join(r.text for r in streamed) == answer.text
+    assert streamed[-1].finish_reason == answer.finish_reason != ""
+
+
+def test_stream_concatenates_to_the_non_streamed_answer(client):
+    messages = CASES[1][1]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                           extra_body={"max_num": MAX_NUM})
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True, extra_body={"max_num": MAX_NUM},
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and not any(finishes[:-1])
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_repeated_image_skips_the_vision_service(client, stack):
+    image = noise_image(333, 517, seed=10)
+
+    def ask(img, max_num):
+        client.chat.completions.create(
+            model=MODEL, max_tokens=2, temperature=0, extra_body={"max_num": max_num},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}}]}])
+        return metric(stack.vision_metrics_url, "vision_images_encoded_total")
+
+    first = ask(image, 2)
+    assert ask(image, 2) == first                          # same bytes, same max_num: served from Redis
+    assert ask(image, 3) == first + 1                      # max_num is part of the key
+    assert ask(noise_image(333, 517, seed=11), 2) == first + 2   # a different image misses
+
+
+def test_cached_answer_equals_uncached(client):
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}},
+                                             {"type": "text", "text": "Again?"}]}]
+    answers = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"max_num": 3, "return_token_ids": True}).choices[0].token_ids
+               for _ in range(2)]
+    assert answers[0] == answers[1]
+
+
+def test_concurrent_requests_match_sequential(stack, client):
+    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(6)]
+    sequential = [client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}],
+                                                 max_tokens=12, temperature=0).choices[0].message.content
+                  for p in prompts]
+
+    async def run():
+        import asyncio
+        aclient = openai.AsyncOpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+        rs = await asyncio.gather(*(aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0) for p in prompts))
+        return [r.choices[0].message.content for r in rs]
+
+    import asyncio
+    assert asyncio.run(run()) == sequential
+
+
+def test_models_and_health(stack):
+    assert httpx.get(stack.gateway_url + "/health").status_code == 200
+    models = httpx.get(stack.gateway_url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+
+
+BAD_REQUESTS = [
+    ("invalid image bytes", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]}, 400),
+    ("unknown model", {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ("empty messages", {"model": MODEL, "messages": []}, 400),
+    ("unknown role", {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400),
+    ("bad temperature", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400),
+    ("image token in text", {"model": MODEL, "messages": [{"role": "user", "content": "<IMG_CONTEXT>"}]}, 400),
+    ("context overflow", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6},
+     400),
+    ("max_num over limit", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_num": 99}, 400),
+]
+
+
+@pytest.mark.parametrize("body,status", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors_and_the_service_keeps_serving(stack, body, status):
+    r = httpx.post(stack.gateway_url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    ok = httpx.post(stack.gateway_url + "/v1/chat/completions", timeout=30,
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "still there?"}], "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_malformed_json_is_a_400(stack):
+    r = httpx.post(stack.gateway_url + "/v1/chat/completions", content=b"{not json",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_openai_client_sees_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}}]}])
+
+
+def test_grpc_errors_have_proper_status(gateway):
+    with pytest.raises(grpc.RpcError) as e:
+        gateway.Chat(pb.ChatRequest(model="nope", messages=to_grpc([{"role": "user", "content": "hi"}])))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        gateway.Chat(pb.ChatRequest(model=MODEL, messages=[pb.ChatMessage(
+            role="user", content=[pb.ContentPart(image_bytes=b"GIF89a-broken")])]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert gateway.ListModels(pb.InfoRequest()).models == [MODEL]
