@@ -29,9 +29,11 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         engine.on_token = self.on_token
 
     def on_token(self, seq: Sequence, token: int, reason: str | None) -> None:
-        """Engine thread -> the request's event loop."""
-        loop, queue = self.streams[seq.id]
-        loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
+        """Engine thread -> the request's event loop (unless the caller has already gone)."""
+        stream = self.streams.get(seq.id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:

@@ -1,0 +1,141 @@
+"""The decoder's engine and servicer: token parity under batching and preemption, stops, aborts, validation."""
+import grpc
+import pytest
+import torch
+
+from internvl.serving.v1 import serving_pb2 as pb
+from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from services.common.checkpoint import read_model_config
+from services.common.tensors import to_proto
+from services.llm_decoder.engine.llm_engine import LLMEngine
+from services.llm_decoder.engine.scheduler import Scheduler
+from services.llm_decoder.engine.sequence import SamplingParams, Sequence
+from services.llm_decoder.models import load_language_model
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_checkpoint):
+    return read_model_config(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def lm(cfg, tiny_checkpoint):
+    return load_language_model(cfg, tiny_checkpoint, "cpu", torch.float32)
+
+
+def run(lm, cfg, seqs, num_blocks=256, block_size=4, max_running=8):
+    """Run sequences to completion; returns the engine (for its block manager) and each sequence's tokens."""
+    engine = LLMEngine(lm, cfg.image_token_id, num_blocks=num_blocks, block_size=block_size, max_batched_tokens=4096,
+                       max_running=max_running, device="cpu", dtype=torch.float32,
+                       on_token=lambda s, t, r: None)
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    while engine.scheduler.has_work():
+        engine.step()
+    return engine, [s.output_ids for s in seqs]
+
+
+def prompts():
+    return [list(range(10 + i, 30 + 3 * i)) for i in range(5)]
+
+
+def test_batched_and_preempted_runs_equal_single_runs(lm, cfg, reference, monkeypatch):
+    singles = []
+    for ids in prompts():
+        out = reference.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                       eos_token_id=None)
+        singles.append(out[0, len(ids):].tolist())
+    batched = run(lm, cfg, [Sequence(str(i), ids, SamplingParams(16)) for i, ids in enumerate(prompts())])[1]
+    assert batched == singles
+    # 30 blocks of 4 tokens cannot hold all five sequences: the newest are preempted and recomputed.
+    preempted = []
+    original = Scheduler.preempt
+    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: (preempted.append(seq.id), original(self, seq)))
+    engine, squeezed = run(lm, cfg, [Sequence(str(i), ids, SamplingParams(16)) for i, ids in enumerate(prompts())],
+                           num_blocks=30)
+    assert squeezed == singles
+    assert preempted and len(engine.blocks.free) == 30
+
+
+def test_stop_token_ends_with_stop(lm, cfg):
+    ids = prompts()[0]
+    free_run = run(lm, cfg, [Sequence("a", ids, SamplingParams(12))])[1][0]
+    stop = free_run[4]
+    seq = Sequence("b", ids, SamplingParams(12, stop_token_ids=frozenset({stop})))
+    run(lm, cfg, [seq])
+    assert seq.output_ids == free_run[:free_run.index(stop) + 1] and seq.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(lm, cfg):
+    def sampled(seed):
+        seq = Sequence("s", prompts()[1], SamplingParams(16, temperature=1.0, top_p=0.9, seed=seed),
+                       generator=torch.Generator().manual_seed(seed))
+        return run(lm, cfg, [seq])[1][0]
+    assert sampled(7) == sampled(7)
+    assert sampled(7) != sampled(8)
+
+
+def test_abort_frees_blocks(lm, cfg):
+    engine = LLMEngine(lm, cfg.image_token_id, num_blocks=64, block_size=4, max_batched_tokens=4096, max_running=8,
+                       device="cpu", dtype=torch.float32, on_token=lambda s, t, r: None)
+    seq = Sequence("x", prompts()[0], SamplingParams(100))
+    engine.scheduler.add(seq)
+    engine.step()
+    engine.step()
+    assert len(engine.blocks.free) < 64
+    engine.scheduler.finish(seq, "abort")
+    assert len(engine.blocks.free) == 64 and not engine.scheduler.has_work()
+
+
+@pytest.fixture(scope="module")
+def decoder(stack):
+    with grpc.insecure_channel(stack.decoder_addr) as channel:
+        yield pb_grpc.LlmDecoderStub(channel)
+
+
+def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
+    ids = [5, 6] + [cfg.image_token_id] * 256 + [7]
+    rows = torch.zeros(255, cfg.text.hidden_size)
+    with pytest.raises(grpc.RpcError) as e:
+        list(decoder.Generate(pb.GenerateRequest(token_ids=ids, images=[to_proto(rows)],
+                                                 sampling=pb.SamplingParams(max_tokens=2))))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "256 image-context tokens but 255 embedding rows" in e.value.details()
+
+
+@pytest.mark.parametrize("request_fields,message", [
+    ({"token_ids": []}, "empty"),
+    ({"token_ids": [10 ** 6]}, "token ids must be in"),
+    ({"token_ids": [1], "images": [pb.Tensor(dtype="float32", shape=[2, 64], data=b"123")]}, "needs 512 bytes"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(max_tokens=10 ** 6)}, "exceeds"),
+])
+def test_invalid_generate_requests(decoder, request_fields, message):
+    with pytest.raises(grpc.RpcError) as e:
+        list(decoder.Generate(pb.GenerateRequest(**request_fields)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+
+
+def test_generate_streams_tokens_and_usage(decoder):
+    responses = list(decoder.Generate(pb.GenerateRequest(token_ids=[5, 6, 7], sampling=pb.SamplingParams(max_tokens=5))))
+    assert len(responses) == 5 and all(len(r.token_ids) == 1 for r in responses)
+    assert responses[-1].finish_reason == "length" and not any(r.finish_reason for r in responses[:-1])
+    assert (responses[-1].usage.prompt_tokens, responses[-1].usage.completion_tokens) == (3, 5)
+
+
+def test_cancelled_call_frees_the_engine(decoder, stack):
+    import time
+    from tests.test_end_to_end import metric
+
+    call = decoder.Generate(pb.GenerateRequest(token_ids=[5, 6, 7], sampling=pb.SamplingParams(max_tokens=5000)))
+    next(call)
+    next(call)
+    assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 1
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while metric(stack.decoder_metrics_url, "decoder_running_requests") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 0
+    assert metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason="cancelled") >= 1
+    after = list(decoder.Generate(pb.GenerateRequest(token_ids=[5, 6], sampling=pb.SamplingParams(max_tokens=3)),
+                                  timeout=30))
+    assert after[-1].finish_reason == "length"
