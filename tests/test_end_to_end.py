@@ -219,3 +219,25 @@ def test_grpc_errors_have_proper_status(gateway):
             role="user", content=[pb.ContentPart(image_bytes=b"GIF89a-broken")])]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert gateway.ListModels(pb.InfoRequest()).models == [MODEL]
+
+
+def test_http_image_url_equals_data_url(client, tmp_path):
+    """An http(s) image gives the same answer as the same bytes inline."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "cat.png").write_bytes(png_bytes(IMAGES[0]))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        answers = []
+        for url in (f"http://127.0.0.1:{server.server_port}/cat.png", data_url(IMAGES[0])):
+            r = client.chat.completions.create(
+                model=MODEL, max_tokens=8, temperature=0, extra_body={"max_num": 2, "return_token_ids": True},
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+            answers.append(r.choices[0].token_ids)
+        assert answers[0] == answers[1]
+    finally:
+        server.shutdown()

@@ -65,23 +65,31 @@ class ModelConfig:
     projector_prefix: str
     text_prefix: str
 
+    def prefixes(self, parts: tuple[str, ...]) -> tuple[str, ...]:
+        """Tensor-name prefixes of the parts ("vision": tower + projector, "text": the LLM)."""
+        by_part = {"vision": (self.vision_prefix, self.projector_prefix), "text": (self.text_prefix,)}
+        return tuple(p for part in parts for p in by_part[part])
+
     @property
     def tokens_per_tile(self) -> int:
         grid = self.vision.image_size // self.vision.patch_size
         return int(grid * grid * self.downsample_ratio ** 2)
 
 
-def resolve_checkpoint(model: str, needed: Callable[[str], bool] | None = None) -> Path:
-    """A local directory as is; otherwise a hub id, downloading the metadata and only the shards holding `needed` tensors."""
+def resolve_checkpoint(model: str, parts: tuple[str, ...] = ("vision", "text")) -> Path:
+    """A local directory as is; otherwise a hub id: the metadata, then only the shards holding `parts`' tensors."""
     if Path(model).is_dir():
         return Path(model)
     from huggingface_hub import hf_hub_download, snapshot_download
 
     path = Path(snapshot_download(model, allow_patterns=METADATA_PATTERNS))
+    if not parts:
+        return path
+    prefixes = read_model_config(path).prefixes(parts)
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({f for name, f in weight_map.items() if needed is None or needed(name)})
+        files = sorted({f for name, f in weight_map.items() if name.startswith(prefixes)})
     else:
         files = ["model.safetensors"]
     for f in files:

@@ -61,7 +61,7 @@ async def main() -> None:
     settings.setup_logging()
     if not args.model:
         raise SystemExit("--model (or MODEL) is required")
-    path = resolve_checkpoint(args.model, needed=lambda name: False)  # metadata only
+    path = resolve_checkpoint(args.model, parts=())  # config and tokenizer only
     cfg = read_model_config(path)
     vision = pb_grpc.VisionEncoderStub(create_channel(args.vision_addr))
     decoder = pb_grpc.LlmDecoderStub(create_channel(args.decoder_addr))

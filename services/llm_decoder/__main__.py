@@ -55,7 +55,7 @@ async def main() -> None:
     settings.setup_logging()
     if not args.model:
         raise SystemExit("--model (or MODEL) is required")
-    path = resolve_checkpoint(args.model)
+    path = resolve_checkpoint(args.model, parts=("text",))
     cfg = read_model_config(path)
     dtype = settings.torch_dtype(args.dtype, args.device)
     model = load_language_model(cfg, path, args.device, dtype)

@@ -1,0 +1,68 @@
+"""Prompt building in the gateway: the checkpoint's template, image expansion, stop tokens, hub resolution."""
+import shutil
+
+import pytest
+
+from services.common.checkpoint import resolve_checkpoint
+from services.gateway.errors import ApiError
+from services.gateway.prompt import PromptBuilder
+from services.gateway.schema import Message
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_checkpoint):
+    return PromptBuilder(tiny_checkpoint, tokens_per_tile=256)
+
+
+def test_multi_turn_rendering_and_image_expansion(builder):
+    messages = [Message(role="system", content="Be brief."),
+                Message(role="user", content=[{"type": "image_url", "image_url": {"url": "x"}},
+                                              {"type": "text", "text": "What is it?"}]),
+                Message(role="assistant", content="A cat."),
+                Message(role="user", content="And the colour?")]
+    assert builder.render(messages) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nWhat is it?<|im_end|>\n"
+        "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nAnd the colour?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    ids = builder.token_ids(messages, tiles_per_image=[3])
+    tok = builder.tokenizer
+    assert ids.count(builder.image_token_id) == 3 * 256
+    start = ids.index(tok.convert_tokens_to_ids("<img>"))
+    assert ids[start + 1:start + 1 + 768] == [builder.image_token_id] * 768
+    assert ids[start + 769] == tok.convert_tokens_to_ids("</img>")
+
+
+def test_stop_tokens_are_the_templates_end_of_turn(builder):
+    assert builder.stop_token_ids == [builder.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_image_tokens_typed_by_the_user_are_refused(builder):
+    with pytest.raises(ApiError) as e:
+        builder.render([Message(role="user", content="look: <img></img>")])
+    assert e.value.status == 400
+
+
+def test_hub_ids_download_only_the_needed_shards(tiny_checkpoint, tmp_path, monkeypatch):
+    """`MODEL=<hub id>`: metadata first, then only the shards holding the service's tensors."""
+    import huggingface_hub
+    snapshot = tmp_path / "snapshot"
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        assert repo_id == "OpenGVLab/tiny"
+        shutil.copytree(tiny_checkpoint, snapshot, ignore=shutil.ignore_patterns("*.safetensors"))
+        return str(snapshot)
+
+    def hf_hub_download(repo_id, filename):
+        fetched.append(filename)
+        shutil.copy(tiny_checkpoint / filename, snapshot / filename)
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    path = resolve_checkpoint("OpenGVLab/tiny", parts=("vision",))
+    assert path == snapshot and fetched
+    import json
+    weight_map = json.loads((snapshot / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(fetched) == {f for n, f in weight_map.items() if n.startswith(("vision_tower.", "multi_modal_projector."))}
+    assert len(set(fetched)) < len(set(weight_map.values()))
