@@ -1,5 +1,4 @@
 """The whole stack as real processes (gateway, vision encoder, LLM decoder, redis-server) against the reference."""
-import json
 import urllib.request
 
 import grpc

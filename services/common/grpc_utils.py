@@ -1,5 +1,10 @@
 """gRPC server and channel set-up shared by the services."""
+import asyncio
+import signal
+from typing import Callable
+
 import grpc
+from prometheus_client import start_http_server
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 # Embeddings of the largest request (8B, 13 tiles, bf16) are ~27 MB; leave room for many images.
@@ -30,11 +35,22 @@ async def set_serving(servicer: health.aio.HealthServicer, *service_names: str) 
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+async def serve(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, port: int,
+                metrics_port: int) -> None:
+    """Serve one service (plus health, and Prometheus metrics unless the port is 0) until SIGINT/SIGTERM."""
+    server = create_server()
+    add_servicer(server)
+    health = add_health(server)
+    server.add_insecure_port(f"[::]:{port}")
+    await server.start()
+    if metrics_port:
+        start_http_server(metrics_port)
+    await set_serving(health, service_name)
+    await serve_until_signal(server)
+
+
 async def serve_until_signal(server: grpc.aio.Server, grace_s: float = 5.0) -> None:
     """Run a started server until SIGINT/SIGTERM, then stop taking calls and let in-flight ones finish."""
-    import asyncio
-    import signal
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

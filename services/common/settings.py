@@ -2,8 +2,11 @@
 import argparse
 import logging
 import os
+from pathlib import Path
 
 import torch
+
+from services.common.checkpoint import ModelConfig, read_model_config, resolve_checkpoint
 
 
 def add(parser: argparse.ArgumentParser, flag: str, env: str, default, help: str, type=str) -> None:
@@ -26,3 +29,12 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def open_checkpoint(args: argparse.Namespace, parts: tuple[str, ...]) -> tuple[Path, ModelConfig, torch.dtype]:
+    """Start-up shared by the GPU services: logging, the checkpoint (with `parts`' tensors) and the compute dtype."""
+    setup_logging()
+    if not args.model:
+        raise SystemExit("--model (or MODEL) is required")
+    path = resolve_checkpoint(args.model, parts)
+    return path, read_model_config(path), torch_dtype(args.dtype, args.device)

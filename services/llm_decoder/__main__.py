@@ -4,14 +4,13 @@ import asyncio
 import logging
 
 import torch
-from prometheus_client import start_http_server
 from transformers import AutoTokenizer
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings
-from services.common.checkpoint import model_fingerprint, read_model_config, resolve_checkpoint
-from services.common.grpc_utils import add_health, create_server, serve_until_signal, set_serving
+from services.common.checkpoint import model_fingerprint
+from services.common.grpc_utils import serve
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.models import load_language_model
 from services.llm_decoder.server import LlmDecoderServicer
@@ -52,12 +51,7 @@ def kv_blocks(args, model: torch.nn.Module, max_model_len: int, dtype: torch.dty
 
 async def main() -> None:
     args = parse_args()
-    settings.setup_logging()
-    if not args.model:
-        raise SystemExit("--model (or MODEL) is required")
-    path = resolve_checkpoint(args.model, parts=("text",))
-    cfg = read_model_config(path)
-    dtype = settings.torch_dtype(args.dtype, args.device)
+    path, cfg, dtype = settings.open_checkpoint(args, parts=("text",))
     model = load_language_model(cfg, path, args.device, dtype)
     max_model_len = args.max_model_len or cfg.text.max_position_embeddings
     num_blocks = kv_blocks(args, model, max_model_len, dtype)
@@ -71,17 +65,10 @@ async def main() -> None:
     servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
                                   max_model_len, dtype, info)
     engine.start()
-    server = create_server()
-    pb_grpc.add_LlmDecoderServicer_to_server(servicer, server)
-    health = add_health(server)
-    server.add_insecure_port(f"[::]:{args.port}")
-    await server.start()
-    if args.metrics_port:
-        start_http_server(args.metrics_port)
-    await set_serving(health, "internvl.serving.v1.LlmDecoder")
     log.info("LLM decoder serving %s on :%d (KV cache: %d blocks of %d tokens)", args.model, args.port, num_blocks,
              args.block_size)
-    await serve_until_signal(server)
+    await serve(lambda server: pb_grpc.add_LlmDecoderServicer_to_server(servicer, server),
+                "internvl.serving.v1.LlmDecoder", args.port, args.metrics_port)
 
 
 if __name__ == "__main__":

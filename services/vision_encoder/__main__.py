@@ -3,14 +3,12 @@ import argparse
 import asyncio
 import logging
 
-from prometheus_client import start_http_server
-
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings
 from services.common.cache import EmbeddingCache
-from services.common.checkpoint import model_fingerprint, read_model_config, resolve_checkpoint
-from services.common.grpc_utils import add_health, create_server, serve_until_signal, set_serving
+from services.common.checkpoint import model_fingerprint
+from services.common.grpc_utils import serve
 from services.vision_encoder.encoder import TileBatcher, load_vision_model
 from services.vision_encoder.server import VisionEncoderServicer
 
@@ -31,28 +29,17 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> None:
     args = parse_args()
-    settings.setup_logging()
-    if not args.model:
-        raise SystemExit("--model (or MODEL) is required")
-    path = resolve_checkpoint(args.model, parts=("vision",))
-    cfg = read_model_config(path)
-    dtype = settings.torch_dtype(args.dtype, args.device)
+    path, cfg, dtype = settings.open_checkpoint(args, parts=("vision",))
     model = load_vision_model(cfg, path, args.device, dtype)
     info = pb.ModelInfo(model=args.model, fingerprint=model_fingerprint(path), dtype=str(dtype).removeprefix("torch."),
                         hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile)
     batcher = TileBatcher(model, args.device, args.max_batch_tiles, args.max_wait_ms / 1000)
     batcher.start()
     cache = EmbeddingCache(args.redis_url, args.cache_ttl)
-    server = create_server()
-    pb_grpc.add_VisionEncoderServicer_to_server(VisionEncoderServicer(cfg, batcher, cache, info), server)
-    health = add_health(server)
-    server.add_insecure_port(f"[::]:{args.port}")
-    await server.start()
-    if args.metrics_port:
-        start_http_server(args.metrics_port)
-    await set_serving(health, "internvl.serving.v1.VisionEncoder")
+    servicer = VisionEncoderServicer(cfg, batcher, cache, info)
     log.info("vision encoder serving %s on :%d", args.model, args.port)
-    await serve_until_signal(server)
+    await serve(lambda server: pb_grpc.add_VisionEncoderServicer_to_server(servicer, server),
+                "internvl.serving.v1.VisionEncoder", args.port, args.metrics_port)
     await cache.close()
 
 
