@@ -1,10 +1,20 @@
-"""Write a tiny, random, deterministic InternVL2.5-style checkpoint (InternViT + MLP projector + Qwen2).
+"""Write tiny, random, deterministic InternVL checkpoints of every seed family, in either layout.
 
-The directory is in the transformers-native layout, exactly what
-``InternVLForConditionalGeneration.from_pretrained(dir)`` and ``AutoTokenizer.from_pretrained(dir)``
-load: config.json, sharded fp32 safetensors (+ index), generation_config.json, a byte-level BPE
-tokenizer trained offline on a built-in corpus, chat_template.jinja, preprocessor_config.json and
-processor_config.json. Tests and local runs use it instead of a multi-GB hub download (no network).
+Families (the LLM and template of each seed checkpoint, at tiny widths):
+  internvl2_5            InternViT-300M + Qwen2      template internvl2_5     (InternVL2_5-1B/4B; --awq: 4B-AWQ)
+  internvl2_5-internlm2  InternViT-300M + InternLM2  template internvl2_5     (InternVL2_5-8B)
+  internvl2              InternViT-300M + InternLM2  template internlm2-chat  (InternVL2-8B)
+  internvl-chat-v1_5     InternViT-6B (qk-norm, RMSNorm, no qkv bias) + InternLM2, internlm2-chat (V1-5)
+
+Layouts, written from the same random tensors:
+  native    what ``InternVLForConditionalGeneration.from_pretrained(dir)`` loads (InternLM2 as Llama, q/k/v split),
+            with a chat_template.jinja rendering like the family's original template;
+  original  the OpenGVLab remote-code layout (``vision_model.*``, ``mlp1.*``, ``language_model.*``, InternLM2's
+            grouped ``wqkv``, config.json with ``vision_config``/``llm_config``/``template``/``ps_version``).
+Both carry sharded fp32 safetensors (+ index), generation_config.json and a byte-level BPE tokenizer trained
+offline on a built-in corpus with the family's real special tokens. No network, no multi-GB download.
+With ``awq``, the LLM's decoder-layer linears are 4-bit AWQ: the original layout stores them packed
+(qweight/qzeros/scales), the native layout stores the same weights dequantized (the reference twin).
 
 Shapes are tiny but the image geometry is real: 448px tiles, 14px patches -> 1024 patches -> 256
 tokens per tile after pixel shuffle 0.5, so prompt expansion and tiling are exercised as in production.
@@ -12,24 +22,49 @@ Weights are drawn from a seeded torch.Generator with a spread large enough that 
 varied tokens with clear top-1/top-2 margins (fp32 rounding differences between implementations then
 do not flip the argmax). Same seed -> byte-identical files.
 
-    python -m tools.make_tiny_checkpoint --out /tmp/tiny-internvl [--seed 0]
+    python -m tools.make_tiny_checkpoint --out /tmp/tiny-internvl [--family F] [--layout L] [--awq] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
+
+from services.llm_decoder.models import awq
+
+
+@dataclass(frozen=True)
+class Family:
+    llm: str              # "qwen2" or "internlm2"
+    template: str         # the original `template`
+    vit_6b: bool = False  # InternViT-6B style: qk-norm, RMSNorm, no qkv bias
+
+
+FAMILIES = {
+    "internvl2_5": Family("qwen2", "internvl2_5"),
+    "internvl2_5-internlm2": Family("internlm2", "internvl2_5"),
+    "internvl2": Family("internlm2", "internlm2-chat"),
+    "internvl-chat-v1_5": Family("internlm2", "internlm2-chat", vit_6b=True),
+}
+AWQ_GROUP_SIZE = 32  # real checkpoints use 128; the tiny LLM's 64-wide inputs still get two groups
 
 # Appended after the trained vocabulary, in this order (consecutive ids), like Qwen2.5 + InternVL's additions.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                   "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>"]  # fmt: skip
+# InternLM2's tokenizer: sentencepiece controls, then the chat and InternVL tokens; it prepends <s>.
+INTERNLM2_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
+                            "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>"]
 # InternVLProcessor reads these names (and their *_id) from the tokenizer (pitfall 2.3.4).
 EXTRA_SPECIAL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
@@ -84,7 +119,12 @@ they built bridges and towers from paper, glue and string. Everyone voted for th
 """
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def chat_template(family: Family) -> str:
+    """The native template, rendering like the family's original one (internlm2-chat: no newline after <|im_end|>)."""
+    return CHAT_TEMPLATE if family.template == "internvl2_5" else CHAT_TEMPLATE.replace("<|im_end|>\n", "<|im_end|>")
+
+
+def build_tokenizer(family: Family = FAMILIES["internvl2_5"]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -97,26 +137,38 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if family.llm == "internlm2":
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in INTERNLM2_SPECIAL_TOKENS])
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+        extra = {"bos_token": "<s>", "unk_token": "<unk>", "pad_token": "</s>"}
+    else:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        extra = {"pad_token": "<|endoftext|>"}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        **extra,
         model_max_length=16384,
         extra_special_tokens=dict(EXTRA_SPECIAL_TOKENS),
     )
 
 
-def build_config(vocab_size: int, image_token_id: int, eos_token_id: int) -> InternVLConfig:
+def build_config(vocab_size: int, image_token_id: int, eos_token_id: int,
+                 family: Family = FAMILIES["internvl2_5"]) -> InternVLConfig:
     vision = InternVLVisionConfig(
         image_size=448, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, attention_bias=True, norm_type="layer_norm", layer_norm_eps=1e-6,
-        use_qk_norm=False, use_mean_pooling=True, hidden_act="gelu")
-    text = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, hidden_act="silu", rms_norm_eps=1e-6,
-        max_position_embeddings=16384, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        tie_word_embeddings=False, eos_token_id=eos_token_id)
+        intermediate_size=64, attention_bias=not family.vit_6b, norm_type="rms_norm" if family.vit_6b else "layer_norm",
+        layer_norm_eps=1e-6, use_qk_norm=family.vit_6b, use_mean_pooling=True, hidden_act="gelu")
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, hidden_act="silu", max_position_embeddings=16384,
+                  tie_word_embeddings=False, eos_token_id=eos_token_id)
+    if family.llm == "qwen2":
+        text = Qwen2Config(rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
+    else:  # InternLM2 is Llama with other names; dynamic NTK rope x2 as InternLM2.5-7B
+        text = LlamaConfig(rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False,
+                           rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}, **common)
     # tie_word_embeddings defaults to True at the top level in transformers 5.x: it would tie lm_head to
     # embed_tokens and drop lm_head from the files (pitfall 2.3.1), so set it false at both levels.
     return InternVLConfig(
@@ -151,24 +203,34 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         p.copy_(value)
 
 
-def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, family: str = "internvl2_5", layout: str = "native",
+                          awq: bool = False) -> Path:
+    """Write one tiny checkpoint; the same seed and family give the same tensors in either layout."""
+    spec = FAMILIES[family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = build_config(len(tokenizer), ids["<IMG_CONTEXT>"], ids["<|im_end|>"])
+    tokenizer = build_tokenizer(spec)
+    special = INTERNLM2_SPECIAL_TOKENS if spec.llm == "internlm2" else SPECIAL_TOKENS
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    config = build_config(len(tokenizer), ids["<IMG_CONTEXT>"], ids["<|im_end|>"], spec)
     config.architectures = ["InternVLForConditionalGeneration"]
 
     model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
     randomize_(model, seed)  # every saved tensor is a parameter, so this fixes all of them
-    model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    # Small shards on purpose: the serving loader must handle model.safetensors.index.json + shards.
-    model.save_pretrained(out, max_shard_size="300KB")
+    packed = fake_quantize_(model) if awq else {}
+    if layout == "native":
+        model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=tokenizer.pad_token_id)
+        # Small shards on purpose: the serving loader must handle model.safetensors.index.json + shards.
+        model.save_pretrained(out, max_shard_size="300KB")
+        tokenizer.chat_template = chat_template(spec)
+    elif layout == "original":
+        write_original(model, config, spec, out, ids, packed)
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
     for shard in out.glob("*.safetensors"):  # safetensors 0.8 creates files with mode 0600
         shard.chmod(0o644)
 
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)  # writes tokenizer.json, tokenizer_config.json and chat_template.jinja
+    tokenizer.save_pretrained(out)  # writes tokenizer.json, tokenizer_config.json (and chat_template.jinja)
     # 5.x saves tokenizer_class "TokenizersBackend" and flattens the named extra tokens to top-level keys;
     # rewrite to the hub form (PreTrainedTokenizerFast + an extra_special_tokens dict), which 4.5x and 5.x
     # both load with tokenizer.context_image_token(_id) etc. set.
@@ -195,12 +257,143 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+_AWQ_LINEAR = re.compile(r"^model\.language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+
+@torch.no_grad()
+def fake_quantize_(model: torch.nn.Module) -> dict[str, dict]:
+    """Quantize the LLM's decoder-layer linears (what LMDeploy's auto_awq quantizes) to 4-bit AWQ.
+
+    The model keeps the dequantized weights (so the native layout is the exact dense twin); returns the packed
+    tensors by parameter name for the original layout.
+    """
+    packed = {}
+    for name, p in model.named_parameters():
+        if _AWQ_LINEAR.match(name):
+            q = awq.quantize(p, AWQ_GROUP_SIZE)
+            p.copy_(awq.dequantize(q["qweight"], q["qzeros"], q["scales"], AWQ_GROUP_SIZE).float())
+            packed[name] = q
+    return packed
+
+
+# transformers (in memory) -> original OpenGVLab names, applied in order.
+_VISION_TO_ORIGINAL = [
+    (r"^model\.vision_tower\.", "vision_model."),
+    (r"\.cls_token$", ".class_embedding"),
+    (r"\.patch_embeddings\.projection\.", ".patch_embedding."),
+    (r"\.position_embeddings$", ".position_embedding"),
+    (r"\.encoder\.layer\.", ".encoder.layers."),
+    (r"\.lambda_([12])$", r".ls\1"),
+    (r"\.attention\.projection_layer\.", ".attn.proj."),
+    (r"\.attention\.", ".attn."),
+    (r"\.layernorm_before\.", ".norm1."),
+    (r"\.layernorm_after\.", ".norm2."),
+    (r"^model\.multi_modal_projector\.layer_norm\.", "mlp1.0."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "mlp1.1."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "mlp1.3."),
+]
+_INTERNLM2_NAMES = [
+    (r"\.embed_tokens\.", ".tok_embeddings."),
+    (r"\.self_attn\.o_proj\.", ".attention.wo."),
+    (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
+    (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+    (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+    (r"\.input_layernorm\.", ".attention_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+]
+
+
+def original_state_dict(model: torch.nn.Module, spec: Family, packed: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The model's tensors under the original layout's names (fused ViT qkv, InternLM2 grouped wqkv, AWQ packing)."""
+    text = model.config.text_config
+    out, qkv = {}, {}
+    for name, t in model.state_dict().items():
+        t = t.contiguous()
+        if m := re.match(r"^(model\.vision_tower\.encoder\.layer\.\d+\.attention\.)([qkv])_proj\.(\w+)$", name):
+            qkv.setdefault((m[1] + "qkv." + m[3], "vision"), {})[m[2]] = t
+            continue
+        if name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+            for pattern, repl in _VISION_TO_ORIGINAL:
+                name = re.sub(pattern, repl, name)
+            out[name] = t
+            continue
+        name = re.sub(r"^model\.language_model\.", "language_model.model.", name)
+        name = re.sub(r"^lm_head\.", "language_model.lm_head.", name)
+        if spec.llm == "internlm2":
+            if m := re.match(r"^(language_model\.model\.layers\.\d+\.)self_attn\.([qkv])_proj\.weight$", name):
+                qkv.setdefault((m[1] + "attention.wqkv.weight", "internlm2"), {})[m[2]] = t
+                continue
+            for pattern, repl in _INTERNLM2_NAMES:
+                name = re.sub(pattern, repl, name)
+            name = name.replace("language_model.lm_head.", "language_model.output.")
+        source = re.sub(r"^language_model\.model\.", "model.language_model.", name)
+        if source in packed:  # AWQ: the packed tensors replace the dense weight
+            for key, value in packed[source].items():
+                out[name.removesuffix("weight") + key] = value.contiguous()
+            continue
+        out[name] = t
+    for (name, kind), parts in qkv.items():
+        if kind == "vision":
+            out[name.replace("vision_tower.encoder.layer.", "vision_model.encoder.layers.")
+                    .replace(".attention.", ".attn.").removeprefix("model.")] = torch.cat([parts[k] for k in "qkv"])
+        else:  # InternLM2 stores q/k/v grouped per KV head: [g query heads, key, value] for each group
+            kv, d = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+            g = text.num_attention_heads // kv
+            grouped = torch.cat([parts["q"].reshape(kv, g, d, -1), parts["k"].reshape(kv, 1, d, -1),
+                                 parts["v"].reshape(kv, 1, d, -1)], dim=1)
+            out[name] = grouped.reshape(-1, text.hidden_size).contiguous()
+    return out
+
+
+def write_original(model, config: InternVLConfig, spec: Family, out: Path, ids: dict, packed: dict) -> None:
+    tensors = original_state_dict(model, spec, packed)
+    names = sorted(tensors)
+    shards = [names[i::3] for i in range(3)]  # three shards, interleaved, so every part spans several files
+    weight_map = {}
+    for i, shard_names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in shard_names}, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard_names, file))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+    v, t = config.vision_config, config.text_config
+    vision = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": v.hidden_size,
+              "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+              "intermediate_size": v.intermediate_size, "image_size": 448, "patch_size": 14, "num_channels": 3,
+              "qkv_bias": not spec.vit_6b, "qk_normalization": spec.vit_6b, "layer_norm_eps": 1e-6,
+              "hidden_act": "gelu", "use_flash_attn": False}
+    if not spec.vit_6b:
+        vision["norm_type"] = "layer_norm"  # the 6B config leaves it out: the class default is rms_norm
+    llm = {"vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "num_hidden_layers": t.num_hidden_layers,
+           "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+           "intermediate_size": t.intermediate_size, "max_position_embeddings": t.max_position_embeddings,
+           "rms_norm_eps": t.rms_norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
+           "eos_token_id": ids["<|im_end|>"], "torch_dtype": "float32"}
+    if spec.llm == "qwen2":
+        llm |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1e6}
+    else:
+        llm |= {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "rope_theta": 1e6,
+                "rope_scaling": {"type": "dynamic", "factor": 2.0}, "bias": False, "bos_token_id": ids["<s>"]}
+    if packed:  # LMDeploy writes it through the LLM's config, so it lands inside llm_config
+        llm["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 4,
+                                      "group_size": AWQ_GROUP_SIZE, "zero_point": True}
+    top = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": spec.template,
+           "select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v2", "force_image_size": 448,
+           "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12,
+           "tie_word_embeddings": False, "vision_config": vision, "llm_config": llm}
+    (out / "config.json").write_text(json.dumps(top, indent=2, ensure_ascii=False) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": ids["<|im_end|>"]}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (same seed -> identical files)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="internvl2_5")
+    parser.add_argument("--layout", choices=["native", "original"], default="native")
+    parser.add_argument("--awq", action="store_true", help="4-bit AWQ LLM linears (W4A16)")
     args = parser.parse_args(argv)
-    print(write_tiny_checkpoint(args.out, seed=args.seed))
+    print(write_tiny_checkpoint(args.out, seed=args.seed, family=args.family, layout=args.layout, awq=args.awq))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    family: str           # which model file runs it, e.g. "qwen2"
+    family: str           # which model file runs it: "qwen2", "llama" or "internlm2"
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -45,9 +45,11 @@ class TextConfig:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
+    rope_scaling: dict | None     # {"rope_type": "dynamic" | "linear", "factor": f} or None
     max_position_embeddings: int
     attention_bias: bool
     tie_word_embeddings: bool
+    awq_group_size: int = 0       # > 0: linear layers are 4-bit AWQ (W4A16) with this group size
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class ModelConfig:
     vision_prefix: str    # tensor-name prefixes of the three parts in this layout
     projector_prefix: str
     text_prefix: str
+    template: str | None = None   # original layout: the conversation template the checkpoint names
+    template_era: str = "2.0"     # "1.5": InternVL-Chat-V1-5's conversation.py (other system message)
 
     def prefixes(self, parts: tuple[str, ...]) -> tuple[str, ...]:
         """Tensor-name prefixes of the parts ("vision": tower + projector, "text": the LLM)."""
@@ -98,23 +102,29 @@ def resolve_checkpoint(model: str, parts: tuple[str, ...] = ("vision", "text")) 
 
 
 def read_model_config(path: Path) -> ModelConfig:
-    """Parse config.json (and the tokenizer's image-context id) into the one model description."""
+    """Parse config.json (either layout) into the one model description."""
     cfg = json.loads((path / "config.json").read_text())
     model_type = cfg.get("model_type")
     if model_type == "internvl":
         return _native_config(cfg)
-    raise ValueError(f"{path}: unsupported checkpoint (config.json model_type={model_type!r}); "
-                     "expected a transformers-native InternVL checkpoint (model_type 'internvl')")
+    if model_type == "internvl_chat":
+        return _original_config(cfg, path)
+    raise ValueError(f"{path}: unsupported checkpoint (config.json model_type={model_type!r}); expected an InternVL "
+                     "checkpoint: 'internvl_chat' (OpenGVLab layout) or 'internvl' (transformers layout)")
+
+
+# LLM architecture -> model file. Native InternLM2-based checkpoints say model_type "llama" (converted names).
+_ORIGINAL_FAMILIES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2", "LlamaForCausalLM": "llama"}
+_NATIVE_FAMILIES = ("qwen2", "llama")
 
 
 def _native_config(cfg: dict) -> ModelConfig:
     v, t = cfg["vision_config"], cfg["text_config"]
     family = t.get("model_type")
-    if family != "qwen2":
-        raise ValueError(f"unsupported language model family {family!r} (supported: qwen2)")
+    if family not in _NATIVE_FAMILIES:
+        raise ValueError(f"unsupported language model family {family!r} (supported: {', '.join(_NATIVE_FAMILIES)})")
     image_size = v.get("image_size", [448, 448])
     patch_size = v.get("patch_size", [14, 14])
-    heads = t["num_attention_heads"]
     return ModelConfig(
         layout="native",
         vision=VisionConfig(
@@ -124,16 +134,8 @@ def _native_config(cfg: dict) -> ModelConfig:
             patch_size=patch_size[0] if isinstance(patch_size, list) else patch_size,
             qkv_bias=v.get("attention_bias", False), qk_norm=v.get("use_qk_norm", False),
             norm_type=v.get("norm_type", "layer_norm"), norm_eps=v.get("layer_norm_eps", 1e-6)),
-        text=TextConfig(
-            family=family, hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=t.get("num_key_value_heads", heads),
-            head_dim=t.get("head_dim") or t["hidden_size"] // heads,
-            intermediate_size=t["intermediate_size"], vocab_size=t["vocab_size"],
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(t),
-            max_position_embeddings=t.get("max_position_embeddings", 32768),
-            attention_bias=True,  # Qwen2 has q/k/v biases
-            # transformers 5 defaults to tied heads; a checkpoint that says nothing is tied.
-            tie_word_embeddings=cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", True))),
+        # transformers 5 defaults to tied heads; a checkpoint that says nothing is tied.
+        text=_text_config(t, family, tie=cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", True))),
         image_token_id=cfg["image_token_id"],
         downsample_ratio=cfg.get("downsample_ratio", 0.5),
         ps_version="v2",  # the native classes only know the v2 token order
@@ -144,11 +146,79 @@ def _native_config(cfg: dict) -> ModelConfig:
     )
 
 
-def _rope_theta(t: dict) -> float:
+def _original_config(cfg: dict, path: Path) -> ModelConfig:
+    v, t = cfg["vision_config"], cfg["llm_config"]
+    arch = (t.get("architectures") or ["?"])[0]
+    if arch not in _ORIGINAL_FAMILIES:
+        raise ValueError(f"unsupported language model {arch!r} (supported: {', '.join(_ORIGINAL_FAMILIES)})")
+    family = _ORIGINAL_FAMILIES[arch]
+    vision = VisionConfig(
+        hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+        intermediate_size=v["intermediate_size"], image_size=v.get("image_size", 448),
+        patch_size=v.get("patch_size", 14), qkv_bias=v.get("qkv_bias", False),
+        qk_norm=v.get("qk_normalization", False),
+        norm_type=v.get("norm_type", "rms_norm"),  # the InternViT class default; the 6B config leaves it out
+        norm_eps=v.get("layer_norm_eps", 1e-6))
+    return ModelConfig(
+        layout="original",
+        vision=vision,
+        text=_text_config(t, family, tie=False),  # InternVLChatConfig forces untied heads
+        image_token_id=_token_id(path, "<IMG_CONTEXT>"),
+        downsample_ratio=cfg.get("downsample_ratio", 0.5),
+        ps_version=cfg.get("ps_version", "v1"),  # the original code's default when the key is absent
+        select_layer=cfg.get("select_layer", -1),
+        max_dynamic_patch=cfg.get("max_dynamic_patch", 12),
+        use_thumbnail=cfg.get("use_thumbnail", True),
+        vision_prefix="vision_model.", projector_prefix="mlp1.", text_prefix="language_model.",
+        template=cfg.get("template"),
+        # InternVL-Chat-V1-5, the one InternViT-6B checkpoint, ships the 1.5-era conversation.py.
+        template_era="1.5" if vision.qk_norm else "2.0",
+    )
+
+
+def _text_config(t: dict, family: str, tie: bool) -> TextConfig:
+    heads = t["num_attention_heads"]
+    quant = t.get("quantization_config") or {}
+    if quant and (quant.get("quant_method") != "awq" or quant.get("bits", 4) != 4):
+        raise ValueError(f"unsupported quantization {quant!r} (supported: 4-bit AWQ)")
     params = t.get("rope_parameters") or {}
-    if params.get("rope_type", "default") != "default":
-        raise ValueError(f"unsupported rope scaling {params!r}")
-    return float(params.get("rope_theta", t.get("rope_theta", 10000.0)))
+    return TextConfig(
+        family=family, hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=t.get("num_key_value_heads") or heads,
+        head_dim=t.get("head_dim") or t["hidden_size"] // heads,
+        intermediate_size=t["intermediate_size"], vocab_size=t["vocab_size"],
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=float(params.get("rope_theta", t.get("rope_theta", 10000.0))),
+        rope_scaling=_rope_scaling(params or t.get("rope_scaling")),
+        max_position_embeddings=t.get("max_position_embeddings", 32768),
+        # Qwen2 always has q/k/v biases; InternLM2 says `bias`, Llama `attention_bias`.
+        attention_bias=family == "qwen2" or t.get("bias", t.get("attention_bias", False)),
+        tie_word_embeddings=tie,
+        awq_group_size=quant.get("group_size", 128) if quant else 0)
+
+
+def _rope_scaling(params: dict | None) -> dict | None:
+    kind = (params or {}).get("rope_type", (params or {}).get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("dynamic", "linear"):
+        raise ValueError(f"unsupported rope scaling {params!r} (supported: dynamic, linear)")
+    return {"rope_type": kind, "factor": float(params["factor"])}
+
+
+def _token_id(path: Path, token: str) -> int:
+    """An added token's id from the tokenizer files (original checkpoints do not put it in config.json)."""
+    tokenizer_json = path / "tokenizer.json"
+    if tokenizer_json.exists():
+        for added in json.loads(tokenizer_json.read_text()).get("added_tokens", []):
+            if added["content"] == token:
+                return added["id"]
+    config = path / "tokenizer_config.json"
+    if config.exists():
+        for token_id, added in json.loads(config.read_text()).get("added_tokens_decoder", {}).items():
+            if added["content"] == token:
+                return int(token_id)
+    raise ValueError(f"{path}: the tokenizer has no {token} token")
 
 
 class TensorReader:
@@ -178,36 +248,42 @@ class TensorReader:
                     yield name, f.get_tensor(name)
 
 
-def load_weights(module: torch.nn.Module, reader: TensorReader, prefix: str,
-                 rename: Callable[[str], tuple[str, object] | None]) -> None:
+# Maps a checkpoint tensor (name without the part's prefix, tensor) to the (parameter, shard, tensor) it fills:
+# none to skip it, several when one stored tensor feeds several shards (InternLM2's grouped wqkv).
+Rename = Callable[[str, torch.Tensor], list[tuple[str, object, torch.Tensor]]]
+
+
+def load_weights(module: torch.nn.Module, reader: TensorReader, prefix: str, rename: Rename) -> None:
     """Copy the tensors under `prefix` into `module`'s parameters.
 
-    `rename(name_without_prefix)` gives (parameter name, shard id) or None to skip the tensor. A parameter whose
-    module has `load_shard` (fused q/k/v, gate/up) is filled shard by shard; every parameter and shard must be filled.
+    A parameter whose module has `load_shard` (fused q/k/v, gate/up) is filled shard by shard; every parameter and
+    every shard must be filled, else the error names what the checkpoint lacks.
     """
     params = dict(module.named_parameters())
     filled: set[tuple[str, object]] = set()
-    for name, tensor in reader.tensors(lambda n: n.startswith(prefix)):
-        target = rename(name[len(prefix):])
-        if target is None:
-            continue
-        param_name, shard = target
-        if param_name not in params:
-            raise ValueError(f"checkpoint tensor {name} maps to unknown parameter {param_name}")
-        param, owner = params[param_name], _owner(module, param_name)
-        with torch.no_grad():
-            if shard is not None:
-                owner.load_shard(param, tensor, shard)
-            elif param.shape != tensor.shape:
-                raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-            else:
-                param.copy_(tensor)
-        filled.add((param_name, shard))
+    for name, stored in reader.tensors(lambda n: n.startswith(prefix)):
+        for param_name, shard, tensor in rename(name[len(prefix):], stored):
+            if param_name not in params:
+                raise ValueError(f"checkpoint tensor {name} maps to unknown parameter {param_name}")
+            param, owner = params[param_name], _owner(module, param_name)
+            with torch.no_grad():
+                if shard is not None:
+                    owner.load_shard(param, tensor, shard)
+                elif param.shape != tensor.shape:
+                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+                else:
+                    param.copy_(tensor)
+            filled.add((param_name, shard))
     expected = {(n, s) for n in params for s in getattr(_owner(module, n), "shards", (None,))}
     missing = sorted(f"{prefix}{n}[{s}]" if s is not None else prefix + n for n, s in expected - filled)
     if missing:
         raise ValueError(f"{reader.path}: checkpoint is missing tensors for {', '.join(missing[:8])}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
+def same_name(name: str, tensor: torch.Tensor) -> list[tuple[str, object, torch.Tensor]]:
+    """The identity mapping: a tensor fills the parameter of the same name."""
+    return [(name, None, tensor)]
 
 
 def _owner(module: torch.nn.Module, param_name: str) -> torch.nn.Module:

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from prometheus_client import Counter, Gauge
 
-from services.common.checkpoint import ModelConfig, TensorReader, load_weights
-from services.vision_encoder.intern_vit import InternVisionModel, native_vision_name
+from services.common.checkpoint import ModelConfig, TensorReader, load_weights, same_name
+from services.vision_encoder.intern_vit import (InternVisionModel, native_vision_name, original_projector_name,
+                                                original_vision_name)
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,9 @@ def load_vision_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dt
         model = InternVisionModel(cfg)
     model = model.to(dtype).to_empty(device=device)  # no random init of weights about to be overwritten
     reader = TensorReader(path)
-    load_weights(model.vision_tower, reader, cfg.vision_prefix, native_vision_name)
-    load_weights(model.projector, reader, cfg.projector_prefix, lambda n: (n, None))
+    native = cfg.layout == "native"
+    load_weights(model.vision_tower, reader, cfg.vision_prefix, native_vision_name if native else original_vision_name)
+    load_weights(model.projector, reader, cfg.projector_prefix, same_name if native else original_projector_name)
     log.info("vision model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
     return model.eval()
 

@@ -157,9 +157,38 @@ class InternVisionModel(nn.Module):
 _NATIVE_QKV = re.compile(r"^(encoder\.layer\.\d+\.attention\.)([qkv])_proj\.(weight|bias)$")
 
 
-def native_vision_name(name: str) -> tuple[str, object]:
-    """transformers-native tensor name (without the tower prefix) -> (parameter name, shard)."""
-    m = _NATIVE_QKV.match(name)
-    if m:
-        return f"{m[1]}qkv.{m[3]}", m[2]
-    return name, None
+def native_vision_name(name: str, tensor: torch.Tensor) -> list[tuple[str, object, torch.Tensor]]:
+    """transformers tensor name under `vision_tower.` -> (parameter, shard, tensor): only q/k/v are fused here."""
+    if m := _NATIVE_QKV.match(name):
+        return [(f"{m[1]}qkv.{m[3]}", m[2], tensor)]
+    return [(name, None, tensor)]
+
+
+# Original (OpenGVLab) names -> ours, applied in order to names under `vision_model.`.
+_ORIGINAL_RENAMES = [
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
+    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
+    (r"^encoder\.layers\.", "encoder.layer."),
+    (r"\.ls([12])$", r".lambda_\1"),
+    (r"\.attn\.proj\.", ".attention.projection_layer."),
+    (r"\.attn\.", ".attention."),
+    (r"\.norm1\.", ".layernorm_before."),
+    (r"\.norm2\.", ".layernorm_after."),
+]
+_ORIGINAL_PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+
+
+def original_vision_name(name: str, tensor: torch.Tensor) -> list[tuple[str, object, torch.Tensor]]:
+    """OpenGVLab tensor name under `vision_model.` -> (parameter, shard, tensor); `attn.qkv` rows are q, k, v."""
+    for pattern, replacement in _ORIGINAL_RENAMES:
+        name = re.sub(pattern, replacement, name)
+    if ".attention.qkv." in name:
+        return [(name, shard, part) for shard, part in zip("qkv", tensor.chunk(3))]
+    return [(name, None, tensor)]
+
+
+def original_projector_name(name: str, tensor: torch.Tensor) -> list[tuple[str, object, torch.Tensor]]:
+    """`mlp1.{0,1,3}.*` (a Sequential with the GELU at index 2) -> our projector's names."""
+    index, _, rest = name.partition(".")
+    return [(f"{_ORIGINAL_PROJECTOR[index]}.{rest}", None, tensor)]

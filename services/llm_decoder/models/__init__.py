@@ -6,11 +6,13 @@ from pathlib import Path
 import torch
 
 from services.common.checkpoint import ModelConfig, TensorReader, load_weights
+from services.llm_decoder.models.internlm2 import InternLM2ForCausalLM
+from services.llm_decoder.models.llama import LlamaForCausalLM
 from services.llm_decoder.models.qwen2 import Qwen2ForCausalLM
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {"qwen2": Qwen2ForCausalLM}
+FAMILIES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM, "internlm2": InternLM2ForCausalLM}
 
 
 def load_language_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:

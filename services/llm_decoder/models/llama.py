@@ -1,0 +1,139 @@
+"""Llama-style decoder (the shape Qwen2 and InternLM2 share): flattened tokens in, hidden states out, KV paged.
+
+Family files subclass `LlamaForCausalLM` and only say how their checkpoints name tensors.
+"""
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.common.checkpoint import TextConfig
+from services.common.layers import FusedLinear, RMSNorm
+from services.llm_decoder.models.awq import AWQLinear
+from services.llm_decoder.engine.context import BatchContext, paged_attention
+
+
+def rotary_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype):
+    """cos/sin tables [T, head_dim] for rotate-half rotary embeddings, with linear or dynamic-NTK scaling."""
+    dim, theta, scaling = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {}
+    kind, factor = scaling.get("rope_type", scaling.get("type", "default")), scaling.get("factor", 1.0)
+    seq_len = int(positions.max()) + 1
+    if kind == "dynamic" and seq_len > cfg.max_position_embeddings:
+        # NTK: stretch the base once the context outgrows the trained length (identical below it).
+        theta *= (factor * seq_len / cfg.max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim))
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half convention; x [T, heads, d], cos/sin [T, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def linear(cfg: TextConfig, in_features: int, sizes: dict, bias: bool) -> nn.Module:
+    """A projection, fused when it has several shards, 4-bit AWQ when the checkpoint is quantized."""
+    if cfg.awq_group_size:
+        return AWQLinear(in_features, sum(sizes.values()), bias, cfg.awq_group_size, sizes if len(sizes) > 1 else None)
+    if len(sizes) > 1:
+        return FusedLinear(in_features, sizes, bias)
+    return nn.Linear(in_features, sum(sizes.values()), bias=bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = linear(cfg, cfg.hidden_size, {"q": q, "k": kv, "v": kv}, bias=cfg.attention_bias)
+        self.o_proj = linear(cfg, q, {None: cfg.hidden_size}, bias=False)
+        self.k_cache = self.v_cache = torch.empty(0)  # set by the runner once the KV budget is known
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                          self.kv_heads * self.head_dim], dim=-1)
+        q = apply_rotary(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        out = paged_attention(q, k, v.view(t, self.kv_heads, self.head_dim), self.k_cache, self.v_cache, ctx,
+                              self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = linear(cfg, cfg.hidden_size, {"gate": self.inter, "up": self.inter}, bias=False)
+        self.down_proj = linear(cfg, self.inter, {None: cfg.hidden_size}, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(token_ids)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """embeds [T, D] (image rows already spliced in), positions [T] -> final hidden states [T, D]."""
+        cos, sin = rotary_cos_sin(positions, self.cfg, embeds.dtype)
+        x = embeds
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def kv_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    _FUSED = re.compile(r"^(model\.layers\.\d+\.)(self_attn\.([qkv])_proj|mlp\.(gate|up)_proj)\.(\w+)$")
+
+    def checkpoint_name(self, name: str, tensor: torch.Tensor) -> list[tuple[str, object, torch.Tensor]]:
+        """transformers (Llama/Qwen2) tensor name under the LLM prefix -> (parameter, shard, tensor)."""
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return []
+        m = self._FUSED.match(name)
+        if m is None:
+            return [(name, None, tensor)]
+        if m[3]:
+            return [(f"{m[1]}self_attn.qkv_proj.{m[5]}", m[3], tensor)]
+        return [(f"{m[1]}mlp.gate_up_proj.{m[5]}", m[4], tensor)]
