@@ -3,15 +3,17 @@ import shutil
 
 import pytest
 
-from services.common.checkpoint import resolve_checkpoint
+from services.common.checkpoint import read_model_config, resolve_checkpoint
 from services.gateway.errors import ApiError
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import Message
+from services.gateway.templates import SYS20
+from tools.make_tiny_checkpoint import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def builder(tiny_checkpoint):
-    return PromptBuilder(tiny_checkpoint, tokens_per_tile=256)
+    return PromptBuilder(tiny_checkpoint, read_model_config(tiny_checkpoint))
 
 
 def test_multi_turn_rendering_and_image_expansion(builder):
@@ -26,14 +28,33 @@ def test_multi_turn_rendering_and_image_expansion(builder):
         "<|im_start|>assistant\n")
     ids = builder.token_ids(messages, tiles_per_image=[3])
     tok = builder.tokenizer
-    assert ids.count(builder.image_token_id) == 3 * 256
+    context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert ids.count(context) == 3 * 256
     start = ids.index(tok.convert_tokens_to_ids("<img>"))
-    assert ids[start + 1:start + 1 + 768] == [builder.image_token_id] * 768
+    assert ids[start + 1:start + 1 + 768] == [context] * 768
     assert ids[start + 769] == tok.convert_tokens_to_ids("</img>")
 
 
 def test_stop_tokens_are_the_templates_end_of_turn(builder):
     assert builder.stop_token_ids == [builder.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+@pytest.fixture(scope="module")
+def original_internvl2(tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("o") / "internvl2", family="internvl2", layout="original")
+    return PromptBuilder(path, read_model_config(path))
+
+
+def test_original_layout_uses_its_conversation_template(original_internvl2):
+    messages = [Message(role="user", content=[{"type": "image_url", "image_url": {"url": "x"}},
+                                              {"type": "text", "text": "Q"}])]
+    assert original_internvl2.render(messages) == (
+        f"<|im_start|>system\n{SYS20}<|im_end|><|im_start|>user\n<IMG_CONTEXT>\nQ<|im_end|>"
+        "<|im_start|>assistant\n")
+    tok = original_internvl2.tokenizer
+    ids = original_internvl2.token_ids(messages, tiles_per_image=[1])
+    assert ids[0] == tok.convert_tokens_to_ids("<s>")  # InternLM2 prepends BOS, as model.chat() does
+    assert tok.convert_tokens_to_ids("<|im_end|>") in original_internvl2.stop_token_ids
 
 
 def test_image_tokens_typed_by_the_user_are_refused(builder):

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -236,16 +237,18 @@ class TensorReader:
                 weight_map = {name: single.name for name in f.keys()}
         self.path, self.weight_map = path, weight_map
 
-    def tensors(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for the wanted names, opening each shard once."""
+    def tensors(self, wanted: Callable[[str], bool], desc: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for the wanted names, opening each shard once, with a progress bar."""
         by_file: dict[str, list[str]] = {}
         for name, file in self.weight_map.items():
             if wanted(name):
                 by_file.setdefault(file, []).append(name)
-        for file, names in sorted(by_file.items()):
-            with safe_open(self.path / file, "pt") as f:
-                for name in names:
-                    yield name, f.get_tensor(name)
+        with tqdm(total=sum(map(len, by_file.values())), desc=f"loading {desc}", unit="tensor", mininterval=1) as bar:
+            for file, names in sorted(by_file.items()):
+                with safe_open(self.path / file, "pt") as f:
+                    for name in names:
+                        yield name, f.get_tensor(name)
+                        bar.update()
 
 
 # Maps a checkpoint tensor (name without the part's prefix, tensor) to the (parameter, shard, tensor) it fills:
@@ -261,7 +264,7 @@ def load_weights(module: torch.nn.Module, reader: TensorReader, prefix: str, ren
     """
     params = dict(module.named_parameters())
     filled: set[tuple[str, object]] = set()
-    for name, stored in reader.tensors(lambda n: n.startswith(prefix)):
+    for name, stored in reader.tensors(lambda n: n.startswith(prefix), desc=prefix):
         for param_name, shard, tensor in rename(name[len(prefix):], stored):
             if param_name not in params:
                 raise ValueError(f"checkpoint tensor {name} maps to unknown parameter {param_name}")

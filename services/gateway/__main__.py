@@ -70,7 +70,7 @@ async def main() -> None:
     if vision_info.fingerprint != decoder_info.fingerprint:
         raise SystemExit(f"the pools serve different checkpoints: vision {vision_info.model} "
                          f"({vision_info.fingerprint}) vs decoder {decoder_info.model} ({decoder_info.fingerprint})")
-    prompt = PromptBuilder(path, cfg.tokens_per_tile)
+    prompt = PromptBuilder(path, cfg)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
                     max_images=args.max_images, max_image_bytes=args.max_image_bytes)

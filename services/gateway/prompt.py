@@ -1,9 +1,15 @@
-"""Prompts: the checkpoint's chat template, each image expanded to <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>."""
+"""Prompts: the model's chat template, each image expanded to <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>.
+
+Original (OpenGVLab) checkpoints name a conversation template (`template` in config.json), rendered as their
+conversation.py does; transformers-native checkpoints carry a jinja chat template, rendered by the tokenizer.
+"""
 import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from services.common.checkpoint import ModelConfig
+from services.gateway import templates
 from services.gateway.errors import bad_request
 from services.gateway.schema import ImagePart, Message
 
@@ -11,13 +17,17 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 
 class PromptBuilder:
-    def __init__(self, path: Path, tokens_per_tile: int):
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if not self.tokenizer.chat_template:
-            raise ValueError(f"{path}: the tokenizer has no chat template")
-        self.tokens_per_tile = tokens_per_tile
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-        self.stop_token_ids = sorted(_eos_ids(path) | {self.tokenizer.eos_token_id} - {None})
+    def __init__(self, path: Path, cfg: ModelConfig):
+        # Original checkpoints are remote-code checkpoints: InternLM2's tokenizer class ships with the weights.
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.layout == "original")
+        self.template = templates.conversation_template(cfg.template, cfg.template_era) if cfg.template else None
+        if self.template is None and not self.tokenizer.chat_template:
+            raise ValueError(f"{path}: neither a `template` in config.json nor a chat template in the tokenizer")
+        self.tokens_per_tile = cfg.tokens_per_tile
+        stops = _eos_ids(path) | {self.tokenizer.eos_token_id}
+        if self.template:
+            stops |= {self.tokenizer.convert_tokens_to_ids(s) for s in templates.stop_strings(self.template)}
+        self.stop_token_ids = sorted(stops - {None, self.tokenizer.unk_token_id})
 
     def render(self, messages: list[Message]) -> str:
         """The template's text, with one <IMG_CONTEXT> placeholder where each image stands."""
@@ -33,7 +43,20 @@ class PromptBuilder:
                             raise bad_request(f"message text may not contain the image token {token}", "messages")
                     parts.append({"type": "text", "text": p.text})
             chat.append({"role": m.role, "content": parts})
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        if self.template is None:
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        return self._render_conversation(chat)
+
+    def _render_conversation(self, chat: list[dict]) -> str:
+        # As the cards' `<image>\n` + question: an image part stands on a line of its own where the user put it.
+        def text(content: list[dict]) -> str:
+            return "".join(IMG_CONTEXT + "\n" if p["type"] == "image" else p["text"] for p in content)
+
+        system = [text(m["content"]) for m in chat if m["role"] == "system"]
+        turns = [(m["role"], text(m["content"])) for m in chat if m["role"] != "system"]
+        if any(IMG_CONTEXT in s for s in system):
+            raise bad_request("system messages may not contain images", "messages")
+        return templates.render(self.template, turns, "\n".join(system) if system else None)
 
     def token_ids(self, messages: list[Message], tiles_per_image: list[int]) -> list[int]:
         pieces = self.render(messages).split(IMG_CONTEXT)
@@ -43,9 +66,6 @@ class PromptBuilder:
         for tiles, piece in zip(tiles_per_image, pieces[1:]):
             text += IMG_START + IMG_CONTEXT * (self.tokens_per_tile * tiles) + IMG_END + piece
         return self.tokenizer(text)["input_ids"]
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
 def _eos_ids(path: Path) -> set[int]:

@@ -58,7 +58,8 @@ async def main() -> None:
     engine = LLMEngine(model, cfg.image_token_id, num_blocks=num_blocks, block_size=args.block_size,
                        max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                        device=args.device, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path).backend_tokenizer
+    # Original checkpoints are remote-code checkpoints: InternLM2's tokenizer class ships with the weights.
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.layout == "original").backend_tokenizer
     info = pb.ModelInfo(model=args.model, fingerprint=model_fingerprint(path), dtype=str(dtype).removeprefix("torch."),
                         hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile,
                         max_model_len=max_model_len)
