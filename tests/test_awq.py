@@ -125,7 +125,7 @@ class _Reader:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.path, self.tensors_by_name = Path("fake"), tensors
 
-    def tensors(self, wanted):
+    def tensors(self, wanted, desc=""):
         return ((name, t) for name, t in self.tensors_by_name.items() if wanted(name))
 
 

@@ -24,7 +24,7 @@ def test_each_service_reads_only_its_tensors(tiny_checkpoint, monkeypatch):
     read = []
     original = TensorReader.tensors
     monkeypatch.setattr(TensorReader, "tensors",
-                        lambda self, wanted: ((read.append(n), (n, t))[1] for n, t in original(self, wanted)))
+                        lambda self, wanted, desc="": ((read.append(n), (n, t))[1] for n, t in original(self, wanted)))
     cfg = read_model_config(tiny_checkpoint)
     load_vision_model(cfg, tiny_checkpoint, "cpu", torch.float32)
     assert read and all(not n.startswith("language_model.") for n in read)
