@@ -18,9 +18,15 @@ FAMILIES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM, "internlm2": I
 def load_language_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """Build the LLM and read only the language-model tensors."""
     start = time.perf_counter()
-    with torch.device("meta"):
-        model = FAMILIES[cfg.text.family](cfg.text)
-    model = model.to(dtype).to_empty(device=device)
+    # Built in the model dtype rather than cast afterwards: AWQ scales must stay fp16.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = FAMILIES[cfg.text.family](cfg.text)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
     load_weights(model, TensorReader(path), cfg.text_prefix, model.checkpoint_name)
     log.info("language model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
     return model.eval()

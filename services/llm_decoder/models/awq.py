@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from services.llm_decoder.models.awq_triton import awq_gemm
+except ImportError:  # Triton comes with CUDA builds of torch; CPU runs use the dequantized weight
+    awq_gemm = None
+
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Channel j of a packed column sits in slot ORDER.index(j); shifting by 4 * slot per channel avoids a gather.
 _SHIFTS = tuple(4 * ORDER.index(j) for j in range(8))  # (0, 16, 4, 20, 8, 24, 12, 28)
@@ -69,10 +74,13 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) with W kept packed. A fused Triton kernel drops in here later."""
-    # Torch fallback: dequantize per call (no dense copy kept, so GPU memory stays at 4 bits per weight).
-    w = dequantize(qweight, qzeros, scales, group_size, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    """x [..., K] @ W^T (+ bias) with W kept packed (GPU memory stays at 4 bits per weight)."""
+    bias = None if bias is None else bias.to(x.dtype)
+    if awq_gemm is not None and x.is_cuda:
+        out = awq_gemm(x, qweight, qzeros, scales, group_size)
+        return out if bias is None else out + bias
+    # No Triton: dequantize per call, still without keeping a dense copy.
+    return F.linear(x, dequantize(qweight, qzeros, scales, group_size, x.dtype), bias)
 
 
 class AWQLinear(nn.Module):
