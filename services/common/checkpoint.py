@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-# Files every service needs besides tensors (configs, tokenizer, chat template).
-METADATA_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+# Files every service needs besides tensors: configs, tokenizer, chat template, and the tokenizer code that
+# original-layout (remote-code) checkpoints ship.
+METADATA_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py"]
 
 
 @dataclass(frozen=True)
