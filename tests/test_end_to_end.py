@@ -240,3 +240,20 @@ def test_http_image_url_equals_data_url(client, tmp_path):
         assert answers[0] == answers[1]
     finally:
         server.shutdown()
+
+
+def test_client_disconnect_cancels_the_generation(stack):
+    """A dropped SSE stream reaches the decoder: its running count returns to zero."""
+    import time
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Talk for a long time."}], "stream": True,
+            "max_tokens": 5000}
+    with httpx.stream("POST", stack.gateway_url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 1
+    deadline = time.monotonic() + 10
+    while metric(stack.decoder_metrics_url, "decoder_running_requests") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 0

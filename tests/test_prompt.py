@@ -26,7 +26,7 @@ def test_multi_turn_rendering_and_image_expansion(builder):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nWhat is it?<|im_end|>\n"
         "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nAnd the colour?<|im_end|>\n"
         "<|im_start|>assistant\n")
-    ids = builder.token_ids(messages, tiles_per_image=[3])
+    ids = builder.expand(builder.render(messages), tiles_per_image=[3])
     tok = builder.tokenizer
     context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert ids.count(context) == 3 * 256
@@ -52,7 +52,7 @@ def test_original_layout_uses_its_conversation_template(original_internvl2):
         f"<|im_start|>system\n{SYS20}<|im_end|><|im_start|>user\n<IMG_CONTEXT>\nQ<|im_end|>"
         "<|im_start|>assistant\n")
     tok = original_internvl2.tokenizer
-    ids = original_internvl2.token_ids(messages, tiles_per_image=[1])
+    ids = original_internvl2.expand(original_internvl2.render(messages), tiles_per_image=[1])
     assert ids[0] == tok.convert_tokens_to_ids("<s>")  # InternLM2 prepends BOS, as model.chat() does
     assert tok.convert_tokens_to_ids("<|im_end|>") in original_internvl2.stop_token_ids
 

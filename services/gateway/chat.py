@@ -59,11 +59,9 @@ class ChatService:
         if len(images) > self.limits.max_images:
             raise bad_request(f"{len(images)} images exceed the limit of {self.limits.max_images} per request",
                               "messages")
+        prompt = self.prompt.render(req.messages)  # validates the text before any image work
         embeddings, tiles = await self._embed_images(images, max_num)
-        try:
-            token_ids = self.prompt.token_ids(req.messages, tiles)
-        except ValueError as e:
-            raise bad_request(str(e), "messages") from e
+        token_ids = self.prompt.expand(prompt, tiles)
         sampling = pb.SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens or 0,
                                      temperature=req.temperature, top_p=req.top_p,
                                      stop_token_ids=self.prompt.stop_token_ids, seed=req.seed)
@@ -72,11 +70,14 @@ class ChatService:
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The decoder's stream; its errors become ApiErrors."""
+        call = self.pools.decoder.Generate(request)
         try:
-            async for response in self.pools.decoder.Generate(request):
+            async for response in call:
                 yield response
         except grpc.aio.AioRpcError as e:
             raise upstream_error("decoder", e) from e
+        finally:
+            call.cancel()  # the client went away (or we are done): the decoder frees the sequence
 
     async def _embed_images(self, images: list[ImageURL], max_num: int) -> tuple[list[pb.Tensor], list[int]]:
         datas = await asyncio.gather(*(self._fetch(img) for img in images))

@@ -58,10 +58,12 @@ class PromptBuilder:
             raise bad_request("system messages may not contain images", "messages")
         return templates.render(self.template, turns, "\n".join(system) if system else None)
 
-    def token_ids(self, messages: list[Message], tiles_per_image: list[int]) -> list[int]:
-        pieces = self.render(messages).split(IMG_CONTEXT)
-        if len(pieces) != len(tiles_per_image) + 1:
-            raise ValueError(f"chat template placed {len(pieces) - 1} images, expected {len(tiles_per_image)}")
+    def expand(self, rendered: str, tiles_per_image: list[int]) -> list[int]:
+        """Token ids of a rendered prompt, each image placeholder expanded to its tiles' context tokens."""
+        pieces = rendered.split(IMG_CONTEXT)
+        if len(pieces) != len(tiles_per_image) + 1:  # a template that drops or repeats image parts
+            raise bad_request(f"the chat template placed {len(pieces) - 1} images, the request has "
+                              f"{len(tiles_per_image)}", "messages")
         text = pieces[0]
         for tiles, piece in zip(tiles_per_image, pieces[1:]):
             text += IMG_START + IMG_CONTEXT * (self.tokens_per_tile * tiles) + IMG_END + piece
