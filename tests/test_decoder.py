@@ -139,3 +139,16 @@ def test_cancelled_call_frees_the_engine(decoder, stack):
     after = list(decoder.Generate(pb.GenerateRequest(token_ids=[5, 6], sampling=pb.SamplingParams(max_tokens=3)),
                                   timeout=30))
     assert after[-1].finish_reason == "length"
+
+
+def test_detokenizer_deltas_always_add_up_to_the_full_decode(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from services.llm_decoder.detokenizer import Detokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    ids = tok("The lake 你好 is calm", add_special_tokens=False).input_ids
+    for cut in range(1, len(ids) + 1):  # stopping anywhere, also inside a multi-byte character
+        d = Detokenizer(tok.backend_tokenizer)
+        text = "".join(d.step(i) for i in ids[:cut]) + d.finish()
+        assert text == tok.decode(ids[:cut], skip_special_tokens=True)

@@ -13,6 +13,9 @@ Layouts, written from the same random tensors:
             grouped ``wqkv``, config.json with ``vision_config``/``llm_config``/``template``/``ps_version``).
 Both carry sharded fp32 safetensors (+ index), generation_config.json and a byte-level BPE tokenizer trained
 offline on a built-in corpus with the family's real special tokens. No network, no multi-GB download.
+With ``size="real"`` the same families come at the real checkpoints' shapes (CHECKPOINTS names each one) in bf16,
+for load-time and memory benchmarks: random weights drawn in place on ``device``, the tiny tokenizer, the real
+vocab_size (the embedding rows past the tokenizer are never looked up by a prompt), 4GB shards.
 With ``awq``, the LLM's decoder-layer linears are 4-bit AWQ: the original layout stores them packed
 (qweight/qzeros/scales), the native layout stores the same weights dequantized (the reference twin).
 
@@ -23,6 +26,7 @@ varied tokens with clear top-1/top-2 margins (fp32 rounding differences between 
 do not flip the argmax). Same seed -> byte-identical files.
 
     python -m tools.make_tiny_checkpoint --out /tmp/tiny-internvl [--family F] [--layout L] [--awq] [--seed 0]
+    python -m tools.make_tiny_checkpoint --out /tmp/internvl2_5-4b --family internvl2_5-4b --size real --device cuda
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,19 +48,41 @@ from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from services.llm_decoder.models import awq
 
 
+# Real shapes (reference section 1.2), used with size="real".
+# ViT: hidden, layers, heads, intermediate.
+VIT_300M, VIT_6B = (1024, 24, 16, 4096), (3200, 45, 25, 12800)
+# LLM: hidden, layers, heads, kv heads, intermediate, vocab_size (as InternVL resized it).
+QWEN2_5_0_5B = (896, 24, 14, 2, 4864, 151674)
+QWEN2_5_3B = (2048, 36, 16, 2, 11008, 151674)
+INTERNLM2_5_7B = (4096, 32, 32, 8, 14336, 92553)
+INTERNLM2_20B = (6144, 48, 48, 8, 16384, 92553)
+
+
 @dataclass(frozen=True)
 class Family:
     llm: str              # "qwen2" or "internlm2"
     template: str         # the original `template`
     vit_6b: bool = False  # InternViT-6B style: qk-norm, RMSNorm, no qkv bias
+    real_llm: tuple = QWEN2_5_0_5B  # the LLM's shapes at size="real" (the ViT's follow vit_6b)
 
 
 FAMILIES = {
     "internvl2_5": Family("qwen2", "internvl2_5"),
-    "internvl2_5-internlm2": Family("internlm2", "internvl2_5"),
-    "internvl2": Family("internlm2", "internlm2-chat"),
-    "internvl-chat-v1_5": Family("internlm2", "internlm2-chat", vit_6b=True),
+    "internvl2_5-internlm2": Family("internlm2", "internvl2_5", real_llm=INTERNLM2_5_7B),
+    "internvl2": Family("internlm2", "internlm2-chat", real_llm=INTERNLM2_5_7B),
+    "internvl-chat-v1_5": Family("internlm2", "internlm2-chat", vit_6b=True, real_llm=INTERNLM2_20B),
 }
+# The seed checkpoints by name, each a family at one real size. At size="tiny" a name writes its family's tiny
+# checkpoint, so these add nothing for the tests to cover (InternVL2_5-4B differs from 1B in LLM size only).
+CHECKPOINTS = {
+    "internvl2_5-1b": FAMILIES["internvl2_5"],
+    "internvl2_5-4b": replace(FAMILIES["internvl2_5"], real_llm=QWEN2_5_3B),
+    "internvl2_5-8b": FAMILIES["internvl2_5-internlm2"],
+    "internvl2-8b": FAMILIES["internvl2"],
+    "internvl-chat-v1_5": FAMILIES["internvl-chat-v1_5"],
+}
+NAMES = FAMILIES | CHECKPOINTS  # what `family` accepts
+SIZES = ("tiny", "real")
 AWQ_GROUP_SIZE = 32  # real checkpoints use 128; the tiny LLM's 64-wide inputs still get two groups
 
 # Appended after the trained vocabulary, in this order (consecutive ids), like Qwen2.5 + InternVL's additions.
@@ -156,14 +182,23 @@ def build_tokenizer(family: Family = FAMILIES["internvl2_5"]) -> PreTrainedToken
 
 
 def build_config(vocab_size: int, image_token_id: int, eos_token_id: int,
-                 family: Family = FAMILIES["internvl2_5"]) -> InternVLConfig:
+                 family: Family = FAMILIES["internvl2_5"], size: str = "tiny") -> InternVLConfig:
+    """The native config; `vocab_size` is the tokenizer's, which size="real" pads to the real model's."""
+    if size == "tiny":
+        vit, llm, max_positions = (32, 2, 2, 64), (64, 2, 4, 2, 128, vocab_size), 16384
+    elif size == "real":
+        vit, llm, max_positions = VIT_6B if family.vit_6b else VIT_300M, family.real_llm, 32768
+        assert vocab_size <= llm[5], "every tokenizer id must have an embedding row"
+    else:
+        raise ValueError(f"unknown size {size!r}")
     vision = InternVLVisionConfig(
-        image_size=448, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, attention_bias=not family.vit_6b, norm_type="rms_norm" if family.vit_6b else "layer_norm",
+        image_size=448, patch_size=14, hidden_size=vit[0], num_hidden_layers=vit[1], num_attention_heads=vit[2],
+        intermediate_size=vit[3], attention_bias=not family.vit_6b,
+        norm_type="rms_norm" if family.vit_6b else "layer_norm",
         layer_norm_eps=1e-6, use_qk_norm=family.vit_6b, use_mean_pooling=True, hidden_act="gelu")
-    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=128, hidden_act="silu", max_position_embeddings=16384,
-                  tie_word_embeddings=False, eos_token_id=eos_token_id)
+    common = dict(vocab_size=llm[5], hidden_size=llm[0], num_hidden_layers=llm[1], num_attention_heads=llm[2],
+                  num_key_value_heads=llm[3], intermediate_size=llm[4], hidden_act="silu",
+                  max_position_embeddings=max_positions, tie_word_embeddings=False, eos_token_id=eos_token_id)
     if family.llm == "qwen2":
         text = Qwen2Config(rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
     else:  # InternLM2 is Llama with other names; dynamic NTK rope x2 as InternLM2.5-7B
@@ -185,48 +220,71 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
     logits and repetitive greedy output, so draw wider distributions instead.
     """
     g = torch.Generator().manual_seed(seed)
-
-    def normal(shape, std, mean=0.0):
-        return torch.randn(shape, generator=g, dtype=torch.float32) * std + mean
-
     for name, p in sorted(model.named_parameters()):
-        if "lambda_" in name:  # ViT layer scale
-            value = torch.rand(p.shape, generator=g) * 0.5 + 0.5
-        elif "norm" in name and name.endswith(".weight"):  # LayerNorm / RMSNorm scales
-            value = normal(p.shape, 0.1, mean=1.0)
-        elif name.endswith(".bias"):
-            value = normal(p.shape, 0.05)
-        elif "cls_token" in name or "position_embeddings" in name or "embed_tokens" in name:
-            value = normal(p.shape, 1.0)
-        else:  # matrices: std ~ 2/sqrt(fan_in), keeps activations O(1) and logits well spread
-            value = normal(p.shape, 2.0 / (p[0].numel() ** 0.5))
-        p.copy_(value)
+        kind, scale, offset = _spread(name, p)
+        draw = torch.rand if kind == "uniform" else torch.randn
+        p.copy_(draw(p.shape, generator=g, dtype=torch.float32) * scale + offset)
+
+
+@torch.no_grad()
+def randomize_in_place_(model: torch.nn.Module, seed: int) -> None:
+    """randomize_'s distributions drawn in place, in the model's dtype and on its device (fast for billions of
+    weights; not the same numbers as randomize_)."""
+    g = torch.Generator(model.device).manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        kind, scale, offset = _spread(name, p)
+        if kind == "uniform":
+            p.uniform_(offset, offset + scale, generator=g)
+        else:
+            p.normal_(offset, scale, generator=g)
+
+
+def _spread(name: str, p: torch.Tensor) -> tuple[str, float, float]:
+    """How a parameter is drawn: (uniform [0, 1) or normal, scale, offset), value = draw * scale + offset."""
+    if "lambda_" in name:  # ViT layer scale
+        return "uniform", 0.5, 0.5
+    if "norm" in name and name.endswith(".weight"):  # LayerNorm / RMSNorm scales
+        return "normal", 0.1, 1.0
+    if name.endswith(".bias"):
+        return "normal", 0.05, 0.0
+    if "cls_token" in name or "position_embeddings" in name or "embed_tokens" in name:
+        return "normal", 1.0, 0.0
+    # matrices: std ~ 2/sqrt(fan_in), keeps activations O(1) and logits well spread
+    return "normal", 2.0 / (p[0].numel() ** 0.5), 0.0
 
 
 def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, family: str = "internvl2_5", layout: str = "native",
-                          awq: bool = False) -> Path:
-    """Write one tiny checkpoint; the same seed and family give the same tensors in either layout."""
-    spec = FAMILIES[family]
+                          awq: bool = False, size: str = "tiny", device: str = "cpu") -> Path:
+    """Write one checkpoint; the same seed, family and size give the same tensors in either layout.
+
+    `size`: "tiny" (fp32, drawn on the CPU: `device` is ignored) or "real" (bf16, drawn on `device`)."""
+    spec = NAMES[family]
+    if layout not in ("native", "original"):
+        raise ValueError(f"unknown layout {layout!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)
     special = INTERNLM2_SPECIAL_TOKENS if spec.llm == "internlm2" else SPECIAL_TOKENS
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
-    config = build_config(len(tokenizer), ids["<IMG_CONTEXT>"], ids["<|im_end|>"], spec)
+    config = build_config(len(tokenizer), ids["<IMG_CONTEXT>"], ids["<|im_end|>"], spec, size)
     config.architectures = ["InternVLForConditionalGeneration"]
 
-    model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
-    randomize_(model, seed)  # every saved tensor is a parameter, so this fixes all of them
+    if size == "tiny":
+        model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
+        randomize_(model, seed)  # every saved tensor is a parameter, so this fixes all of them
+    else:  # no fp32 build and init on the CPU: allocate bf16 storage on the device, then draw into it
+        with torch.device("meta"):
+            model = InternVLForConditionalGeneration(config)
+        model = model.to(torch.bfloat16).to_empty(device=device).eval()
+        randomize_in_place_(model, seed)  # (to_empty leaves the rotary buffers garbage; they are not saved)
     packed = fake_quantize_(model) if awq else {}
     if layout == "native":
         model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=tokenizer.pad_token_id)
-        # Small shards on purpose: the serving loader must handle model.safetensors.index.json + shards.
-        model.save_pretrained(out, max_shard_size="300KB")
+        # Small tiny shards on purpose: the serving loader must handle model.safetensors.index.json + shards.
+        model.save_pretrained(out, max_shard_size="300KB" if size == "tiny" else "4GB")
         tokenizer.chat_template = chat_template(spec)
-    elif layout == "original":
-        write_original(model, config, spec, out, ids, packed)
     else:
-        raise ValueError(f"unknown layout {layout!r}")
+        write_original(model, config, spec, out, ids, packed)
     for shard in out.glob("*.safetensors"):  # safetensors 0.8 creates files with mode 0600
         shard.chmod(0o644)
 
@@ -348,11 +406,22 @@ def original_state_dict(model: torch.nn.Module, spec: Family, packed: dict[str, 
 def write_original(model, config: InternVLConfig, spec: Family, out: Path, ids: dict, packed: dict) -> None:
     tensors = original_state_dict(model, spec, packed)
     names = sorted(tensors)
-    shards = [names[i::3] for i in range(3)]  # three shards, interleaved, so every part spans several files
+    dtype = model.dtype  # float32 (tiny) or bfloat16 (real)
+    if dtype == torch.float32:  # tiny: three shards, interleaved, so every part spans several files
+        shards = [names[i::3] for i in range(3)]
+    else:  # real: consecutive shards of at most 4GB, so that no shard has to be built whole in memory
+        shards, total = [[]], 0
+        for n in names:
+            nbytes = tensors[n].nbytes
+            if shards[-1] and total + nbytes > 4 << 30:
+                shards.append([])
+                total = 0
+            shards[-1].append(n)
+            total += nbytes
     weight_map = {}
     for i, shard_names in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n] for n in shard_names}, out / file, metadata={"format": "pt"})
+        save_file({n: tensors[n].cpu() for n in shard_names}, out / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard_names, file))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
@@ -368,7 +437,7 @@ def write_original(model, config: InternVLConfig, spec: Family, out: Path, ids: 
            "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
            "intermediate_size": t.intermediate_size, "max_position_embeddings": t.max_position_embeddings,
            "rms_norm_eps": t.rms_norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
-           "eos_token_id": ids["<|im_end|>"], "torch_dtype": "float32"}
+           "eos_token_id": ids["<|im_end|>"], "torch_dtype": str(dtype).removeprefix("torch.")}
     if spec.llm == "qwen2":
         llm |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1e6}
     else:
@@ -389,11 +458,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (same seed -> identical files)")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="internvl2_5")
+    parser.add_argument("--family", choices=sorted(NAMES), default="internvl2_5")
     parser.add_argument("--layout", choices=["native", "original"], default="native")
     parser.add_argument("--awq", action="store_true", help="4-bit AWQ LLM linears (W4A16)")
+    parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny widths (fp32) or the real shapes (bf16)")
+    parser.add_argument("--device", default="cpu", help="where --size real draws the weights (e.g. cuda)")
     args = parser.parse_args(argv)
-    print(write_tiny_checkpoint(args.out, seed=args.seed, family=args.family, layout=args.layout, awq=args.awq))
+    print(write_tiny_checkpoint(args.out, seed=args.seed, family=args.family, layout=args.layout, awq=args.awq,
+                                size=args.size, device=args.device))
 
 
 if __name__ == "__main__":

@@ -70,10 +70,12 @@ def start_redis(log: IO | None = None) -> tuple[subprocess.Popen, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, host: str = "127.0.0.1",
-                port: int = 0, extra_env: dict | None = None, log: IO | None = None,
+def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, redis: bool = True,
+                host: str = "127.0.0.1", port: int = 0, extra_env: dict | None = None, log: IO | None = None,
                 timeout_s: float = 300.0) -> Stack:
-    """Start the services (and Redis unless `redis_url` is given) and return once the gateway answers."""
+    """Start the services (and Redis unless `redis_url` is given) and return once the gateway answers.
+
+    `redis=False` without a `redis_url`: no Redis, the services run without the embedding cache."""
     ports = {name: free_port() for name in ("vision", "decoder", "grpc", "vm", "dm")}
     rest = port or free_port()
     stack = Stack(gateway_url=f"http://{host}:{rest}", gateway_grpc=f"127.0.0.1:{ports['grpc']}",
@@ -81,10 +83,12 @@ def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None
                   vision_metrics_url=f"http://127.0.0.1:{ports['vm']}/metrics",
                   decoder_metrics_url=f"http://127.0.0.1:{ports['dm']}/metrics")
     try:
-        if not redis_url:
+        if not redis_url and redis:
             stack.procs["redis"], redis_url = start_redis(log)
-        env = {**os.environ, "MODEL": model, "DEVICE": device, "REDIS_URL": redis_url,
-               "PYTHONPATH": str(ROOT), **(extra_env or {})}
+        env = {**os.environ, "MODEL": model, "DEVICE": device, "REDIS_URL": redis_url or "",  # "": no cache
+               # ROOT first, keeping a PYTHONPATH that holds the dependencies (e.g. wheels unpacked elsewhere)
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               **(extra_env or {})}
         commands = {
             "vision_encoder": ["--port", str(ports["vision"]), "--metrics-port", str(ports["vm"])],
             "llm_decoder": ["--port", str(ports["decoder"]), "--metrics-port", str(ports["dm"])],

@@ -4,6 +4,7 @@ import asyncio
 import logging
 
 import torch
+from prometheus_client import Gauge
 from transformers import AutoTokenizer
 
 from internvl.serving.v1 import serving_pb2 as pb
@@ -16,6 +17,7 @@ from services.llm_decoder.models import load_language_model
 from services.llm_decoder.server import LlmDecoderServicer
 
 log = logging.getLogger("llm_decoder")
+GPU_MEMORY = Gauge("decoder_gpu_memory_bytes", "GPU memory held by torch's allocator (reserved; 0 on CPU)")
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,6 +68,8 @@ async def main() -> None:
     servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
                                   max_model_len, dtype, info)
     engine.start()
+    if args.device.startswith("cuda"):  # read at scrape time: weights, KV cache and the peak activations so far
+        GPU_MEMORY.set_function(lambda: torch.cuda.memory_reserved(args.device))
     log.info("LLM decoder serving %s on :%d (KV cache: %d blocks of %d tokens)", args.model, args.port, num_blocks,
              args.block_size)
     await serve(lambda server: pb_grpc.add_LlmDecoderServicer_to_server(servicer, server),

@@ -6,11 +6,11 @@ import grpc
 import torch
 from prometheus_client import Counter, Gauge
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common.tensors import from_proto
+from services.llm_decoder.detokenizer import Detokenizer
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
@@ -42,7 +42,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[seq.id] = (asyncio.get_running_loop(), queue)
-        detok = DecodeStream(skip_special_tokens=True)
+        detok = Detokenizer(self.tokenizer)
         RUNNING.inc()
         reason = None
         try:
@@ -52,7 +52,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                 if reason == "error":
                     await context.abort(grpc.StatusCode.INTERNAL, "generation failed")
                 TOKENS.inc()
-                text = detok.step(self.tokenizer, token) or ""
+                text = detok.step(token) + (detok.finish() if reason else "")
                 usage = pb.Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)) \
                     if reason else None
                 yield pb.GenerateResponse(token_ids=[token], text=text, finish_reason=reason or "", usage=usage)

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 TILES = Counter("vision_tiles_encoded_total", "Tiles run through the vision tower")
 BATCHES = Counter("vision_batches_total", "Forward passes of the vision tower")
 QUEUED_TILES = Gauge("vision_queued_tiles", "Tiles waiting for a forward pass (the pool's autoscaling signal)")
+GPU_MEMORY = Gauge("vision_gpu_memory_bytes", "GPU memory held by torch's allocator (reserved; 0 on CPU)")
 
 
 def load_vision_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dtype) -> InternVisionModel:
@@ -31,6 +32,8 @@ def load_vision_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dt
     load_weights(model.vision_tower, reader, cfg.vision_prefix, native_vision_name if native else original_vision_name)
     load_weights(model.projector, reader, cfg.projector_prefix, same_name if native else original_projector_name)
     log.info("vision model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
+    if device.startswith("cuda"):  # read at scrape time, so it includes the activations of the largest batch
+        GPU_MEMORY.set_function(lambda: torch.cuda.memory_reserved(device))
     return model.eval()
 
 
