@@ -76,3 +76,56 @@ def test_cache_values_from_other_models_or_corrupt_are_misses():
     assert decode_value(b"\xff\x00garbage", "fp-a", tokens_per_tile=4) is None
     keys = {image_cache_key("ns", "fp", "sha", m, True, 448) for m in (6, 12)}
     assert len(keys) == 2
+
+
+def _rewrite_shards(src, dst, rename, to_bin=False):
+    """Copy a checkpoint, renaming every tensor (and optionally storing the shards as PyTorch .bin files)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    weight_map = {}
+    for file in sorted(set(index.values())):
+        tensors = {rename(n): t for n, t in load_file(src / file).items()}
+        out = file.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") if to_bin else file
+        torch.save(tensors, dst / out) if to_bin else save_file(tensors, dst / out)
+        weight_map.update(dict.fromkeys(tensors, out))
+    name = "pytorch_model.bin.index.json" if to_bin else "model.safetensors.index.json"
+    (dst / name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def _outputs(path):
+    cfg = read_model_config(path)
+    tiles = torch.randint(0, 256, (1, 448, 448, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    lm = load_language_model(cfg, path, "cpu", torch.float32)
+    return load_vision_model(cfg, path, "cpu", torch.float32)(tiles), lm.lm_head.weight, lm.model.layers[0].mlp
+
+
+def test_native_names_with_the_later_converters_prefixes(tiny_checkpoint, tmp_path):
+    """`model.vision_tower.*`, `model.language_model.*`, `lm_head.weight`: read as save_pretrained's names."""
+    def later(name):
+        for old, new in (("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                         ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")):
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+    renamed = _rewrite_shards(tiny_checkpoint, tmp_path / "later", later)
+    (a, head_a, mlp_a), (b, head_b, mlp_b) = _outputs(tiny_checkpoint), _outputs(renamed)
+    assert torch.equal(a, b) and torch.equal(head_a, head_b)
+    assert torch.equal(mlp_a.gate_up_proj.weight, mlp_b.gate_up_proj.weight)
+
+
+def test_pytorch_bin_shards_load_like_safetensors(tiny_checkpoint, tmp_path):
+    converted = _rewrite_shards(tiny_checkpoint, tmp_path / "bin", lambda n: n, to_bin=True)
+    assert not list(converted.glob("*.safetensors"))
+    (a, head_a, _), (b, head_b, _) = _outputs(tiny_checkpoint), _outputs(converted)
+    assert torch.equal(a, b) and torch.equal(head_a, head_b)
+
+
+def test_awq_config_found_inside_llm_config_or_on_top(tmp_path):
+    from tools.make_tiny_checkpoint import write_tiny_checkpoint
+    path = write_tiny_checkpoint(tmp_path / "awq", layout="original", awq=True)
+    assert read_model_config(path).text.awq_group_size == 32
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = config["llm_config"].pop("quantization_config")
+    (path / "config.json").write_text(json.dumps(config))
+    assert read_model_config(path).text.awq_group_size == 32

@@ -87,20 +87,25 @@ def resolve_checkpoint(model: str, parts: tuple[str, ...] = ("vision", "text")) 
     if Path(model).is_dir():
         return Path(model)
     from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     path = Path(snapshot_download(model, allow_patterns=METADATA_PATTERNS))
     if not parts:
         return path
     prefixes = read_model_config(path).prefixes(parts)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({f for name, f in weight_map.items() if name.startswith(prefixes)})
-    else:
-        files = ["model.safetensors"]
-    for f in files:
-        hf_hub_download(model, f)
-    return path
+    for index_name, single_name in WEIGHT_FILES:
+        if (path / index_name).exists():
+            weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            for f in sorted({f for name, f in weight_map.items() if canonical_name(name).startswith(prefixes)}):
+                hf_hub_download(model, f)
+            return path
+    for _, single_name in WEIGHT_FILES:
+        try:
+            hf_hub_download(model, single_name)
+            return path
+        except EntryNotFoundError:
+            continue
+    raise FileNotFoundError(f"{model}: no safetensors or pytorch_model.bin weights")
 
 
 def read_model_config(path: Path) -> ModelConfig:
@@ -164,7 +169,8 @@ def _original_config(cfg: dict, path: Path) -> ModelConfig:
     return ModelConfig(
         layout="original",
         vision=vision,
-        text=_text_config(t, family, tie=False),  # InternVLChatConfig forces untied heads
+        # InternVLChatConfig forces untied heads. LMDeploy writes an AWQ config inside llm_config; accept it on top.
+        text=_text_config(t, family, tie=False, quantization=cfg.get("quantization_config")),
         image_token_id=_token_id(path, "<IMG_CONTEXT>"),
         downsample_ratio=cfg.get("downsample_ratio", 0.5),
         ps_version=cfg.get("ps_version", "v1"),  # the original code's default when the key is absent
@@ -178,9 +184,9 @@ def _original_config(cfg: dict, path: Path) -> ModelConfig:
     )
 
 
-def _text_config(t: dict, family: str, tie: bool) -> TextConfig:
+def _text_config(t: dict, family: str, tie: bool, quantization: dict | None = None) -> TextConfig:
     heads = t["num_attention_heads"]
-    quant = t.get("quantization_config") or {}
+    quant = t.get("quantization_config") or quantization or {}
     if quant and (quant.get("quant_method") != "awq" or quant.get("bits", 4) != 4):
         raise ValueError(f"unsupported quantization {quant!r} (supported: 4-bit AWQ)")
     params = t.get("rope_parameters") or {}
@@ -223,33 +229,67 @@ def _token_id(path: Path, token: str) -> int:
     raise ValueError(f"{path}: the tokenizer has no {token} token")
 
 
+# Native checkpoints come with either of the prefix sets transformers has written (its conversion script changed);
+# both are read as the save_pretrained form.
+_NATIVE_ALIASES = [("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                   ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")]
+# (sharded index, single file): safetensors, else PyTorch pickles (InternVL2_5-4B-AWQ's main branch has only those).
+WEIGHT_FILES = [("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")]
+
+
+def canonical_name(name: str) -> str:
+    for old, new in _NATIVE_ALIASES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 class TensorReader:
-    """Lazy access to a checkpoint's safetensors (single file or sharded with an index)."""
+    """Lazy access to a checkpoint's tensors (safetensors or .bin, single file or sharded with an index)."""
 
     def __init__(self, path: Path):
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        for index_name, single_name in WEIGHT_FILES:
+            if (path / index_name).exists():
+                stored = json.loads((path / index_name).read_text())["weight_map"]
+                break
+            if (path / single_name).exists():
+                stored = dict.fromkeys(_load(path / single_name), single_name)
+                break
         else:
-            single = path / "model.safetensors"
-            if not single.exists():
-                raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-            with safe_open(single, "pt") as f:
-                weight_map = {name: single.name for name in f.keys()}
-        self.path, self.weight_map = path, weight_map
+            raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+        self.path = path
+        self.weight_map = {canonical_name(name): (file, name) for name, file in stored.items()}
 
     def tensors(self, wanted: Callable[[str], bool], desc: str = "") -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for the wanted names, opening each shard once, with a progress bar."""
-        by_file: dict[str, list[str]] = {}
-        for name, file in self.weight_map.items():
+        by_file: dict[str, list[tuple[str, str]]] = {}
+        for name, (file, stored) in self.weight_map.items():
             if wanted(name):
-                by_file.setdefault(file, []).append(name)
+                by_file.setdefault(file, []).append((name, stored))
         with tqdm(total=sum(map(len, by_file.values())), desc=f"loading {desc}", unit="tensor", mininterval=1) as bar:
             for file, names in sorted(by_file.items()):
-                with safe_open(self.path / file, "pt") as f:
-                    for name in names:
-                        yield name, f.get_tensor(name)
-                        bar.update()
+                tensors = _load(self.path / file)
+                for name, stored in names:
+                    yield name, tensors[stored]
+                    bar.update()
+
+
+def _load(file: Path):
+    """A shard's tensors by name, read lazily (safetensors) or memory-mapped (.bin, without running pickled code)."""
+    if file.suffix == ".safetensors":
+        return _SafetensorsShard(file)
+    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+
+
+class _SafetensorsShard:
+    def __init__(self, file: Path):
+        self.handle = safe_open(file, "pt")
+
+    def __iter__(self):
+        return iter(self.handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.handle.get_tensor(name)
 
 
 # Maps a checkpoint tensor (name without the part's prefix, tensor) to the (parameter, shard, tensor) it fills:
