@@ -1,4 +1,5 @@
 """Prompt building in the gateway: the checkpoint's template, image expansion, stop tokens, hub resolution."""
+import json
 import shutil
 
 import pytest
@@ -83,7 +84,17 @@ def test_hub_ids_download_only_the_needed_shards(tiny_checkpoint, tmp_path, monk
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     path = resolve_checkpoint("OpenGVLab/tiny", parts=("vision",))
     assert path == snapshot and fetched
-    import json
     weight_map = json.loads((snapshot / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(fetched) == {f for n, f in weight_map.items() if n.startswith(("vision_tower.", "multi_modal_projector."))}
     assert len(set(fetched)) < len(set(weight_map.values()))
+
+
+def test_pools_with_different_shards_of_one_checkpoint_agree_on_its_fingerprint(tiny_checkpoint, tmp_path):
+    """Each pool downloads only its own shards from the hub; the cache key must not depend on which."""
+    from services.common.checkpoint import model_fingerprint
+    vision_only = tmp_path / "vision"
+    shutil.copytree(tiny_checkpoint, vision_only)
+    weight_map = json.loads((vision_only / "model.safetensors.index.json").read_text())["weight_map"]
+    for f in {f for n, f in weight_map.items() if n.startswith("language_model.")}:
+        (vision_only / f).unlink(missing_ok=True)
+    assert model_fingerprint(vision_only) == model_fingerprint(tiny_checkpoint)

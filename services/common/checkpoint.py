@@ -4,7 +4,6 @@ One `ModelConfig` describes the model whatever the layout on disk; each service 
 """
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ from typing import Callable, Iterator
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
-
-log = logging.getLogger(__name__)
 
 # Files every service needs besides tensors: configs, tokenizer, chat template, and the tokenizer code that
 # original-layout (remote-code) checkpoints ship.
@@ -93,7 +90,7 @@ def resolve_checkpoint(model: str, parts: tuple[str, ...] = ("vision", "text")) 
     if not parts:
         return path
     prefixes = read_model_config(path).prefixes(parts)
-    for index_name, single_name in WEIGHT_FILES:
+    for index_name, _ in WEIGHT_FILES:
         if (path / index_name).exists():
             weight_map = json.loads((path / index_name).read_text())["weight_map"]
             for f in sorted({f for name, f in weight_map.items() if canonical_name(name).startswith(prefixes)}):
@@ -113,7 +110,7 @@ def read_model_config(path: Path) -> ModelConfig:
     cfg = json.loads((path / "config.json").read_text())
     model_type = cfg.get("model_type")
     if model_type == "internvl":
-        return _native_config(cfg)
+        return _native_config(cfg, path)
     if model_type == "internvl_chat":
         return _original_config(cfg, path)
     raise ValueError(f"{path}: unsupported checkpoint (config.json model_type={model_type!r}); expected an InternVL "
@@ -125,8 +122,11 @@ _ORIGINAL_FAMILIES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "inte
 _NATIVE_FAMILIES = ("qwen2", "llama")
 
 
-def _native_config(cfg: dict) -> ModelConfig:
+def _native_config(cfg: dict, path: Path) -> ModelConfig:
     v, t = cfg["vision_config"], cfg["text_config"]
+    # The tile limit lives in the image processor's config (GotOcr2: max_patches; it always adds the thumbnail).
+    processor = path / "preprocessor_config.json"
+    max_patches = json.loads(processor.read_text()).get("max_patches", 12) if processor.exists() else 12
     family = t.get("model_type")
     if family not in _NATIVE_FAMILIES:
         raise ValueError(f"unsupported language model family {family!r} (supported: {', '.join(_NATIVE_FAMILIES)})")
@@ -147,7 +147,7 @@ def _native_config(cfg: dict) -> ModelConfig:
         downsample_ratio=cfg.get("downsample_ratio", 0.5),
         ps_version="v2",  # the native classes only know the v2 token order
         select_layer=cfg.get("vision_feature_layer", -1),
-        max_dynamic_patch=12,
+        max_dynamic_patch=max_patches,
         use_thumbnail=True,
         vision_prefix="vision_tower.", projector_prefix="multi_modal_projector.", text_prefix="language_model.",
     )
@@ -335,8 +335,16 @@ def _owner(module: torch.nn.Module, param_name: str) -> torch.nn.Module:
 
 
 def model_fingerprint(path: Path) -> str:
-    """Identifies the weights: config plus each tensor file's name and size (cheap, no full read)."""
+    """Identifies the weights, the same in every pool although each downloads only its own shards.
+
+    The config plus the shard index (which names every file and tensor) or, unsharded, the weight file's size.
+    """
     h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f"{f.name}:{os.path.getsize(f)}".encode())
+    for index_name, single_name in WEIGHT_FILES:
+        if (path / index_name).exists():
+            h.update((path / index_name).read_bytes())
+            break
+        if (path / single_name).exists():
+            h.update(f"{single_name}:{os.path.getsize(path / single_name)}".encode())
+            break
     return h.hexdigest()[:16]
