@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.common.checkpoint import load_weights, same_name
+from services.common.weights import load_weights, same_name
 from services.llm_decoder.models.awq import ORDER, AWQLinear, awq_matmul, dequantize, pack, quantize, unpack
 
 

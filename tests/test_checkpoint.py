@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.common.cache import decode_value, encode_value, image_cache_key
-from services.common.checkpoint import TensorReader, read_model_config
+from services.common.checkpoint import read_model_config
+from services.common.weights import TensorReader
 from services.common.tensors import to_proto
 from services.llm_decoder.models import load_language_model
 from services.vision_encoder.encoder import load_vision_model

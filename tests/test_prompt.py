@@ -98,3 +98,13 @@ def test_pools_with_different_shards_of_one_checkpoint_agree_on_its_fingerprint(
     for f in {f for n, f in weight_map.items() if n.startswith("language_model.")}:
         (vision_only / f).unlink(missing_ok=True)
     assert model_fingerprint(vision_only) == model_fingerprint(tiny_checkpoint)
+
+
+def test_the_gateway_needs_no_torch():
+    """The gateway image installs no model code: importing it with torch and safetensors absent must work."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = sys.modules['safetensors'] = None; "
+            "import services.gateway.__main__")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

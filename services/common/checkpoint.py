@@ -1,17 +1,12 @@
-"""Reading a checkpoint: where it is, what model it describes, and its tensors (lazily, per service).
+"""Reading a checkpoint: where it is and what model it describes (no torch: the gateway uses it too).
 
-One `ModelConfig` describes the model whatever the layout on disk; each service reads only the tensors it runs.
+One `ModelConfig` describes the model whatever the layout on disk; `weights.py` reads the tensors.
 """
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
-from safetensors import safe_open
-from tqdm import tqdm
 
 # Files every service needs besides tensors: configs, tokenizer, chat template, and the tokenizer code that
 # original-layout (remote-code) checkpoints ship.
@@ -77,6 +72,21 @@ class ModelConfig:
     def tokens_per_tile(self) -> int:
         grid = self.vision.image_size // self.vision.patch_size
         return int(grid * grid * self.downsample_ratio ** 2)
+
+
+# Native checkpoints come with either of the prefix sets transformers has written (its conversion script changed);
+# both are read as the save_pretrained form.
+_NATIVE_ALIASES = [("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                   ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")]
+# (sharded index, single file): safetensors, else PyTorch pickles (InternVL2_5-4B-AWQ's main branch has only those).
+WEIGHT_FILES = [("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")]
+
+
+def canonical_name(name: str) -> str:
+    for old, new in _NATIVE_ALIASES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def resolve_checkpoint(model: str, parts: tuple[str, ...] = ("vision", "text")) -> Path:
@@ -227,111 +237,6 @@ def _token_id(path: Path, token: str) -> int:
             if added["content"] == token:
                 return int(token_id)
     raise ValueError(f"{path}: the tokenizer has no {token} token")
-
-
-# Native checkpoints come with either of the prefix sets transformers has written (its conversion script changed);
-# both are read as the save_pretrained form.
-_NATIVE_ALIASES = [("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
-                   ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")]
-# (sharded index, single file): safetensors, else PyTorch pickles (InternVL2_5-4B-AWQ's main branch has only those).
-WEIGHT_FILES = [("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")]
-
-
-def canonical_name(name: str) -> str:
-    for old, new in _NATIVE_ALIASES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
-
-
-class TensorReader:
-    """Lazy access to a checkpoint's tensors (safetensors or .bin, single file or sharded with an index)."""
-
-    def __init__(self, path: Path):
-        for index_name, single_name in WEIGHT_FILES:
-            if (path / index_name).exists():
-                stored = json.loads((path / index_name).read_text())["weight_map"]
-                break
-            if (path / single_name).exists():
-                stored = dict.fromkeys(_load(path / single_name), single_name)
-                break
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
-        self.path = path
-        self.weight_map = {canonical_name(name): (file, name) for name, file in stored.items()}
-
-    def tensors(self, wanted: Callable[[str], bool], desc: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for the wanted names, opening each shard once, with a progress bar."""
-        by_file: dict[str, list[tuple[str, str]]] = {}
-        for name, (file, stored) in self.weight_map.items():
-            if wanted(name):
-                by_file.setdefault(file, []).append((name, stored))
-        with tqdm(total=sum(map(len, by_file.values())), desc=f"loading {desc}", unit="tensor", mininterval=1) as bar:
-            for file, names in sorted(by_file.items()):
-                tensors = _load(self.path / file)
-                for name, stored in names:
-                    yield name, tensors[stored]
-                    bar.update()
-
-
-def _load(file: Path):
-    """A shard's tensors by name, read lazily (safetensors) or memory-mapped (.bin, without running pickled code)."""
-    if file.suffix == ".safetensors":
-        return _SafetensorsShard(file)
-    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-
-
-class _SafetensorsShard:
-    def __init__(self, file: Path):
-        self.handle = safe_open(file, "pt")
-
-    def __iter__(self):
-        return iter(self.handle.keys())
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.handle.get_tensor(name)
-
-
-# Maps a checkpoint tensor (name without the part's prefix, tensor) to the (parameter, shard, tensor) it fills:
-# none to skip it, several when one stored tensor feeds several shards (InternLM2's grouped wqkv).
-Rename = Callable[[str, torch.Tensor], list[tuple[str, object, torch.Tensor]]]
-
-
-def load_weights(module: torch.nn.Module, reader: TensorReader, prefix: str, rename: Rename) -> None:
-    """Copy the tensors under `prefix` into `module`'s parameters.
-
-    A parameter whose module has `load_shard` (fused q/k/v, gate/up) is filled shard by shard; every parameter and
-    every shard must be filled, else the error names what the checkpoint lacks.
-    """
-    params = dict(module.named_parameters())
-    filled: set[tuple[str, object]] = set()
-    for name, stored in reader.tensors(lambda n: n.startswith(prefix), desc=prefix):
-        for param_name, shard, tensor in rename(name[len(prefix):], stored):
-            if param_name not in params:
-                raise ValueError(f"checkpoint tensor {name} maps to unknown parameter {param_name}")
-            param, owner = params[param_name], _owner(module, param_name)
-            with torch.no_grad():
-                if shard is not None:
-                    owner.load_shard(param, tensor, shard)
-                elif param.shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
-                else:
-                    param.copy_(tensor)
-            filled.add((param_name, shard))
-    expected = {(n, s) for n in params for s in getattr(_owner(module, n), "shards", (None,))}
-    missing = sorted(f"{prefix}{n}[{s}]" if s is not None else prefix + n for n, s in expected - filled)
-    if missing:
-        raise ValueError(f"{reader.path}: checkpoint is missing tensors for {', '.join(missing[:8])}"
-                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-
-
-def same_name(name: str, tensor: torch.Tensor) -> list[tuple[str, object, torch.Tensor]]:
-    """The identity mapping: a tensor fills the parameter of the same name."""
-    return [(name, None, tensor)]
-
-
-def _owner(module: torch.nn.Module, param_name: str) -> torch.nn.Module:
-    return module.get_submodule(param_name.rpartition(".")[0])
 
 
 def model_fingerprint(path: Path) -> str:

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from services.common import settings
+from services.common import settings, weights
 from services.common.checkpoint import model_fingerprint
 from services.common.grpc_utils import serve
 from services.llm_decoder.engine.llm_engine import LLMEngine
@@ -22,7 +22,7 @@ GPU_MEMORY = Gauge("decoder_gpu_memory_bytes", "GPU memory held by torch's alloc
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.llm_decoder", description=__doc__)
-    settings.add_model_args(p)
+    weights.add_model_args(p)
     settings.add(p, "--port", "DECODER_PORT", 50052, "gRPC port", int)
     settings.add(p, "--metrics-port", "DECODER_METRICS_PORT", 9102, "Prometheus /metrics port (0 = off)", int)
     settings.add(p, "--max-model-len", "MAX_MODEL_LEN", 0, "longest prompt + completion (0 = the model's)", int)
@@ -53,7 +53,7 @@ def kv_blocks(args, model: torch.nn.Module, max_model_len: int, dtype: torch.dty
 
 async def main() -> None:
     args = parse_args()
-    path, cfg, dtype = settings.open_checkpoint(args, parts=("text",))
+    path, cfg, dtype = weights.open_checkpoint(args, parts=("text",))
     model = load_language_model(cfg, path, args.device, dtype)
     max_model_len = args.max_model_len or cfg.text.max_position_embeddings
     num_blocks = kv_blocks(args, model, max_model_len, dtype)

@@ -5,7 +5,7 @@ import logging
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from services.common import settings
+from services.common import settings, weights
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import model_fingerprint
 from services.common.grpc_utils import serve
@@ -17,7 +17,7 @@ log = logging.getLogger("vision_encoder")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.vision_encoder", description=__doc__)
-    settings.add_model_args(p)
+    weights.add_model_args(p)
     settings.add(p, "--port", "VISION_PORT", 50051, "gRPC port", int)
     settings.add(p, "--metrics-port", "VISION_METRICS_PORT", 9101, "Prometheus /metrics port (0 = off)", int)
     settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
@@ -29,7 +29,7 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> None:
     args = parse_args()
-    path, cfg, dtype = settings.open_checkpoint(args, parts=("vision",))
+    path, cfg, dtype = weights.open_checkpoint(args, parts=("vision",))
     model = load_vision_model(cfg, path, args.device, dtype)
     info = pb.ModelInfo(model=args.model, fingerprint=model_fingerprint(path), dtype=str(dtype).removeprefix("torch."),
                         hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile)

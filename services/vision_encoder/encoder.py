@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from prometheus_client import Counter, Gauge
 
-from services.common.checkpoint import ModelConfig, TensorReader, load_weights, same_name
+from services.common.checkpoint import ModelConfig
+from services.common.weights import TensorReader, load_weights, same_name
 from services.vision_encoder.intern_vit import (InternVisionModel, native_vision_name, original_projector_name,
                                                 original_vision_name)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from services.common.checkpoint import ModelConfig, TensorReader, load_weights
+from services.common.checkpoint import ModelConfig
+from services.common.weights import TensorReader, load_weights
 from services.llm_decoder.models.internlm2 import InternLM2ForCausalLM
 from services.llm_decoder.models.llama import LlamaForCausalLM
 from services.llm_decoder.models.qwen2 import Qwen2ForCausalLM
