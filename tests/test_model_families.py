@@ -38,7 +38,7 @@ def test_dynamic_ntk_rope_matches_transformers(seq_len):
                      rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6})
     inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf, seq_len=seq_len)
     positions = torch.arange(seq_len)
-    ours_cos, _ = rotary_cos_sin(positions, _text_config(hf), torch.float32)
+    ours_cos, _ = rotary_cos_sin(positions, _text_config(hf), torch.float32, seq_len=seq_len)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     assert torch.allclose(ours_cos, torch.cat([freqs, freqs], -1).cos(), atol=1e-6)
 
@@ -97,3 +97,21 @@ def test_unknown_original_llm_fails_at_start(v1_5_original, tmp_path):
         quantization_config={"quant_method": "gptq", "bits": 4}))
     with pytest.raises(ValueError, match="unsupported quantization"):
         read_model_config(copy2)
+
+
+def test_dynamic_rope_is_per_sequence_in_a_mixed_batch():
+    """A short sequence batched with one past the trained length keeps the unscaled table."""
+    from services.llm_decoder.engine.context import BatchContext
+    from services.llm_decoder.models.llama import LlamaForCausalLM
+
+    hf = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
+                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    cfg = _text_config(hf)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    positions = torch.cat([torch.arange(10), torch.arange(100, 110)])
+    ctx = BatchContext(query_ranges=[(0, 10), (10, 20)], slot_mapping=torch.empty(0), kv_slots=[])
+    cos, _ = model.rotary(positions, ctx, torch.float32)
+    assert torch.equal(cos[:10], rotary_cos_sin(positions[:10], cfg, torch.float32))
+    assert torch.equal(cos[10:], rotary_cos_sin(positions[10:], cfg, torch.float32, seq_len=110))
+    assert not torch.allclose(cos[10:], rotary_cos_sin(positions[10:], cfg, torch.float32))

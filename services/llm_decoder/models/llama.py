@@ -14,11 +14,13 @@ from services.llm_decoder.models.awq import AWQLinear
 from services.llm_decoder.engine.context import BatchContext, paged_attention
 
 
-def rotary_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype):
-    """cos/sin tables [T, head_dim] for rotate-half rotary embeddings, with linear or dynamic-NTK scaling."""
+def rotary_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype, seq_len: int = 0):
+    """cos/sin tables [T, head_dim] for rotate-half rotary embeddings, with linear or dynamic-NTK scaling.
+
+    `seq_len` (dynamic NTK only) is the length of the sequence the positions belong to.
+    """
     dim, theta, scaling = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {}
     kind, factor = scaling.get("rope_type", scaling.get("type", "default")), scaling.get("factor", 1.0)
-    seq_len = int(positions.max()) + 1
     if kind == "dynamic" and seq_len > cfg.max_position_embeddings:
         # NTK: stretch the base once the context outgrows the trained length (identical below it).
         theta *= (factor * seq_len / cfg.max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))
@@ -113,11 +115,20 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         """embeds [T, D] (image rows already spliced in), positions [T] -> final hidden states [T, D]."""
-        cos, sin = rotary_cos_sin(positions, self.cfg, embeds.dtype)
+        cos, sin = self.rotary(positions, ctx, embeds.dtype)
         x = embeds
         for layer in self.model.layers:
             x = layer(x, cos, sin, ctx)
         return self.model.norm(x)
+
+    def rotary(self, positions: torch.Tensor, ctx: BatchContext, dtype: torch.dtype):
+        scaling = self.cfg.rope_scaling or {}
+        if scaling.get("rope_type") != "dynamic" or int(positions.max()) < self.cfg.max_position_embeddings:
+            return rotary_cos_sin(positions, self.cfg, dtype)
+        # Past the trained length, dynamic NTK depends on each sequence's own length: one table per sequence.
+        tables = [rotary_cos_sin(positions[start:end], self.cfg, dtype, seq_len=int(positions[end - 1]) + 1)
+                  for start, end in ctx.query_ranges]
+        return torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
