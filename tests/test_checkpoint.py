@@ -130,3 +130,22 @@ def test_awq_config_found_inside_llm_config_or_on_top(tmp_path):
     config["quantization_config"] = config["llm_config"].pop("quantization_config")
     (path / "config.json").write_text(json.dumps(config))
     assert read_model_config(path).text.awq_group_size == 32
+
+
+@pytest.mark.parametrize("service", ["vision_encoder", "llm_decoder"])
+def test_a_service_refuses_a_broken_checkpoint_at_start_up(damaged, service):
+    """The process ends with the reason (the tensors it lacks), not a traceback, and does not start serving."""
+    import subprocess
+    import sys
+
+    from tools.run_local import ROOT, free_port
+    index = json.loads((damaged / "model.safetensors.index.json").read_text())
+    for name in [n for n in index["weight_map"] if ".layer.1." in n or ".layers.1." in n]:
+        del index["weight_map"][name]
+    (damaged / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = subprocess.run([sys.executable, "-m", f"services.{service}", "--model", str(damaged), "--port",
+                          str(free_port()), "--metrics-port", "0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert "cannot serve this checkpoint" in out.stderr and "missing tensors for" in out.stderr
+    assert "Traceback" not in out.stderr

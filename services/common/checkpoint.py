@@ -8,6 +8,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+class CheckpointError(ValueError):
+    """A checkpoint this server cannot serve (unknown family, missing tensors or files, unsupported options)."""
+
+
 # Files every service needs besides tensors: configs, tokenizer, chat template, and the tokenizer code that
 # original-layout (remote-code) checkpoints ship.
 METADATA_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py"]
@@ -79,7 +83,8 @@ class ModelConfig:
 _NATIVE_ALIASES = [("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
                    ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")]
 # (sharded index, single file): safetensors, else PyTorch pickles (InternVL2_5-4B-AWQ's main branch has only those).
-WEIGHT_FILES = [("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")]
+WEIGHT_FILES = [("model.safetensors.index.json", "model.safetensors"),
+                ("pytorch_model.bin.index.json", "pytorch_model.bin")]
 
 
 def canonical_name(name: str) -> str:
@@ -112,7 +117,7 @@ def resolve_checkpoint(model: str, parts: tuple[str, ...] = ("vision", "text")) 
             return path
         except EntryNotFoundError:
             continue
-    raise FileNotFoundError(f"{model}: no safetensors or pytorch_model.bin weights")
+    raise CheckpointError(f"{model}: no safetensors or pytorch_model.bin weights")
 
 
 def read_model_config(path: Path) -> ModelConfig:
@@ -123,8 +128,8 @@ def read_model_config(path: Path) -> ModelConfig:
         return _native_config(cfg, path)
     if model_type == "internvl_chat":
         return _original_config(cfg, path)
-    raise ValueError(f"{path}: unsupported checkpoint (config.json model_type={model_type!r}); expected an InternVL "
-                     "checkpoint: 'internvl_chat' (OpenGVLab layout) or 'internvl' (transformers layout)")
+    raise CheckpointError(f"{path}: unsupported checkpoint (config.json model_type={model_type!r}); expected an "
+                          "InternVL checkpoint: 'internvl_chat' (OpenGVLab layout) or 'internvl' (transformers layout)")
 
 
 # LLM architecture -> model file. Native InternLM2-based checkpoints say model_type "llama" (converted names).
@@ -139,7 +144,8 @@ def _native_config(cfg: dict, path: Path) -> ModelConfig:
     max_patches = json.loads(processor.read_text()).get("max_patches", 12) if processor.exists() else 12
     family = t.get("model_type")
     if family not in _NATIVE_FAMILIES:
-        raise ValueError(f"unsupported language model family {family!r} (supported: {', '.join(_NATIVE_FAMILIES)})")
+        raise CheckpointError(f"unsupported language model family {family!r} "
+                              f"(supported: {', '.join(_NATIVE_FAMILIES)})")
     image_size = v.get("image_size", [448, 448])
     patch_size = v.get("patch_size", [14, 14])
     return ModelConfig(
@@ -167,7 +173,7 @@ def _original_config(cfg: dict, path: Path) -> ModelConfig:
     v, t = cfg["vision_config"], cfg["llm_config"]
     arch = (t.get("architectures") or ["?"])[0]
     if arch not in _ORIGINAL_FAMILIES:
-        raise ValueError(f"unsupported language model {arch!r} (supported: {', '.join(_ORIGINAL_FAMILIES)})")
+        raise CheckpointError(f"unsupported language model {arch!r} (supported: {', '.join(_ORIGINAL_FAMILIES)})")
     family = _ORIGINAL_FAMILIES[arch]
     vision = VisionConfig(
         hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
@@ -198,7 +204,7 @@ def _text_config(t: dict, family: str, tie: bool, quantization: dict | None = No
     heads = t["num_attention_heads"]
     quant = t.get("quantization_config") or quantization or {}
     if quant and (quant.get("quant_method") != "awq" or quant.get("bits", 4) != 4):
-        raise ValueError(f"unsupported quantization {quant!r} (supported: 4-bit AWQ)")
+        raise CheckpointError(f"unsupported quantization {quant!r} (supported: 4-bit AWQ)")
     params = t.get("rope_parameters") or {}
     return TextConfig(
         family=family, hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"], num_heads=heads,
@@ -220,7 +226,7 @@ def _rope_scaling(params: dict | None) -> dict | None:
     if kind == "default":
         return None
     if kind not in ("dynamic", "linear"):
-        raise ValueError(f"unsupported rope scaling {params!r} (supported: dynamic, linear)")
+        raise CheckpointError(f"unsupported rope scaling {params!r} (supported: dynamic, linear)")
     return {"rope_type": kind, "factor": float(params["factor"])}
 
 
@@ -236,7 +242,7 @@ def _token_id(path: Path, token: str) -> int:
         for token_id, added in json.loads(config.read_text()).get("added_tokens_decoder", {}).items():
             if added["content"] == token:
                 return int(token_id)
-    raise ValueError(f"{path}: the tokenizer has no {token} token")
+    raise CheckpointError(f"{path}: the tokenizer has no {token} token")
 
 
 def model_fingerprint(path: Path) -> str:

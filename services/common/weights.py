@@ -12,7 +12,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from services.common import settings
-from services.common.checkpoint import WEIGHT_FILES, ModelConfig, canonical_name, read_model_config, resolve_checkpoint
+from services.common.checkpoint import (WEIGHT_FILES, CheckpointError, ModelConfig, canonical_name, read_model_config,
+                                       resolve_checkpoint)
 
 
 class TensorReader:
@@ -27,7 +28,7 @@ class TensorReader:
                 stored = dict.fromkeys(_load(path / single_name), single_name)
                 break
         else:
-            raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+            raise CheckpointError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
         self.path = path
         self.weight_map = {canonical_name(name): (file, name) for name, file in stored.items()}
 
@@ -79,21 +80,24 @@ def load_weights(module: torch.nn.Module, reader: TensorReader, prefix: str, ren
     for name, stored in reader.tensors(lambda n: n.startswith(prefix), desc=prefix):
         for param_name, shard, tensor in rename(name[len(prefix):], stored):
             if param_name not in params:
-                raise ValueError(f"checkpoint tensor {name} maps to unknown parameter {param_name}")
+                raise CheckpointError(f"checkpoint tensor {name} maps to unknown parameter {param_name}")
             param, owner = params[param_name], _owner(module, param_name)
             with torch.no_grad():
                 if shard is not None:
-                    owner.load_shard(param, tensor, shard)
+                    try:
+                        owner.load_shard(param, tensor, shard)
+                    except ValueError as e:  # a shard of the wrong shape
+                        raise CheckpointError(f"{name}: {e}") from e
                 elif param.shape != tensor.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
+                    raise CheckpointError(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(param.shape)}")
                 else:
                     param.copy_(tensor)
             filled.add((param_name, shard))
     expected = {(n, s) for n in params for s in getattr(_owner(module, n), "shards", (None,))}
     missing = sorted(f"{prefix}{n}[{s}]" if s is not None else prefix + n for n, s in expected - filled)
     if missing:
-        raise ValueError(f"{reader.path}: checkpoint is missing tensors for {', '.join(missing[:8])}"
-                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+        raise CheckpointError(f"{reader.path}: checkpoint is missing tensors for {', '.join(missing[:8])}"
+                              + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
 
 
 def same_name(name: str, tensor: torch.Tensor) -> list[tuple[str, object, torch.Tensor]]:

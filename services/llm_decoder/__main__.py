@@ -1,6 +1,5 @@
 """LLM decoder service: `python -m services.llm_decoder --model DIR_OR_HUB_ID`."""
 import argparse
-import asyncio
 import logging
 
 import torch
@@ -77,4 +76,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    settings.run(main)

@@ -1,6 +1,5 @@
 """Vision encoder service: `python -m services.vision_encoder --model DIR_OR_HUB_ID`."""
 import argparse
-import asyncio
 import logging
 
 from internvl.serving.v1 import serving_pb2 as pb
@@ -44,4 +43,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    settings.run(main)
