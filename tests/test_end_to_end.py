@@ -257,3 +257,17 @@ def test_client_disconnect_cancels_the_generation(stack):
     while metric(stack.decoder_metrics_url, "decoder_running_requests") != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 0
+
+
+@pytest.mark.parametrize("addr", ["gateway_grpc", "vision_addr", "decoder_addr"])
+def test_every_server_has_health_and_reflection(stack, addr):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(getattr(stack, addr)) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        services = {s.name for a in answers for s in a.list_services_response.service}
+    assert "grpc.health.v1.Health" in services and any(s.startswith("internvl.serving.v1.") for s in services)

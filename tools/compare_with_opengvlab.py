@@ -51,7 +51,7 @@ def reference(internvl: str, ckpt: str, image: str) -> dict:
     outputs = []
 
     @torch.no_grad()
-    def generate(pixel_values=None, input_ids=None, attention_mask=None, **kw):
+    def generate(pixel_values=None, input_ids=None, **kw):
         """chat()'s generate without a KV cache (the old InternLM2 code predates transformers' Cache objects):
         the original splice, then full forwards of the original language model, greedy."""
         embed = model.language_model.get_input_embeddings()

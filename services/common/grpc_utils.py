@@ -6,6 +6,7 @@ from typing import Callable
 import grpc
 from prometheus_client import start_http_server
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 # Embeddings of the largest request (8B, 13 tiles, bf16) are ~27 MB; leave room for many images.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -23,10 +24,12 @@ def create_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=OPTIONS)
 
 
-def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
-    """Register the standard health service; it reports NOT_SERVING until `set_serving`."""
+def add_health(server: grpc.aio.Server, service_name: str) -> health.aio.HealthServicer:
+    """Register the standard health service (NOT_SERVING until `set_serving`) and reflection, so that tools such
+    as grpcurl and grpc_health_probe work against every server."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
 
 
@@ -40,7 +43,7 @@ async def serve(add_servicer: Callable[[grpc.aio.Server], None], service_name: s
     """Serve one service (plus health, and Prometheus metrics unless the port is 0) until SIGINT/SIGTERM."""
     server = create_server()
     add_servicer(server)
-    health = add_health(server)
+    health = add_health(server, service_name)
     server.add_insecure_port(f"[::]:{port}")
     await server.start()
     if metrics_port:

@@ -81,7 +81,7 @@ async def main() -> None:
                            cache_namespace=args.cache_namespace)
         grpc_server = create_server()
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(chat), grpc_server)
-        health = add_health(grpc_server)
+        health = add_health(grpc_server, "internvl.serving.v1.Gateway")
         grpc_server.add_insecure_port(f"[::]:{args.grpc_port}")
         await grpc_server.start()
         await set_serving(health, "internvl.serving.v1.Gateway")

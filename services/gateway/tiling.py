@@ -64,14 +64,6 @@ def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
     return best
 
 
-def count_tiles(width: int, height: int, max_num: int = 12, min_num: int = 1,
-                use_thumbnail: bool = True, tile_size: int = TILE_SIZE) -> int:
-    """Number of tiles `tile_image` produces for an image of this size, without resizing."""
-    cols, rows = choose_grid(width, height, min_num, max_num, tile_size)
-    blocks = cols * rows
-    return blocks + 1 if use_thumbnail and blocks > 1 else blocks
-
-
 def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
                use_thumbnail: bool = True, tile_size: int = TILE_SIZE) -> np.ndarray:
     """Cut `image` into InternVL tiles.
