@@ -42,7 +42,11 @@ def reference(internvl: str, ckpt: str, image: str) -> dict:
     from transformers import AutoTokenizer
 
     model = InternVLChatModel.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    if (Path(ckpt) / "tokenizer.model").exists():  # InternLM2: its own sentencepiece tokenizer class, as the cards'
+        from internvl.model.internlm2.tokenization_internlm2 import InternLM2Tokenizer  # use_fast=False loads
+        tokenizer = InternLM2Tokenizer.from_pretrained(ckpt)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
     # transformers 5 builds remote-code models on the meta device: their non-persistent rotary buffers need a redo.
     for m in model.modules():
         if hasattr(m, "inv_freq") and hasattr(m, "_set_cos_sin_cache"):

@@ -32,11 +32,14 @@ do not flip the argmax). Same seed -> byte-identical files.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import sentencepiece
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -45,6 +48,7 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 
+from services.common.tokenizer import sentencepiece_bpe
 from services.llm_decoder.models import awq
 
 
@@ -88,13 +92,14 @@ AWQ_GROUP_SIZE = 32  # real checkpoints use 128; the tiny LLM's 64-wide inputs s
 # Appended after the trained vocabulary, in this order (consecutive ids), like Qwen2.5 + InternVL's additions.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                   "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>"]  # fmt: skip
-# InternLM2's tokenizer: sentencepiece controls, then the chat and InternVL tokens; it prepends <s>.
+# InternLM2's tokenizer: sentencepiece controls and chat markers (pieces of its model), then InternVL's added tokens.
 INTERNLM2_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
                             "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>"]
 # InternVLProcessor reads these names (and their *_id) from the tokenizer (pitfall 2.3.4).
 EXTRA_SPECIAL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
 BPE_VOCAB_SIZE = 1000  # byte alphabet (256) + merges, before the special tokens
+SPM_VOCAB_SIZE = 900  # InternLM2-style sentencepiece model, byte pieces included
 
 # Byte-identical to the template the HF converter writes for native InternVL checkpoints (481 bytes):
 # image parts -> "<IMG_CONTEXT>\n", video parts -> "<video>\n", no default system message.
@@ -151,25 +156,27 @@ def chat_template(family: Family) -> str:
 
 
 def build_tokenizer(family: Family = FAMILIES["internvl2_5"]) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # no BOS, like Qwen2
-    # All 256 bytes are in the alphabet, so any UTF-8 text (e.g. Chinese) round-trips.
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    """Qwen2 families: byte-level BPE. InternLM2 families: InternLM2's kind, sentencepiece BPE with byte fallback,
+    converted to a fast tokenizer as the serving code converts real InternLM2 checkpoints."""
     if family.llm == "internlm2":
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in INTERNLM2_SPECIAL_TOKENS])
-        bos = tok.token_to_id("<s>")
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", bos)])
+        with tempfile.TemporaryDirectory() as tmp:
+            model = Path(tmp) / "tokenizer.model"
+            model.write_bytes(internlm2_sentencepiece())
+            tok = sentencepiece_bpe(model, internlm2_added_tokens(), add_bos=True)
         extra = {"bos_token": "<s>", "unk_token": "<unk>", "pad_token": "</s>"}
     else:
+        tok = Tokenizer(models.BPE())
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)  # no BOS, like Qwen2
+        # All 256 bytes are in the alphabet, so any UTF-8 text (e.g. Chinese) round-trips.
+        trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=1, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+        tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         extra = {"pad_token": "<|endoftext|>"}
     return PreTrainedTokenizerFast(
@@ -179,6 +186,41 @@ def build_tokenizer(family: Family = FAMILIES["internvl2_5"]) -> PreTrainedToken
         model_max_length=16384,
         extra_special_tokens=dict(EXTRA_SPECIAL_TOKENS),
     )
+
+
+@functools.lru_cache(maxsize=1)
+def internlm2_sentencepiece() -> bytes:
+    """A tiny tokenizer.model like InternLM2's: BPE, byte fallback, <unk> <s> </s>, the chat markers as pieces."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "corpus.txt").write_text(CORPUS)
+        sentencepiece.SentencePieceTrainer.train(
+            input=f"{tmp}/corpus.txt", model_prefix=f"{tmp}/tok", vocab_size=SPM_VOCAB_SIZE, model_type="bpe",
+            byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+            user_defined_symbols=INTERNLM2_SPECIAL_TOKENS[3:5], normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+            allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
+        return (Path(tmp) / "tok.model").read_bytes()
+
+
+def internlm2_added_tokens() -> dict[int, str]:
+    """Token ids the tokenizer config lists: the sentencepiece controls and chat markers, then InternVL's tokens."""
+    pieces = INTERNLM2_SPECIAL_TOKENS[:5]
+    return {i: t for i, t in enumerate(pieces)} | {
+        SPM_VOCAB_SIZE + i: t for i, t in enumerate(INTERNLM2_SPECIAL_TOKENS[5:])}
+
+
+def write_internlm2_tokenizer(out: Path) -> None:
+    """The original layout's tokenizer files: tokenizer.model and a config naming InternLM2's remote classes."""
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.model").write_bytes(internlm2_sentencepiece())
+    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for i, t in internlm2_added_tokens().items()}
+    config = {"tokenizer_class": "InternLM2Tokenizer", "add_bos_token": True, "add_eos_token": False,
+              "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
+                                             "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
+              "added_tokens_decoder": added, "model_max_length": 16384, "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build_config(vocab_size: int, image_token_id: int, eos_token_id: int,
@@ -298,6 +340,8 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, family: str = "int
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_cfg["extra_special_tokens"] = {k: tok_cfg.pop(k) for k in EXTRA_SPECIAL_TOKENS}
     cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if layout == "original" and spec.llm == "internlm2":
+        write_internlm2_tokenizer(out)
 
     # Plain JSON: building GotOcr2ImageProcessor/InternVLProcessor needs torchvision, absent here.
     # GotOcr2's defaults are CLIP 384px (pitfall 2.3.3), so every InternVL value is written out.

@@ -12,9 +12,8 @@ class CheckpointError(ValueError):
     """A checkpoint this server cannot serve (unknown family, missing tensors or files, unsupported options)."""
 
 
-# Files every service needs besides tensors: configs, tokenizer, chat template, and the tokenizer code that
-# original-layout (remote-code) checkpoints ship.
-METADATA_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py"]
+# Files every service needs besides tensors: configs, tokenizer, chat template. (No remote code: none is run.)
+METADATA_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,8 @@ conversation.py does; transformers-native checkpoints carry a jinja chat templat
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from services.common.checkpoint import ModelConfig
+from services.common.tokenizer import load_tokenizer
 from services.gateway import templates
 from services.gateway.errors import bad_request
 from services.gateway.schema import ImagePart, Message
@@ -18,8 +17,7 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
 class PromptBuilder:
     def __init__(self, path: Path, cfg: ModelConfig):
-        # Original checkpoints are remote-code checkpoints: InternLM2's tokenizer class ships with the weights.
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.layout == "original")
+        self.tokenizer = load_tokenizer(path)
         self.template = templates.conversation_template(cfg.template, cfg.template_era) if cfg.template else None
         if self.template is None and not self.tokenizer.chat_template:
             raise ValueError(f"{path}: neither a `template` in config.json nor a chat template in the tokenizer")

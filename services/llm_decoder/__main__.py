@@ -4,13 +4,13 @@ import logging
 
 import torch
 from prometheus_client import Gauge
-from transformers import AutoTokenizer
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings, weights
 from services.common.checkpoint import model_fingerprint
 from services.common.grpc_utils import serve
+from services.common.tokenizer import load_tokenizer
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.models import load_language_model
 from services.llm_decoder.server import LlmDecoderServicer
@@ -59,8 +59,7 @@ async def main() -> None:
     engine = LLMEngine(model, cfg.image_token_id, num_blocks=num_blocks, block_size=args.block_size,
                        max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                        device=args.device, dtype=dtype)
-    # Original checkpoints are remote-code checkpoints: InternLM2's tokenizer class ships with the weights.
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.layout == "original").backend_tokenizer
+    tokenizer = load_tokenizer(path).backend_tokenizer
     info = pb.ModelInfo(model=args.model, fingerprint=model_fingerprint(path), dtype=str(dtype).removeprefix("torch."),
                         hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile,
                         max_model_len=max_model_len)

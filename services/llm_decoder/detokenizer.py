@@ -1,26 +1,32 @@
 """Text deltas for a stream of generated tokens."""
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 
 class Detokenizer:
-    """Incremental decoding that, at the end, also emits what a streaming decoder holds back.
+    """Incremental decoding by re-decoding a short window of tokens (robust with byte-fallback tokenizers).
 
-    A character split over several tokens is withheld until complete; if the generation stops in the middle of
-    one, `finish` returns the rest so the concatenated deltas always equal decoding all tokens at once.
+    A character split over several tokens is withheld until complete; `finish` returns what is still held when the
+    generation stops (as replacement characters if it stopped inside a character), so nothing is dropped.
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.stream = tokenizer, DecodeStream(skip_special_tokens=True)
+        self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = self.read = 0  # window: ids[prefix:read] were decoded already, ids[read:] are new
 
     def step(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.stream.step(self.tokenizer, token_id) or ""
-        self.emitted += text
-        return text
+        # The window's first tokens give the context (leading spaces, merged bytes) the new ones are decoded in.
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new, or a character is incomplete
+            return ""
+        delta = text[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        return delta
 
     def finish(self) -> str:
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return full[len(self.emitted):] if full.startswith(self.emitted) else ""
+        return self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
