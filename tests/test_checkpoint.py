@@ -149,3 +149,38 @@ def test_a_service_refuses_a_broken_checkpoint_at_start_up(damaged, service):
     assert out.returncode == 1
     assert "cannot serve this checkpoint" in out.stderr and "missing tensors for" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("keep_head", [False, True])
+def test_tied_heads_follow_the_checkpoint(tiny_checkpoint, tmp_path, keep_head):
+    """tie_word_embeddings true: without a stored head the embeddings are the head; with one, it is used (as in
+    transformers 5). Greedy tokens equal InternVLForConditionalGeneration's either way."""
+    from transformers import InternVLForConditionalGeneration
+
+    from services.llm_decoder.engine.llm_engine import LLMEngine
+    from services.llm_decoder.engine.sequence import SamplingParams, Sequence
+
+    path = _rewrite_shards(tiny_checkpoint, tmp_path / "tied", lambda n: n)
+    if not keep_head:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        shard = path / index["weight_map"].pop("language_model.lm_head.weight")
+        tensors = load_file(shard)
+        del tensors["language_model.lm_head.weight"]
+        save_file(tensors, shard)
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((path / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    cfg = read_model_config(path)
+    lm = load_language_model(cfg, path, "cpu", torch.float32)
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) is not keep_head
+    engine = LLMEngine(lm, cfg.image_token_id, num_blocks=16, block_size=16, max_batched_tokens=512, max_running=1,
+                       device="cpu", dtype=torch.float32, on_token=lambda *a: None)
+    seq = Sequence("s", list(range(5, 25)), SamplingParams(10))
+    engine.scheduler.add(seq)
+    while engine.scheduler.has_work():
+        engine.step()
+    reference = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    expected = reference.generate(input_ids=torch.tensor([list(range(5, 25))]), max_new_tokens=10, do_sample=False,
+                                  eos_token_id=None)[0, 20:].tolist()
+    assert seq.output_ids == expected

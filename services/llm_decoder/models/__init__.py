@@ -1,6 +1,7 @@
 """One file per LLM family; `load_language_model` builds the right one and fills it from the checkpoint."""
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,15 +20,20 @@ FAMILIES = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM, "internlm2": I
 def load_language_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """Build the LLM and read only the language-model tensors."""
     start = time.perf_counter()
+    reader = TensorReader(path)
+    text = cfg.text
+    if text.tie_word_embeddings and f"{cfg.text_prefix}lm_head.weight" in reader.weight_map:
+        text = replace(text, tie_word_embeddings=False)  # a head stored apart is used, as transformers does
     # Built in the model dtype rather than cast afterwards: AWQ scales must stay fp16.
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = FAMILIES[cfg.text.family](cfg.text)
+            model = FAMILIES[text.family](text)
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device=device)
-    load_weights(model, TensorReader(path), cfg.text_prefix, model.checkpoint_name)
+    model.tie_weights()
+    load_weights(model, reader, cfg.text_prefix, model.checkpoint_name)
     log.info("language model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
     return model.eval()
