@@ -30,3 +30,13 @@ _GRPC_CODES = {
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
+
+
+def invalid_request(errors: list[dict]) -> ApiError:
+    """The first of pydantic's validation errors, said plainly, naming the field."""
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return bad_request(f"request body is not valid JSON: {first['ctx']['error']}")
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    message = first["msg"].removeprefix("Value error, ")
+    return bad_request(f"{where}: {message}" if where else message, where or None)

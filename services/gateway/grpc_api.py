@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.gateway.chat import ChatService
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, invalid_request
 from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart
 
 
@@ -51,8 +51,7 @@ def to_chat_request(request: pb.ChatRequest) -> ChatCompletionRequest:
         messages = [Message(role=m.role, content=[_part(p) for p in m.content]) for m in request.messages]
         return ChatCompletionRequest(messages=messages, **fields)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise ApiError(400, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from e
+        raise invalid_request(e.errors()) from e
 
 
 def _part(part: pb.ContentPart) -> TextPart | ImagePart:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from internvl.serving.v1 import serving_pb2 as pb
 from services.gateway.chat import ChatService
-from services.gateway.errors import ApiError, bad_request
+from services.gateway.errors import ApiError, invalid_request
 from services.gateway.schema import ChatCompletionRequest
 
 
@@ -23,13 +23,7 @@ def create_app(chat: ChatService) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0]
-        if first["type"] == "json_invalid":
-            return JSONResponse(bad_request(f"request body is not valid JSON: {first['ctx']['error']}").body(),
-                                status_code=400)
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return JSONResponse(bad_request(f"{where}: {first['msg']}" if where else first["msg"], where or None).body(),
-                            status_code=400)
+        return JSONResponse(invalid_request(e.errors()).body(), status_code=400)
 
     @app.get("/health")
     async def health() -> dict:

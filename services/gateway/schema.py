@@ -1,7 +1,7 @@
 """The OpenAI chat-completions request, validated at the edge (REST and gRPC both come through here)."""
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 
 class ImageURL(BaseModel):
@@ -35,8 +35,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Options this server does not implement yet, with the values that mean "off". A request asking for more is refused
+# rather than answered as if the option had been applied.
+UNSUPPORTED = {"stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+               "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+               "response_format": (None, {"type": "text"})}
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not act on (user, logprobs=false, ...)
+    model_config = ConfigDict(extra="ignore")  # other fields (user, metadata, ...) do not change the answer
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -50,6 +58,14 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_num: int | None = Field(default=None, ge=1, description="most tiles per image (the model cards' max_num)")
     return_token_ids: bool = Field(default=False, description="add the generated token ids to each choice (as vLLM)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unsupported(cls, data):
+        for name, off in UNSUPPORTED.items():
+            if isinstance(data, dict) and name in data and data[name] not in off:
+                raise ValueError(f"`{name}` is not supported by this server")
+        return data
 
     def images(self) -> list[ImageURL]:
         return [p.image_url for m in self.messages for p in m.parts() if isinstance(p, ImagePart)]
