@@ -108,6 +108,8 @@ def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
     ({"token_ids": [10 ** 6]}, "token ids must be in"),
     ({"token_ids": [1], "images": [pb.Tensor(dtype="float32", shape=[2, 64], data=b"123")]}, "needs 512 bytes"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(max_tokens=10 ** 6)}, "exceeds"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("nan"))}, "finite"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("inf"))}, "finite"),
 ])
 def test_invalid_generate_requests(decoder, request_fields, message):
     with pytest.raises(grpc.RpcError) as e:
@@ -162,3 +164,66 @@ def test_detokenizer_deltas_always_add_up_to_the_full_decode(family, tmp_path):
             assert text.startswith(complete) and text[len(complete):].strip("\ufffd") == ""
             assert text.endswith("\ufffd")
     assert sum(1 for x in deltas if x) > len(ids) // 3  # text streams as it comes, not all at the end
+
+
+def test_only_the_newest_sequence_yields_its_blocks():
+    """A needs a block, none is free: C (newest) is preempted; B, which has room, keeps running."""
+    from services.llm_decoder.engine.block_manager import BlockManager
+
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    scheduler = Scheduler(blocks, max_batched_tokens=4096, max_running=8)
+    a, b, c = (Sequence(name, list(range(n)), SamplingParams(50)) for name, n in (("A", 8), ("B", 6), ("C", 8)))
+    for seq in (a, b, c):
+        scheduler.add(seq)
+    seqs, _ = scheduler.schedule()
+    for seq in seqs:  # as the engine does after a step
+        seq.output_ids.append(1)
+        seq.num_cached = len(seq) - 1
+    seqs, is_prefill = scheduler.schedule()
+    assert not is_prefill and seqs == [a, b] and list(scheduler.waiting) == [c]
+
+
+def test_kv_budget_counts_whole_blocks():
+    import argparse
+
+    from services.llm_decoder.__main__ import kv_blocks
+
+    class Model:
+        def kv_layers(self):
+            return [argparse.Namespace(kv_heads=2, head_dim=16)]
+
+    args = argparse.Namespace(kv_cache_tokens=100, block_size=16, device="cpu", gpu_memory_utilization=0.9)
+    with pytest.raises(SystemExit, match="cannot hold one 100-token context"):
+        kv_blocks(args, Model(), max_model_len=100, dtype=torch.float32)  # 6 blocks hold 96 tokens
+    assert kv_blocks(args, Model(), max_model_len=96, dtype=torch.float32) == 6
+
+
+def test_a_tiny_temperature_is_greedy(lm, cfg):
+    greedy = run(lm, cfg, [Sequence("g", prompts()[2], SamplingParams(12))])[1][0]
+    tiny = run(lm, cfg, [Sequence("t", prompts()[2], SamplingParams(12, temperature=1e-39),
+                                  generator=torch.Generator().manual_seed(0))])[1][0]
+    assert tiny == greedy
+
+
+def test_the_engine_survives_a_failing_step(lm, cfg, monkeypatch):
+    """A step that raises ends the sequences it held with "error"; the loop goes on serving."""
+    import threading
+
+    events, done = [], threading.Event()
+
+    def on_token(seq, token, reason):
+        events.append((seq.id, reason))
+        if reason:
+            done.set()
+
+    engine = LLMEngine(lm, cfg.image_token_id, num_blocks=64, block_size=4, max_batched_tokens=4096, max_running=8,
+                       device="cpu", dtype=torch.float32, on_token=on_token)
+    original = engine.runner.step
+    monkeypatch.setattr(engine.runner, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    engine.start()
+    engine.add(Sequence("bad", prompts()[0], SamplingParams(4)))
+    assert done.wait(10) and events == [("bad", "error")]
+    monkeypatch.setattr(engine.runner, "step", original)
+    done.clear()
+    engine.add(Sequence("good", prompts()[1], SamplingParams(4)))
+    assert done.wait(10) and events[-1] == ("good", "length")

@@ -43,11 +43,11 @@ def kv_blocks(args, model: torch.nn.Module, max_model_len: int, dtype: torch.dty
     if not tokens and args.device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info()
         tokens = int((free - total * (1 - args.gpu_memory_utilization)) // bytes_per_token)
-    tokens = tokens or 4 * max_model_len
-    if tokens < max_model_len:
-        raise SystemExit(f"KV cache of {tokens} tokens cannot hold one {max_model_len}-token context; "
-                         "lower --max-model-len or raise the KV budget")
-    return tokens // args.block_size
+    blocks = (tokens or 4 * max_model_len) // args.block_size
+    if blocks * args.block_size < max_model_len:  # whole blocks: the last partial one is not usable
+        raise SystemExit(f"KV cache of {blocks * args.block_size} tokens cannot hold one {max_model_len}-token "
+                         "context; lower --max-model-len or raise the KV budget")
+    return blocks
 
 
 async def main() -> None:

@@ -1,5 +1,6 @@
 """The LlmDecoder gRPC servicer: validates a request, hands it to the engine, streams tokens and text deltas."""
 import asyncio
+import math
 import uuid
 
 import grpc
@@ -80,8 +81,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         if s.max_tokens < 0 or s.max_tokens > room:
             raise ValueError(f"max_tokens={s.max_tokens} exceeds the {room} tokens left in the context "
                              f"({len(ids)} prompt tokens, context {self.max_model_len})")
-        if s.temperature < 0 or not 0 <= s.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in [0, 1]")
+        if not (s.temperature >= 0 and math.isfinite(s.temperature) and 0 <= s.top_p <= 1):  # NaN fails too
+            raise ValueError("temperature must be a finite number >= 0 and top_p in [0, 1]")
         images = [self._image(i, t) for i, t in enumerate(request.images)]
         rows, slots = sum(t.shape[0] for t in images), ids.count(self.image_token_id)
         if rows != slots:

@@ -51,23 +51,23 @@ class LLMEngine:
                 aborts, self._aborts = self._aborts, set()
             for seq in inbox:
                 self.scheduler.add(seq)
-            for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.id in aborts]:
-                self.scheduler.finish(seq, "abort")
+            if aborts:
+                for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.id in aborts]:
+                    self.scheduler.finish(seq, "abort")
             if self.scheduler.has_work():
-                self.step()
+                try:
+                    self.step()
+                except Exception:  # the loop must outlive any failure, or every caller would hang
+                    log.exception("engine step failed; ending the sequences it held")
+                    for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                        self.scheduler.finish(seq, "error")
+                        self.on_token(seq, -1, "error")
 
     def step(self) -> None:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return
-        try:
-            tokens = self.runner.step(seqs, is_prefill)
-        except Exception:
-            log.exception("engine step failed; ending its sequences")
-            for seq in seqs:
-                self.scheduler.finish(seq, "error")
-                self.on_token(seq, -1, "error")
-            return
+        tokens = self.runner.step(seqs, is_prefill)
         for seq, token in zip(seqs, tokens):
             seq.output_ids.append(token)
             reason = None

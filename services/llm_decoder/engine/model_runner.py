@@ -26,8 +26,9 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             in_prompt.extend(p < len(seq.prompt_ids) for p in range(start, end))
-            slot_mapping.append(self.blocks.slots(seq, start, end))
-            kv_slots.append(self.blocks.slots(seq, 0, end).to(self.device))
+            slots = self.blocks.slots(seq, 0, end)
+            slot_mapping.append(slots[start:])
+            kv_slots.append(slots.to(self.device))
             if is_prefill and seq.image_embeds is not None:
                 images.append(seq.image_embeds)
             seq.num_cached = end

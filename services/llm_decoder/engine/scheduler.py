@@ -36,6 +36,8 @@ class Scheduler:
             self.running.extend(prefill)
             return prefill, True
         for seq in list(self.running):
+            if seq.status is not Status.RUNNING:  # preempted a moment ago for an older sequence
+                continue
             # Room for the token this step appends; without it, the newest sequence yields its blocks.
             while not self.blocks.can_grow(seq, len(seq)):
                 self.preempt(self.running[-1])
