@@ -184,3 +184,18 @@ def test_tied_heads_follow_the_checkpoint(tiny_checkpoint, tmp_path, keep_head):
     expected = reference.generate(input_ids=torch.tensor([list(range(5, 25))]), max_new_tokens=10, do_sample=False,
                                   eos_token_id=None)[0, 20:].tolist()
     assert seq.output_ids == expected
+
+
+def test_weights_fingerprint_tells_checkpoints_with_equal_configs_apart(tiny_checkpoint, tmp_path):
+    """Two seeds: the same config and shard index, other weights. Their embeddings must never share a cache entry."""
+    from services.common.checkpoint import checkpoint_id
+    from services.common.weights import weights_fingerprint
+    from tools.make_tiny_checkpoint import write_tiny_checkpoint
+
+    other = write_tiny_checkpoint(tmp_path / "seed1", seed=1)
+    assert checkpoint_id(other) == checkpoint_id(tiny_checkpoint)
+
+    def fingerprint(path):
+        cfg = read_model_config(path)
+        return weights_fingerprint(load_vision_model(cfg, path, "cpu", torch.float32), checkpoint_id(path))
+    assert fingerprint(tiny_checkpoint) == fingerprint(tiny_checkpoint) != fingerprint(other)

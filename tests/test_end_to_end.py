@@ -274,3 +274,13 @@ def test_every_server_has_health_and_reflection(stack, addr):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         services = {s.name for a in answers for s in a.list_services_response.service}
     assert "grpc.health.v1.Health" in services and any(s.startswith("internvl.serving.v1.") for s in services)
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_encoding(stack):
+    """Five 13-tile images are 16,640 image tokens: over the tiny model's 16,384; the vision pool is not asked."""
+    before = metric(stack.vision_metrics_url, "vision_images_encoded_total")
+    image = {"type": "image_url", "image_url": {"url": data_url(noise_image(800, 600, seed=30))}}
+    r = httpx.post(stack.gateway_url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "max_num": 12, "messages": [{"role": "user", "content": [image] * 5}]})
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert metric(stack.vision_metrics_url, "vision_images_encoded_total") == before

@@ -244,12 +244,15 @@ def _token_id(path: Path, token: str) -> int:
     raise CheckpointError(f"{path}: the tokenizer has no {token} token")
 
 
-def model_fingerprint(path: Path) -> str:
-    """Identifies the weights, the same in every pool although each downloads only its own shards.
+def checkpoint_id(path: Path) -> str:
+    """Identifies the checkpoint, the same in every pool although each downloads only its own shards.
 
-    The config plus the shard index (which names every file and tensor) or, unsharded, the weight file's size.
+    The config, the shard index (which names every file and tensor) or, unsharded, the weight file's size, and the hub
+    revision when the checkpoint came from the hub. (The weights themselves: `weights.weights_fingerprint`.)
     """
     h = hashlib.sha256((path / "config.json").read_bytes())
+    if path.parent.name == "snapshots":  # huggingface_hub's cache: the folder is named after the commit
+        h.update(path.name.encode())
     for index_name, single_name in WEIGHT_FILES:
         if (path / index_name).exists():
             h.update((path / index_name).read_bytes())

@@ -1,7 +1,7 @@
 """The checkpoint's tokenizer, for the gateway (prompts) and the decoder (text deltas).
 
-InternLM2 checkpoints (InternVL2-8B, InternVL2_5-8B, InternVL-Chat-V1-5) ship a sentencepiece model with remote tokenizer
-code. Under transformers 5 that code's fast class comes out broken (no normalizer, decoder or byte fallback: it splits
+InternLM2 checkpoints (InternVL2-8B, InternVL2_5-8B, InternVL-Chat-V1-5) ship a sentencepiece model with remote
+tokenizer code. Under transformers 5 that code's fast class comes out broken (no normalizer, decoder or byte fallback: it splits
 "user" into "us" "er" and drops characters outside the vocabulary), so the tokenizer is rebuilt here from
 tokenizer.model with the tokenizers library, the way InternLM2's own converter does it, and checked against
 sentencepiece in the tests. Everything else loads with AutoTokenizer; no remote code runs.
@@ -30,7 +30,8 @@ def sentencepiece_bpe(model_file: Path, added: dict[int, str], add_bos: bool) ->
     extractor = SentencePieceExtractor(str(model_file))
     spec = extractor.proto
     kwargs = extractor.extract(BPE)
-    tok = Tokenizer(BPE(vocab=kwargs["vocab"], merges=kwargs["merges"], unk_token=spec.pieces[spec.trainer_spec.unk_id].piece,
+    unk = spec.pieces[spec.trainer_spec.unk_id].piece
+    tok = Tokenizer(BPE(vocab=kwargs["vocab"], merges=kwargs["merges"], unk_token=unk,
                         byte_fallback=spec.trainer_spec.byte_fallback, fuse_unk=True))
     # Each text segment between special tokens starts with the dummy "▁", as sentencepiece.encode gives it.
     prefix = [normalizers.Prepend("▁")] if spec.normalizer_spec.add_dummy_prefix else []
@@ -52,5 +53,7 @@ def sentencepiece_bpe(model_file: Path, added: dict[int, str], add_bos: bool) ->
 def internlm2_tokenizer(path: Path, config: dict) -> PreTrainedTokenizerFast:
     added = {int(i): t["content"] for i, t in config.get("added_tokens_decoder", {}).items()}
     tok = sentencepiece_bpe(path / "tokenizer.model", added, config.get("add_bos_token", True))
-    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if isinstance(config.get(k), str)}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=config.get("model_max_length", 32768), **special)
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if isinstance(config.get(k), str)}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=config.get("model_max_length", 32768),
+                                   **special)

@@ -3,6 +3,7 @@
 Each service reads only the tensors it runs, shard by shard.
 """
 import argparse
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -107,6 +108,18 @@ def same_name(name: str, tensor: torch.Tensor) -> list[tuple[str, object, torch.
 
 def _owner(module: torch.nn.Module, param_name: str) -> torch.nn.Module:
     return module.get_submodule(param_name.rpartition(".")[0])
+
+
+def weights_fingerprint(module: torch.nn.Module, checkpoint: str) -> str:
+    """Identifies loaded weights from a strided sample of every tensor: cheap even for 6B parameters, and different
+    for any two checkpoints that differ in more than a few isolated values (fine-tunes, other seeds)."""
+    h = hashlib.sha256(checkpoint.encode())
+    for name, p in sorted(module.named_parameters()):
+        flat = p.detach().flatten()
+        sample = flat[::max(1, flat.numel() // 4096)].float().cpu()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -67,18 +67,21 @@ async def main() -> None:
     decoder = pb_grpc.LlmDecoderStub(create_channel(args.decoder_addr))
     vision_info, decoder_info = await asyncio.gather(pool_info(vision, "vision encoder", args.pool_wait),
                                                      pool_info(decoder, "LLM decoder", args.pool_wait))
-    if vision_info.fingerprint != decoder_info.fingerprint:
+    if vision_info.checkpoint != decoder_info.checkpoint:
         raise SystemExit(f"the pools serve different checkpoints: vision {vision_info.model} "
-                         f"({vision_info.fingerprint}) vs decoder {decoder_info.model} ({decoder_info.fingerprint})")
+                         f"({vision_info.checkpoint}) vs decoder {decoder_info.model} ({decoder_info.checkpoint})")
+    if vision_info.tokens_per_tile != cfg.tokens_per_tile:
+        raise SystemExit(f"{args.model} has {cfg.tokens_per_tile} tokens per tile, the vision pool "
+                         f"{vision_info.tokens_per_tile}: the gateway's MODEL is not the pools' checkpoint")
     prompt = PromptBuilder(path, cfg)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
                     max_images=args.max_images, max_image_bytes=args.max_image_bytes)
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
     async with httpx.AsyncClient(follow_redirects=True) as http:
-        chat = ChatService(name, prompt, Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile),
-                           cache, http, limits, use_thumbnail=cfg.use_thumbnail,
-                           cache_namespace=args.cache_namespace)
+        pools = Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile, decoder_info.max_model_len)
+        chat = ChatService(name, prompt, pools, cache, http, limits, tile_size=cfg.vision.image_size,
+                           use_thumbnail=cfg.use_thumbnail, cache_namespace=args.cache_namespace)
         grpc_server = create_server()
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(chat), grpc_server)
         health = add_health(grpc_server, "internvl.serving.v1.Gateway")

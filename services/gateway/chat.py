@@ -16,7 +16,7 @@ from services.gateway.errors import ApiError, bad_request
 from services.gateway.media import decode_image, fetch_image, image_hash
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImageURL
-from services.gateway.tiling import TILE_SIZE, tile_image
+from services.gateway.tiling import tile_image
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,25 @@ class Limits:
 class Pools:
     vision: pb_grpc.VisionEncoderStub
     decoder: pb_grpc.LlmDecoderStub
-    fingerprint: str                # of the model both pools serve; part of every cache key
+    fingerprint: str                # of the vision pool's weights; part of every cache key
     tokens_per_tile: int
+    max_model_len: int              # the decoder's context
+
+
+@dataclass
+class _Image:
+    key: str                        # cache key
+    tiles: int
+    embeddings: pb.Tensor | None    # from the cache, or after encoding
+    pixels: np.ndarray | None = None  # uint8 tiles of a cache miss
 
 
 class ChatService:
     def __init__(self, model_name: str, prompt: PromptBuilder, pools: Pools, cache: EmbeddingCache,
-                 http: httpx.AsyncClient, limits: Limits, use_thumbnail: bool = True, cache_namespace: str = "ivl:emb"):
+                 http: httpx.AsyncClient, limits: Limits, tile_size: int = 448, use_thumbnail: bool = True,
+                 cache_namespace: str = "ivl:emb"):
         self.model_name, self.prompt, self.pools, self.cache = model_name, prompt, pools, cache
-        self.http, self.limits, self.use_thumbnail = http, limits, use_thumbnail
+        self.http, self.limits, self.tile_size, self.use_thumbnail = http, limits, tile_size, use_thumbnail
         self.cache_namespace = cache_namespace
 
     async def prepare(self, req: ChatCompletionRequest) -> pb.GenerateRequest:
@@ -59,14 +69,19 @@ class ChatService:
         if len(images) > self.limits.max_images:
             raise bad_request(f"{len(images)} images exceed the limit of {self.limits.max_images} per request",
                               "messages")
+        request_id = uuid.uuid4().hex
         prompt = self.prompt.render(req.messages)  # validates the text before any image work
-        embeddings, tiles = await self._embed_images(images, max_num)
-        token_ids = self.prompt.expand(prompt, tiles)
+        resolved = await self._resolve_images(images, max_num)
+        token_ids = self.prompt.expand(prompt, [img.tiles for img in resolved])
+        if len(token_ids) >= self.pools.max_model_len:  # refused before the vision pool spends time on it
+            raise bad_request(f"the prompt has {len(token_ids)} tokens (images included); the model's context is "
+                              f"{self.pools.max_model_len}", "messages")
+        await self._encode_misses(resolved, request_id)
         sampling = pb.SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens or 0,
                                      temperature=req.temperature, top_p=req.top_p,
                                      stop_token_ids=self.prompt.stop_token_ids, seed=req.seed)
-        return pb.GenerateRequest(request_id=uuid.uuid4().hex, token_ids=token_ids, images=embeddings,
-                                  sampling=sampling)
+        return pb.GenerateRequest(request_id=request_id, token_ids=token_ids,
+                                  images=[img.embeddings for img in resolved], sampling=sampling)
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The decoder's stream; its errors become ApiErrors."""
@@ -79,30 +94,36 @@ class ChatService:
         finally:
             call.cancel()  # the client went away (or we are done): the decoder frees the sequence
 
-    async def _embed_images(self, images: list[ImageURL], max_num: int) -> tuple[list[pb.Tensor], list[int]]:
+    async def _resolve_images(self, images: list[ImageURL], max_num: int) -> list[_Image]:
+        """Each image's cache entry, or its tiles when there is none (CPU work, off the event loop)."""
         datas = await asyncio.gather(*(self._fetch(img) for img in images))
-        keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, image_hash(d), max_num,
-                                self.use_thumbnail, TILE_SIZE) for d in datas]
-        embeddings: list[pb.Tensor | None] = [None] * len(images)
-        tiles = [0] * len(images)
-        for i, raw in enumerate(await self.cache.get_many(keys)):
+        hashes = await asyncio.to_thread(lambda: [image_hash(d) for d in datas])
+        keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, h, max_num, self.use_thumbnail,
+                                self.tile_size) for h in hashes]
+        resolved = []
+        for key, raw in zip(keys, await self.cache.get_many(keys)):
             value = raw and decode_value(raw, self.pools.fingerprint, self.pools.tokens_per_tile)
-            if value:
-                embeddings[i], tiles[i] = value.embeddings, value.tiles
-        misses = [i for i, e in enumerate(embeddings) if e is None]
-        if misses:
-            # Decoding and resizing are CPU work: keep them off the event loop.
-            arrays = await asyncio.gather(*(asyncio.to_thread(self._tiles, datas[i], max_num) for i in misses))
-            request = pb.EncodeRequest(images=[
-                pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=a.shape, data=a.tobytes()), cache_key=keys[i])
-                for i, a in zip(misses, arrays)])
-            try:
-                response = await self.pools.vision.Encode(request, timeout=self.limits.vision_timeout_s)
-            except grpc.aio.AioRpcError as e:
-                raise upstream_error("vision encoder", e) from e
-            for i, a, out in zip(misses, arrays, response.images):
-                embeddings[i], tiles[i] = out.embeddings, a.shape[0]
-        return embeddings, tiles
+            resolved.append(_Image(key, value.tiles, value.embeddings) if value else _Image(key, 0, None))
+        misses = [(img, data) for img, data in zip(resolved, datas) if img.embeddings is None]
+        arrays = await asyncio.gather(*(asyncio.to_thread(self._tiles, data, max_num) for _, data in misses))
+        for (img, _), pixels in zip(misses, arrays):
+            img.tiles, img.pixels = pixels.shape[0], pixels
+        return resolved
+
+    async def _encode_misses(self, images: list[_Image], request_id: str) -> None:
+        """One Encode call for all images the cache did not have (the vision pool caches them)."""
+        misses = [img for img in images if img.embeddings is None]
+        if not misses:
+            return
+        request = pb.EncodeRequest(request_id=request_id, images=[
+            pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=img.pixels.shape, data=img.pixels.tobytes()),
+                          cache_key=img.key) for img in misses])
+        try:
+            response = await self.pools.vision.Encode(request, timeout=self.limits.vision_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise upstream_error("vision encoder", e) from e
+        for img, out in zip(misses, response.images):
+            img.embeddings = out.embeddings
 
     async def _fetch(self, image: ImageURL) -> bytes:
         if image._data is not None:
@@ -111,7 +132,7 @@ class ChatService:
 
     def _tiles(self, data: bytes, max_num: int) -> np.ndarray:
         return tile_image(decode_image(data, self.limits.max_image_pixels), max_num=max_num,
-                          use_thumbnail=self.use_thumbnail)
+                          use_thumbnail=self.use_thumbnail, tile_size=self.tile_size)
 
 
 def upstream_error(pool: str, e: grpc.aio.AioRpcError) -> ApiError:

@@ -48,8 +48,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, lt=2 ** 31)
+    max_completion_tokens: int | None = Field(default=None, ge=1, lt=2 ** 31)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2 ** 64)

@@ -8,7 +8,7 @@ from prometheus_client import Gauge
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings, weights
-from services.common.checkpoint import model_fingerprint
+from services.common.checkpoint import checkpoint_id
 from services.common.grpc_utils import serve
 from services.common.tokenizer import load_tokenizer
 from services.llm_decoder.engine.llm_engine import LLMEngine
@@ -60,9 +60,10 @@ async def main() -> None:
                        max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                        device=args.device, dtype=dtype)
     tokenizer = load_tokenizer(path).backend_tokenizer
-    info = pb.ModelInfo(model=args.model, fingerprint=model_fingerprint(path), dtype=str(dtype).removeprefix("torch."),
-                        hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile,
-                        max_model_len=max_model_len)
+    checkpoint = checkpoint_id(path)
+    info = pb.ModelInfo(model=args.model, checkpoint=checkpoint,
+                        fingerprint=weights.weights_fingerprint(model, checkpoint), dtype=str(dtype).removeprefix("torch."), hidden_size=cfg.text.hidden_size,
+                        tokens_per_tile=cfg.tokens_per_tile, max_model_len=max_model_len)
     servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
                                   max_model_len, dtype, info)
     engine.start()

@@ -6,7 +6,7 @@ from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings, weights
 from services.common.cache import EmbeddingCache
-from services.common.checkpoint import model_fingerprint
+from services.common.checkpoint import checkpoint_id
 from services.common.grpc_utils import serve
 from services.vision_encoder.encoder import TileBatcher, load_vision_model
 from services.vision_encoder.server import VisionEncoderServicer
@@ -30,8 +30,10 @@ async def main() -> None:
     args = parse_args()
     path, cfg, dtype = weights.open_checkpoint(args, parts=("vision",))
     model = load_vision_model(cfg, path, args.device, dtype)
-    info = pb.ModelInfo(model=args.model, fingerprint=model_fingerprint(path), dtype=str(dtype).removeprefix("torch."),
-                        hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile)
+    checkpoint = checkpoint_id(path)
+    info = pb.ModelInfo(model=args.model, checkpoint=checkpoint,
+                        fingerprint=weights.weights_fingerprint(model, checkpoint), dtype=str(dtype).removeprefix("torch."), hidden_size=cfg.text.hidden_size,
+                        tokens_per_tile=cfg.tokens_per_tile)
     batcher = TileBatcher(model, args.device, args.max_batch_tiles, args.max_wait_ms / 1000)
     batcher.start()
     cache = EmbeddingCache(args.redis_url, args.cache_ttl)
