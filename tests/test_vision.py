@@ -84,3 +84,23 @@ def test_encode_over_grpc_returns_raw_embeddings(encoder_stub, vision):
     assert torch.allclose(got, model(tiles), atol=1e-5, rtol=0)
     info = encoder_stub.Info(pb.InfoRequest())
     assert (info.tokens_per_tile, info.hidden_size) == (256, cfg.text.hidden_size)
+
+
+def test_jobs_of_callers_that_left_are_not_encoded():
+    seen = []
+
+    def model(tiles):  # stands in for the tower: records the batch, one row per tile
+        seen.append(tiles.shape[0])
+        return torch.zeros(tiles.shape[0], 4)
+
+    async def scenario():
+        batcher = TileBatcher(model, "cpu", max_batch_tiles=8, max_wait_s=0.01)
+        gone = asyncio.create_task(batcher.encode([torch.zeros(3, 448, 448, 3, dtype=torch.uint8)]))
+        await asyncio.sleep(0)  # queued, the worker not started yet
+        gone.cancel()
+        batcher.start()
+        out = await batcher.encode([torch.zeros(2, 448, 448, 3, dtype=torch.uint8)])
+        return out
+
+    out = asyncio.run(scenario())
+    assert seen == [2] and out[0].shape == (2, 4)

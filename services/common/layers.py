@@ -24,6 +24,15 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def shard_offsets(sizes: dict[object, int]) -> dict[object, tuple[int, int]]:
+    """(first row, rows) of each shard of a fused projection, stacked in the order given."""
+    offsets, start = {}, 0
+    for shard, rows in sizes.items():
+        offsets[shard] = (start, rows)
+        start += rows
+    return offsets
+
+
 class FusedLinear(nn.Linear):
     """One matmul for several projections stored apart in checkpoints (q/k/v, gate/up).
 
@@ -32,11 +41,7 @@ class FusedLinear(nn.Linear):
 
     def __init__(self, in_features: int, sizes: dict[object, int], bias: bool):
         super().__init__(in_features, sum(sizes.values()), bias=bias)
-        self.offsets, start = {}, 0
-        for shard, rows in sizes.items():
-            self.offsets[shard] = (start, rows)
-            start += rows
-        self.shards = tuple(sizes)
+        self.offsets, self.shards = shard_offsets(sizes), tuple(sizes)
 
     def load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: object) -> None:
         start, rows = self.offsets[shard]

@@ -72,6 +72,9 @@ class TileBatcher:
         while True:
             batch = [carry or await self.queue.get()]
             carry = None
+            if batch[0].future.done():  # its caller has gone (cancelled or timed out): skip the work
+                QUEUED_TILES.dec(batch[0].tiles.shape[0])
+                continue
             tiles = batch[0].tiles.shape[0]
             deadline = loop.time() + self.max_wait_s
             while tiles < self.max_batch_tiles:
@@ -79,6 +82,9 @@ class TileBatcher:
                     job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
                 except TimeoutError:
                     break
+                if job.future.done():
+                    QUEUED_TILES.dec(job.tiles.shape[0])
+                    continue
                 if tiles + job.tiles.shape[0] > self.max_batch_tiles:
                     carry = job  # starts the next batch
                     break

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.layers import shard_offsets
+
 try:
     from services.llm_decoder.models.awq_triton import awq_gemm
 except ImportError:  # Triton comes with CUDA builds of torch; CPU runs use the dequantized weight
@@ -99,10 +101,7 @@ class AWQLinear(nn.Module):
         if in_features % group_size:
             raise ValueError(f"in_features {in_features} is not a multiple of group size {group_size}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.offsets, start = {}, 0
-        for shard, rows in sizes.items():
-            self.offsets[shard] = (start, rows)
-            start += rows
+        self.offsets = shard_offsets(sizes)
         self.shards = tuple(sizes)  # (None,) when unfused: the loader then copies whole tensors
         groups = in_features // group_size
 
