@@ -284,3 +284,24 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_encoding(stack):
         "model": MODEL, "max_num": 12, "messages": [{"role": "user", "content": [image] * 5}]})
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
     assert metric(stack.vision_metrics_url, "vision_images_encoded_total") == before
+
+
+def test_a_non_streamed_client_that_leaves_cancels_the_generation(stack):
+    """Ended as "cancelled" by the decoder, not run to its 16,000 tokens."""
+    import time
+
+    def cancelled():
+        return metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason="cancelled")
+
+    deadline = time.monotonic() + 10  # alone in the engine, so the greedy path is the same every run
+    while metric(stack.decoder_metrics_url, "decoder_running_requests") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    before = cancelled()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Talk for a long time."}], "max_tokens": 16000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack.gateway_url + "/v1/chat/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled() == before + 1
+    assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 0

@@ -1,4 +1,6 @@
 """OpenAI-compatible REST: /v1/chat/completions (with SSE streaming), /v1/models, health."""
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -6,12 +8,15 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from internvl.serving.v1 import serving_pb2 as pb
 from services.gateway.chat import ChatService
 from services.gateway.errors import ApiError, invalid_request
 from services.gateway.schema import ChatCompletionRequest
+
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 
 
 def create_app(chat: ChatService) -> FastAPI:
@@ -35,7 +40,7 @@ def create_app(chat: ChatService) -> FastAPI:
                                             "created": 0}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         stream = chat.generate(await chat.prepare(req))
         # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
         first = await anext(stream)
@@ -44,11 +49,15 @@ def create_app(chat: ChatService) -> FastAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(first, stream, completion_id, created, req.model, include_usage,
                                           req.return_token_ids), media_type="text/event-stream")
-        text, token_ids, finish, usage = "", [], "", None
-        async for r in _chain(first, stream):
-            text += r.text
-            token_ids += r.token_ids
-            finish, usage = r.finish_reason or finish, r.usage if r.HasField("usage") else usage
+        collect = asyncio.ensure_future(_collect(_chain(first, stream)))
+        while not collect.done():
+            await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
+            if not collect.done() and await request.is_disconnected():
+                collect.cancel()  # the client left: cancelling the decoder call frees its sequence
+                with contextlib.suppress(asyncio.CancelledError):
+                    await collect
+                return Response(status_code=499)
+        text, token_ids, finish, usage = collect.result()
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                   "logprobs": None}
         if req.return_token_ids:
@@ -57,6 +66,15 @@ def create_app(chat: ChatService) -> FastAPI:
                 "choices": [choice], "usage": _usage(usage)}
 
     return app
+
+
+async def _collect(responses: AsyncIterator[pb.GenerateResponse]) -> tuple[str, list[int], str, pb.Usage | None]:
+    text, token_ids, finish, usage = "", [], "", None
+    async for r in responses:
+        text += r.text
+        token_ids += r.token_ids
+        finish, usage = r.finish_reason or finish, r.usage if r.HasField("usage") else usage
+    return text, token_ids, finish, usage
 
 
 async def _chain(first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]):
