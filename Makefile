@@ -6,6 +6,7 @@ STUBS  := internvl/serving/v1/serving_pb2.py
 MODEL  ?=
 DEVICE ?= cpu
 PORT   ?= 8000
+GRPC_PORT ?= 50050
 
 .PHONY: run test proto tiny-model clean
 
@@ -23,7 +24,7 @@ proto: $(STUBS)
 
 # The whole stack on localhost: Redis, vision encoder, LLM decoder, gateway (tiny model unless MODEL= is set).
 run: $(STUBS)
-	$(PY) -m tools.run_local --device $(DEVICE) --port $(PORT) $(if $(MODEL),--model $(MODEL))
+	$(PY) -m tools.run_local --device $(DEVICE) --port $(PORT) --grpc-port $(GRPC_PORT) $(if $(MODEL),--model $(MODEL))
 
 test: $(STUBS)
 	$(PY) -m pytest -q

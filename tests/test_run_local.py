@@ -9,6 +9,7 @@ import time
 
 import psutil
 
+from tests.conftest import noise_image
 from tools.run_local import ROOT, free_port
 
 
@@ -18,10 +19,15 @@ def readme_curls(port: int) -> list[str]:
     return [b.replace("localhost:8000", f"127.0.0.1:{port}") for b in blocks]
 
 
-def test_make_run_serves_the_readme_examples_and_stops_cleanly(tiny_checkpoint):
-    port = free_port()
-    launcher = subprocess.Popen([sys.executable, "-m", "tools.run_local", "--port", str(port),
-                                 "--model", str(tiny_checkpoint)], cwd=ROOT, stdout=subprocess.PIPE,
+def readme_python(grpc_port: int) -> str:
+    (block,) = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    return block.replace("localhost:50050", f"127.0.0.1:{grpc_port}")
+
+
+def test_make_run_serves_the_readme_examples_and_stops_cleanly(tiny_checkpoint, tmp_path):
+    port, grpc_port = free_port(), free_port()
+    launcher = subprocess.Popen([sys.executable, "-m", "tools.run_local", "--port", str(port), "--grpc-port",
+                                 str(grpc_port), "--model", str(tiny_checkpoint)], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True,
                                 env={k: v for k, v in os.environ.items() if k != "REDIS_URL"})
     try:
@@ -44,6 +50,11 @@ def test_make_run_serves_the_readme_examples_and_stops_cleanly(tiny_checkpoint):
                 assert out.stdout.rstrip().endswith("data: [DONE]")
             else:
                 assert json.loads(out.stdout)["choices"][0]["finish_reason"] in ("stop", "length")
+        # The gRPC example, run as a user would from the repository (it reads image.png from the working folder).
+        noise_image(300, 200, seed=4).save(tmp_path / "image.png")
+        out = subprocess.run([sys.executable, "-c", readme_python(grpc_port)], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(30) == 0
         gone, alive = psutil.wait_procs(children, timeout=10)

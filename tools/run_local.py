@@ -71,12 +71,14 @@ def start_redis(log: IO | None = None) -> tuple[subprocess.Popen, str]:
 
 
 def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, redis: bool = True,
-                host: str = "127.0.0.1", port: int = 0, extra_env: dict | None = None, log: IO | None = None,
+                host: str = "127.0.0.1", port: int = 0, grpc_port: int = 0, extra_env: dict | None = None,
+                log: IO | None = None,
                 timeout_s: float = 300.0) -> Stack:
     """Start the services (and Redis unless `redis_url` is given) and return once the gateway answers.
 
     `redis=False` without a `redis_url`: no Redis, the services run without the embedding cache."""
     ports = {name: free_port() for name in ("vision", "decoder", "grpc", "vm", "dm")}
+    ports["grpc"] = grpc_port or ports["grpc"]
     rest = port or free_port()
     stack = Stack(gateway_url=f"http://{host}:{rest}", gateway_grpc=f"127.0.0.1:{ports['grpc']}",
                   vision_addr=f"127.0.0.1:{ports['vision']}", decoder_addr=f"127.0.0.1:{ports['decoder']}",
@@ -123,6 +125,7 @@ def main() -> None:
     p.add_argument("--model", help="hub id or local checkpoint directory (default: the tiny random model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--port", type=int, default=8000, help="gateway REST port")
+    p.add_argument("--grpc-port", type=int, default=50050, help="gateway gRPC port")
     args = p.parse_args()
     model = args.model
     if not model:
@@ -133,7 +136,7 @@ def main() -> None:
         model = str(TINY_MODEL)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM unwinds like Ctrl-C, through `finally`
     stack = start_stack(model, device=args.device, redis_url=os.environ.get("REDIS_URL"), host="127.0.0.1",
-                        port=args.port)
+                        port=args.port, grpc_port=args.grpc_port)
     try:
         name = Path(model).name if Path(model).is_dir() else model
         print(f"\nInternVL gateway ready: {stack.gateway_url}  (OpenAI API at {stack.gateway_url}/v1, "

@@ -96,6 +96,8 @@ class ChatService:
 
     async def _resolve_images(self, images: list[ImageURL], max_num: int) -> list[_Image]:
         """Each image's cache entry, or its tiles when there is none (CPU work, off the event loop)."""
+        if not images:
+            return []
         datas = await asyncio.gather(*(self._fetch(img) for img in images))
         hashes = await asyncio.to_thread(lambda: [image_hash(d) for d in datas])
         keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, h, max_num, self.use_thumbnail,
