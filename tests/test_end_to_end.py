@@ -1,4 +1,5 @@
 """The whole stack as real processes (gateway, vision encoder, LLM decoder, redis-server) against the reference."""
+import json
 import urllib.request
 
 import grpc
@@ -287,21 +288,36 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_encoding(stack):
 
 
 def test_a_non_streamed_client_that_leaves_cancels_the_generation(stack):
-    """Ended as "cancelled" by the decoder, not run to its 16,000 tokens."""
+    """The client closes its connection while the answer is generated: the decoder ends it as "cancelled".
+
+    The tiny random model can hit its stop token early (greedy paths differ with fp32 rounding from run to run), so a
+    generation that ended by itself before the client left proves nothing: then another prompt is tried.
+    """
+    import socket
     import time
+    from urllib.parse import urlparse
 
-    def cancelled():
-        return metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason="cancelled")
+    def ended(reason):
+        return metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason=reason)
 
-    deadline = time.monotonic() + 10  # alone in the engine, so the greedy path is the same every run
-    while metric(stack.decoder_metrics_url, "decoder_running_requests") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    before = cancelled()
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Talk for a long time."}], "max_tokens": 16000}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(stack.gateway_url + "/v1/chat/completions", json=body, timeout=0.3)
-    deadline = time.monotonic() + 10
-    while cancelled() == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert cancelled() == before + 1
+    def wait_for(condition, what):
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    url = urlparse(stack.gateway_url)
+    for attempt in range(5):
+        before = {reason: ended(reason) for reason in ("cancelled", "stop", "length")}
+        body = json.dumps({"model": MODEL, "max_tokens": 16000, "messages": [
+            {"role": "user", "content": f"Attempt {attempt}: talk for a long time."}]}).encode()
+        with socket.create_connection((url.hostname, url.port)) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: any(ended(r) > before[r] for r in before) or
+                     metric(stack.decoder_metrics_url, "decoder_running_requests") == 1, "the generation started")
+        wait_for(lambda: any(ended(r) > before[r] for r in before), "the generation ended")
+        if ended("cancelled") > before["cancelled"]:
+            break
+    assert ended("cancelled") == before["cancelled"] + 1, "every attempt stopped by itself before the client left"
     assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 0
