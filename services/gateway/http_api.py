@@ -90,13 +90,16 @@ def _usage(u: pb.Usage | None) -> dict:
 
 async def _sse(first, rest, completion_id: str, created: int, model: str, include_usage: bool,
                return_token_ids: bool):
+    def event(choices: list[dict], **extra) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": choices, **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
     def chunk(delta: dict, finish: str | None = None, token_ids: list[int] | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         if return_token_ids and token_ids is not None:
             choice["token_ids"] = token_ids
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice]}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return event([choice])
 
     yield chunk({"role": "assistant", "content": ""})
     usage = None
@@ -110,7 +113,5 @@ async def _sse(first, rest, completion_id: str, created: int, model: str, includ
         yield f"data: {json.dumps(e.body())}\n\n"
         return
     if include_usage:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [], "usage": _usage(usage)}
-        yield f"data: {json.dumps(body)}\n\n"
+        yield event([], usage=_usage(usage))
     yield "data: [DONE]\n\n"
