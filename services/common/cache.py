@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 from internvl.serving.v1 import serving_pb2 as pb
 
 log = logging.getLogger(__name__)
+# Byte widths of tensors.DTYPES, written out because the gateway reads cache values without torch.
 _ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
 
 
