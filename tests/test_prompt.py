@@ -108,23 +108,3 @@ def test_the_gateway_needs_no_torch():
             "import services.gateway.__main__")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-
-
-@pytest.mark.parametrize("family,layout", [("internvl2_5", "native"), ("internvl2", "original"),
-                                           ("internvl2", "native")])
-def test_expanded_ids_equal_tokenizing_the_expanded_prompt(family, layout, tmp_path):
-    """expand() splices the image tokens between separately tokenized pieces; that must be exactly what tokenizing
-    the whole expanded string gives (byte-level BPE, and sentencepiece with its per-segment dummy prefix)."""
-    path = write_tiny_checkpoint(tmp_path / family, family=family, layout=layout)
-    builder = PromptBuilder(path, read_model_config(path))
-    image = {"type": "image_url", "image_url": {"url": "x"}}
-    messages = [Message(role="system", content="Be brief."),
-                Message(role="user", content=[image, {"type": "text", "text": " Compare it with"}, image,
-                                              {"type": "text", "text": "\n and 你好 ."}]),
-                Message(role="assistant", content="Two  cats."),
-                Message(role="user", content=[{"type": "text", "text": "And"}, image])]
-    rendered = builder.render(messages)
-    pieces = rendered.split("<IMG_CONTEXT>")
-    text = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * n}</img>{piece}"
-                               for n, piece in zip([2, 1, 3], pieces[1:]))
-    assert builder.expand(rendered, [2, 1, 3]) == builder.tokenizer(text)["input_ids"]

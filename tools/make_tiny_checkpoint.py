@@ -87,6 +87,7 @@ CHECKPOINTS = {
 }
 NAMES = FAMILIES | CHECKPOINTS  # what `family` accepts
 SIZES = ("tiny", "real")
+TOKENIZER_KINDS = ("sentencepiece", "metaspace-first", "metaspace-always")
 AWQ_GROUP_SIZE = 32  # real checkpoints use 128; the tiny LLM's 64-wide inputs still get two groups
 
 # Appended after the trained vocabulary, in this order (consecutive ids), like Qwen2.5 + InternVL's additions.
@@ -155,14 +156,19 @@ def chat_template(family: Family) -> str:
     return CHAT_TEMPLATE if family.template == "internvl2_5" else CHAT_TEMPLATE.replace("<|im_end|>\n", "<|im_end|>")
 
 
-def build_tokenizer(family: Family = FAMILIES["internvl2_5"]) -> PreTrainedTokenizerFast:
+def build_tokenizer(family: Family = FAMILIES["internvl2_5"], kind: str = "sentencepiece") -> PreTrainedTokenizerFast:
     """Qwen2 families: byte-level BPE. InternLM2 families: InternLM2's kind, sentencepiece BPE with byte fallback,
-    converted to a fast tokenizer as the serving code converts real InternLM2 checkpoints."""
+    converted to a fast tokenizer either as the serving code converts real InternLM2 checkpoints ("sentencepiece":
+    a dummy prefix per text segment) or as transformers' converter writes tokenizer.json ("metaspace-first": the
+    prefix only before the input's first segment, its default; "metaspace-always")."""
     if family.llm == "internlm2":
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "tokenizer.model"
             model.write_bytes(internlm2_sentencepiece())
             tok = sentencepiece_bpe(model, internlm2_added_tokens(), add_bos=True)
+        if kind != "sentencepiece":
+            tok.normalizer = None
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=kind.removeprefix("metaspace-"), split=False)
         extra = {"bos_token": "<s>", "unk_token": "<unk>", "pad_token": "</s>"}
     else:
         tok = Tokenizer(models.BPE())
@@ -209,9 +215,11 @@ def internlm2_added_tokens() -> dict[int, str]:
         SPM_VOCAB_SIZE + i: t for i, t in enumerate(INTERNLM2_SPECIAL_TOKENS[5:])}
 
 
-def write_internlm2_tokenizer(out: Path) -> None:
-    """The original layout's tokenizer files: tokenizer.model and a config naming InternLM2's remote classes."""
-    (out / "tokenizer.json").unlink()
+def write_internlm2_tokenizer(out: Path, keep_json: bool) -> None:
+    """The original layout's tokenizer files: tokenizer.model and a config naming InternLM2's remote classes
+    (plus the converted tokenizer.json when `keep_json`, as re-uploads carry it)."""
+    if not keep_json:
+        (out / "tokenizer.json").unlink()
     (out / "tokenizer.model").write_bytes(internlm2_sentencepiece())
     added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                       "special": True} for i, t in internlm2_added_tokens().items()}
@@ -296,16 +304,20 @@ def _spread(name: str, p: torch.Tensor) -> tuple[str, float, float]:
 
 
 def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, family: str = "internvl2_5", layout: str = "native",
-                          awq: bool = False, size: str = "tiny", device: str = "cpu") -> Path:
+                          awq: bool = False, size: str = "tiny", device: str = "cpu",
+                          tokenizer: str = "sentencepiece") -> Path:
     """Write one checkpoint; the same seed, family and size give the same tensors in either layout.
 
-    `size`: "tiny" (fp32, drawn on the CPU: `device` is ignored) or "real" (bf16, drawn on `device`)."""
+    `size`: "tiny" (fp32, drawn on the CPU: `device` is ignored) or "real" (bf16, drawn on `device`).
+    `tokenizer` (InternLM2 families): one of TOKENIZER_KINDS, see `build_tokenizer`."""
     spec = NAMES[family]
     if layout not in ("native", "original"):
         raise ValueError(f"unknown layout {layout!r}")
+    if tokenizer not in TOKENIZER_KINDS or (tokenizer != "sentencepiece" and spec.llm != "internlm2"):
+        raise ValueError(f"tokenizer {tokenizer!r} is not one of {TOKENIZER_KINDS} for an InternLM2 family")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec)
+    kind, tokenizer = tokenizer, build_tokenizer(spec, tokenizer)
     special = INTERNLM2_SPECIAL_TOKENS if spec.llm == "internlm2" else SPECIAL_TOKENS
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     config = build_config(len(tokenizer), ids["<IMG_CONTEXT>"], ids["<|im_end|>"], spec, size)
@@ -341,7 +353,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, family: str = "int
     tok_cfg["extra_special_tokens"] = {k: tok_cfg.pop(k) for k in EXTRA_SPECIAL_TOKENS}
     cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if layout == "original" and spec.llm == "internlm2":
-        write_internlm2_tokenizer(out)
+        write_internlm2_tokenizer(out, keep_json=kind != "sentencepiece")
 
     # Plain JSON: building GotOcr2ImageProcessor/InternVLProcessor needs torchvision, absent here.
     # GotOcr2's defaults are CLIP 384px (pitfall 2.3.3), so every InternVL value is written out.
@@ -507,9 +519,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--awq", action="store_true", help="4-bit AWQ LLM linears (W4A16)")
     parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny widths (fp32) or the real shapes (bf16)")
     parser.add_argument("--device", default="cpu", help="where --size real draws the weights (e.g. cuda)")
+    parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="sentencepiece",
+                        help="InternLM2 families: how the sentencepiece model is converted to tokenizer.json")
     args = parser.parse_args(argv)
     print(write_tiny_checkpoint(args.out, seed=args.seed, family=args.family, layout=args.layout, awq=args.awq,
-                                size=args.size, device=args.device))
+                                size=args.size, device=args.device, tokenizer=args.tokenizer))
 
 
 if __name__ == "__main__":

@@ -72,11 +72,12 @@ def start_redis(log: IO | None = None) -> tuple[subprocess.Popen, str]:
 
 def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, redis: bool = True,
                 host: str = "127.0.0.1", port: int = 0, grpc_port: int = 0, extra_env: dict | None = None,
-                log: IO | None = None,
+                log: IO | None = None, stdin: int | IO | None = subprocess.DEVNULL,
                 timeout_s: float = 300.0) -> Stack:
     """Start the services (and Redis unless `redis_url` is given) and return once the gateway answers.
 
-    `redis=False` without a `redis_url`: no Redis, the services run without the embedding cache."""
+    `redis=False` without a `redis_url`: no Redis, the services run without the embedding cache.
+    The services never read standard input: by default it is closed for them (`stdin` as for subprocess.Popen)."""
     ports = {name: free_port() for name in ("vision", "decoder", "grpc", "vm", "dm")}
     ports["grpc"] = grpc_port or ports["grpc"]
     rest = port or free_port()
@@ -99,7 +100,7 @@ def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None
         }
         for name, args in commands.items():
             stack.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT,
-                                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+                                                 env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT)
         _wait_ready(stack, timeout_s)
     except BaseException:
         stack.stop()

@@ -4,7 +4,7 @@ InternLM2 checkpoints (InternVL2-8B, InternVL2_5-8B, InternVL-Chat-V1-5) ship a 
 tokenizer code. Under transformers 5 that code's fast class comes out broken (no normalizer, decoder or byte fallback: it splits
 "user" into "us" "er" and drops characters outside the vocabulary), so the tokenizer is rebuilt here from
 tokenizer.model with the tokenizers library, the way InternLM2's own converter does it, and checked against
-sentencepiece in the tests. Everything else loads with AutoTokenizer; no remote code runs.
+sentencepiece in the tests. Everything else (a tokenizer.json included) loads with AutoTokenizer; no remote code runs.
 """
 import json
 from pathlib import Path
@@ -22,7 +22,11 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
     if config.get("tokenizer_class") == "InternLM2Tokenizer" and not (path / "tokenizer.json").exists():
         return internlm2_tokenizer(path, config)
-    return AutoTokenizer.from_pretrained(path)
+    if "auto_map" in config:
+        # Remote tokenizer classes are never run, and AutoTokenizer would stop to ask about them (or refuse): the
+        # converted tokenizer.json they come with is loaded as it is.
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def sentencepiece_bpe(model_file: Path, added: dict[int, str], add_bos: bool) -> Tokenizer:

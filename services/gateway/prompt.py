@@ -57,19 +57,27 @@ class PromptBuilder:
         return templates.render(self.template, turns, "\n".join(system) if system else None)
 
     def expand(self, rendered: str, tiles_per_image: list[int]) -> list[int]:
-        """Token ids of a rendered prompt, each image placeholder expanded to its tiles' context tokens."""
-        pieces = rendered.split(IMG_CONTEXT)
-        if len(pieces) != len(tiles_per_image) + 1:  # a template that drops or repeats image parts
-            raise bad_request(f"the chat template placed {len(pieces) - 1} images, the request has "
+        """Token ids of a rendered prompt, each image placeholder expanded to its tiles' context tokens.
+
+        Equal to tokenizing the expanded string: the prompt is tokenized whole, in one call, with one context token
+        per image (so tokenizers whose word-boundary marker depends on where a segment stands see the text as it
+        stands in the full prompt), then each image's context token is repeated, instead of tokenizing the tens of
+        thousands of context tokens themselves.
+        """
+        images = rendered.count(IMG_CONTEXT)
+        if images != len(tiles_per_image):  # a template that drops or repeats image parts
+            raise bad_request(f"the chat template placed {images} images, the request has "
                               f"{len(tiles_per_image)}", "messages")
-        # Image tokens are special: the text between them is tokenized on its own anyway, so tokenizing the pieces
-        # and splicing the ids equals tokenizing the expanded string (tens of thousands of tokens) at a fraction.
-        start, context, end = self.tokenizer.convert_tokens_to_ids([IMG_START, IMG_CONTEXT, IMG_END])
-        ids = self.tokenizer(pieces[0])["input_ids"]
-        for tiles, piece in zip(tiles_per_image, pieces[1:]):
-            ids += [start] + [context] * (self.tokens_per_tile * tiles) + [end]
-            ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        return ids
+        context = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        ids = self.tokenizer(rendered.replace(IMG_CONTEXT, IMG_START + IMG_CONTEXT + IMG_END))["input_ids"]
+        tiles = iter(tiles_per_image)
+        expanded = []
+        for token in ids:
+            if token == context:
+                expanded += [context] * (self.tokens_per_tile * next(tiles))
+            else:
+                expanded.append(token)
+        return expanded
 
 
 def _eos_ids(path: Path) -> set[int]:

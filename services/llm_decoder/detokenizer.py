@@ -1,32 +1,59 @@
-"""Text deltas for a stream of generated tokens."""
+"""Text deltas for a stream of generated tokens, adding up exactly to the decode of all of them."""
+import re
+
 from tokenizers import Tokenizer
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
-class Detokenizer:
-    """Incremental decoding by re-decoding a short window of tokens (robust with byte-fallback tokenizers).
 
-    A character split over several tokens is withheld until complete; `finish` returns what is still held when the
-    generation stops (as replacement characters if it stopped inside a character), so nothing is dropped.
-    """
+class TextDecoder:
+    """What incremental decoding needs to know about a tokenizer (computed once, shared by every stream)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        # decode(skip_special_tokens=True) drops these before its decoders run, so dropping them first is the same.
+        self.special = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+        # Byte-fallback pieces: a run of them decodes as one unit, and an invalid run becomes one U+FFFD per byte, so
+        # text of a run is known only once the run has ended (even bytes forming a valid character may be undone).
+        self.byte_pieces = frozenset(i for t, i in tokenizer.get_vocab(with_added_tokens=False).items()
+                                     if _BYTE_PIECE.fullmatch(t))
+
+    def stream(self) -> "Detokenizer":
+        return Detokenizer(self)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class Detokenizer:
+    """Incremental decoding by re-decoding a short window of tokens (as vLLM's and tokenizers' DecodeStream).
+
+    The window's first tokens give the new ones their context (leading spaces, merged bytes). It only ever starts
+    where the text before it is final: after a token that ends a character and is not inside a byte-fallback run.
+    So every delta is final when it is sent, and the deltas plus `finish()` equal the decode of all ids. Text is
+    held back while a character or a byte run is incomplete; `finish` returns what is held when generation stops.
+    """
+
+    def __init__(self, decoder: TextDecoder):
+        self.decoder = decoder
         self.ids: list[int] = []
         self.prefix = self.read = 0  # window: ids[prefix:read] were decoded already, ids[read:] are new
 
     def step(self, token_id: int) -> str:
+        if token_id in self.decoder.special:
+            return ""
         self.ids.append(token_id)
-        # The window's first tokens give the context (leading spaces, merged bytes) the new ones are decoded in.
-        before = self._decode(self.ids[self.prefix:self.read])
-        text = self._decode(self.ids[self.prefix:])
+        if token_id in self.decoder.byte_pieces:  # the run may go on
+            return ""
+        before, text = self._window()
         if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new, or a character is incomplete
             return ""
-        delta = text[len(before):]
         self.prefix, self.read = self.read, len(self.ids)
-        return delta
+        return text[len(before):]
 
     def finish(self) -> str:
-        return self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
+        before, text = self._window()
+        return text[len(before):]
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _window(self) -> tuple[str, str]:
+        return (self.decoder.decode(self.ids[self.prefix:self.read]), self.decoder.decode(self.ids[self.prefix:]))

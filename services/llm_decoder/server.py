@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common.tensors import from_proto
-from services.llm_decoder.detokenizer import Detokenizer
+from services.llm_decoder.detokenizer import TextDecoder
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
@@ -23,7 +23,7 @@ TOKENS = Counter("decoder_generated_tokens_total", "Tokens generated")
 class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
     def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, image_token_id: int, vocab_size: int,
                  hidden_size: int, max_model_len: int, dtype: torch.dtype, info: pb.ModelInfo):
-        self.tokenizer, self.image_token_id, self.vocab_size = tokenizer, image_token_id, vocab_size
+        self.text, self.image_token_id, self.vocab_size = TextDecoder(tokenizer), image_token_id, vocab_size
         self.hidden_size, self.max_model_len, self.dtype, self.info = hidden_size, max_model_len, dtype, info
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.engine = engine
@@ -43,7 +43,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[seq.id] = (asyncio.get_running_loop(), queue)
-        detok = Detokenizer(self.tokenizer)
+        detok = self.text.stream()
         RUNNING.inc()
         reason = None
         try:

@@ -1,0 +1,143 @@
+"""Text in and out exactly as the checkpoint's tokenizer has it, for every tokenizer kind the tiny tool writes.
+
+Prompt ids: what the gateway sends equals the checkpoint's tokenizer applied to the whole expanded prompt.
+Streamed text: the deltas plus the final flush equal decode(all ids, skip_special_tokens=True), and no delta is
+ever taken back (each one extends a prefix of the final text), also for random ids with invalid UTF-8 byte runs.
+"""
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.common.checkpoint import read_model_config
+from services.common.tokenizer import load_tokenizer
+from services.gateway.prompt import PromptBuilder
+from services.gateway.schema import Message
+from services.llm_decoder.detokenizer import TextDecoder
+from tools.make_tiny_checkpoint import write_tiny_checkpoint
+
+# (family, layout, tokenizer kind): byte-level BPE; the sentencepiece rebuild; Metaspace tokenizer.json, both schemes.
+KINDS = [("internvl2_5", "native", "sentencepiece"), ("internvl2", "original", "sentencepiece"),
+         ("internvl2", "native", "sentencepiece"), ("internvl2", "native", "metaspace-first"),
+         ("internvl2", "original", "metaspace-first"), ("internvl2", "native", "metaspace-always"),
+         ("internvl2_5-internlm2", "original", "metaspace-always")]
+IDS = ["-".join(k) for k in KINDS]
+
+
+@pytest.fixture(scope="module", params=KINDS, ids=IDS)
+def checkpoint(request, tmp_path_factory):
+    family, layout, kind = request.param
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("-".join(request.param)) / "ckpt", family=family,
+                                 layout=layout, tokenizer=kind)
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "x"}}
+
+
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+CONVERSATIONS = {  # each with the images' tile counts
+    "image first": ([Message(role="user", content=[IMAGE, text("What is it?")])], [1]),
+    "image last": ([Message(role="user", content=[text("Look at this"), IMAGE])], [2]),
+    "image in the middle, several images, turns, system": ([
+        Message(role="system", content="Be brief."),
+        Message(role="user", content=[IMAGE, text(" Compare it with"), IMAGE, text("\n and 你好 .")]),
+        Message(role="assistant", content="Two  cats."),
+        Message(role="user", content=[text("And"), IMAGE, IMAGE, text(" ok")])], [2, 1, 3, 1]),
+    "images only": ([Message(role="user", content=[IMAGE, IMAGE])], [1, 1]),
+    "text only": ([Message(role="user", content=" leading space, 😀 and\ttabs ")], []),
+}
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_prompt_ids_equal_the_tokenizer_on_the_whole_expanded_prompt(checkpoint, conversation):
+    builder = PromptBuilder(checkpoint, read_model_config(checkpoint))
+    messages, tiles = CONVERSATIONS[conversation]
+    rendered = builder.render(messages)
+    pieces = rendered.split("<IMG_CONTEXT>")
+    expanded = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * n}</img>{piece}"
+                                   for n, piece in zip(tiles, pieces[1:]))
+    assert builder.expand(rendered, tiles) == load_tokenizer(checkpoint)(expanded)["input_ids"]
+
+
+def check_stream(decoder: TextDecoder, ids: list[int]) -> None:
+    full = decoder.decode(ids)
+    detok, streamed = decoder.stream(), ""
+    for token in ids:
+        streamed += detok.step(token)
+        assert full.startswith(streamed)  # what was sent is final
+    assert streamed + detok.finish() == full
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """Tokenizers with byte fallback (sentencepiece rebuild, Metaspace tokenizer.json) and byte-level BPE."""
+    root = tmp_path_factory.mktemp("decoders")
+    out = {}
+    for family, layout, kind in [("internvl2", "original", "sentencepiece"), ("internvl2", "native", "metaspace-first"),
+                                 ("internvl2_5", "native", "sentencepiece")]:
+        path = write_tiny_checkpoint(root / f"{family}-{layout}-{kind}", family=family, layout=layout, tokenizer=kind)
+        out[kind if family == "internvl2" else "byte-level"] = TextDecoder(load_tokenizer(path).backend_tokenizer)
+    return out
+
+
+def test_byte_fallback_vocabularies_are_recognised(decoders):
+    assert len(decoders["sentencepiece"].byte_pieces) == 256 == len(decoders["metaspace-first"].byte_pieces)
+    assert not decoders["byte-level"].byte_pieces and decoders["byte-level"].special
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+@pytest.mark.parametrize("kind", ["sentencepiece", "metaspace-first", "byte-level"])
+def test_deltas_add_up_to_the_full_decode(decoders, kind, data):
+    decoder = decoders[kind]
+    vocab = decoder.tokenizer.get_vocab_size()
+    pieces = sorted(decoder.byte_pieces)
+    token = st.one_of(  # byte pieces often (runs of valid and invalid UTF-8), any token, special tokens
+        st.sampled_from(pieces) if pieces else st.integers(0, vocab - 1),
+        st.integers(0, vocab - 1), st.sampled_from(sorted(decoder.special)))
+    check_stream(decoder, data.draw(st.lists(token, max_size=40)))
+
+
+def test_known_hard_cases(decoders):
+    sp = decoders["sentencepiece"]
+    byte = {int(t[3:5], 16): i for t, i in sp.tokenizer.get_vocab().items() if len(t) == 6 and t.startswith("<0x")}
+    word = sp.tokenizer.token_to_id("▁the")
+    e_acute, zhong = [byte[0xC3], byte[0xA9]], [byte[0xE4], byte[0xB8], byte[0xAD]]
+    for ids in ([word, *e_acute, byte[0x80], word],  # a valid character undone by the invalid byte after it
+                [word, *zhong[:2], word, *zhong],  # a character cut by a word, then whole
+                [*zhong, *e_acute, word], [byte[0xFF]], [word, 1, word, 2, *zhong]):  # specials (<s>, </s>) inside
+        check_stream(sp, ids)
+    assert sp.decode([word, *e_acute, byte[0x80]]).endswith("\ufffd" * 3)  # the case a window decoder got wrong
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_stack(tmp_path_factory, redis_url):
+    from tools.run_local import start_stack
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("bf") / "ckpt", family="internvl2", layout="native",
+                                 tokenizer="metaspace-first")
+    with open(path.parent / "stack.log", "w") as log:
+        stack = start_stack(str(path), redis_url=redis_url, log=log, extra_env={"CACHE_NAMESPACE": "bf"})
+        yield stack, TextDecoder(load_tokenizer(path).backend_tokenizer)
+        stack.stop()
+
+
+def test_services_return_exactly_the_decoded_text(byte_fallback_stack):
+    """Sampled answers of a random model are full of byte pieces: SSE and non-streamed text equal decode(ids)."""
+    stack, decoder = byte_fallback_stack
+    client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+    checked = 0
+    for seed in range(6):
+        kwargs = dict(model="ckpt", max_tokens=40, temperature=1.0, seed=seed,
+                      messages=[{"role": "user", "content": f"Say something {seed}"}])
+        r = client.chat.completions.create(extra_body={"return_token_ids": True}, **kwargs)
+        ids = r.choices[0].token_ids
+        assert r.choices[0].message.content == decoder.decode(ids)
+        stream = client.chat.completions.create(stream=True, **kwargs)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == decoder.decode(ids)
+        checked += any(i in decoder.byte_pieces for i in ids)
+    assert checked  # the answers did exercise byte fallback
+    assert httpx.get(stack.gateway_url + "/health").status_code == 200
