@@ -174,8 +174,8 @@ def test_tied_heads_follow_the_checkpoint(tiny_checkpoint, tmp_path, keep_head):
     cfg = read_model_config(path)
     lm = load_language_model(cfg, path, "cpu", torch.float32)
     assert (lm.lm_head.weight is lm.model.embed_tokens.weight) is not keep_head
-    engine = LLMEngine(lm, cfg.image_token_id, num_blocks=16, block_size=16, max_batched_tokens=512, max_running=1,
-                       device="cpu", dtype=torch.float32, on_token=lambda *a: None)
+    engine = LLMEngine(lm, num_blocks=16, block_size=16, max_batched_tokens=512, max_running=1,
+                       device="cpu", dtype=torch.float32)
     seq = Sequence("s", list(range(5, 25)), SamplingParams(10))
     engine.scheduler.add(seq)
     while engine.scheduler.has_work():

@@ -25,9 +25,8 @@ def lm(cfg, tiny_checkpoint):
 
 def run(lm, cfg, seqs, num_blocks=256, block_size=4, max_running=8):
     """Run sequences to completion; returns the engine (for its block manager) and each sequence's tokens."""
-    engine = LLMEngine(lm, cfg.image_token_id, num_blocks=num_blocks, block_size=block_size, max_batched_tokens=4096,
-                       max_running=max_running, device="cpu", dtype=torch.float32,
-                       on_token=lambda s, t, r: None)
+    engine = LLMEngine(lm, num_blocks=num_blocks, block_size=block_size, max_batched_tokens=4096,
+                       max_running=max_running, device="cpu", dtype=torch.float32)
     for seq in seqs:
         engine.scheduler.add(seq)
     while engine.scheduler.has_work():
@@ -68,16 +67,15 @@ def test_stop_token_ends_with_stop(lm, cfg):
 
 def test_seeded_sampling_is_reproducible(lm, cfg):
     def sampled(seed):
-        seq = Sequence("s", prompts()[1], SamplingParams(16, temperature=1.0, top_p=0.9, seed=seed),
-                       generator=torch.Generator().manual_seed(seed))
+        seq = Sequence("s", prompts()[1], SamplingParams(16, temperature=1.0, top_p=0.9, seed=seed))
         return run(lm, cfg, [seq])[1][0]
     assert sampled(7) == sampled(7)
     assert sampled(7) != sampled(8)
 
 
 def test_abort_frees_blocks(lm, cfg):
-    engine = LLMEngine(lm, cfg.image_token_id, num_blocks=64, block_size=4, max_batched_tokens=4096, max_running=8,
-                       device="cpu", dtype=torch.float32, on_token=lambda s, t, r: None)
+    engine = LLMEngine(lm, num_blocks=64, block_size=4, max_batched_tokens=4096, max_running=8,
+                       device="cpu", dtype=torch.float32)
     seq = Sequence("x", prompts()[0], SamplingParams(100))
     engine.scheduler.add(seq)
     engine.step()
@@ -147,17 +145,16 @@ def test_only_the_newest_sequence_yields_its_blocks():
     """A needs a block, none is free: C (newest) is preempted; B, which has room, keeps running."""
     from services.llm_decoder.engine.block_manager import BlockManager
 
-    blocks = BlockManager(num_blocks=6, block_size=4)
+    blocks = BlockManager(num_blocks=6, block_size=4, max_rows=8)
     scheduler = Scheduler(blocks, max_batched_tokens=4096, max_running=8)
     a, b, c = (Sequence(name, list(range(n)), SamplingParams(50)) for name, n in (("A", 8), ("B", 6), ("C", 8)))
     for seq in (a, b, c):
         scheduler.add(seq)
-    seqs, _ = scheduler.schedule()
-    for seq in seqs:  # as the engine does after a step
-        seq.output_ids.append(1)
-        seq.num_cached = len(seq) - 1
-    seqs, is_prefill = scheduler.schedule()
-    assert not is_prefill and seqs == [a, b] and list(scheduler.waiting) == [c]
+    batch = scheduler.schedule()
+    for seq, n in batch:  # as the engine does after a step
+        seq.num_cached += n
+        seq.token_ids.append(1)
+    assert [seq for seq, _ in scheduler.schedule()] == [a, b] and list(scheduler.waiting) == [c]
 
 
 def test_kv_budget_counts_whole_blocks():
@@ -177,8 +174,7 @@ def test_kv_budget_counts_whole_blocks():
 
 def test_a_tiny_temperature_is_greedy(lm, cfg):
     greedy = run(lm, cfg, [Sequence("g", prompts()[2], SamplingParams(12))])[1][0]
-    tiny = run(lm, cfg, [Sequence("t", prompts()[2], SamplingParams(12, temperature=1e-39),
-                                  generator=torch.Generator().manual_seed(0))])[1][0]
+    tiny = run(lm, cfg, [Sequence("t", prompts()[2], SamplingParams(12, temperature=1e-39, seed=0))])[1][0]
     assert tiny == greedy
 
 
@@ -188,13 +184,14 @@ def test_the_engine_survives_a_failing_step(lm, cfg, monkeypatch):
 
     events, done = [], threading.Event()
 
-    def on_token(seq, token, reason):
-        events.append((seq.id, reason))
-        if reason:
-            done.set()
+    def on_step(outputs):
+        for seq, token, reason in outputs:
+            events.append((seq.id, reason))
+            if reason:
+                done.set()
 
-    engine = LLMEngine(lm, cfg.image_token_id, num_blocks=64, block_size=4, max_batched_tokens=4096, max_running=8,
-                       device="cpu", dtype=torch.float32, on_token=on_token)
+    engine = LLMEngine(lm, num_blocks=64, block_size=4, max_batched_tokens=4096, max_running=8,
+                       device="cpu", dtype=torch.float32, on_step=on_step)
     original = engine.runner.step
     monkeypatch.setattr(engine.runner, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     engine.start()

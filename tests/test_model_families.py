@@ -110,7 +110,9 @@ def test_dynamic_rope_is_per_sequence_in_a_mixed_batch():
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     positions = torch.cat([torch.arange(10), torch.arange(100, 110)])
-    ctx = BatchContext(query_ranges=[(0, 10), (10, 20)], slot_mapping=torch.empty(0), kv_slots=[])
+    empty = torch.empty(0)
+    ctx = BatchContext(empty, empty, empty, empty, max_query_len=10, max_context_len=110,
+                       query_ranges=[(0, 10), (10, 20)])
     cos, _ = model.rotary(positions, ctx, torch.float32)
     assert torch.equal(cos[:10], rotary_cos_sin(positions[:10], cfg, torch.float32)[0])
     assert torch.equal(cos[10:], rotary_cos_sin(positions[10:], cfg, torch.float32, seq_len=110)[0])

@@ -12,6 +12,7 @@ from services.common.checkpoint import checkpoint_id
 from services.common.grpc_utils import serve
 from services.common.tokenizer import load_tokenizer
 from services.llm_decoder.engine.llm_engine import LLMEngine
+from services.llm_decoder.engine.model_runner import profile_prefill_memory
 from services.llm_decoder.models import load_language_model
 from services.llm_decoder.server import LlmDecoderServicer
 
@@ -26,23 +27,33 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--metrics-port", "DECODER_METRICS_PORT", 9102, "Prometheus /metrics port (0 = off)", int)
     settings.add(p, "--max-model-len", "MAX_MODEL_LEN", 0, "longest prompt + completion (0 = the model's)", int)
     settings.add(p, "--kv-cache-tokens", "KV_CACHE_TOKENS", 0,
-                 "KV cache size in tokens (0 = from free GPU memory, or 4 contexts on CPU)", int)
+                 "KV cache size in tokens (0 = the GPU memory budget less the weights and the largest prefill step, "
+                 "or 4 contexts on CPU)", int)
     settings.add(p, "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", 0.9,
                  "share of GPU memory the weights and KV cache may use", float)
     settings.add(p, "--block-size", "KV_BLOCK_SIZE", 16, "tokens per KV block", int)
-    settings.add(p, "--max-batched-tokens", "MAX_BATCHED_TOKENS", 8192, "prompt tokens per prefill step", int)
+    settings.add(p, "--max-batched-tokens", "MAX_BATCHED_TOKENS", 8192,
+                 "tokens per step (decodes and prefill chunks together): longer prompts are prefilled in chunks", int)
     settings.add(p, "--max-running", "MAX_RUNNING", 64, "sequences decoded together", int)
-    return p.parse_args()
+    settings.add(p, "--cuda-graphs", "CUDA_GRAPHS", 1, "replay decode steps from CUDA graphs (0 = eager)", int)
+    args = p.parse_args()
+    if args.max_batched_tokens < args.max_running:
+        p.error("--max-batched-tokens must be at least --max-running: every running sequence decodes each step")
+    return args
 
 
 def kv_blocks(args, model: torch.nn.Module, max_model_len: int, dtype: torch.dtype) -> int:
-    """The KV budget in blocks: as asked, else what free GPU memory allows, else room for four full contexts."""
+    """The KV budget in blocks: as asked; else, on a GPU, the memory budget less the weights and the activations of
+    the largest prefill step (measured by running one); else room for four full contexts."""
     attn = model.kv_layers()
     bytes_per_token = 2 * len(attn) * attn[0].kv_heads * attn[0].head_dim * dtype.itemsize
     tokens = args.kv_cache_tokens
     if not tokens and args.device.startswith("cuda"):
-        free, total = torch.cuda.mem_get_info()
-        tokens = int((free - total * (1 - args.gpu_memory_utilization)) // bytes_per_token)
+        peak = profile_prefill_memory(model, args.max_batched_tokens, args.block_size, args.device, dtype)
+        total = torch.cuda.get_device_properties(args.device).total_memory
+        tokens = int((total * args.gpu_memory_utilization - peak) // bytes_per_token)
+        log.info("KV budget: %.1f GiB of %.1f GiB (weights + largest prefill step: %.1f GiB)",
+                 tokens * bytes_per_token / 2 ** 30, total / 2 ** 30, peak / 2 ** 30)
     blocks = (tokens or 4 * max_model_len) // args.block_size
     if blocks * args.block_size < max_model_len:  # whole blocks: the last partial one is not usable
         raise SystemExit(f"KV cache of {blocks * args.block_size} tokens cannot hold one {max_model_len}-token "
@@ -56,9 +67,10 @@ async def main() -> None:
     model = load_language_model(cfg, path, args.device, dtype)
     max_model_len = args.max_model_len or cfg.text.max_position_embeddings
     num_blocks = kv_blocks(args, model, max_model_len, dtype)
-    engine = LLMEngine(model, cfg.image_token_id, num_blocks=num_blocks, block_size=args.block_size,
+    engine = LLMEngine(model, num_blocks=num_blocks, block_size=args.block_size,
                        max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
-                       device=args.device, dtype=dtype)
+                       device=args.device, dtype=dtype, max_model_len=max_model_len,
+                       cuda_graphs=bool(args.cuda_graphs))
     tokenizer = load_tokenizer(path).backend_tokenizer
     checkpoint = checkpoint_id(path)
     info = pb.ModelInfo(model=args.model, checkpoint=checkpoint,

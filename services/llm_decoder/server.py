@@ -1,5 +1,6 @@
 """The LlmDecoder gRPC servicer: validates a request, hands it to the engine, streams tokens and text deltas."""
 import asyncio
+import hashlib
 import math
 import uuid
 
@@ -25,38 +26,46 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                  hidden_size: int, max_model_len: int, dtype: torch.dtype, info: pb.ModelInfo):
         self.text, self.image_token_id, self.vocab_size = TextDecoder(tokenizer), image_token_id, vocab_size
         self.hidden_size, self.max_model_len, self.dtype, self.info = hidden_size, max_model_len, dtype, info
-        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.engine = engine
-        engine.on_token = self.on_token
+        engine.on_step = self.on_step
 
-    def on_token(self, seq: Sequence, token: int, reason: str | None) -> None:
-        """Engine thread -> the request's event loop (unless the caller has already gone)."""
-        stream = self.streams.get(seq.id)
-        if stream is not None:
-            loop, queue = stream
-            loop.call_soon_threadsafe(queue.put_nowait, (token, reason))
+    def on_step(self, outputs: list[tuple[Sequence, int, str | None]]) -> None:
+        """Engine thread -> the event loop: one wake-up per step for all of its tokens."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[tuple[Sequence, int, str | None]]) -> None:
+        for seq, token, reason in outputs:
+            queue = self.streams.get(seq.id)
+            if queue is not None:  # unless the caller has already gone
+                queue.put_nowait((token, reason))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             seq = self._sequence(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        queue: asyncio.Queue = asyncio.Queue()
-        self.streams[seq.id] = (asyncio.get_running_loop(), queue)
+        self.loop = asyncio.get_running_loop()
+        queue = self.streams[seq.id] = asyncio.Queue()
         detok = self.text.stream()
         RUNNING.inc()
         reason = None
         try:
             self.engine.add(seq)
             while reason is None:
-                token, reason = await queue.get()
+                # Whatever has arrived since the last message goes out in one: a slow reader costs fewer writes.
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                tokens, reason = [t for t, _ in items], items[-1][1]
                 if reason == "error":
                     await context.abort(grpc.StatusCode.INTERNAL, "generation failed")
-                TOKENS.inc()
-                text = detok.step(token) + (detok.finish() if reason else "")
-                usage = pb.Usage(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids)) \
-                    if reason else None
-                yield pb.GenerateResponse(token_ids=[token], text=text, finish_reason=reason or "", usage=usage)
+                TOKENS.inc(len(tokens))
+                text = "".join(detok.step(t) for t in tokens) + (detok.finish() if reason else "")
+                usage = pb.Usage(prompt_tokens=seq.num_prompt, completion_tokens=seq.num_output) if reason else None
+                yield pb.GenerateResponse(token_ids=tokens, text=text, finish_reason=reason or "", usage=usage)
         finally:
             if reason is None:  # the client went away (or the call failed): free the work
                 self.engine.abort(seq.id)
@@ -81,18 +90,28 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         if s.max_tokens < 0 or s.max_tokens > room:
             raise ValueError(f"max_tokens={s.max_tokens} exceeds the {room} tokens left in the context "
                              f"({len(ids)} prompt tokens, context {self.max_model_len})")
-        if not (s.temperature >= 0 and math.isfinite(s.temperature) and 0 <= s.top_p <= 1):  # NaN fails too
-            raise ValueError("temperature must be a finite number >= 0 and top_p in [0, 1]")
+        floats = (s.temperature, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty, s.frequency_penalty)
+        if not all(math.isfinite(x) for x in floats):
+            raise ValueError("sampling settings must be finite numbers")
+        if not (s.temperature >= 0 and 0 <= s.top_p <= 1 and 0 <= s.min_p <= 1 and s.repetition_penalty >= 0
+                and s.top_k >= -1):
+            raise ValueError("temperature must be >= 0, top_p and min_p in [0, 1], repetition_penalty >= 0 and "
+                             "top_k >= -1")
+        if request.image_keys and len(request.image_keys) != len(request.images):
+            raise ValueError(f"{len(request.image_keys)} image_keys for {len(request.images)} images")
         images = [self._image(i, t) for i, t in enumerate(request.images)]
         rows, slots = sum(t.shape[0] for t in images), ids.count(self.image_token_id)
         if rows != slots:
             raise ValueError(f"prompt has {slots} image-context tokens but {rows} embedding rows were sent")
         params = SamplingParams(max_tokens=s.max_tokens or room, temperature=s.temperature, top_p=s.top_p or 1.0,
                                 stop_token_ids=frozenset(s.stop_token_ids),
-                                seed=s.seed if s.HasField("seed") else None)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        return Sequence(id=uuid.uuid4().hex, prompt_ids=ids, params=params, generator=generator,
-                        image_embeds=torch.cat(images).to(self.dtype) if images else None)
+                                seed=s.seed if s.HasField("seed") else None, top_k=s.top_k, min_p=s.min_p,
+                                repetition_penalty=s.repetition_penalty or 1.0, presence_penalty=s.presence_penalty,
+                                frequency_penalty=s.frequency_penalty)
+        keys = list(request.image_keys) or [hashlib.blake2b(t.data, digest_size=16).hexdigest() for t in request.images]
+        return Sequence(id=uuid.uuid4().hex, prompt_ids=ids, params=params, image_token_id=self.image_token_id,
+                        image_embeds=torch.cat(images).to(self.dtype) if images else None,
+                        image_keys=[(key, t.shape[0]) for key, t in zip(keys, images)])
 
     def _image(self, index: int, msg: pb.Tensor) -> torch.Tensor:
         t = from_proto(msg)

@@ -1,29 +1,79 @@
-"""What attention needs to know about a flattened batch of sequences, and the paged attention over the KV cache."""
+"""What attention needs to know about a step's flattened batch, and the paged attention over the KV cache.
+
+Kernels, in order of preference: flash-attn's varlen function with a block table (CUDA, when importable and the
+block size is a multiple of 256, its page-size rule), the project's Triton kernel (CUDA), SDPA (CPU).
+"""
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from services.common.layers import attention
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+try:
+    from services.llm_decoder.engine.triton_attention import paged_attention as triton_paged_attention
+except ImportError:  # Triton comes with CUDA builds of torch
+    triton_paged_attention = None
 
 
 @dataclass
 class BatchContext:
-    """A step's tokens from several sequences, flattened along one axis.
+    """A step's new tokens from B sequences, flattened along one axis; tensors on the model's device.
 
-    query_ranges[i] is sequence i's slice of the flattened tokens; slot_mapping gives each new token's KV slot;
-    kv_slots[i] lists the slots of sequence i's whole context (its cached tokens and the new ones), in order.
+    Sequence b's tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1]; with them it has context_lens[b] keys, in the
+    cache blocks block_tables[b]; slot_mapping gives each new token's cache slot (block * block_size + offset).
     """
-    query_ranges: list[tuple[int, int]]
-    slot_mapping: torch.Tensor
-    kv_slots: list[torch.Tensor]
+    cu_seqlens_q: torch.Tensor   # int32 [B + 1]
+    context_lens: torch.Tensor   # int32 [B]
+    block_tables: torch.Tensor   # int32 [B, W]
+    slot_mapping: torch.Tensor   # int64 [T]
+    max_query_len: int
+    max_context_len: int
+    query_ranges: list[tuple[int, int]]  # host copies, for the CPU path and per-sequence rope
+    cu_seqlens_k: torch.Tensor | None = None  # int32 [B + 1], flash-attn only
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     ctx: BatchContext, scale: float) -> torch.Tensor:
-    """q [T, H, d], k/v [T, H_kv, d] for the new tokens; caches [slots, H_kv, d]. Writes k/v, returns [T, H, d]."""
-    k_cache[ctx.slot_mapping] = k
-    v_cache[ctx.slot_mapping] = v
-    out = []
-    for (start, end), slots in zip(ctx.query_ranges, ctx.kv_slots):
-        out.append(attention(q[None, start:end], k_cache[slots][None], v_cache[slots][None], scale, causal=True)[0])
-    return torch.cat(out)
+    """q [T, H, d], k/v [T, H_kv, d] of the new tokens; caches [blocks, block_size, H_kv, d]. Writes k/v into the
+    cache, returns [T, H, d]."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, ctx.slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, ctx.slot_mapping, v)
+    if q.is_cuda:
+        if flash_attn_varlen_func is not None and q.dtype != torch.float32 and k_cache.shape[1] % 256 == 0:
+            return flash_attn_varlen_func(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_query_len,
+                                          ctx.max_context_len, softmax_scale=scale, causal=True,
+                                          block_table=ctx.block_tables)
+        return triton_paged_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
+                                      scale, ctx.max_query_len)
+    return sdpa_paged_attention(q, k_cache, v_cache, ctx, scale)
+
+
+def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BatchContext,
+                         scale: float) -> torch.Tensor:
+    """The CPU path: one batched SDPA call over every decode row (contexts gathered and padded), one call per
+    prefill chunk."""
+    out = torch.empty_like(q)
+    decode = [b for b, (s, e) in enumerate(ctx.query_ranges) if e - s == 1]
+    if decode:
+        rows = torch.tensor(decode)
+        tokens = ctx.cu_seqlens_q[rows].long()
+        lens = ctx.context_lens[rows]
+        width = -(-int(lens.max()) // k_cache.shape[1])
+        tables = ctx.block_tables[rows, :width]
+        k, v = (c[tables].flatten(1, 2).transpose(1, 2) for c in (k_cache, v_cache))  # [n, H_kv, L, d]
+        mask = torch.arange(k.shape[2]) < lens[:, None]
+        o = F.scaled_dot_product_attention(q[tokens][:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        out[tokens] = o[:, :, 0]
+    for b, (s, e) in enumerate(ctx.query_ranges):
+        if e - s > 1:
+            n = int(ctx.context_lens[b])
+            table = ctx.block_tables[b, :-(-n // k_cache.shape[1])]
+            k, v = (c[table].flatten(0, 1)[None, :n] for c in (k_cache, v_cache))
+            out[s:e] = attention(q[None, s:e], k, v, scale, causal=True)[0]
+    return out

@@ -12,17 +12,21 @@ from services.llm_decoder.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-# on_token(seq, token_id, finish_reason or None) is called from the engine thread after every step.
-TokenCallback = Callable[[Sequence, int, str | None], None]
+# on_step([(seq, token_id, finish_reason or None), ...]) is called from the engine thread once per step with every
+# token the step produced (token -1 and reason "error" when the step failed).
+StepCallback = Callable[[list[tuple[Sequence, int, str | None]]], None]
 
 
 class LLMEngine:
-    def __init__(self, model, image_token_id: int, *, num_blocks: int, block_size: int, max_batched_tokens: int,
-                 max_running: int, device: str, dtype: torch.dtype, on_token: TokenCallback | None = None):
-        self.blocks = BlockManager(num_blocks, block_size)
+    def __init__(self, model, *, num_blocks: int, block_size: int, max_batched_tokens: int, max_running: int,
+                 device: str, dtype: torch.dtype, max_model_len: int | None = None, cuda_graphs: bool = True,
+                 on_step: StepCallback | None = None):
+        self.blocks = BlockManager(num_blocks, block_size, max_running)
         self.scheduler = Scheduler(self.blocks, max_batched_tokens, max_running)
-        self.runner = ModelRunner(model, image_token_id, self.blocks, num_blocks, device, dtype)
-        self.on_token = on_token
+        self.runner = ModelRunner(model, self.blocks, num_blocks, max_running, max_model_len or num_blocks * block_size,
+                                  device, dtype, cuda_graphs)
+        self.on_step = on_step
+        self.computed_tokens = 0  # tokens run through the model (prefix-cache hits are not)
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
         self._wake = threading.Condition()
@@ -59,22 +63,31 @@ class LLMEngine:
                     self.step()
                 except Exception:  # the loop must outlive any failure, or every caller would hang
                     log.exception("engine step failed; ending the sequences it held")
-                    for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                    failed = [*self.scheduler.running, *self.scheduler.waiting]
+                    for seq in failed:
                         self.scheduler.finish(seq, "error")
-                        self.on_token(seq, -1, "error")
+                    self.on_step([(seq, -1, "error") for seq in failed])
 
-    def step(self) -> None:
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            return
-        tokens = self.runner.step(seqs, is_prefill)
-        for seq, token in zip(seqs, tokens):
-            seq.output_ids.append(token)
+    def step(self) -> list[tuple[Sequence, int, str | None]]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = self.runner.step(batch)
+        self.computed_tokens += sum(n for _, n in batch)
+        out = []
+        for (seq, _), token in zip(batch, tokens):
+            self.blocks.register(seq)
+            if token is None:  # a prompt chunk that is not the last
+                continue
+            seq.token_ids.append(token)
             reason = None
             if token in seq.params.stop_token_ids:
                 reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens:
+            elif seq.num_output >= seq.params.max_tokens:
                 reason = "length"
             if reason:
                 self.scheduler.finish(seq, reason)
-            self.on_token(seq, token, reason)
+            out.append((seq, token, reason))
+        if out and self.on_step:
+            self.on_step(out)
+        return out

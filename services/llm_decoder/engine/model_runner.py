@@ -1,55 +1,166 @@
-"""Tensors in, next tokens out: builds a step's flattened inputs, splices image rows, runs the model, samples."""
+"""Tensors in, next tokens out: a step's flattened inputs, image rows spliced per chunk, the model, batched sampling.
+
+Host work per step is proportional to the step's new tokens, not to the sequences' lengths: block tables live on the
+device (a running sequence owns a row and only its new blocks are copied), and all of a step's small inputs travel in
+one host->device copy. On CUDA, decode-only steps replay CUDA graphs captured for a few batch sizes.
+"""
 import torch
 
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.context import BatchContext
-from services.llm_decoder.engine.sampler import sample
+from services.llm_decoder.engine.sampler import SamplingBatch, sample
 from services.llm_decoder.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, image_token_id: int, blocks: BlockManager, num_blocks: int, device: str,
-                 dtype: torch.dtype):
-        self.model, self.image_token_id, self.blocks, self.device = model, image_token_id, blocks, device
-        slots = num_blocks * blocks.block_size
-        for attn in model.kv_layers():
-            attn.k_cache = torch.zeros(slots, attn.kv_heads, attn.head_dim, device=device, dtype=dtype)
+    def __init__(self, model, blocks: BlockManager, num_blocks: int, max_rows: int, max_model_len: int, device: str,
+                 dtype: torch.dtype, cuda_graphs: bool = True):
+        self.model, self.blocks, self.device = model, blocks, torch.device(device)
+        self.block_size = bs = blocks.block_size
+        self.max_blocks = -(-max_model_len // bs)
+        for attn in model.kv_layers():  # one spare block: padded rows of a graph batch write their K/V there
+            attn.k_cache = torch.zeros(num_blocks + 1, bs, attn.kv_heads, attn.head_dim, device=device, dtype=dtype)
             attn.v_cache = torch.zeros_like(attn.k_cache)
+        self.scratch_slot = num_blocks * bs
+        self.tables = torch.zeros(max_rows, self.max_blocks, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture(max_rows)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """Run one step for `seqs`: the uncached tokens of each (whole prompt on prefill, last token on decode)."""
-        ids, positions, slot_mapping, ranges, kv_slots, images, in_prompt = [], [], [], [], [], [], []
+    def step(self, batch: list[tuple[Sequence, int]]) -> list[int | None]:
+        """Run `n` new tokens of each sequence; the next token of each one whose known tokens are all computed."""
+        self._sync_tables([seq for seq, _ in batch])
+        bs, ids, positions, slots, cu, lens, rows, last = self.block_size, [], [], [], [0], [], [], []
+        image_at, image_rows = [], []
+        for seq, n in batch:
+            start, end = seq.num_cached, seq.num_cached + n
+            if n == 1:  # decode: plain arithmetic, no tensors
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(seq.block_table[start // bs] * bs + start % bs)
+            else:
+                ids += seq.token_ids[start:end]
+                positions += range(start, end)
+                pos = torch.arange(start, end)
+                slots += (torch.tensor(seq.block_table)[pos // bs] * bs + pos % bs).tolist()
+                at, img = seq.image_rows(start, end)
+                if at:
+                    image_at += [p - start + cu[-1] for p in at]
+                    image_rows.append(img)
+            cu.append(cu[-1] + n)
+            lens.append(end)
+            rows.append(seq.row)
+            if end == len(seq):
+                last.append(cu[-1] - 1)
+        t, b = len(ids), len(batch)
+        host = torch.tensor(ids + positions + slots + lens + cu + rows + last, dtype=torch.int64)
+        dev = host.to(self.device, non_blocking=True)
+        ids_d, pos_d, slots_d = dev[:t], dev[t:2 * t], dev[2 * t:3 * t]
+        lens_d, cu_d = dev[3 * t:3 * t + b].int(), dev[3 * t + b:3 * t + 2 * b + 1].int()
+        rows_d, last_d = dev[3 * t + 2 * b + 1:3 * t + 3 * b + 1], dev[3 * t + 3 * b + 1:]
+
+        max_len = max(lens)
+        if t == b and b in self.graphs and self.model.rope_is_static(max_len):
+            logits = self._replay(b, ids_d, pos_d, slots_d, lens_d, rows_d)
+        else:
+            width = -(-max_len // bs)
+            ctx = BatchContext(cu_d, lens_d, self.tables[rows_d, :width], slots_d, max(n for _, n in batch), max_len,
+                               [(cu[i], cu[i + 1]) for i in range(b)])
+            if self.device.type == "cuda":
+                ctx.cu_seqlens_k = torch.tensor([0] + lens, device=self.device).cumsum(0).int()
+            embeds = self.model.embed(ids_d)
+            if image_rows:
+                embeds[torch.tensor(image_at, device=self.device)] = torch.cat(image_rows).to(embeds)
+            hidden = self.model(embeds, pos_d, ctx)
+            logits = self.model.logits(hidden[last_d])
+        for seq, n in batch:
+            seq.num_cached += n
+        sampled = [seq for seq, _ in batch if seq.num_cached == len(seq)]
+        if not sampled:
+            return [None] * b
+        params = [s.params for s in sampled]
+        histories = [(s.prompt_ids, s.output_ids) for s in sampled] if any(p.uses_penalties for p in params) else None
+        chosen = iter(sample(logits, SamplingBatch.build(params, [s.num_output for s in sampled], histories,
+                                                         logits.shape[-1], self.device)).tolist())
+        return [next(chosen) if seq.num_cached == len(seq) else None for seq, _ in batch]
+
+    def _sync_tables(self, seqs: list[Sequence]) -> None:
+        """Copy the block-table entries added since the last step to the sequences' device rows."""
+        r, c, v = [], [], []
         for seq in seqs:
-            start, end = seq.num_cached, len(seq)
-            ranges.append((len(ids), len(ids) + end - start))
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            in_prompt.extend(p < len(seq.prompt_ids) for p in range(start, end))
-            slots = self.blocks.slots(seq, 0, end)
-            slot_mapping.append(slots[start:])
-            kv_slots.append(slots.to(self.device))
-            if is_prefill and seq.image_embeds is not None:
-                images.append(seq.image_embeds)
-            seq.num_cached = end
-        token_ids = torch.tensor(ids, device=self.device)
-        embeds = self.model.embed(token_ids)
-        if images:
-            # Only prompt positions take image rows: a generated image-context token is an ordinary token.
-            mask = (token_ids == self.image_token_id) & torch.tensor(in_prompt, device=self.device)
-            embeds = splice_image_embeddings(embeds, mask, images)
-        ctx = BatchContext(ranges, torch.cat(slot_mapping).to(self.device), kv_slots)
-        hidden = self.model(embeds, torch.tensor(positions, device=self.device), ctx)
-        last = torch.tensor([end - 1 for _, end in ranges], device=self.device)
-        return sample(self.model.logits(hidden[last]), seqs)
+            for i in range(seq.synced_blocks, len(seq.block_table)):
+                r.append(seq.row)
+                c.append(i)
+                v.append(seq.block_table[i])
+            seq.synced_blocks = len(seq.block_table)
+        if v:
+            idx = torch.tensor([r, c, v], device=self.device)
+            self.tables[idx[0], idx[1]] = idx[2].int()
+
+    # ---------------------------------------------------------------- CUDA graphs for decode steps
+
+    def _capture(self, max_bs: int) -> None:
+        """Capture decode steps at a few batch sizes; a batch runs in the smallest graph that holds it, padded rows
+        writing their K/V to the spare block and attending to nothing."""
+        self.graph_sizes = sorted({1, 2, 4, 8, *range(16, max_bs, 16), max_bs})
+        n = max_bs
+        self.g_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self.g_pos = torch.zeros_like(self.g_ids)
+        self.g_slots = torch.full_like(self.g_ids, self.scratch_slot)
+        self.g_lens = torch.zeros(n, dtype=torch.int32, device=self.device)
+        self.g_cu = torch.arange(n + 1, dtype=torch.int32, device=self.device)
+        self.g_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=self.device)
+        pool = None
+        for size in reversed(self.graph_sizes):
+            ctx = BatchContext(self.g_cu[:size + 1], self.g_lens[:size], self.g_tables[:size], self.g_slots[:size], 1,
+                               self.max_blocks * self.block_size, [(i, i + 1) for i in range(size)])
+
+            def forward():
+                embeds = self.model.embed(self.g_ids[:size])
+                return self.model.logits(self.model(embeds, self.g_pos[:size], ctx))
+
+            with torch.inference_mode():
+                forward()  # compiles the Triton kernels outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    out = forward()
+            pool = graph.pool()
+            self.graphs[size] = (graph, out)
+        self.graphs = {size: self.graphs[min(s for s in self.graph_sizes if s >= size)]
+                       for size in range(1, max_bs + 1)}
+
+    def _replay(self, b: int, ids, pos, slots, lens, rows) -> torch.Tensor:
+        graph, logits = self.graphs[b]
+        size = logits.shape[0]
+        self.g_ids[:b], self.g_pos[:b], self.g_slots[:b], self.g_lens[:b] = ids, pos, slots, lens
+        self.g_slots[b:size], self.g_lens[b:size] = self.scratch_slot, 0
+        self.g_tables[:b] = self.tables[rows]
+        graph.replay()
+        return logits[:b]
 
 
-def splice_image_embeddings(embeds: torch.Tensor, mask: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
-    """Replace the rows at the masked (image-context) positions, in order, with the images' rows.
-
-    The decoder's servicer has already checked that the counts agree.
-    """
-    rows = torch.cat(images).to(embeds.device, embeds.dtype)
-    embeds = embeds.clone()
-    embeds[mask] = rows
-    return embeds
+@torch.inference_mode()
+def profile_prefill_memory(model, num_tokens: int, block_size: int, device: str, dtype: torch.dtype) -> int:
+    """Peak GPU memory (bytes) of the largest prefill step: the weights plus its activations. The KV cache gets what
+    the memory budget leaves beyond it."""
+    blocks = -(-num_tokens // block_size)
+    for attn in model.kv_layers():
+        attn.k_cache = torch.zeros(blocks, block_size, attn.kv_heads, attn.head_dim, device=device, dtype=dtype)
+        attn.v_cache = torch.zeros_like(attn.k_cache)
+    torch.cuda.reset_peak_memory_stats(device)
+    lens = torch.tensor([num_tokens], dtype=torch.int32, device=device)
+    ctx = BatchContext(torch.tensor([0, num_tokens], dtype=torch.int32, device=device), lens,
+                       torch.arange(blocks, dtype=torch.int32, device=device)[None],
+                       torch.arange(num_tokens, device=device), num_tokens, num_tokens, [(0, num_tokens)],
+                       cu_seqlens_k=torch.tensor([0, num_tokens], dtype=torch.int32, device=device))
+    hidden = model(model.embed(torch.zeros(num_tokens, dtype=torch.int64, device=device)),
+                   torch.arange(num_tokens, device=device), ctx)
+    model.logits(hidden[-1:])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    for attn in model.kv_layers():
+        attn.k_cache = attn.v_cache = torch.empty(0)
+    torch.cuda.empty_cache()
+    return peak

@@ -1,25 +1,135 @@
-"""Next-token choice per sequence: greedy at temperature 0, else temperature + top-p with an optional seed."""
+"""Batched next-token choice on the logits' device: penalties, temperature, top-k, top-p, min-p, seeded draws.
+
+The only device->host transfer is the caller's `.tolist()` of the returned ids: every decision that would need a
+value back from the device (which rows are greedy, whether to sort) is made on the host in SamplingBatch.build.
+"""
+import random
+from dataclasses import dataclass
+
 import torch
 
-from services.llm_decoder.engine.sequence import Sequence
-
+from services.llm_decoder.engine.sequence import SamplingParams
 
 # Below this a temperature is greedy: dividing by it would overflow float32 logits.
 MIN_TEMPERATURE = 1e-5
 
+_MASK64 = (1 << 64) - 1
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits [n, vocab] float32, one row per sequence."""
-    out = logits.argmax(dim=-1).tolist()  # one transfer for every greedy row
-    for i, (row, seq) in enumerate(zip(logits, seqs)):
-        p = seq.params
-        if p.temperature < MIN_TEMPERATURE:
-            continue
-        probs = torch.softmax(row / p.temperature, dim=-1)
-        if 0 < p.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = sorted_probs.cumsum(0) - sorted_probs > p.top_p
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0))
-        out[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator))
-    return out
+
+def _i64(c: int) -> int:
+    """A 64-bit pattern as the signed value torch's int64 holds."""
+    c &= _MASK64
+    return c - (1 << 64) if c >> 63 else c
+
+
+_GOLDEN, _M1, _M2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; masking off the copied sign bits makes it the logical shift splitmix needs.
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer (a bijection on 64-bit words); int64 multiplication wraps like uint64."""
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """u in (0, 1), [n, vocab], a function of (seed, step, vocab index) only: batch composition cannot change it."""
+    row = _mix(_mix(seeds) + steps * _GOLDEN)
+    idx = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device)
+    bits = _shr(_mix(row[:, None] + idx * _GOLDEN), 41)  # top 23 bits, so 2 * bits + 1 is exact in float32
+    return (bits * 2 + 1).float() * 2.0 ** -24           # odd multiples of 2^-24: never 0 or 1
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row settings as device tensors [B], built once per step."""
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor                 # int64; off (0 or -1) stored as vocab_size
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    seeds: torch.Tensor                 # int64
+    steps: torch.Tensor                 # int64: index of the token being sampled
+    token_counts: torch.Tensor | None = None   # float32 [B, V]: occurrences in the output
+    prompt_mask: torch.Tensor | None = None    # bool [B, V]: occurs in the prompt
+    # Host-side facts, so sample() branches without reading anything back from the device.
+    sampled_rows: torch.Tensor | None = None   # int64 indices of non-greedy rows; None when every row samples
+    any_sampled: bool = False
+    use_sort: bool = False              # some sampled row uses top-k or top-p
+    use_min_p: bool = False
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], steps: list[int],
+              histories: list[tuple[list[int], list[int]]] | None, vocab_size: int, device) -> "SamplingBatch":
+        """histories[i] = (prompt_ids, output_ids); None when no row uses a penalty."""
+        sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        seeds = [_i64(p.seed if p.seed is not None else random.getrandbits(64)) for p in params]
+        # Two host->device copies for all the per-row scalars.
+        f = torch.tensor([[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
+                          [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
+                          [p.frequency_penalty for p in params]], dtype=torch.float32, device=device)
+        n = torch.tensor([seeds, steps, top_k], dtype=torch.int64, device=device)
+        batch = cls(temperature=f[0], top_p=f[1], min_p=f[2], repetition_penalty=f[3], presence_penalty=f[4],
+                    frequency_penalty=f[5], seeds=n[0], steps=n[1], top_k=n[2],
+                    sampled_rows=None if len(sampled) == len(params) else torch.tensor(sampled, device=device),
+                    any_sampled=bool(sampled),
+                    use_sort=any(top_k[i] < vocab_size or params[i].top_p < 1 for i in sampled),
+                    use_min_p=any(params[i].min_p > 0 for i in sampled))
+        if histories is not None:
+            def where(part: int) -> tuple[torch.Tensor, torch.Tensor]:  # (row, token id) of every token in a part
+                flat = [x for i, h in enumerate(histories) for t in h[part] for x in (i, t)]
+                rc = torch.tensor(flat, dtype=torch.int64, device=device).view(-1, 2)
+                return rc[:, 0], rc[:, 1]
+            shape = (len(params), vocab_size)
+            out = where(1)
+            batch.token_counts = torch.zeros(shape, device=device).index_put_(
+                out, torch.ones(len(out[0]), device=device), accumulate=True)
+            batch.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=device).index_put_(
+                where(0), torch.tensor(True, device=device))
+        return batch
+
+
+def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    counts = b.token_counts
+    seen = b.prompt_mask | (counts > 0)
+    rep = b.repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - b.frequency_penalty[:, None] * counts - b.presence_penalty[:, None] * (counts > 0)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits [B, V] float32 -> int64 ids [B] on the logits' device; greedy rows are argmax of the penalized logits."""
+    if batch.token_counts is not None:
+        logits = _apply_penalties(logits, batch)
+    ids = logits.argmax(dim=-1)
+    if not batch.any_sampled:
+        return ids
+    rows = batch.sampled_rows
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    x = pick(logits) / pick(batch.temperature)[:, None]
+    V = x.shape[-1]
+    if batch.use_sort:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        pos = torch.arange(V, device=x.device)
+        sorted_x.masked_fill_(pos >= pick(batch.top_k)[:, None], float("-inf"))
+        p = sorted_x.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
+        drop = (p.cumsum(dim=-1) - p >= pick(batch.top_p)[:, None]) & (pick(batch.top_p)[:, None] < 1) & (pos > 0)
+        x = torch.empty_like(x).scatter_(-1, order, sorted_x.masked_fill_(drop, float("-inf")))
+    if batch.use_min_p:
+        p = x.softmax(dim=-1)
+        x = x.masked_fill(p < pick(batch.min_p)[:, None] * p.amax(dim=-1, keepdim=True), float("-inf"))
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i.
+    noise = -uniform_noise(pick(batch.seeds), pick(batch.steps), V).log()
+    chosen = (x.softmax(dim=-1) / noise).argmax(dim=-1)
+    if rows is None:
+        return chosen
+    return ids.index_copy(0, rows, chosen)

@@ -1,5 +1,7 @@
 """A request inside the engine: its tokens, image embeddings, sampling settings and KV blocks."""
 import enum
+import uuid
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +14,16 @@ class SamplingParams:
     top_p: float = 1.0
     stop_token_ids: frozenset[int] = frozenset()
     seed: int | None = None
+    top_k: int = 0                      # 0 or -1: off
+    min_p: float = 0.0                  # 0: off
+    repetition_penalty: float = 1.0     # 1: off; applies to prompt and output tokens
+    presence_penalty: float = 0.0       # 0: off; applies to output tokens
+    frequency_penalty: float = 0.0      # 0: off; applies to output tokens
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when the sampler needs this row's token history."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 class Status(enum.Enum):
@@ -26,16 +38,56 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     image_embeds: torch.Tensor | None = None   # rows for the image-context positions, in order
-    output_ids: list[int] = field(default_factory=list)
+    image_token_id: int = -1                    # which prompt tokens take image rows
+    image_keys: list[tuple[str, int]] = field(default_factory=list)  # (identity, rows) of each image, in order
+    token_ids: list[int] = field(init=False)    # the prompt, then the output as it is generated
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each full block so far
     num_cached: int = 0                         # tokens whose K/V are in the cache
+    row: int = -1                               # its row of the runner's device block table while it has blocks
+    synced_blocks: int = 0                      # entries of block_table already copied to that row
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    generator: torch.Generator | None = None    # per-request sampling RNG when a seed is given
+
+    def __post_init__(self):
+        self.token_ids = list(self.prompt_ids)
+        self.num_prompt = len(self.prompt_ids)
+        # Prompt positions of the image-context tokens: image row i fills position image_positions[i].
+        self.image_positions = [p for p, t in enumerate(self.prompt_ids) if t == self.image_token_id] \
+            if self.image_embeds is not None else []
+        if self.image_embeds is not None and len(self.image_positions) != self.image_embeds.shape[0]:
+            raise ValueError(f"prompt has {len(self.image_positions)} image-context tokens but "
+                             f"{self.image_embeds.shape[0]} embedding rows were sent")
+        if self.image_embeds is not None and not self.image_keys:  # no identity given: never shared
+            self.image_keys = [(uuid.uuid4().hex, len(self.image_positions))]
 
     @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
 
     def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
+
+    def image_rows(self, start: int, end: int) -> tuple[list[int], torch.Tensor | None]:
+        """Prompt positions in [start, end) that take image rows, and those rows."""
+        lo, hi = bisect_left(self.image_positions, start), bisect_left(self.image_positions, end)
+        if lo == hi:
+            return [], None
+        return self.image_positions[lo:hi], self.image_embeds[lo:hi]
+
+    def block_key(self, index: int, block_size: int, prev: int) -> tuple:
+        """What fixes the K/V of a full block: the previous block's hash, its tokens, and for image-context tokens
+        which rows of which image they hold (the token ids alone are the same for every image)."""
+        start, end = index * block_size, (index + 1) * block_size
+        tokens = tuple(self.token_ids[start:end])
+        lo, hi = bisect_left(self.image_positions, start), bisect_left(self.image_positions, end)
+        images, first = [], 0
+        for key, rows in self.image_keys:
+            if first < hi and first + rows > lo:
+                images.append((key, max(lo, first) - first, min(hi, first + rows) - first))
+            first += rows
+        return prev, tokens, tuple(images)

@@ -108,6 +108,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of every trained position
 
     def tie_weights(self) -> None:
         """Share the embedding table with the head when tied (again after `to_empty`, which unties them)."""
@@ -125,9 +126,19 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, ctx)
         return self.model.norm(x)
 
+    def rope_is_static(self, max_len: int) -> bool:
+        """Whether rotary tables for contexts up to `max_len` come from the precomputed table (dynamic NTK past the
+        trained length depends on each sequence's own length instead)."""
+        return max_len <= self.cfg.max_position_embeddings
+
     def rotary(self, positions: torch.Tensor, ctx: BatchContext, dtype: torch.dtype):
+        if self.rope_is_static(ctx.max_context_len):
+            if self._rope is None or self._rope[0].dtype != dtype or self._rope[0].device != positions.device:
+                table = torch.arange(self.cfg.max_position_embeddings, device=positions.device)
+                self._rope = rotary_cos_sin(table, self.cfg, dtype)
+            return self._rope[0][positions], self._rope[1][positions]
         scaling = self.cfg.rope_scaling or {}
-        if scaling.get("rope_type") != "dynamic" or int(positions.max()) < self.cfg.max_position_embeddings:
+        if scaling.get("rope_type", scaling.get("type")) != "dynamic":
             return rotary_cos_sin(positions, self.cfg, dtype)
         # Past the trained length, dynamic NTK depends on each sequence's own length: one table per sequence.
         tables = [rotary_cos_sin(positions[start:end], self.cfg, dtype, seq_len=int(positions[end - 1]) + 1)

@@ -1,0 +1,159 @@
+"""The engine against transformers on mixed batches: chunked prefill (also inside an image), arrivals while others
+decode, preemption, prefix caching, seeded sampling independent of the batch, cancellation."""
+import pytest
+import torch
+
+from services.common.checkpoint import read_model_config
+from services.llm_decoder.engine.llm_engine import LLMEngine
+from services.llm_decoder.engine.sequence import SamplingParams, Sequence
+from services.llm_decoder.models import load_language_model
+
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_checkpoint):
+    return read_model_config(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def lm(cfg, tiny_checkpoint):
+    return load_language_model(cfg, tiny_checkpoint, "cpu", torch.float32)
+
+
+def engine(lm, num_blocks=512, block_size=16, max_batched_tokens=4096, max_running=16):
+    return LLMEngine(lm, num_blocks=num_blocks, block_size=block_size, max_batched_tokens=max_batched_tokens,
+                     max_running=max_running, device="cpu", dtype=torch.float32)
+
+
+def image_prompt(cfg, seed: int, text_before: int = 7, rows: int = 256):
+    """Token ids with `rows` image-context tokens, and random image rows the size of real embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 300, (text_before,), generator=g).tolist() + [cfg.image_token_id] * rows + [11, 12, 13]
+    return ids, torch.randn(rows, cfg.text.hidden_size, generator=g) * 0.5
+
+
+def greedy_reference(reference, cfg, ids, image=None, new=NEW):
+    model = reference.model
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(torch.tensor([ids]))
+        if image is not None:
+            embeds[0, torch.tensor(ids) == cfg.image_token_id] = image
+        tokens, past = [], None
+        out = model.model.language_model(inputs_embeds=embeds, use_cache=True)
+        for _ in range(new):
+            logits = model.lm_head(out.last_hidden_state[:, -1])
+            tokens.append(int(logits.argmax(-1)))
+            out = model.model.language_model(inputs_embeds=model.get_input_embeddings()(torch.tensor([[tokens[-1]]])),
+                                       past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def run(eng, seqs, arrivals=None):
+    """Step to completion; arrivals maps a step number to sequences added before that step."""
+    arrivals = dict(arrivals or {})
+    for seq in seqs:
+        eng.scheduler.add(seq)
+    step = 0
+    while eng.scheduler.has_work() or arrivals:
+        for seq in arrivals.pop(step, []):
+            eng.scheduler.add(seq)
+        eng.step()
+        step += 1
+    return step
+
+
+def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, cfg, reference):
+    """Text and image prompts of different lengths, some arriving while others decode, a token budget of 100 that
+    cuts every image prompt into chunks with boundaries inside the image, and a KV pool small enough to preempt."""
+    prompts = [(list(range(20 + i, 40 + 7 * i)), None) for i in range(3)] + [image_prompt(cfg, s) for s in (1, 2)]
+    want = [greedy_reference(reference, cfg, ids, img) for ids, img in prompts]
+    for num_blocks, max_batched in [(512, 4096), (512, 100), (40, 100)]:
+        eng = engine(lm, num_blocks=num_blocks, block_size=8, max_batched_tokens=max_batched)
+        seqs = [Sequence(str(i), ids, SamplingParams(NEW), image_embeds=img, image_token_id=cfg.image_token_id)
+                for i, (ids, img) in enumerate(prompts)]
+        run(eng, seqs[:2], arrivals={3: seqs[2:4], 6: seqs[4:]})
+        assert [s.output_ids for s in seqs] == want, (num_blocks, max_batched)
+        assert all(s.finish_reason == "length" for s in seqs)
+        assert len(eng.blocks.free) == num_blocks  # every block came back
+
+
+def test_decodes_keep_flowing_while_a_long_prompt_is_prefilled(lm, cfg):
+    eng = engine(lm, max_batched_tokens=64)
+    short = Sequence("s", list(range(5, 25)), SamplingParams(40))
+    eng.scheduler.add(short)
+    eng.step()
+    long_ids, img = image_prompt(cfg, 3, rows=512)
+    eng.scheduler.add(Sequence("l", long_ids, SamplingParams(4), image_embeds=img, image_token_id=cfg.image_token_id))
+    produced = 0
+    for _ in range(len(long_ids) // 64):  # the long prompt takes ~9 steps; the short stream gets a token in each
+        produced += sum(1 for seq, _, _ in eng.step() if seq is short)
+    assert produced == len(long_ids) // 64
+
+
+def test_prefix_cache_reuses_blocks_and_gives_identical_tokens(lm, cfg):
+    system = list(range(30, 90))  # 60 tokens: 3 full blocks of 16
+    eng = engine(lm)
+    first = Sequence("a", system + [5, 6, 7], SamplingParams(NEW))
+    run(eng, [first])
+    computed = eng.computed_tokens
+    second = Sequence("b", system + [5, 6, 7], SamplingParams(NEW))
+    run(eng, [second])
+    assert second.output_ids == first.output_ids
+    assert eng.scheduler.cached_tokens == 48  # the 3 full blocks before the prompt's last token
+    assert eng.computed_tokens - computed == (63 - 48) + (NEW - 1)  # the rest of the prompt, then one per step
+    # A second turn: the first turn's prompt and answer are its prefix (4 full blocks computed by then).
+    turn2 = Sequence("c", first.token_ids + [8, 9], SamplingParams(NEW))
+    run(eng, [turn2])
+    assert eng.scheduler.cached_tokens == 48 + 64
+    fresh = Sequence("c", first.token_ids + [8, 9], SamplingParams(NEW))
+    run(engine(lm), [fresh])
+    assert turn2.output_ids == fresh.output_ids
+
+
+def test_images_share_blocks_only_with_the_same_image(lm, cfg):
+    ids, img = image_prompt(cfg, 4)
+    _, other = image_prompt(cfg, 5)
+    eng = engine(lm)
+
+    def ask(rows, key):
+        seq = Sequence(key, ids, SamplingParams(NEW), image_embeds=rows, image_token_id=cfg.image_token_id,
+                       image_keys=[(key, rows.shape[0])])
+        run(eng, [seq])
+        return seq.output_ids
+
+    a = ask(img, "img-a")
+    hits = eng.scheduler.cached_tokens
+    b = ask(other, "img-b")  # same token ids, another image: nothing past the text before it may be reused
+    assert eng.scheduler.cached_tokens == hits and b != a
+    assert ask(img, "img-a") == a and eng.scheduler.cached_tokens - hits >= 256
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(lm, cfg):
+    params = SamplingParams(16, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    alone = Sequence("x", list(range(40, 60)), params)
+    run(engine(lm), [alone])
+    crowd = [Sequence(str(i), list(range(i, i + 30)), SamplingParams(16, temperature=0.7, seed=i)) for i in range(5)]
+    again = Sequence("x", list(range(40, 60)), params)
+    run(engine(lm), crowd[:2] + [again] + crowd[2:])
+    assert again.output_ids == alone.output_ids
+    other = Sequence("y", list(range(40, 60)), SamplingParams(16, temperature=1.0, top_p=0.9, top_k=50, seed=99))
+    run(engine(lm), [other])
+    assert other.output_ids != alone.output_ids
+
+
+def test_cancelling_frees_blocks_at_once_but_keeps_shared_ones(lm, cfg):
+    eng = engine(lm, num_blocks=64)
+    shared = list(range(100, 148))  # 3 full blocks
+    a = Sequence("a", shared + [1], SamplingParams(100))
+    eng.scheduler.add(a)
+    eng.step()
+    eng.step()
+    b = Sequence("b", shared + [2], SamplingParams(100))
+    eng.scheduler.add(b)
+    eng.step()
+    assert b.block_table[:3] == a.block_table[:3]  # b took a's prefix blocks
+    eng.scheduler.finish(a, "abort")
+    assert all(eng.blocks.blocks[i].ref == 1 for i in b.block_table)  # b's blocks stay
+    eng.scheduler.finish(b, "abort")
+    assert len(eng.blocks.free) == 64 and all(blk.ref == 0 for blk in eng.blocks.blocks)
