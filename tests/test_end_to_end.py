@@ -185,7 +185,27 @@ BAD_REQUESTS = [
     ("unsupported option", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400),
     ("video part", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}]}]}, 400),
+    ("penalty out of range", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "presence_penalty": 3}, 400),
+    ("bad top_k", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400),
+    ("bad repetition_penalty", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                "repetition_penalty": 0}, 400),
 ]
+
+
+def test_sampling_options_reach_the_decoder(client):
+    """Penalties change a greedy answer; seeded top-k/min-p answers repeat (and differ from another seed)."""
+    def ask(**options):
+        r = client.chat.completions.create(model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "Hi"}],
+                                           extra_body={"return_token_ids": True, **options.pop("extra", {})},
+                                           **options)
+        return r.choices[0].token_ids
+
+    greedy = ask(temperature=0)
+    assert ask(temperature=0, frequency_penalty=2.0) != greedy
+    assert ask(temperature=0, extra={"repetition_penalty": 3.0}) != greedy
+    seeded = dict(temperature=1.0, seed=5, extra={"top_k": 20, "min_p": 0.01})
+    assert ask(**seeded) == ask(**seeded) != ask(temperature=1.0, seed=6, extra={"top_k": 20, "min_p": 0.01})
 
 
 @pytest.mark.parametrize("body,status", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])

@@ -79,9 +79,14 @@ class ChatService:
         await self._encode_misses(resolved, request_id)
         sampling = pb.SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens or 0,
                                      temperature=req.temperature, top_p=req.top_p,
-                                     stop_token_ids=self.prompt.stop_token_ids, seed=req.seed)
+                                     stop_token_ids=self.prompt.stop_token_ids, seed=req.seed, top_k=req.top_k or 0,
+                                     min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
+                                     presence_penalty=req.presence_penalty or 0.0,
+                                     frequency_penalty=req.frequency_penalty or 0.0)
+        # The cache keys name each image's embeddings: the decoder reuses KV blocks of prompts with the same images.
         return pb.GenerateRequest(request_id=request_id, token_ids=token_ids,
-                                  images=[img.embeddings for img in resolved], sampling=sampling)
+                                  images=[img.embeddings for img in resolved], sampling=sampling,
+                                  image_keys=[img.key for img in resolved])
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The decoder's stream; its errors become ApiErrors."""

@@ -38,7 +38,7 @@ class StreamOptions(BaseModel):
 # Options this server does not implement yet, with the values that mean "off". A request asking for more is refused
 # rather than answered as if the option had been applied.
 UNSUPPORTED = {"stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+               "logit_bias": (None, {}),
                "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
                "response_format": (None, {"type": "text"})}
 
@@ -53,6 +53,14 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2 ** 64)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # vLLM's sampling extensions
+    top_k: int | None = Field(default=None, ge=-1, description="sample among the k most likely tokens (0, -1: all)")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="drop tokens below min_p x the top one's "
+                                "probability")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0,
+                                             description="> 1 discourages tokens of the prompt and the answer so far")
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
