@@ -157,3 +157,41 @@ def test_cancelling_frees_blocks_at_once_but_keeps_shared_ones(lm, cfg):
     assert all(eng.blocks.blocks[i].ref == 1 for i in b.block_table)  # b's blocks stay
     eng.scheduler.finish(b, "abort")
     assert len(eng.blocks.free) == 64 and all(blk.ref == 0 for blk in eng.blocks.blocks)
+
+
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: replay reruns the recorded function into the same output tensor, so
+    the static buffers, padding rows and the spare block of the graph path are exercised as on a GPU."""
+
+    def __init__(self, forward, out):
+        self.forward, self.out = forward, out
+
+    def pool(self):
+        return None
+
+    def replay(self):
+        self.out.copy_(self.forward())
+
+
+def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch):
+    from services.llm_decoder.engine.model_runner import ModelRunner
+
+    def record(forward, pool):
+        with torch.inference_mode():
+            out = forward()
+        return EagerGraph(forward, out), out
+
+    monkeypatch.setattr(ModelRunner, "_record", staticmethod(record))
+    prompts = [list(range(10 + i, 30 + 5 * i)) for i in range(11)]  # 11 streams: padded to the 16-row graph
+    lengths = [6 + 3 * (i % 4) for i in range(len(prompts))]  # the batch shrinks as streams end: stale pad rows
+    eager = [Sequence(str(i), ids, SamplingParams(n)) for i, (ids, n) in enumerate(zip(prompts, lengths))]
+    run(engine(lm), eager)
+    graphed_engine = engine(lm, num_blocks=40)  # freed blocks are soon handed out again
+    graphed_engine.runner.capture(16)
+    replays = []
+    original = ModelRunner._replay
+    monkeypatch.setattr(ModelRunner, "_replay", lambda self, b, *a: (replays.append(b), original(self, b, *a))[1])
+    graphed = [Sequence(str(i), ids, SamplingParams(n)) for i, (ids, n) in enumerate(zip(prompts, lengths))]
+    run(graphed_engine, graphed[:7], arrivals={2: graphed[7:9], 9: graphed[9:]})  # 9: into freed blocks
+    assert [s.output_ids for s in graphed] == [s.output_ids for s in eager]
+    assert 7 in replays and 9 in replays  # 7 rows ran in the 8-row graph, 9 in the 16-row one

@@ -49,7 +49,8 @@ def kv_blocks(args, model: torch.nn.Module, max_model_len: int, dtype: torch.dty
     bytes_per_token = 2 * len(attn) * attn[0].kv_heads * attn[0].head_dim * dtype.itemsize
     tokens = args.kv_cache_tokens
     if not tokens and args.device.startswith("cuda"):
-        peak = profile_prefill_memory(model, args.max_batched_tokens, args.block_size, args.device, dtype)
+        peak = profile_prefill_memory(model, args.max_batched_tokens, args.block_size, args.max_running, args.device,
+                                      dtype)
         total = torch.cuda.get_device_properties(args.device).total_memory
         tokens = int((total * args.gpu_memory_utilization - peak) // bytes_per_token)
         log.info("KV budget: %.1f GiB of %.1f GiB (weights + largest prefill step: %.1f GiB)",

@@ -5,11 +5,12 @@ device (a running sequence owns a row and only its new blocks are copied), and a
 one host->device copy. On CUDA, decode-only steps replay CUDA graphs captured for a few batch sizes.
 """
 import torch
+import torch.nn.functional as F
 
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.context import BatchContext
 from services.llm_decoder.engine.sampler import SamplingBatch, sample
-from services.llm_decoder.engine.sequence import Sequence
+from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 
 class ModelRunner:
@@ -25,7 +26,7 @@ class ModelRunner:
         self.tables = torch.zeros(max_rows, self.max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
-            self._capture(max_rows)
+            self.capture(max_rows)
 
     @torch.inference_mode()
     def step(self, batch: list[tuple[Sequence, int]]) -> list[int | None]:
@@ -100,10 +101,10 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- CUDA graphs for decode steps
 
-    def _capture(self, max_bs: int) -> None:
+    def capture(self, max_bs: int) -> None:
         """Capture decode steps at a few batch sizes; a batch runs in the smallest graph that holds it, padded rows
         writing their K/V to the spare block and attending to nothing."""
-        self.graph_sizes = sorted({1, 2, 4, 8, *range(16, max_bs, 16), max_bs})
+        self.graph_sizes = sorted({s for s in (1, 2, 4, 8, *range(16, max_bs, 16)) if s < max_bs} | {max_bs})
         n = max_bs
         self.g_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.g_pos = torch.zeros_like(self.g_ids)
@@ -111,25 +112,33 @@ class ModelRunner:
         self.g_lens = torch.zeros(n, dtype=torch.int32, device=self.device)
         self.g_cu = torch.arange(n + 1, dtype=torch.int32, device=self.device)
         self.g_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=self.device)
+        # Graphs serve steps whose rope comes from the precomputed table (see `step`), so they are captured so.
+        max_len = min(self.max_blocks * self.block_size, self.model.cfg.max_position_embeddings)
         pool = None
         for size in reversed(self.graph_sizes):
             ctx = BatchContext(self.g_cu[:size + 1], self.g_lens[:size], self.g_tables[:size], self.g_slots[:size], 1,
-                               self.max_blocks * self.block_size, [(i, i + 1) for i in range(size)])
+                               max_len, [(i, i + 1) for i in range(size)])
 
-            def forward():
+            def forward(size=size, ctx=ctx):
+                ctx.cu_seqlens_k = F.pad(self.g_lens[:size].cumsum(0, dtype=torch.int32), (1, 0))
                 embeds = self.model.embed(self.g_ids[:size])
                 return self.model.logits(self.model(embeds, self.g_pos[:size], ctx))
 
-            with torch.inference_mode():
-                forward()  # compiles the Triton kernels outside the capture
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    out = forward()
+            graph, out = self._record(forward, pool)
             pool = graph.pool()
             self.graphs[size] = (graph, out)
         self.graphs = {size: self.graphs[min(s for s in self.graph_sizes if s >= size)]
                        for size in range(1, max_bs + 1)}
+
+    @staticmethod
+    @torch.inference_mode()
+    def _record(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        forward()  # compiles the Triton kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool):
+            out = forward()
+        return graph, out
 
     def _replay(self, b: int, ids, pos, slots, lens, rows) -> torch.Tensor:
         graph, logits = self.graphs[b]
@@ -142,9 +151,10 @@ class ModelRunner:
 
 
 @torch.inference_mode()
-def profile_prefill_memory(model, num_tokens: int, block_size: int, device: str, dtype: torch.dtype) -> int:
-    """Peak GPU memory (bytes) of the largest prefill step: the weights plus its activations. The KV cache gets what
-    the memory budget leaves beyond it."""
+def profile_prefill_memory(model, num_tokens: int, block_size: int, max_rows: int, device: str,
+                           dtype: torch.dtype) -> int:
+    """Peak GPU memory (bytes) of the largest step: the weights, a prefill of `num_tokens` tokens, and sampling
+    `max_rows` rows with every filter on. The KV cache gets what the memory budget leaves beyond it."""
     blocks = -(-num_tokens // block_size)
     for attn in model.kv_layers():
         attn.k_cache = torch.zeros(blocks, block_size, attn.kv_heads, attn.head_dim, device=device, dtype=dtype)
@@ -157,7 +167,9 @@ def profile_prefill_memory(model, num_tokens: int, block_size: int, device: str,
                        cu_seqlens_k=torch.tensor([0, num_tokens], dtype=torch.int32, device=device))
     hidden = model(model.embed(torch.zeros(num_tokens, dtype=torch.int64, device=device)),
                    torch.arange(num_tokens, device=device), ctx)
-    model.logits(hidden[-1:])
+    logits = model.logits(hidden[-1:].expand(max_rows, -1))
+    params = [SamplingParams(1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1)] * max_rows
+    sample(logits, SamplingBatch.build(params, [0] * max_rows, [([0], [0])] * max_rows, logits.shape[-1], device))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     for attn in model.kv_layers():

@@ -1,0 +1,49 @@
+"""bench/decoder.py in its smoke mode: engine vs transformers (tiny shapes, fp32 CPU) and the tiny stack over HTTP.
+
+The run must exit 0 (which includes the engine's greedy tokens equalling transformers' for 16 tokens) and write the
+markdown and JSON reports with every ratio. The GPU path must not need the gateway's or the stack's dependencies.
+"""
+import json
+import math
+import subprocess
+import sys
+
+from tools.run_local import ROOT
+
+
+def test_smoke_run_writes_the_ratios(tmp_path):
+    out = tmp_path / "decoder.md"
+    proc = subprocess.run([sys.executable, "-m", "bench.decoder", "--device", "cpu", "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    text = out.read_text()
+    for heading in ("engine/transformers", "TTFT while decoding ms", "stack/transformers", "Greedy agreement"):
+        assert heading in text
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["streams"] for r in result["throughput"]] == [1, 2]
+    for row in result["throughput"]:
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["engine_tokens"] == row["hf_tokens"] == row["streams"] * row["new_tokens"]
+        assert row["engine_prefix_cache_hit_tokens"] == 0  # fresh prompts: nothing measured comes from the cache
+    assert result["correctness"]["passed"] and result["correctness"]["agree"] >= 16
+    ttft = result["ttft"]
+    assert ttft["prompt_tokens"] == 13 * 256 + 50 and ttft["alone_ms"] > 0 and ttft["loaded_ms"] > 0
+    stack = result["stack"]
+    assert "error" not in stack, stack
+    assert stack["requests"] == 4 and stack["stack_tokens"] > 0 and math.isfinite(stack["ratio"]) and stack["ratio"] > 0
+
+
+def test_gpu_path_imports_no_stack_dependencies():
+    """The H200 machine has no redis, fastapi or gRPC: building the models and the engine must not import them."""
+    code = """
+import sys, torch
+from bench import decoder as d
+shape = d.SHAPES["tiny"]
+hf = d.build_transformers(shape, "cpu", torch.float32, 0)
+ours = d.build_engine_model(shape, "cpu", torch.float32)
+d.copy_weights(hf, ours)
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"redis", "fastapi", "grpc", "httpx", "uvicorn", "tools"})
+assert not loaded, loaded
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
