@@ -193,6 +193,21 @@ BAD_REQUESTS = [
 ]
 
 
+def test_the_decoder_reuses_cached_prefixes(client, stack):
+    """A second turn about the same image (and the same long system prompt) takes cached KV blocks: the decoder's
+    prefix-cache counter grows by at least the image's 256 rows, and the answer is unchanged."""
+    image = data_url(noise_image(300, 200, seed=77))
+    messages = [{"role": "system", "content": "You describe pictures for a catalogue, briefly and exactly. " * 3},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                             {"type": "text", "text": "What is it?"}]}]
+    ask = lambda: client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,  # noqa
+                                                 extra_body={"max_num": 1}).choices[0].message.content
+    first = ask()
+    before = metric(stack.decoder_metrics_url, "decoder_prefix_cache_hit_tokens_total")
+    assert ask() == first
+    assert metric(stack.decoder_metrics_url, "decoder_prefix_cache_hit_tokens_total") - before >= 256
+
+
 def test_sampling_options_reach_the_decoder(client):
     """Penalties change a greedy answer; seeded top-k/min-p answers repeat (and differ from another seed)."""
     def ask(**options):

@@ -5,6 +5,7 @@ import torch
 
 from services.common.checkpoint import read_model_config
 from services.llm_decoder.engine.llm_engine import LLMEngine
+from services.llm_decoder.engine.scheduler import Scheduler
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 from services.llm_decoder.models import load_language_model
 
@@ -63,11 +64,15 @@ def run(eng, seqs, arrivals=None):
     return step
 
 
-def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, cfg, reference):
+def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, cfg, reference, monkeypatch):
     """Text and image prompts of different lengths, some arriving while others decode, a token budget of 100 that
     cuts every image prompt into chunks with boundaries inside the image, and a KV pool small enough to preempt."""
     prompts = [(list(range(20 + i, 40 + 7 * i)), None) for i in range(3)] + [image_prompt(cfg, s) for s in (1, 2)]
     want = [greedy_reference(reference, cfg, ids, img) for ids, img in prompts]
+    preempted = []
+    original = Scheduler.preempt
+    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: (preempted.append(len(self.blocks.blocks)),
+                                                                 original(self, seq)))
     for num_blocks, max_batched in [(512, 4096), (512, 100), (40, 100)]:
         eng = engine(lm, num_blocks=num_blocks, block_size=8, max_batched_tokens=max_batched)
         seqs = [Sequence(str(i), ids, SamplingParams(NEW), image_embeds=img, image_token_id=cfg.image_token_id)
@@ -76,6 +81,7 @@ def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, 
         assert [s.output_ids for s in seqs] == want, (num_blocks, max_batched)
         assert all(s.finish_reason == "length" for s in seqs)
         assert len(eng.blocks.free) == num_blocks  # every block came back
+    assert set(preempted) == {40}  # only the small pool preempted
 
 
 def test_decodes_keep_flowing_while_a_long_prompt_is_prefilled(lm, cfg):

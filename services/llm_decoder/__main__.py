@@ -3,7 +3,7 @@ import argparse
 import logging
 
 import torch
-from prometheus_client import Gauge
+from prometheus_client import REGISTRY, Gauge
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -14,7 +14,7 @@ from services.common.tokenizer import load_tokenizer
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.model_runner import profile_prefill_memory
 from services.llm_decoder.models import load_language_model
-from services.llm_decoder.server import LlmDecoderServicer
+from services.llm_decoder.server import EngineCollector, LlmDecoderServicer
 
 log = logging.getLogger("llm_decoder")
 GPU_MEMORY = Gauge("decoder_gpu_memory_bytes", "GPU memory held by torch's allocator (reserved; 0 on CPU)")
@@ -80,6 +80,7 @@ async def main() -> None:
     servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
                                   max_model_len, dtype, info)
     engine.start()
+    REGISTRY.register(EngineCollector(engine))
     if args.device.startswith("cuda"):  # read at scrape time: weights, KV cache and the peak activations so far
         GPU_MEMORY.set_function(lambda: torch.cuda.memory_reserved(args.device))
     log.info("LLM decoder serving %s on :%d (KV cache: %d blocks of %d tokens)", args.model, args.port, num_blocks,

@@ -7,6 +7,7 @@ import uuid
 import grpc
 import torch
 from prometheus_client import Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tokenizers import Tokenizer
 
 from internvl.serving.v1 import serving_pb2 as pb
@@ -19,6 +20,25 @@ from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 REQUESTS = Counter("decoder_requests_total", "Generate calls", ["finish_reason"])
 RUNNING = Gauge("decoder_running_requests", "Generate calls in progress")
 TOKENS = Counter("decoder_generated_tokens_total", "Tokens generated")
+
+
+class EngineCollector:
+    """The engine's own counts, read at scrape time."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+
+    def collect(self):
+        e = self.engine
+        yield CounterMetricFamily("decoder_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache",
+                                  value=e.scheduler.cached_tokens)
+        yield CounterMetricFamily("decoder_computed_tokens", "Tokens run through the model (prefill and decode)",
+                                  value=e.computed_tokens)
+        yield GaugeMetricFamily("decoder_kv_blocks_free", "KV blocks not held by a sequence (cached or empty)",
+                                value=len(e.blocks.free))
+        yield GaugeMetricFamily("decoder_kv_blocks_total", "KV blocks in the cache", value=len(e.blocks.blocks))
+        yield GaugeMetricFamily("decoder_waiting_sequences", "Sequences waiting for admission",
+                                value=len(e.scheduler.waiting))
 
 
 class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
