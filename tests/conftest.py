@@ -23,6 +23,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cfg(tiny_checkpoint):
+    from services.common.checkpoint import read_model_config
+    return read_model_config(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def lm(cfg, tiny_checkpoint):
+    """The tiny checkpoint's language model as the decoder serves it (CPU, fp32)."""
+    from services.llm_decoder.models import load_language_model
+    return load_language_model(cfg, tiny_checkpoint, "cpu", torch.float32)
+
+
+@pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """REDIS_URL when set; else a Redis container where Docker runs; else our own redis-server on a free port."""
     if os.environ.get("REDIS_URL"):

@@ -5,22 +5,10 @@ import torch
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from services.common.checkpoint import read_model_config
 from services.common.tensors import to_proto
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.scheduler import Scheduler
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
-from services.llm_decoder.models import load_language_model
-
-
-@pytest.fixture(scope="module")
-def cfg(tiny_checkpoint):
-    return read_model_config(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def lm(cfg, tiny_checkpoint):
-    return load_language_model(cfg, tiny_checkpoint, "cpu", torch.float32)
 
 
 def run(lm, cfg, seqs, num_blocks=256, block_size=4, max_running=8):

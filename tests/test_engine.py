@@ -3,23 +3,11 @@ decode, preemption, prefix caching, seeded sampling independent of the batch, ca
 import pytest
 import torch
 
-from services.common.checkpoint import read_model_config
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.scheduler import Scheduler
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
-from services.llm_decoder.models import load_language_model
 
 NEW = 10
-
-
-@pytest.fixture(scope="module")
-def cfg(tiny_checkpoint):
-    return read_model_config(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def lm(cfg, tiny_checkpoint):
-    return load_language_model(cfg, tiny_checkpoint, "cpu", torch.float32)
 
 
 def engine(lm, num_blocks=512, block_size=16, max_batched_tokens=4096, max_running=16):
