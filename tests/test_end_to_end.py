@@ -356,3 +356,37 @@ def test_a_non_streamed_client_that_leaves_cancels_the_generation(stack):
             break
     assert ended("cancelled") == before["cancelled"] + 1, "every attempt stopped by itself before the client left"
     assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 0
+
+
+def samples(url: str) -> dict[str, list]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def test_pools_export_their_scaling_and_latency_series(client, stack):
+    """vLLM's series on the decoder (what KEDA recipes and routers read); queue, utilization and latency on the
+    vision pool."""
+    ttft_before = sum(s.value for s in samples(stack.decoder_metrics_url).get("vllm:time_to_first_token_seconds_count", []))
+    encode_before = metric(stack.vision_metrics_url, "vision_encode_seconds_count")
+    encode_s, busy_s = (metric(stack.vision_metrics_url, n) for n in ("vision_encode_seconds_sum",
+                                                                       "vision_busy_seconds_total"))
+    client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(noise_image(123, 321, seed=99))}}]}])
+    decoder = samples(stack.decoder_metrics_url)
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert [s.labels for s in decoder[name]] == [{"model_name": decoder[name][0].labels["model_name"]}], name
+    assert 0 <= decoder["vllm:kv_cache_usage_perc"][0].value <= 1
+    ttft = [s for s in decoder["vllm:time_to_first_token_seconds_count"]]
+    assert sum(s.value for s in ttft) >= ttft_before + 1
+    assert sum(s.value for s in decoder["vllm:time_per_output_token_seconds_count"]) >= 5
+    vision = samples(stack.vision_metrics_url)
+    for name in ("vision_requests_waiting", "vision_requests_running", "vision_queued_tiles"):
+        assert vision[name][0].value == 0, name  # nothing in flight now
+    assert 0 < vision["vision_utilization"][0].value <= 1
+    assert vision["vision_encode_seconds_count"][0].value == encode_before + 1
+    busy = vision["vision_busy_seconds_total"][0].value - busy_s
+    assert busy > 0 and vision["vision_encode_seconds_sum"][0].value - encode_s >= busy  # the call holds the forward

@@ -80,7 +80,7 @@ async def main() -> None:
     servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
                                   max_model_len, dtype, info)
     engine.start()
-    REGISTRY.register(EngineCollector(engine))
+    REGISTRY.register(EngineCollector(engine, args.model))
     if args.device.startswith("cuda"):  # read at scrape time: weights, KV cache and the peak activations so far
         GPU_MEMORY.set_function(lambda: torch.cuda.memory_reserved(args.device))
     log.info("LLM decoder serving %s on :%d (KV cache: %d blocks of %d tokens)", args.model, args.port, num_blocks,

@@ -2,11 +2,12 @@
 import asyncio
 import hashlib
 import math
+import time
 import uuid
 
 import grpc
 import torch
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tokenizers import Tokenizer
 
@@ -20,25 +21,38 @@ from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 REQUESTS = Counter("decoder_requests_total", "Generate calls", ["finish_reason"])
 RUNNING = Gauge("decoder_running_requests", "Generate calls in progress")
 TOKENS = Counter("decoder_generated_tokens_total", "Tokens generated")
+# vLLM's series (names, meaning and buckets), so KEDA recipes, dashboards and inference-aware routers work unchanged.
+TTFT = Histogram("vllm:time_to_first_token_seconds", "Time from the request to its first token", ["model_name"],
+                 buckets=[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                          20.0, 40.0, 80.0, 160.0, 640.0, 2560.0])
+TPOT = Histogram("vllm:time_per_output_token_seconds", "Time between output tokens of a request", ["model_name"],
+                 buckets=[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                          20.0, 40.0, 80.0])
 
 
 class EngineCollector:
-    """The engine's own counts, read at scrape time."""
+    """The engine's state, read at scrape time."""
 
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.engine, self.model_name = engine, model_name
 
     def collect(self):
-        e = self.engine
+        e, label = self.engine, {"model_name": self.model_name}
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=list(label))
+            family.add_metric(list(label.values()), value)
+            return family
+
+        used = len(e.blocks.blocks) - len(e.blocks.free)
+        yield gauge("vllm:num_requests_running", "Sequences being decoded or prefilled", len(e.scheduler.running))
+        yield gauge("vllm:num_requests_waiting", "Sequences waiting for admission", e.num_waiting())
+        yield gauge("vllm:kv_cache_usage_perc", "Share of KV blocks held by sequences (1 = full)",
+                    used / len(e.blocks.blocks))
         yield CounterMetricFamily("decoder_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache",
                                   value=e.scheduler.cached_tokens)
         yield CounterMetricFamily("decoder_computed_tokens", "Tokens run through the model (prefill and decode)",
                                   value=e.computed_tokens)
-        yield GaugeMetricFamily("decoder_kv_blocks_free", "KV blocks not held by a sequence (cached or empty)",
-                                value=len(e.blocks.free))
-        yield GaugeMetricFamily("decoder_kv_blocks_total", "KV blocks in the cache", value=len(e.blocks.blocks))
-        yield GaugeMetricFamily("decoder_waiting_sequences", "Sequences waiting for admission",
-                                value=len(e.scheduler.waiting))
 
 
 class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
@@ -70,6 +84,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         self.loop = asyncio.get_running_loop()
         queue = self.streams[seq.id] = asyncio.Queue()
         detok = self.text.stream()
+        model, last, delivered = self.info.model, time.perf_counter(), 0
         RUNNING.inc()
         reason = None
         try:
@@ -82,6 +97,13 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                 tokens, reason = [t for t, _ in items], items[-1][1]
                 if reason == "error":
                     await context.abort(grpc.StatusCode.INTERNAL, "generation failed")
+                now = time.perf_counter()
+                if not delivered:
+                    TTFT.labels(model).observe(now - last)
+                else:  # tokens read together arrived over the time since the last read
+                    for _ in tokens:
+                        TPOT.labels(model).observe((now - last) / len(tokens))
+                last, delivered = now, delivered + len(tokens)
                 TOKENS.inc(len(tokens))
                 text = "".join(detok.step(t) for t in tokens) + (detok.finish() if reason else "")
                 usage = pb.Usage(prompt_tokens=seq.num_prompt, completion_tokens=seq.num_output) if reason else None

@@ -2,6 +2,7 @@
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 TILES = Counter("vision_tiles_encoded_total", "Tiles run through the vision tower")
 BATCHES = Counter("vision_batches_total", "Forward passes of the vision tower")
 QUEUED_TILES = Gauge("vision_queued_tiles", "Tiles waiting for a forward pass (the pool's autoscaling signal)")
+WAITING = Gauge("vision_requests_waiting", "Encode calls none of whose images has reached a forward pass yet")
+BUSY = Counter("vision_busy_seconds_total", "Time the vision tower spent in forward passes")
+UTILIZATION = Gauge("vision_utilization", "Share of the last 30 s the vision tower spent in forward passes")
+UTILIZATION_WINDOW_S = 30.0
 GPU_MEMORY = Gauge("vision_gpu_memory_bytes", "GPU memory held by torch's allocator (reserved; 0 on CPU)")
 
 
@@ -38,10 +43,48 @@ def load_vision_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dt
     return model.eval()
 
 
+class _Call:
+    """One Encode call's images: counted as waiting until the first of them reaches a forward pass."""
+
+    def __init__(self):
+        self.waiting = True
+        WAITING.inc()
+
+    def started(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            WAITING.dec()
+
+
 @dataclass
 class _Job:
     tiles: torch.Tensor           # uint8 [n, H, W, 3]
     future: asyncio.Future
+    call: _Call
+
+
+class Utilization:
+    """Share of the last UTILIZATION_WINDOW_S seconds the tower spent in forward passes (the busy one included)."""
+
+    def __init__(self):
+        self.spans: deque[tuple[float, float]] = deque()  # (start, end) of recent forward passes
+        self.busy_since: float | None = None
+
+    def begin(self) -> None:
+        self.busy_since = time.monotonic()
+
+    def end(self) -> None:
+        start, self.busy_since = self.busy_since, None
+        self.spans.append((start, time.monotonic()))
+        BUSY.inc(self.spans[-1][1] - start)
+
+    def value(self) -> float:
+        now = time.monotonic()
+        since = now - UTILIZATION_WINDOW_S
+        while self.spans and self.spans[0][1] < since:
+            self.spans.popleft()
+        spans = [*self.spans, *([(self.busy_since, now)] if self.busy_since is not None else [])]
+        return sum(end - max(start, since) for start, end in spans) / UTILIZATION_WINDOW_S
 
 
 class TileBatcher:
@@ -53,6 +96,8 @@ class TileBatcher:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="vision-forward")  # the device runs one batch at a time
         self.worker: asyncio.Task | None = None
+        self.utilization = Utilization()
+        UTILIZATION.set_function(self.utilization.value)
 
     def start(self) -> None:
         self.worker = asyncio.create_task(self._run())
@@ -60,11 +105,15 @@ class TileBatcher:
     async def encode(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Embeddings [n_i * tokens_per_tile, hidden] for each image's uint8 tiles [n_i, H, W, 3]."""
         loop = asyncio.get_running_loop()
-        jobs = [_Job(tiles, loop.create_future()) for tiles in images]
+        call = _Call()
+        jobs = [_Job(tiles, loop.create_future(), call) for tiles in images]
         for job in jobs:
             QUEUED_TILES.inc(job.tiles.shape[0])
             self.queue.put_nowait(job)
-        return list(await asyncio.gather(*(job.future for job in jobs)))
+        try:
+            return list(await asyncio.gather(*(job.future for job in jobs)))
+        finally:
+            call.started()  # a caller that left stops waiting too
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -91,6 +140,9 @@ class TileBatcher:
                 batch.append(job)
                 tiles += job.tiles.shape[0]
             QUEUED_TILES.dec(tiles)
+            for job in batch:
+                job.call.started()
+            self.utilization.begin()
             try:
                 outputs = await loop.run_in_executor(self.executor, self._forward, [j.tiles for j in batch])
             except Exception as e:  # a failed batch fails its callers, not the worker
@@ -99,6 +151,8 @@ class TileBatcher:
                     if not job.future.done():
                         job.future.set_exception(e)
                 continue
+            finally:
+                self.utilization.end()
             for job, out in zip(batch, outputs):
                 if not job.future.done():
                     job.future.set_result(out)

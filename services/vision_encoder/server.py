@@ -3,7 +3,7 @@ import asyncio
 
 import grpc
 import torch
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -14,6 +14,9 @@ from services.vision_encoder.encoder import TileBatcher
 
 REQUESTS = Counter("vision_encode_requests_total", "Encode calls", ["status"])
 IMAGES = Counter("vision_images_encoded_total", "Images encoded")
+RUNNING = Gauge("vision_requests_running", "Encode calls in progress")
+LATENCY = Histogram("vision_encode_seconds", "Encode call latency (queueing, forward passes, cache writes)",
+                    buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
 
 
 class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
@@ -21,6 +24,11 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
         self.cfg, self.batcher, self.cache, self.info = cfg, batcher, cache, info
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        # Context managers, not decorators: those would time the creation of the coroutine, not its run.
+        with RUNNING.track_inprogress(), LATENCY.time():
+            return await self._encode(request, context)
+
+    async def _encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         try:
             images = [self._tiles(i, img.tiles) for i, img in enumerate(request.images)]
         except ValueError as e:

@@ -46,6 +46,10 @@ class LLMEngine:
             self._aborts.add(seq_id)
             self._wake.notify()
 
+    def num_waiting(self) -> int:
+        """Sequences added but not yet running (read from other threads: a momentary count)."""
+        return len(self._inbox) + len(self.scheduler.waiting)
+
     def _loop(self) -> None:
         while True:
             with self._wake:
