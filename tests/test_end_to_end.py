@@ -390,3 +390,21 @@ def test_pools_export_their_scaling_and_latency_series(client, stack):
     assert vision["vision_encode_seconds_count"][0].value == encode_before + 1
     busy = vision["vision_busy_seconds_total"][0].value - busy_s
     assert busy > 0 and vision["vision_encode_seconds_sum"][0].value - encode_s >= busy  # the call holds the forward
+
+
+def test_the_gateway_counts_requests_by_outcome(stack, client, gateway):
+    url = stack.gateway_url + "/metrics"
+    outcomes = [("rest", "200"), ("rest", "400"), ("grpc", "OK"), ("grpc", "INVALID_ARGUMENT")]
+    before = [metric(url, "gateway_requests_total", api=a, status=s) for a, s in outcomes]
+    client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert httpx.post(stack.gateway_url + "/v1/chat/completions", json={"model": MODEL, "messages": []}).status_code \
+        == 400
+    gateway.Chat(pb.ChatRequest(model=MODEL, max_tokens=2, messages=to_grpc([{"role": "user", "content": "hi"}])))
+    with pytest.raises(grpc.RpcError):
+        gateway.Chat(pb.ChatRequest(model=MODEL, messages=[]))
+    after = [metric(url, "gateway_requests_total", api=a, status=s) for a, s in outcomes]
+    assert after == [b + 1 for b in before]
+    assert metric(url, "gateway_requests_in_flight", api="rest") == 0
+    assert metric(url, "gateway_time_to_first_token_seconds_count", api="grpc") >= 1
+    assert metric(url, "gateway_request_seconds_sum", api="rest") >= metric(
+        url, "gateway_time_to_first_token_seconds_sum", api="rest") > 0

@@ -1,4 +1,6 @@
 """The public gRPC Gateway service: the chat-completions semantics of the REST API over gRPC."""
+import time
+
 import grpc
 from google.protobuf.json_format import MessageToDict
 from pydantic import ValidationError
@@ -7,6 +9,7 @@ from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.gateway.chat import ChatService
 from services.gateway.errors import ApiError, invalid_request
+from services.gateway.metrics import IN_FLIGHT, LATENCY, REQUESTS, TTFT
 from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart
 
 
@@ -33,14 +36,28 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return pb.ModelList(models=[self.chat.model_name])
 
     async def _stream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
+        start, status, first = time.perf_counter(), "CANCELLED", True  # CANCELLED unless it ends otherwise
+        IN_FLIGHT.labels("grpc").inc()
         try:
-            generate = await self.chat.prepare(to_chat_request(request))
-            async for r in self.chat.generate(generate):
-                yield pb.ChatResponse(id=generate.request_id, model=request.model, text=r.text,
-                                      token_ids=r.token_ids, finish_reason=r.finish_reason,
-                                      usage=r.usage if r.finish_reason else None)
+            async for r in self._answer(request, context):
+                if first:
+                    TTFT.labels("grpc").observe(time.perf_counter() - start)
+                    first = False
+                yield r
+            status = "OK"
         except ApiError as e:
+            status = e.grpc_code().name
             await context.abort(e.grpc_code(), e.message)
+        finally:
+            IN_FLIGHT.labels("grpc").dec()
+            REQUESTS.labels("grpc", status).inc()
+            LATENCY.labels("grpc").observe(time.perf_counter() - start)
+
+    async def _answer(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
+        generate = await self.chat.prepare(to_chat_request(request))
+        async for r in self.chat.generate(generate):
+            yield pb.ChatResponse(id=generate.request_id, model=request.model, text=r.text, token_ids=r.token_ids,
+                                  finish_reason=r.finish_reason, usage=r.usage if r.finish_reason else None)
 
 
 def to_chat_request(request: pb.ChatRequest) -> ChatCompletionRequest:

@@ -1,4 +1,4 @@
-"""OpenAI-compatible REST: /v1/chat/completions (with SSE streaming), /v1/models, health."""
+"""OpenAI-compatible REST: /v1/chat/completions (with SSE streaming), /v1/models, health, metrics."""
 import asyncio
 import contextlib
 import json
@@ -9,10 +9,12 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from internvl.serving.v1 import serving_pb2 as pb
 from services.gateway.chat import ChatService
 from services.gateway.errors import ApiError, invalid_request
+from services.gateway.metrics import TTFT, RestMetrics
 from services.gateway.schema import ChatCompletionRequest
 
 
@@ -21,6 +23,7 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its clie
 
 def create_app(chat: ChatService) -> FastAPI:
     app = FastAPI(title="InternVL serving gateway", version="1")
+    app.add_middleware(RestMetrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -34,6 +37,10 @@ def create_app(chat: ChatService) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": chat.model_name, "object": "model", "owned_by": "internvl-serving",
@@ -41,9 +48,11 @@ def create_app(chat: ChatService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        start = time.perf_counter()
         stream = chat.generate(await chat.prepare(req))
         # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
         first = await anext(stream)
+        TTFT.labels("rest").observe(time.perf_counter() - start)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
