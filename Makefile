@@ -8,7 +8,7 @@ DEVICE ?= cpu
 PORT   ?= 8000
 GRPC_PORT ?= 50050
 
-.PHONY: run test proto tiny-model clean
+.PHONY: run test proto tiny-model clean images
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,18 @@ tiny-model: $(VENV)/.installed
 
 clean:
 	rm -rf internvl .cache .pytest_cache
+
+# Container images, one per service (deploy/docker/<name>.Dockerfile; the build context is the repository root).
+IMAGE_PREFIX ?= internvl-serving-
+IMAGE_TAG    ?= dev
+IMAGES       := gateway vision_encoder llm_decoder
+
+images:
+	@command -v docker >/dev/null 2>&1 || { echo "make images: docker is not on PATH; install Docker (BuildKit) to build deploy/docker/*.Dockerfile" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make images: the docker daemon is not reachable (docker info failed)" >&2; exit 1; }
+	@set -e; for name in $(IMAGES); do \
+		echo "building $(IMAGE_PREFIX)$$name:$(IMAGE_TAG)"; \
+		DOCKER_BUILDKIT=1 docker build --file deploy/docker/$$name.Dockerfile --tag $(IMAGE_PREFIX)$$name:$(IMAGE_TAG) \
+			--build-arg VERSION=$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml) \
+			--build-arg VCS_REF=$$(git rev-parse HEAD 2>/dev/null || echo unknown) . ; \
+	done
