@@ -30,11 +30,17 @@ def free_port() -> int:
 class Stack:
     gateway_url: str
     gateway_grpc: str
-    vision_addr: str
-    decoder_addr: str
-    vision_metrics_url: str
-    decoder_metrics_url: str
+    vision_addrs: list[str]          # one per replica of the pool
+    decoder_addrs: list[str]
+    vision_metrics_urls: list[str]
+    decoder_metrics_urls: list[str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    # The first replica's, as with one replica.
+    vision_addr = property(lambda self: self.vision_addrs[0])
+    decoder_addr = property(lambda self: self.decoder_addrs[0])
+    vision_metrics_url = property(lambda self: self.vision_metrics_urls[0])
+    decoder_metrics_url = property(lambda self: self.decoder_metrics_urls[0])
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every process, then SIGKILL what is still running after the grace period."""
@@ -72,19 +78,22 @@ def start_redis(log: IO | None = None) -> tuple[subprocess.Popen, str]:
 
 def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, redis: bool = True,
                 host: str = "127.0.0.1", port: int = 0, grpc_port: int = 0, extra_env: dict | None = None,
-                log: IO | None = None, stdin: int | IO | None = subprocess.DEVNULL,
-                timeout_s: float = 300.0) -> Stack:
+                log: IO | None = None, stdin: int | IO | None = subprocess.DEVNULL, timeout_s: float = 300.0,
+                vision_replicas: int = 1, decoder_replicas: int = 1) -> Stack:
     """Start the services (and Redis unless `redis_url` is given) and return once the gateway answers.
 
     `redis=False` without a `redis_url`: no Redis, the services run without the embedding cache.
-    The services never read standard input: by default it is closed for them (`stdin` as for subprocess.Popen)."""
-    ports = {name: free_port() for name in ("vision", "decoder", "grpc", "vm", "dm")}
-    ports["grpc"] = grpc_port or ports["grpc"]
-    rest = port or free_port()
-    stack = Stack(gateway_url=f"http://{host}:{rest}", gateway_grpc=f"127.0.0.1:{ports['grpc']}",
-                  vision_addr=f"127.0.0.1:{ports['vision']}", decoder_addr=f"127.0.0.1:{ports['decoder']}",
-                  vision_metrics_url=f"http://127.0.0.1:{ports['vm']}/metrics",
-                  decoder_metrics_url=f"http://127.0.0.1:{ports['dm']}/metrics")
+    `vision_replicas` / `decoder_replicas` processes of each pool on their own ports; the gateway spreads calls over
+    them (the address lists). The services never read standard input: by default it is closed for them (`stdin` as
+    for subprocess.Popen)."""
+    replicas = {"vision_encoder": vision_replicas, "llm_decoder": decoder_replicas}
+    ports = {name: [(free_port(), free_port()) for _ in range(n)] for name, n in replicas.items()}  # (gRPC, metrics)
+    grpc_port, rest = grpc_port or free_port(), port or free_port()
+    addrs = {name: [f"127.0.0.1:{p}" for p, _ in ps] for name, ps in ports.items()}
+    metrics = {name: [f"http://127.0.0.1:{m}/metrics" for _, m in ps] for name, ps in ports.items()}
+    stack = Stack(gateway_url=f"http://{host}:{rest}", gateway_grpc=f"127.0.0.1:{grpc_port}",
+                  vision_addrs=addrs["vision_encoder"], decoder_addrs=addrs["llm_decoder"],
+                  vision_metrics_urls=metrics["vision_encoder"], decoder_metrics_urls=metrics["llm_decoder"])
     try:
         if not redis_url and redis:
             stack.procs["redis"], redis_url = start_redis(log)
@@ -92,14 +101,15 @@ def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None
                # ROOT first, keeping a PYTHONPATH that holds the dependencies (e.g. wheels unpacked elsewhere)
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                **(extra_env or {})}
-        commands = {
-            "vision_encoder": ["--port", str(ports["vision"]), "--metrics-port", str(ports["vm"])],
-            "llm_decoder": ["--port", str(ports["decoder"]), "--metrics-port", str(ports["dm"])],
-            "gateway": ["--host", host, "--port", str(rest), "--grpc-port", str(ports["grpc"]),
-                        "--vision-addr", stack.vision_addr, "--decoder-addr", stack.decoder_addr],
-        }
-        for name, args in commands.items():
-            stack.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT,
+        commands = {}  # process name -> (module, arguments); replicas after the first are "name.2", "name.3", ...
+        for name, ps in ports.items():
+            for i, (p, m) in enumerate(ps):
+                commands[name if i == 0 else f"{name}.{i + 1}"] = (name, ["--port", str(p), "--metrics-port", str(m)])
+        commands["gateway"] = ("gateway", ["--host", host, "--port", str(rest), "--grpc-port", str(grpc_port),
+                                           "--vision-addr", ",".join(stack.vision_addrs),
+                                           "--decoder-addr", ",".join(stack.decoder_addrs)])
+        for name, (module, args) in commands.items():
+            stack.procs[name] = subprocess.Popen([sys.executable, "-m", f"services.{module}", *args], cwd=ROOT,
                                                  env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT)
         _wait_ready(stack, timeout_s)
     except BaseException:
@@ -127,6 +137,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--port", type=int, default=8000, help="gateway REST port")
     p.add_argument("--grpc-port", type=int, default=50050, help="gateway gRPC port")
+    p.add_argument("--vision-replicas", type=int, default=int(os.environ.get("VISION_REPLICAS", 1)),
+                   help="vision encoder processes [env VISION_REPLICAS, default 1]")
+    p.add_argument("--decoder-replicas", type=int, default=int(os.environ.get("DECODER_REPLICAS", 1)),
+                   help="LLM decoder processes [env DECODER_REPLICAS, default 1]")
     args = p.parse_args()
     model = args.model
     if not model:
@@ -137,7 +151,8 @@ def main() -> None:
         model = str(TINY_MODEL)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM unwinds like Ctrl-C, through `finally`
     stack = start_stack(model, device=args.device, redis_url=os.environ.get("REDIS_URL"), host="127.0.0.1",
-                        port=args.port, grpc_port=args.grpc_port)
+                        port=args.port, grpc_port=args.grpc_port, vision_replicas=args.vision_replicas,
+                        decoder_replicas=args.decoder_replicas)
     try:
         name = Path(model).name if Path(model).is_dir() else model
         print(f"\nInternVL gateway ready: {stack.gateway_url}  (OpenAI API at {stack.gateway_url}/v1, "

@@ -1,7 +1,7 @@
 """gRPC server and channel set-up shared by the services."""
 import asyncio
 import signal
-from typing import Callable
+from typing import Callable, Sequence
 
 import grpc
 from prometheus_client import start_http_server
@@ -20,8 +20,8 @@ def create_server() -> grpc.aio.Server:
     return grpc.aio.server(options=OPTIONS)
 
 
-def create_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=OPTIONS)
+def create_channel(target: str, options: Sequence[tuple[str, int]] = ()) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=[*OPTIONS, *options])
 
 
 def add_health(server: grpc.aio.Server, service_name: str) -> health.aio.HealthServicer:

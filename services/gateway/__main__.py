@@ -1,6 +1,8 @@
 """Gateway: `python -m services.gateway --model DIR_OR_HUB_ID --vision-addr HOST:PORT --decoder-addr HOST:PORT`.
 
-Serves the OpenAI-compatible REST API and the public gRPC API; needs no GPU and no model weights.
+Serves the OpenAI-compatible REST API and the public gRPC API; needs no GPU and no model weights. Calls to each pool
+are spread over its endpoints (pods): from the Service's EndpointSlices when --vision-service/--decoder-service are
+set, else from the address lists (several `host:port`, or `dns:///name:port` re-resolved, e.g. a headless Service).
 """
 import argparse
 import asyncio
@@ -15,10 +17,13 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import read_model_config, resolve_checkpoint
-from services.common.grpc_utils import add_health, create_channel, create_server, set_serving
+from services.common.grpc_utils import add_health, create_server, set_serving
+from services.gateway.balancer import (Balancer, kube_api_client, parse_addresses, pod_namespace, watch_addresses,
+                                       watch_endpoint_slices)
 from services.gateway.chat import ChatService, Limits, Pools
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app
+from services.gateway.media import UrlPolicy
 from services.gateway.prompt import PromptBuilder
 
 log = logging.getLogger("gateway")
@@ -32,28 +37,54 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--host", "GATEWAY_HOST", "0.0.0.0", "address to listen on")
     settings.add(p, "--port", "GATEWAY_PORT", 8000, "REST port", int)
     settings.add(p, "--grpc-port", "GATEWAY_GRPC_PORT", 50050, "public gRPC port", int)
-    settings.add(p, "--vision-addr", "VISION_ADDR", "localhost:50051", "vision encoder pool (host:port)")
-    settings.add(p, "--decoder-addr", "DECODER_ADDR", "localhost:50052", "LLM decoder pool (host:port)")
+    settings.add(p, "--vision-addr", "VISION_ADDR", "localhost:50051",
+                 "vision encoder pool: host:port, comma-separated for several, dns:///name:port for each address "
+                 "of a name (re-resolved)")
+    settings.add(p, "--decoder-addr", "DECODER_ADDR", "localhost:50052", "LLM decoder pool (as --vision-addr)")
+    settings.add(p, "--vision-service", "VISION_SERVICE", None,
+                 "Kubernetes Service of the vision pool: its ready pods from the EndpointSlices (instead of the "
+                 "address; needs `list`/`watch` on endpointslices)")
+    settings.add(p, "--decoder-service", "DECODER_SERVICE", None, "Kubernetes Service of the decoder pool")
+    settings.add(p, "--dns-refresh", "DNS_REFRESH_S", 5.0, "seconds between re-resolutions of dns:/// names", float)
+    settings.add(p, "--eject", "EJECT_S", 10.0,
+                 "seconds an unreachable endpoint gets no calls (doubled each time in a row)", float)
     settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
     settings.add(p, "--cache-namespace", "CACHE_NAMESPACE", "ivl:emb", "prefix of the cache keys in Redis")
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
     settings.add(p, "--max-images", "MAX_IMAGES", 16, "most images per request", int)
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
     settings.add(p, "--pool-wait", "POOL_WAIT_S", 300.0, "seconds to wait for the pools at start-up", float)
+    settings.add(p, "--image-url-allow", "IMAGE_URL_ALLOW", "",
+                 "networks and host names image URLs may reach besides public addresses, comma-separated "
+                 "(e.g. 10.2.0.0/16,images.internal); by default loopback, private, link-local and other "
+                 "non-public addresses are refused")
     return p.parse_args()
 
 
-async def pool_info(stub, name: str, wait_s: float) -> pb.ModelInfo:
-    """Ask a pool what it serves, waiting while it loads."""
+async def pool_info(pool: Balancer, wait_s: float) -> dict[str, pb.ModelInfo]:
+    """Ask every endpoint of a pool what it serves, waiting for endpoints and while they load."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
     while True:
         try:
-            return await stub.Info(pb.InfoRequest(), timeout=5, wait_for_ready=True)
+            return await pool.each("Info", pb.InfoRequest(), timeout=5, wait_for_ready=True)
         except Exception as e:
             if loop.time() > deadline:
-                raise SystemExit(f"{name} not reachable after {wait_s:.0f}s: {e}")
+                raise SystemExit(f"{pool.name} not reachable after {wait_s:.0f}s: {e}")
             await asyncio.sleep(0.5)
+
+
+def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argparse.Namespace) -> Balancer:
+    balancer = Balancer(name, stub_class, eject_s=args.eject)
+    if service:
+        namespace = pod_namespace()
+        log.info("%s pool: endpoints of Service %s/%s", name, namespace, service)
+        return balancer.start(lambda update: watch_endpoint_slices(kube, namespace, service, update))
+    try:
+        parse_addresses(addr)  # a bad list stops the gateway now, not after --pool-wait
+    except ValueError as e:
+        raise SystemExit(f"{name} pool address: {e}")
+    return balancer.start(lambda update: watch_addresses(addr, update, interval_s=args.dns_refresh))
 
 
 async def main() -> None:
@@ -63,22 +94,31 @@ async def main() -> None:
         raise SystemExit("--model (or MODEL) is required")
     path = resolve_checkpoint(args.model, parts=())  # config and tokenizer only
     cfg = read_model_config(path)
-    vision = pb_grpc.VisionEncoderStub(create_channel(args.vision_addr))
-    decoder = pb_grpc.LlmDecoderStub(create_channel(args.decoder_addr))
-    vision_info, decoder_info = await asyncio.gather(pool_info(vision, "vision encoder", args.pool_wait),
-                                                     pool_info(decoder, "LLM decoder", args.pool_wait))
-    if vision_info.checkpoint != decoder_info.checkpoint:
-        raise SystemExit(f"the pools serve different checkpoints: vision {vision_info.model} "
-                         f"({vision_info.checkpoint}) vs decoder {decoder_info.model} ({decoder_info.checkpoint})")
+    try:
+        kube = await kube_api_client() if args.vision_service or args.decoder_service else None
+    except Exception as e:
+        raise SystemExit(f"--vision-service/--decoder-service need the Kubernetes API (in-cluster or KUBECONFIG): {e}")
+    vision = pool("vision encoder", pb_grpc.VisionEncoderStub, args.vision_addr, args.vision_service, kube, args)
+    decoder = pool("LLM decoder", pb_grpc.LlmDecoderStub, args.decoder_addr, args.decoder_service, kube, args)
+    vision_infos, decoder_infos = await asyncio.gather(pool_info(vision, args.pool_wait),
+                                                       pool_info(decoder, args.pool_wait))
+    vision_info, decoder_info = next(iter(vision_infos.values())), next(iter(decoder_infos.values()))
+    # Every endpoint of both pools must serve the same checkpoint.
+    infos = {**{f"vision {a}": i for a, i in vision_infos.items()},
+             **{f"decoder {a}": i for a, i in decoder_infos.items()}}
+    if len({info.checkpoint for info in infos.values()}) > 1:
+        raise SystemExit("the pools serve different checkpoints: " + ", ".join(
+            f"{who} {info.model} ({info.checkpoint})" for who, info in infos.items()))
     if vision_info.tokens_per_tile != cfg.tokens_per_tile:
         raise SystemExit(f"{args.model} has {cfg.tokens_per_tile} tokens per tile, the vision pool "
                          f"{vision_info.tokens_per_tile}: the gateway's MODEL is not the pools' checkpoint")
     prompt = PromptBuilder(path, cfg)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
-                    max_images=args.max_images, max_image_bytes=args.max_image_bytes)
+                    max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                    url_policy=UrlPolicy.parse(args.image_url_allow))
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
-    async with httpx.AsyncClient(follow_redirects=True) as http:
+    async with httpx.AsyncClient() as http:  # redirects are followed by fetch_image, each hop checked
         pools = Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile, decoder_info.max_model_len)
         chat = ChatService(name, prompt, pools, cache, http, limits, tile_size=cfg.vision.image_size,
                            use_thumbnail=cfg.use_thumbnail, cache_namespace=args.cache_namespace)
@@ -93,7 +133,9 @@ async def main() -> None:
         await uvicorn.Server(uvicorn.Config(create_app(chat), host=args.host, port=args.port,
                                             log_level="warning")).serve()
         await grpc_server.stop(5)
-    await cache.close()
+    await asyncio.gather(vision.close(), decoder.close(), cache.close())
+    if kube:
+        await kube.close()
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ import httpx
 import numpy as np
 
 from internvl.serving.v1 import serving_pb2 as pb
-from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common.cache import EmbeddingCache, decode_value, image_cache_key
+from services.gateway.balancer import Balancer
 from services.gateway.errors import ApiError, bad_request
-from services.gateway.media import decode_image, fetch_image, image_hash
+from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash
+from services.gateway.metrics import IMAGE_CACHE
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImageURL
 from services.gateway.tiling import tile_image
@@ -30,12 +31,13 @@ class Limits:
     max_image_pixels: int = 64 * 1024 * 1024
     fetch_timeout_s: float = 10.0
     vision_timeout_s: float = 120.0
+    url_policy: UrlPolicy = UrlPolicy()  # where image URLs may lead (public addresses only by default)
 
 
 @dataclass(frozen=True)
 class Pools:
-    vision: pb_grpc.VisionEncoderStub
-    decoder: pb_grpc.LlmDecoderStub
+    vision: Balancer                # over VisionEncoder endpoints
+    decoder: Balancer               # over LlmDecoder endpoints
     fingerprint: str                # of the vision pool's weights; part of every cache key
     tokens_per_tile: int
     max_model_len: int              # the decoder's context
@@ -90,14 +92,14 @@ class ChatService:
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The decoder's stream; its errors become ApiErrors."""
-        call = self.pools.decoder.Generate(request)
+        stream = self.pools.decoder.stream("Generate", request)
         try:
-            async for response in call:
+            async for response in stream:
                 yield response
         except grpc.aio.AioRpcError as e:
             raise upstream_error("decoder", e) from e
         finally:
-            call.cancel()  # the client went away (or we are done): the decoder frees the sequence
+            await stream.aclose()  # the client went away (or we are done): the decoder frees the sequence
 
     async def _resolve_images(self, images: list[ImageURL], max_num: int) -> list[_Image]:
         """Each image's cache entry, or its tiles when there is none (CPU work, off the event loop)."""
@@ -112,6 +114,8 @@ class ChatService:
             value = raw and decode_value(raw, self.pools.fingerprint, self.pools.tokens_per_tile)
             resolved.append(_Image(key, value.tiles, value.embeddings) if value else _Image(key, 0, None))
         misses = [(img, data) for img, data in zip(resolved, datas) if img.embeddings is None]
+        IMAGE_CACHE.labels("hit").inc(len(resolved) - len(misses))
+        IMAGE_CACHE.labels("miss").inc(len(misses))
         arrays = await asyncio.gather(*(asyncio.to_thread(self._tiles, data, max_num) for _, data in misses))
         for (img, _), pixels in zip(misses, arrays):
             img.tiles, img.pixels = pixels.shape[0], pixels
@@ -126,7 +130,7 @@ class ChatService:
             pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=img.pixels.shape, data=img.pixels.tobytes()),
                           cache_key=img.key) for img in misses])
         try:
-            response = await self.pools.vision.Encode(request, timeout=self.limits.vision_timeout_s)
+            response = await self.pools.vision.unary("Encode", request, timeout=self.limits.vision_timeout_s)
         except grpc.aio.AioRpcError as e:
             raise upstream_error("vision encoder", e) from e
         for img, out in zip(misses, response.images):
@@ -135,7 +139,8 @@ class ChatService:
     async def _fetch(self, image: ImageURL) -> bytes:
         if image._data is not None:
             return image._data
-        return await fetch_image(image.url, self.http, self.limits.max_image_bytes, self.limits.fetch_timeout_s)
+        return await fetch_image(image.url, self.http, self.limits.max_image_bytes, self.limits.fetch_timeout_s,
+                                 self.limits.url_policy)
 
     def _tiles(self, data: bytes, max_num: int) -> np.ndarray:
         return tile_image(decode_image(data, self.limits.max_image_pixels), max_num=max_num,
