@@ -53,6 +53,10 @@ def redis_url(tmp_path_factory):
         proc.wait()
 
 
+# The one loopback address the test stack may fetch image URLs from (every other non-public address is refused).
+IMAGE_HOST = "127.0.0.2"
+
+
 @pytest.fixture(scope="session")
 def stack(tiny_checkpoint, redis_url, tmp_path_factory):
     """The three services as real processes. A fresh cache namespace keeps a shared Redis's old entries out."""
@@ -60,7 +64,8 @@ def stack(tiny_checkpoint, redis_url, tmp_path_factory):
     with open(log_path, "w") as log:
         try:
             s = start_stack(str(tiny_checkpoint), redis_url=redis_url, log=log,
-                            extra_env={"CACHE_NAMESPACE": f"test-{uuid.uuid4().hex}"})
+                            extra_env={"CACHE_NAMESPACE": f"test-{uuid.uuid4().hex}",
+                                       "IMAGE_URL_ALLOW": IMAGE_HOST + "/32"})
         except Exception:
             print(log_path.read_text())
             raise

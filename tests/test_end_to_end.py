@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from tests.conftest import data_url, noise_image, png_bytes
+from tests.conftest import IMAGE_HOST, data_url, noise_image, png_bytes
 
 MODEL = "tiny-internvl2_5"
 MAX_NUM = 4
@@ -267,11 +267,11 @@ def test_http_image_url_equals_data_url(client, tmp_path):
 
     (tmp_path / "cat.png").write_bytes(png_bytes(IMAGES[0]))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer((IMAGE_HOST, 0), handler)  # the address the stack may fetch from
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         answers = []
-        for url in (f"http://127.0.0.1:{server.server_port}/cat.png", data_url(IMAGES[0])):
+        for url in (f"http://{IMAGE_HOST}:{server.server_port}/cat.png", data_url(IMAGES[0])):
             r = client.chat.completions.create(
                 model=MODEL, max_tokens=8, temperature=0, extra_body={"max_num": 2, "return_token_ids": True},
                 messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
@@ -279,6 +279,21 @@ def test_http_image_url_equals_data_url(client, tmp_path):
         assert answers[0] == answers[1]
     finally:
         server.shutdown()
+
+
+def test_image_urls_cannot_reach_inside(client):
+    """Loopback (however spelled), and Redis or a pool's port behind it, are never connected to."""
+    from tests.test_media import Listener
+
+    listener = Listener()
+    try:
+        for host in ("127.0.0.1", "localhost", "2130706433", "[::ffff:127.0.0.1]"):
+            with pytest.raises(openai.BadRequestError, match="does not fetch from|invalid image URL"):
+                client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"http://{host}:{listener.port}/x.png"}}]}])
+        assert listener.connections == 0
+    finally:
+        listener.close()
 
 
 def test_client_disconnect_cancels_the_generation(stack):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from services.gateway import media
 from services.gateway.errors import ApiError
-from services.gateway.media import decode_image, fetch_image, image_hash
+from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash
 
 MAX_PIXELS = 50_000_000
 MAX_BYTES = 1_000_000
@@ -167,9 +167,12 @@ def test_image_hash():
 
 # ---------------------------------------------------------------------------- data: URLs
 
-async def fetch(url, max_bytes=MAX_BYTES, timeout_s=5.0):
+LOOPBACK_ALLOWED = UrlPolicy.parse("127.0.0.0/8")  # the test servers listen on loopback
+
+
+async def fetch(url, max_bytes=MAX_BYTES, timeout_s=5.0, policy=LOOPBACK_ALLOWED):
     async with httpx.AsyncClient(trust_env=False) as client:
-        return await fetch_image(url, client, max_bytes, timeout_s)
+        return await fetch_image(url, client, max_bytes, timeout_s, policy)
 
 
 @pytest.mark.parametrize("data,media_type", [(PNG, "image/png"), (JPEG, "image/jpeg"), (JPEG, "")])
@@ -359,3 +362,105 @@ async def test_long_url_shortened_in_message(server):
     with pytest.raises(ApiError) as excinfo:
         await fetch(url)
     assert len(bad_request(excinfo, "HTTP 404")) < 400
+
+
+# ---------------------------------------------------------------------------- URLs that must not reach inside
+
+class Listener:
+    """A loopback TCP listener that only counts connections: the tests assert it is never connected to."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port, self.connections, self.stop = self.sock.getsockname()[1], 0, threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def listener():
+    lst = Listener()
+    yield lst
+    lst.close()
+
+
+@pytest.mark.parametrize("spelling", ["127.0.0.1", "localhost", "2130706433", "0x7f000001", "0177.0.0.1", "127.1",
+                                      "[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "LOCALHOST.", "0.0.0.0"])
+async def test_inside_addresses_are_refused_however_spelled(listener, spelling):
+    with pytest.raises(ApiError) as excinfo:
+        await fetch(f"http://{spelling}:{listener.port}/x.png", policy=UrlPolicy())
+    assert excinfo.value.status == 400 and listener.connections == 0
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+                                     "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1", "fe80::1", "fc00::1",
+                                     "ff02::1", "::", "::ffff:10.0.0.1", "64:ff9b::7f00:1",
+                                     "2002:7f00:1::1"])
+def test_non_public_ranges_are_not_allowed(address):
+    assert not UrlPolicy().allows(address)
+
+
+def test_public_addresses_and_allowed_networks():
+    assert UrlPolicy().allows("93.184.216.34") and UrlPolicy().allows("2606:2800:220:1:248:1893:25c8:1946")
+    policy = UrlPolicy.parse("10.1.0.0/16, images.internal")
+    assert policy.allows("10.1.2.3") and not policy.allows("10.2.0.1") and policy.hosts == {"images.internal"}
+
+
+async def test_a_redirect_inside_is_refused(listener):
+    """An allowed server (127.0.0.2 here) redirecting to a loopback address that is not allowed."""
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{listener.port}/x.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ApiError) as excinfo:
+            await fetch(f"http://127.0.0.2:{httpd.server_address[1]}/", policy=UrlPolicy.parse("127.0.0.2/32"))
+        assert "only public addresses" in excinfo.value.message and listener.connections == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+async def test_redirects_are_capped(server):
+    with pytest.raises(ApiError) as excinfo:
+        await fetch(server + "/redirect", policy=UrlPolicy.parse("127.0.0.0/8", max_redirects=0))
+    assert "redirects more than 0 times" in excinfo.value.message
+    assert await fetch(server + "/redirect") == PNG  # one hop is fine by default
+
+
+async def test_the_connection_goes_to_the_checked_address(server, monkeypatch):
+    """A name is resolved once; the request goes to that address with the name as Host (no second lookup)."""
+    import services.gateway.media as media
+    seen = []
+    real = media._resolve
+
+    async def resolve(url, policy, shown):
+        seen.append(url.host)
+        return await real(url.copy_with(host="127.0.0.1"), policy, shown)
+
+    monkeypatch.setattr(media, "_resolve", resolve)
+    port = server.rsplit(":", 1)[1]
+    assert await fetch(f"http://images.example:{port}/image.png") == PNG
+    assert seen == ["images.example"]

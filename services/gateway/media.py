@@ -11,7 +11,10 @@ import base64
 import binascii
 import hashlib
 import io
+import ipaddress
+import socket
 import urllib.parse
+from dataclasses import dataclass
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -132,35 +135,102 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
     return data
 
 
-async def _download(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float) -> bytes:
-    shown = _shown(url)
-    # Validate up front what httpx would only trip over mid-connect (a port over 65535
-    # surfaces as a bare OverflowError from the socket layer).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Where image URLs may lead. By default only public unicast addresses: an image URL must never reach loopback,
+    private, link-local, CGNAT, multicast, reserved or unspecified addresses (Redis, the pools, the cloud metadata
+    service, other pods), however the URL spells them. `allow` opens chosen networks or host names (local
+    development, in-cluster image stores)."""
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    hosts: frozenset[str] = frozenset()
+    max_redirects: int = 5
+
+    @classmethod
+    def parse(cls, allow: str, max_redirects: int = 5) -> "UrlPolicy":
+        """`allow`: comma-separated networks (10.0.0.0/8, ::1/128) and host names (images.internal)."""
+        networks, hosts = [], set()
+        for item in filter(None, (x.strip() for x in allow.split(","))):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                hosts.add(item.lower().rstrip("."))
+        return cls(tuple(networks), frozenset(hosts), max_redirects)
+
+    def allows(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if any(ip in net for net in self.networks):
+            return True
+        if isinstance(ip, ipaddress.IPv6Address):
+            # IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4, Teredo) are judged by that address too.
+            embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ()),
+                        ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None]
+            if any(v4 is not None and not self.allows(str(v4)) for v4 in embedded):
+                return False
+            if ip.ipv4_mapped:
+                return True
+        return ip.is_global and not ip.is_multicast
+
+
+async def _resolve(url: httpx.URL, policy: UrlPolicy, shown: str) -> str | None:
+    """The checked address to connect to, or None when the host name itself is allowed. Resolved once: the
+    connection goes to this address, so a name that resolves elsewhere the second time gains nothing."""
+    host = url.host.lower().rstrip(".")
+    if host in policy.hosts:
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise bad_request(f"could not fetch image from {shown}: cannot resolve {host!r} ({exc})") from None
+    addresses = [info[4][0] for info in infos]
+    if not addresses or not all(policy.allows(a) for a in addresses):
+        raise bad_request(f"image URL {shown} leads to an address this server does not fetch from (only public "
+                          "addresses are allowed)")
+    return addresses[0]
+
+
+def _checked_url(url: str, shown: str) -> httpx.URL:
+    # Validated up front what httpx would only trip over mid-connect (a port over 65535 surfaces as a bare
+    # OverflowError from the socket layer).
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise bad_request(f"invalid image URL {shown}: {exc}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise bad_request(f"image URL {shown} redirects to an unsupported scheme {parsed.scheme!r}")
     if not parsed.host:
         raise bad_request(f"invalid image URL {shown}: no host")
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise bad_request(f"invalid image URL {shown}: port {parsed.port} out of range")
+    return parsed
+
+
+async def _download(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float,
+                    policy: UrlPolicy) -> bytes:
+    shown = _shown(url)
     try:
         # httpx timeouts apply per network operation; asyncio.timeout bounds the whole
-        # download, so a server trickling bytes cannot hold the request open.
+        # download (redirects included), so a server trickling bytes cannot hold the request open.
         async with asyncio.timeout(timeout_s):
-            async with client.stream("GET", url, timeout=timeout_s, follow_redirects=True) as response:
-                if not response.is_success:
-                    raise bad_request(f"could not fetch image from {shown}: HTTP "
-                                      f"{response.status_code} {response.reason_phrase}".rstrip())
-                declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > max_bytes:
-                    raise _too_large(max_bytes)
-                body = bytearray()
-                # Enforced while reading: a missing or lying Content-Length changes nothing.
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise _too_large(max_bytes)
+            target = _checked_url(url, shown)
+            for _ in range(policy.max_redirects + 1):
+                address = await _resolve(target, policy, shown)
+                request_url, extensions, headers = target, {}, {}
+                if address is not None:  # connect to the address that was checked, as the host it belongs to
+                    request_url = target.copy_with(host=address)
+                    headers["Host"] = target.netloc.decode("ascii")
+                    if target.scheme == "https":
+                        extensions["sni_hostname"] = target.host
+                async with client.stream("GET", request_url, headers=headers, extensions=extensions,
+                                         timeout=timeout_s, follow_redirects=False) as response:
+                    if response.is_redirect:  # each hop is checked like the first
+                        target = _checked_url(str(target.join(response.headers.get("location", ""))), shown)
+                        continue
+                    return await _read_body(response, max_bytes, shown)
+            raise bad_request(f"image URL {shown} redirects more than {policy.max_redirects} times")
     except (TimeoutError, httpx.TimeoutException):
         raise bad_request(f"timed out after {timeout_s:g} s fetching image from {shown}") from None
     except httpx.InvalidURL as exc:
@@ -168,16 +238,33 @@ async def _download(url: str, client: httpx.AsyncClient, max_bytes: int, timeout
     except httpx.HTTPError as exc:
         reason = str(exc) or type(exc).__name__
         raise bad_request(f"could not fetch image from {shown}: {reason}") from None
+
+
+async def _read_body(response: httpx.Response, max_bytes: int, shown: str) -> bytes:
+    if not response.is_success:
+        raise bad_request(f"could not fetch image from {shown}: HTTP "
+                          f"{response.status_code} {response.reason_phrase}".rstrip())
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    # Enforced while reading: a missing or lying Content-Length changes nothing.
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
     if not body:
         raise bad_request(f"image URL {shown} returned an empty body")
     return bytes(body)
 
 
-async def fetch_image(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float) -> bytes:
+async def fetch_image(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float,
+                      policy: UrlPolicy = UrlPolicy()) -> bytes:
     """Return the encoded image bytes named by `url` (a `data:` or `http(s)://` URL).
 
     At most `max_bytes` are accepted and an http(s) fetch takes at most `timeout_s`
-    seconds in total; redirects are followed. Any failure is a 400 `ApiError`.
+    seconds in total; redirects are followed, each checked against `policy` like the URL itself.
+    Any failure is a 400 `ApiError`.
     The bytes are not decoded here: see `decode_image`.
     """
     url = url.strip()
@@ -186,7 +273,7 @@ async def fetch_image(url: str, client: httpx.AsyncClient, max_bytes: int, timeo
     if scheme == "data":
         return _decode_data_url(url, max_bytes)
     if scheme in ("http", "https"):
-        return await _download(url, client, max_bytes, timeout_s)
+        return await _download(url, client, max_bytes, timeout_s, policy)
     if not scheme:
         raise bad_request(f"image URL {_shown(url)!r} has no scheme; use http(s):// or a data: URL")
     raise bad_request(f"unsupported image URL scheme {scheme!r}; use http(s):// or a data: URL")
