@@ -372,7 +372,10 @@ def test_gateway_finds_the_pools(render):
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["VISION_ADDR"]["value"] == f"{VISION}.{NAMESPACE}.svc.cluster.local:50051"
     assert env["DECODER_ADDR"]["value"] == f"{DECODER}.{NAMESPACE}.svc.cluster.local:50052"
-    assert env["POOL_WAIT_S"]["value"] == "1800"
+    assert env["POOL_WAIT_S"]["value"] == "1800" and env["WAIT_FOR_POOLS"]["value"] == "1"
+    # Pools that scale to zero come up on demand: the gateway serves before them.
+    zero = one(render(CHART / "examples" / "scale-to-zero.yaml"), "Deployment", GATEWAY)
+    assert env_of(zero["spec"]["template"]["spec"]["containers"][0])["WAIT_FOR_POOLS"]["value"] == "0"
     sa = pod["serviceAccountName"]
     assert one(objects, "ServiceAccount", sa)
     role = one(objects, "Role", GATEWAY)

@@ -7,10 +7,13 @@ set, else from the address lists (several `host:port`, or `dns:///name:port` re-
 import argparse
 import asyncio
 import logging
+import os
+import signal
 from pathlib import Path
 
 import httpx
 import uvicorn
+from prometheus_client import start_http_server
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
@@ -37,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--host", "GATEWAY_HOST", "0.0.0.0", "address to listen on")
     settings.add(p, "--port", "GATEWAY_PORT", 8000, "REST port", int)
     settings.add(p, "--grpc-port", "GATEWAY_GRPC_PORT", 50050, "public gRPC port", int)
+    settings.add(p, "--metrics-port", "GATEWAY_METRICS_PORT", 0,
+                 "a separate port for Prometheus /metrics (0 = only /metrics on the REST port)", int)
     settings.add(p, "--vision-addr", "VISION_ADDR", "localhost:50051",
                  "vision encoder pool: host:port, comma-separated for several, dns:///name:port for each address "
                  "of a name (re-resolved)")
@@ -53,7 +58,11 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
     settings.add(p, "--max-images", "MAX_IMAGES", 16, "most images per request", int)
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
-    settings.add(p, "--pool-wait", "POOL_WAIT_S", 300.0, "seconds to wait for the pools at start-up", float)
+    settings.add(p, "--pool-wait", "POOL_WAIT_S", 300.0,
+                 "seconds to wait for the pools (at start-up; per request when they are not up)", float)
+    settings.add(p, "--wait-for-pools", "WAIT_FOR_POOLS", 1,
+                 "1: start serving once the pools answer; 0: serve at once and let requests wait for the pools "
+                 "(pools that scale to zero)", int)
     settings.add(p, "--image-url-allow", "IMAGE_URL_ALLOW", "",
                  "networks and host names image URLs may reach besides public addresses, comma-separated "
                  "(e.g. 10.2.0.0/16,images.internal); by default loopback, private, link-local and other "
@@ -75,7 +84,7 @@ async def pool_info(pool: Balancer, wait_s: float) -> dict[str, pb.ModelInfo]:
 
 
 def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argparse.Namespace) -> Balancer:
-    balancer = Balancer(name, stub_class, eject_s=args.eject)
+    balancer = Balancer(name, stub_class, eject_s=args.eject, wait_s=0.0 if args.wait_for_pools else args.pool_wait)
     if service:
         namespace = pod_namespace()
         log.info("%s pool: endpoints of Service %s/%s", name, namespace, service)
@@ -85,6 +94,30 @@ def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argp
     except ValueError as e:
         raise SystemExit(f"{name} pool address: {e}")
     return balancer.start(lambda update: watch_addresses(addr, update, interval_s=args.dns_refresh))
+
+
+async def check_pools(vision: Balancer, decoder: Balancer, cfg, args, wait_s: float | None = None) -> Pools:
+    """What the pools serve, once every known endpoint answers: all the same checkpoint, and the gateway's."""
+    wait_s = args.pool_wait if wait_s is None else wait_s
+    vision_infos, decoder_infos = await asyncio.gather(pool_info(vision, wait_s), pool_info(decoder, wait_s))
+    vision_info, decoder_info = next(iter(vision_infos.values())), next(iter(decoder_infos.values()))
+    infos = {**{f"vision {a}": i for a, i in vision_infos.items()},
+             **{f"decoder {a}": i for a, i in decoder_infos.items()}}
+    if len({info.checkpoint for info in infos.values()}) > 1:
+        raise SystemExit("the pools serve different checkpoints: " + ", ".join(
+            f"{who} {info.model} ({info.checkpoint})" for who, info in infos.items()))
+    if vision_info.tokens_per_tile != cfg.tokens_per_tile:
+        raise SystemExit(f"{args.model} has {cfg.tokens_per_tile} tokens per tile, the vision pool "
+                         f"{vision_info.tokens_per_tile}: the gateway's MODEL is not the pools' checkpoint")
+    log.info("pools up: %d vision, %d decoder endpoints", len(vision_infos), len(decoder_infos))
+    return Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile, decoder_info.max_model_len)
+
+
+def stop_on_failure(task: asyncio.Future) -> None:
+    """A background pool check that failed stops the gateway, as it would have at start-up."""
+    if not task.cancelled() and task.exception():
+        log.error("stopping: %s", task.exception())
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def main() -> None:
@@ -100,28 +133,22 @@ async def main() -> None:
         raise SystemExit(f"--vision-service/--decoder-service need the Kubernetes API (in-cluster or KUBECONFIG): {e}")
     vision = pool("vision encoder", pb_grpc.VisionEncoderStub, args.vision_addr, args.vision_service, kube, args)
     decoder = pool("LLM decoder", pb_grpc.LlmDecoderStub, args.decoder_addr, args.decoder_service, kube, args)
-    vision_infos, decoder_infos = await asyncio.gather(pool_info(vision, args.pool_wait),
-                                                       pool_info(decoder, args.pool_wait))
-    vision_info, decoder_info = next(iter(vision_infos.values())), next(iter(decoder_infos.values()))
-    # Every endpoint of both pools must serve the same checkpoint.
-    infos = {**{f"vision {a}": i for a, i in vision_infos.items()},
-             **{f"decoder {a}": i for a, i in decoder_infos.items()}}
-    if len({info.checkpoint for info in infos.values()}) > 1:
-        raise SystemExit("the pools serve different checkpoints: " + ", ".join(
-            f"{who} {info.model} ({info.checkpoint})" for who, info in infos.items()))
-    if vision_info.tokens_per_tile != cfg.tokens_per_tile:
-        raise SystemExit(f"{args.model} has {cfg.tokens_per_tile} tokens per tile, the vision pool "
-                         f"{vision_info.tokens_per_tile}: the gateway's MODEL is not the pools' checkpoint")
+    if args.wait_for_pools:
+        pools = await check_pools(vision, decoder, cfg, args)
+    else:  # serve at once (pools that scale to zero come up on demand); requests wait for them
+        pools = asyncio.ensure_future(check_pools(vision, decoder, cfg, args, wait_s=float("inf")))
+        pools.add_done_callback(stop_on_failure)
     prompt = PromptBuilder(path, cfg)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
                     max_images=args.max_images, max_image_bytes=args.max_image_bytes,
-                    url_policy=UrlPolicy.parse(args.image_url_allow))
+                    url_policy=UrlPolicy.parse(args.image_url_allow), pool_wait_s=args.pool_wait)
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
     async with httpx.AsyncClient() as http:  # redirects are followed by fetch_image, each hop checked
-        pools = Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile, decoder_info.max_model_len)
         chat = ChatService(name, prompt, pools, cache, http, limits, tile_size=cfg.vision.image_size,
                            use_thumbnail=cfg.use_thumbnail, cache_namespace=args.cache_namespace)
+        if args.metrics_port:
+            start_http_server(args.metrics_port)
         grpc_server = create_server()
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(chat), grpc_server)
         health = add_health(grpc_server, "internvl.serving.v1.Gateway")

@@ -47,8 +47,11 @@ class Endpoint:
 class Balancer:
     """One pool's endpoints; least outstanding calls first, round-robin among equals."""
 
-    def __init__(self, name: str, stub_class, eject_s: float = 10.0, max_eject_s: float = 300.0):
+    def __init__(self, name: str, stub_class, eject_s: float = 10.0, max_eject_s: float = 300.0,
+                 wait_s: float = 0.0):
         self.name, self.stub_class, self.eject_s, self.max_eject_s = name, stub_class, eject_s, max_eject_s
+        self.wait_s = wait_s  # how long a call waits for a first endpoint (a pool scaled to zero) before failing
+        self._has_endpoints = asyncio.Event()
         self.endpoints: dict[str, Endpoint] = {}  # ready: new calls go to these
         self.draining: set[Endpoint] = set()      # removed, with calls still in flight
         self._turn = 0
@@ -88,6 +91,10 @@ class Balancer:
             ep.draining = True
             self.draining.add(ep)
             self._close_if_idle(ep)
+        if self.endpoints:
+            self._has_endpoints.set()
+        else:
+            self._has_endpoints.clear()
         if added or removed:
             log.info("%s pool: %s (added %s, removed %s)", self.name, sorted(self.endpoints) or "no endpoints",
                      sorted(added), sorted(removed))
@@ -104,6 +111,7 @@ class Balancer:
     async def unary(self, method: str, request, timeout: float | None = None, **kwargs):
         """`method` on the least-loaded endpoint; once more on another if the first was unreachable."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        await self._endpoints_up()
         tried: list[Endpoint] = []
         while True:
             ep, code = self._acquire(tried), None
@@ -122,6 +130,7 @@ class Balancer:
     async def stream(self, method: str, request, **kwargs) -> AsyncIterator:
         """The responses of a server-streaming `method`; outstanding until the stream ends or the caller closes
         (or cancels) it. Retried once on another endpoint if the first was unreachable before any response."""
+        await self._endpoints_up()
         tried: list[Endpoint] = []
         while True:
             ep, code, started = self._acquire(tried), None, False
@@ -147,6 +156,11 @@ class Balancer:
             raise unavailable(f"no ready endpoint in the {self.name} pool")
         results = await asyncio.gather(*(getattr(ep.stub, method)(request, **kwargs) for ep in eps))
         return {ep.addr: r for ep, r in zip(eps, results)}
+
+    async def _endpoints_up(self) -> None:
+        if not self.endpoints and self.wait_s > 0:
+            with contextlib.suppress(TimeoutError):  # still none: _acquire says so
+                await asyncio.wait_for(self._has_endpoints.wait(), self.wait_s)
 
     def _acquire(self, tried: list[Endpoint]) -> Endpoint:
         candidates = [ep for ep in self.endpoints.values() if ep not in tried]

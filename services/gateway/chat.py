@@ -31,6 +31,7 @@ class Limits:
     max_image_pixels: int = 64 * 1024 * 1024
     fetch_timeout_s: float = 10.0
     vision_timeout_s: float = 120.0
+    pool_wait_s: float = 300.0      # how long a request waits for pools that are not up (starting, scaled to zero)
     url_policy: UrlPolicy = UrlPolicy()  # where image URLs may lead (public addresses only by default)
 
 
@@ -52,15 +53,30 @@ class _Image:
 
 
 class ChatService:
-    def __init__(self, model_name: str, prompt: PromptBuilder, pools: Pools, cache: EmbeddingCache,
+    def __init__(self, model_name: str, prompt: PromptBuilder, pools: "Pools | asyncio.Future[Pools]", cache: EmbeddingCache,
                  http: httpx.AsyncClient, limits: Limits, tile_size: int = 448, use_thumbnail: bool = True,
                  cache_namespace: str = "ivl:emb"):
-        self.model_name, self.prompt, self.pools, self.cache = model_name, prompt, pools, cache
+        self.model_name, self.prompt, self.cache = model_name, prompt, cache
+        self._pools = pools  # or, until the pools have answered what they serve, a future of them
         self.http, self.limits, self.tile_size, self.use_thumbnail = http, limits, tile_size, use_thumbnail
         self.cache_namespace = cache_namespace
 
+    @property
+    def pools(self) -> Pools:
+        return self._pools if isinstance(self._pools, Pools) else self._pools.result()  # past `pools_up`
+
+    async def pools_up(self) -> None:
+        """Wait (bounded) for pools that are not up yet: starting, or scaled to zero until this demand wakes them."""
+        if not isinstance(self._pools, Pools) and not self._pools.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._pools), self.limits.pool_wait_s)
+            except TimeoutError:
+                raise ApiError(503, f"the model pools did not come up within {self.limits.pool_wait_s:g}s; retry later",
+                               type="service_unavailable") from None
+
     async def prepare(self, req: ChatCompletionRequest) -> pb.GenerateRequest:
         """Validate, resolve every image to embeddings (cache first), and build the decoder request."""
+        await self.pools_up()
         if req.model != self.model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
