@@ -139,6 +139,20 @@ def test_repeated_image_skips_the_vision_service(client, stack):
     assert ask(noise_image(333, 517, seed=11), 2) == first + 2   # a different image misses
 
 
+async def test_concurrent_requests_for_one_image_encode_it_once(stack):
+    """Single flight: identical images arriving together (and twice in one request) are encoded once."""
+    import asyncio
+
+    image = {"type": "image_url", "image_url": {"url": data_url(noise_image(271, 183, seed=123))}}
+    before = metric(stack.vision_metrics_url, "vision_images_encoded_total")
+    async with openai.AsyncOpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0) as aclient:
+        answers = await asyncio.gather(*(aclient.chat.completions.create(
+            model=MODEL, max_tokens=4, temperature=0, extra_body={"max_num": 2, "return_token_ids": True},
+            messages=[{"role": "user", "content": [image, image] if i == 0 else [image]}]) for i in range(6)))
+    assert metric(stack.vision_metrics_url, "vision_images_encoded_total") == before + 1
+    assert len({tuple(a.choices[0].token_ids) for a in answers[1:]}) == 1
+
+
 def test_cached_answer_equals_uncached(client):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(IMAGES[0])}},
                                              {"type": "text", "text": "Again?"}]}]

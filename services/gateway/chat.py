@@ -60,6 +60,7 @@ class ChatService:
         self._pools = pools  # or, until the pools have answered what they serve, a future of them
         self.http, self.limits, self.tile_size, self.use_thumbnail = http, limits, tile_size, use_thumbnail
         self.cache_namespace = cache_namespace
+        self._encoding: dict[str, asyncio.Future] = {}  # cache key -> embeddings being computed for some request
 
     @property
     def pools(self) -> Pools:
@@ -138,19 +139,41 @@ class ChatService:
         return resolved
 
     async def _encode_misses(self, images: list[_Image], request_id: str) -> None:
-        """One Encode call for all images the cache did not have (the vision pool caches them)."""
-        misses = [img for img in images if img.embeddings is None]
-        if not misses:
-            return
-        request = pb.EncodeRequest(request_id=request_id, images=[
-            pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=img.pixels.shape, data=img.pixels.tobytes()),
-                          cache_key=img.key) for img in misses])
-        try:
-            response = await self.pools.vision.unary("Encode", request, timeout=self.limits.vision_timeout_s)
-        except grpc.aio.AioRpcError as e:
-            raise upstream_error("vision encoder", e) from e
-        for img, out in zip(misses, response.images):
-            img.embeddings = out.embeddings
+        """One Encode call for the images the cache did not have (the vision pool caches them). Single flight: an
+        image that another request (or this one, twice) is encoding right now is awaited, not encoded again."""
+        loop = asyncio.get_running_loop()
+        futures: dict[str, asyncio.Future] = {}
+        owned: list[_Image] = []
+        for img in images:
+            if img.embeddings is None and img.key not in futures:
+                if img.key not in self._encoding:
+                    self._encoding[img.key] = loop.create_future()
+                    owned.append(img)
+                futures[img.key] = self._encoding[img.key]
+        if owned:
+            request = pb.EncodeRequest(request_id=request_id, images=[
+                pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=img.pixels.shape, data=img.pixels.tobytes()),
+                              cache_key=img.key) for img in owned])
+            try:
+                response = await self.pools.vision.unary("Encode", request, timeout=self.limits.vision_timeout_s)
+                for img, out in zip(owned, response.images):
+                    futures[img.key].set_result(out.embeddings)
+            except BaseException as e:  # the requests waiting on these images fail with this one
+                error = upstream_error("vision encoder", e) if isinstance(e, grpc.aio.AioRpcError) else \
+                    e if isinstance(e, ApiError) else ApiError(503, "the image's encoding was abandoned; retry",
+                                                               type="service_unavailable")
+                for img in owned:
+                    futures[img.key].set_exception(error)
+                    futures[img.key].exception()  # retrieved, also when nobody else waited
+                if isinstance(e, grpc.aio.AioRpcError):
+                    raise error from e
+                raise
+            finally:
+                for img in owned:
+                    del self._encoding[img.key]
+        for img in images:
+            if img.embeddings is None:
+                img.embeddings = await futures[img.key]
 
     async def _fetch(self, image: ImageURL) -> bytes:
         if image._data is not None:
