@@ -58,6 +58,10 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
     settings.add(p, "--max-images", "MAX_IMAGES", 16, "most images per request", int)
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
+    settings.add(p, "--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 256,
+                 "chat requests served at once (REST and gRPC); more are refused with 429 / RESOURCE_EXHAUSTED", int)
+    settings.add(p, "--max-request-bytes", "MAX_REQUEST_BYTES", 64 * 1024 * 1024,
+                 "largest chat request body (inline images included); larger ones get a 413", int)
     settings.add(p, "--pool-wait", "POOL_WAIT_S", 300.0,
                  "seconds to wait for the pools (at start-up; per request when they are not up)", float)
     settings.add(p, "--wait-for-pools", "WAIT_FOR_POOLS", 1,
@@ -142,7 +146,8 @@ async def main() -> None:
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
                     max_images=args.max_images, max_image_bytes=args.max_image_bytes,
-                    url_policy=UrlPolicy.parse(args.image_url_allow), pool_wait_s=args.pool_wait)
+                    url_policy=UrlPolicy.parse(args.image_url_allow), pool_wait_s=args.pool_wait,
+                    max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes)
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
     async with httpx.AsyncClient() as http:  # redirects are followed by fetch_image, each hop checked
         chat = ChatService(name, prompt, pools, cache, http, limits, tile_size=cfg.vision.image_size,

@@ -39,11 +39,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         start, status, first = time.perf_counter(), "CANCELLED", True  # CANCELLED unless it ends otherwise
         IN_FLIGHT.labels("grpc").inc()
         try:
-            async for r in self._answer(request, context):
-                if first:
-                    TTFT.labels("grpc").observe(time.perf_counter() - start)
-                    first = False
-                yield r
+            with self.chat.admission.slot():
+                async for r in self._answer(request, context):
+                    if first:
+                        TTFT.labels("grpc").observe(time.perf_counter() - start)
+                        first = False
+                    yield r
             status = "OK"
         except ApiError as e:
             status = e.grpc_code().name

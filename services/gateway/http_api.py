@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from internvl.serving.v1 import serving_pb2 as pb
+from services.gateway.admission import RestAdmission
 from services.gateway.chat import ChatService
 from services.gateway.errors import ApiError, invalid_request
 from services.gateway.metrics import TTFT, RestMetrics
@@ -23,6 +24,8 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its clie
 
 def create_app(chat: ChatService) -> FastAPI:
     app = FastAPI(title="InternVL serving gateway", version="1")
+    # The last added runs first: refused requests are counted and timed too.
+    app.add_middleware(RestAdmission, admission=chat.admission, max_body_bytes=chat.limits.max_request_bytes)
     app.add_middleware(RestMetrics)
 
     @app.exception_handler(ApiError)

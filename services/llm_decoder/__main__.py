@@ -36,6 +36,9 @@ def parse_args() -> argparse.Namespace:
                  "tokens per step (decodes and prefill chunks together): longer prompts are prefilled in chunks", int)
     settings.add(p, "--max-running", "MAX_RUNNING", 64, "sequences decoded together", int)
     settings.add(p, "--cuda-graphs", "CUDA_GRAPHS", 1, "replay decode steps from CUDA graphs (0 = eager)", int)
+    settings.add(p, "--max-waiting", "MAX_WAITING", 1024,
+                 "requests that may wait for admission; more are refused with RESOURCE_EXHAUSTED (the gateway's 429)",
+                 int)
     args = p.parse_args()
     if args.max_batched_tokens < args.max_running:
         p.error("--max-batched-tokens must be at least --max-running: every running sequence decodes each step")
@@ -78,7 +81,7 @@ async def main() -> None:
                         fingerprint=weights.weights_fingerprint(model, checkpoint), dtype=str(dtype).removeprefix("torch."), hidden_size=cfg.text.hidden_size,
                         tokens_per_tile=cfg.tokens_per_tile, max_model_len=max_model_len)
     servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
-                                  max_model_len, dtype, info)
+                                  max_model_len, dtype, info, max_waiting=args.max_waiting)
     engine.start()
     REGISTRY.register(EngineCollector(engine, args.model))
     if args.device.startswith("cuda"):  # read at scrape time: weights, KV cache and the peak activations so far

@@ -57,7 +57,9 @@ class EngineCollector:
 
 class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
     def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, image_token_id: int, vocab_size: int,
-                 hidden_size: int, max_model_len: int, dtype: torch.dtype, info: pb.ModelInfo):
+                 hidden_size: int, max_model_len: int, dtype: torch.dtype, info: pb.ModelInfo,
+                 max_waiting: int = 1024):
+        self.max_waiting = max_waiting
         self.text, self.image_token_id, self.vocab_size = TextDecoder(tokenizer), image_token_id, vocab_size
         self.hidden_size, self.max_model_len, self.dtype, self.info = hidden_size, max_model_len, dtype, info
         self.streams: dict[str, asyncio.Queue] = {}
@@ -77,6 +79,9 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                 queue.put_nowait((token, reason))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if self.engine.num_waiting() >= self.max_waiting:  # refused at once rather than queued without bound
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.max_waiting} requests are already waiting for this decoder")
         try:
             seq = self._sequence(request)
         except ValueError as e:

@@ -1,0 +1,70 @@
+"""Backpressure at the gateway's door: a bound on concurrent chat requests and on the size of a request body.
+
+Beyond them a request is refused at once (429 with Retry-After, or RESOURCE_EXHAUSTED on gRPC; 413 for a body too
+large) instead of queueing memory and work without limit.
+"""
+import contextlib
+import json
+
+from services.gateway.errors import ApiError
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+class Admission:
+    def __init__(self, max_concurrent: int):
+        self.max_concurrent, self.active = max_concurrent, 0
+
+    @contextlib.contextmanager
+    def slot(self):
+        if self.active >= self.max_concurrent:
+            raise ApiError(429, f"the server is serving its limit of {self.max_concurrent} concurrent requests; "
+                                "retry shortly", type="rate_limit_error")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+class RestAdmission:
+    """ASGI middleware for the chat endpoint: reads the body up to `max_body_bytes` (413 beyond), then runs the
+    request in an admission slot (429 when none is free) until its last byte is sent."""
+
+    def __init__(self, app, admission: Admission, max_body_bytes: int):
+        self.app, self.admission, self.max_body_bytes = app, admission, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != CHAT_PATH:
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await _refuse(send, ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes"))
+        replayed = False
+
+        async def replay():  # the body once, then the client's own messages (e.g. its disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            with self.admission.slot():
+                await self.app(scope, replay, send)
+        except ApiError as e:  # no slot: nothing was sent yet
+            await _refuse(send, e, retry_after=1)
+
+
+async def _refuse(send, error: ApiError, retry_after: int | None = None) -> None:
+    headers = [(b"content-type", b"application/json")]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(error.body()).encode()})
