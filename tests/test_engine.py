@@ -189,3 +189,28 @@ def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch):
     run(graphed_engine, graphed[:7], arrivals={2: graphed[7:9], 9: graphed[9:]})  # 9: into freed blocks
     assert [s.output_ids for s in graphed] == [s.output_ids for s in eager]
     assert 7 in replays and 9 in replays  # 7 rows ran in the 8-row graph, 9 in the 16-row one
+
+
+def test_a_sequence_that_breaks_the_step_fails_alone(lm, cfg, monkeypatch):
+    """A step fails when one sequence is in it: that one ends with "error", the others go on with the tokens they
+    would have had."""
+    from services.llm_decoder.engine.model_runner import ModelRunner
+
+    prompts = [list(range(10 + i, 30 + 2 * i)) for i in range(4)]
+    clean = [Sequence(str(i), ids, SamplingParams(8)) for i, ids in enumerate(prompts)]
+    run(engine(lm), clean)
+    real = ModelRunner.step
+
+    def step(self, batch):
+        if any(seq.id == "2" and seq.num_output >= 3 for seq, _ in batch):
+            raise RuntimeError("this sequence breaks the step")
+        return real(self, batch)
+
+    monkeypatch.setattr(ModelRunner, "step", step)
+    seqs = [Sequence(str(i), ids, SamplingParams(8)) for i, ids in enumerate(prompts)]
+    eng = engine(lm)
+    run(eng, seqs)
+    assert [s.finish_reason for s in seqs] == ["length", "length", "error", "length"]
+    assert [s.output_ids for i, s in enumerate(seqs) if i != 2] == [s.output_ids for i, s in enumerate(clean) if i != 2]
+    assert seqs[2].output_ids == clean[2].output_ids[:3]
+    assert len(eng.blocks.free) == len(eng.blocks.blocks)

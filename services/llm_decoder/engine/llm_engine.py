@@ -66,7 +66,7 @@ class LLMEngine:
                 try:
                     self.step()
                 except Exception:  # the loop must outlive any failure, or every caller would hang
-                    log.exception("engine step failed; ending the sequences it held")
+                    log.exception("engine step failed outside any one sequence; ending the sequences it held")
                     failed = [*self.scheduler.running, *self.scheduler.waiting]
                     for seq in failed:
                         self.scheduler.finish(seq, "error")
@@ -76,10 +76,27 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        tokens = self.runner.step(batch)
-        self.computed_tokens += sum(n for _, n in batch)
         out = []
+        try:
+            tokens = self.runner.step(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # One bad sequence must not fail the others: run them one by one, and end only those that fail alone.
+            log.exception("engine step of %d sequences failed; retrying them one by one", len(batch))
+            tokens = []
+            for item in batch:
+                try:
+                    tokens += self.runner.step([item])
+                except Exception:
+                    log.exception("sequence %s fails on its own; ending it", item[0].id)
+                    self.scheduler.finish(item[0], "error")
+                    out.append((item[0], -1, "error"))
+                    tokens.append(None)
+        self.computed_tokens += sum(n for _, n in batch)
         for (seq, _), token in zip(batch, tokens):
+            if seq.finish_reason == "error":
+                continue
             self.blocks.register(seq)
             if token is None:  # a prompt chunk that is not the last
                 continue

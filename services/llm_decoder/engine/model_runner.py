@@ -75,16 +75,20 @@ class ModelRunner:
                 embeds[torch.tensor(image_at, device=self.device)] = torch.cat(image_rows).to(embeds)
             hidden = self.model(embeds, pos_d, ctx)
             logits = self.model.logits(hidden[last_d])
+        # A step either happens whole or not at all: num_cached moves only once sampling is done too, so a failed
+        # step can be run again.
+        done = [seq.num_cached + n == len(seq) for seq, n in batch]
+        sampled = [seq for (seq, _), d in zip(batch, done) if d]
+        chosen = iter([])
+        if sampled:
+            params = [s.params for s in sampled]
+            histories = [(s.prompt_ids, s.output_ids) for s in sampled] \
+                if any(p.uses_penalties for p in params) else None
+            chosen = iter(sample(logits, SamplingBatch.build(params, [s.num_output for s in sampled], histories,
+                                                             logits.shape[-1], self.device)).tolist())
         for seq, n in batch:
             seq.num_cached += n
-        sampled = [seq for seq, _ in batch if seq.num_cached == len(seq)]
-        if not sampled:
-            return [None] * b
-        params = [s.params for s in sampled]
-        histories = [(s.prompt_ids, s.output_ids) for s in sampled] if any(p.uses_penalties for p in params) else None
-        chosen = iter(sample(logits, SamplingBatch.build(params, [s.num_output for s in sampled], histories,
-                                                         logits.shape[-1], self.device)).tolist())
-        return [next(chosen) if seq.num_cached == len(seq) else None for seq, _ in batch]
+        return [next(chosen) if d else None for d in done]
 
     def _sync_tables(self, seqs: list[Sequence]) -> None:
         """Copy the block-table entries added since the last step to the sequences' device rows."""
