@@ -95,3 +95,28 @@ def test_the_decoder_refuses_when_its_queue_is_full(tight):
         running.cancel()
         waiting.cancel()
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+
+async def test_the_vision_pool_refuses_beyond_its_queued_tiles(cfg):
+    """With tiles already queued, a request that would pass the bound is refused at once (an empty queue takes any)."""
+    import numpy as np
+
+    from services.common.tensors import to_proto
+    from services.vision_encoder.server import VisionEncoderServicer
+
+    class Batcher:
+        queued_tiles = 10
+
+        async def encode(self, images):
+            raise AssertionError("a refused request must not be queued")
+
+    class Context:
+        async def abort(self, code, details):
+            raise grpc.RpcError(code, details)
+
+    size = cfg.vision.image_size
+    tiles = to_proto(__import__("torch").from_numpy(np.zeros((4, size, size, 3), dtype=np.uint8)))
+    servicer = VisionEncoderServicer(cfg, Batcher(), None, pb.ModelInfo(), max_queued_tiles=12)
+    with pytest.raises(grpc.RpcError) as e:
+        await servicer.Encode(pb.EncodeRequest(images=[pb.ImageTiles(tiles=tiles)]), Context())
+    assert e.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "10 tiles are already queued" in e.value.args[1]

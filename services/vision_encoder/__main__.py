@@ -23,6 +23,8 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--cache-ttl", "CACHE_TTL_S", 3600, "seconds an image's embeddings stay cached", int)
     settings.add(p, "--max-batch-tiles", "VISION_MAX_BATCH_TILES", 64, "most tiles in one forward pass", int)
     settings.add(p, "--max-wait-ms", "VISION_MAX_WAIT_MS", 5.0, "how long a batch waits for more tiles", float)
+    settings.add(p, "--max-queued-tiles", "VISION_MAX_QUEUED_TILES", 4096,
+                 "tiles that may wait for the GPU; more are refused with RESOURCE_EXHAUSTED (the gateway's 429)", int)
     return p.parse_args()
 
 
@@ -37,7 +39,7 @@ async def main() -> None:
     batcher = TileBatcher(model, args.device, args.max_batch_tiles, args.max_wait_ms / 1000)
     batcher.start()
     cache = EmbeddingCache(args.redis_url, args.cache_ttl)
-    servicer = VisionEncoderServicer(cfg, batcher, cache, info)
+    servicer = VisionEncoderServicer(cfg, batcher, cache, info, max_queued_tiles=args.max_queued_tiles)
     log.info("vision encoder serving %s on :%d", args.model, args.port)
     await serve(lambda server: pb_grpc.add_VisionEncoderServicer_to_server(servicer, server),
                 "internvl.serving.v1.VisionEncoder", args.port, args.metrics_port)

@@ -97,6 +97,7 @@ class TileBatcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="vision-forward")  # the device runs one batch at a time
         self.worker: asyncio.Task | None = None
         self.utilization = Utilization()
+        self.queued_tiles = 0  # what QUEUED_TILES shows, for the servicer's bound
         UTILIZATION.set_function(self.utilization.value)
 
     def start(self) -> None:
@@ -108,7 +109,7 @@ class TileBatcher:
         call = _Call()
         jobs = [_Job(tiles, loop.create_future(), call) for tiles in images]
         for job in jobs:
-            QUEUED_TILES.inc(job.tiles.shape[0])
+            self._queued(job.tiles.shape[0])
             self.queue.put_nowait(job)
         try:
             return list(await asyncio.gather(*(job.future for job in jobs)))
@@ -122,7 +123,7 @@ class TileBatcher:
             batch = [carry or await self.queue.get()]
             carry = None
             if batch[0].future.done():  # its caller has gone (cancelled or timed out): skip the work
-                QUEUED_TILES.dec(batch[0].tiles.shape[0])
+                self._queued(-batch[0].tiles.shape[0])
                 continue
             tiles = batch[0].tiles.shape[0]
             deadline = loop.time() + self.max_wait_s
@@ -132,14 +133,14 @@ class TileBatcher:
                 except TimeoutError:
                     break
                 if job.future.done():
-                    QUEUED_TILES.dec(job.tiles.shape[0])
+                    self._queued(-job.tiles.shape[0])
                     continue
                 if tiles + job.tiles.shape[0] > self.max_batch_tiles:
                     carry = job  # starts the next batch
                     break
                 batch.append(job)
                 tiles += job.tiles.shape[0]
-            QUEUED_TILES.dec(tiles)
+            self._queued(-tiles)
             for job in batch:
                 job.call.started()
             self.utilization.begin()
@@ -156,6 +157,10 @@ class TileBatcher:
             for job, out in zip(batch, outputs):
                 if not job.future.done():
                     job.future.set_result(out)
+
+    def _queued(self, tiles: int) -> None:
+        self.queued_tiles += tiles
+        QUEUED_TILES.inc(tiles)
 
     def _forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         tiles = torch.cat(images).to(self.device, non_blocking=True)

@@ -20,8 +20,10 @@ LATENCY = Histogram("vision_encode_seconds", "Encode call latency (queueing, for
 
 
 class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
-    def __init__(self, cfg: ModelConfig, batcher: TileBatcher, cache: EmbeddingCache, info: pb.ModelInfo):
+    def __init__(self, cfg: ModelConfig, batcher: TileBatcher, cache: EmbeddingCache, info: pb.ModelInfo,
+                 max_queued_tiles: int = 4096):
         self.cfg, self.batcher, self.cache, self.info = cfg, batcher, cache, info
+        self.max_queued_tiles = max_queued_tiles
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         # Context managers, not decorators: those would time the creation of the coroutine, not its run.
@@ -34,6 +36,11 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
         except ValueError as e:
             REQUESTS.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        tiles = sum(t.shape[0] for t in images)
+        if self.batcher.queued_tiles and self.batcher.queued_tiles + tiles > self.max_queued_tiles:
+            REQUESTS.labels("refused").inc()  # refused at once rather than queued without bound
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.batcher.queued_tiles} tiles are already "
+                                f"queued (limit {self.max_queued_tiles})")
         embeddings = [to_proto(e) for e in await self.batcher.encode(images)]
         await asyncio.gather(*(
             self.cache.put(img.cache_key, encode_value(self.info.fingerprint, tiles.shape[0], emb))
