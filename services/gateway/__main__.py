@@ -21,6 +21,7 @@ from services.common import settings
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import read_model_config, resolve_checkpoint
 from services.common.grpc_utils import add_health, create_server, set_serving
+from services.gateway.auth import read_api_keys
 from services.gateway.balancer import (Balancer, kube_api_client, parse_addresses, pod_namespace, watch_addresses,
                                        watch_endpoint_slices)
 from services.gateway.chat import ChatService, Limits, Pools
@@ -60,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
     settings.add(p, "--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 256,
                  "chat requests served at once (REST and gRPC); more are refused with 429 / RESOURCE_EXHAUSTED", int)
+    settings.add(p, "--api-keys", "API_KEYS", "",
+                 "comma-separated API keys clients must send as `Authorization: Bearer <key>` (empty: open)")
+    settings.add(p, "--api-keys-file", "API_KEYS_FILE", None, "a file of API keys, one per line (e.g. a mounted Secret)")
     settings.add(p, "--max-request-bytes", "MAX_REQUEST_BYTES", 64 * 1024 * 1024,
                  "largest chat request body (inline images included); larger ones get a 413", int)
     settings.add(p, "--pool-wait", "POOL_WAIT_S", 300.0,
@@ -147,7 +151,8 @@ async def main() -> None:
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
                     max_images=args.max_images, max_image_bytes=args.max_image_bytes,
                     url_policy=UrlPolicy.parse(args.image_url_allow), pool_wait_s=args.pool_wait,
-                    max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes)
+                    max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes,
+                    api_keys=tuple(read_api_keys(args.api_keys, args.api_keys_file)))
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
     async with httpx.AsyncClient() as http:  # redirects are followed by fetch_image, each hop checked
         chat = ChatService(name, prompt, pools, cache, http, limits, tile_size=cfg.vision.image_size,

@@ -45,7 +45,7 @@ class RestAdmission:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
-                return await _refuse(send, ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes"))
+                return await refuse(send, ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes"))
         replayed = False
 
         async def replay():  # the body once, then the client's own messages (e.g. its disconnect)
@@ -59,10 +59,11 @@ class RestAdmission:
             with self.admission.slot():
                 await self.app(scope, replay, send)
         except ApiError as e:  # no slot: nothing was sent yet
-            await _refuse(send, e, retry_after=1)
+            await refuse(send, e, retry_after=1)
 
 
-async def _refuse(send, error: ApiError, retry_after: int | None = None) -> None:
+async def refuse(send, error: ApiError, retry_after: int | None = None) -> None:
+    """Answer an ASGI request with an OpenAI-style error before it reached the app."""
     headers = [(b"content-type", b"application/json")]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))

@@ -12,6 +12,7 @@ import numpy as np
 from internvl.serving.v1 import serving_pb2 as pb
 from services.common.cache import EmbeddingCache, decode_value, image_cache_key
 from services.gateway.admission import Admission
+from services.gateway.auth import ApiKeys
 from services.gateway.balancer import Balancer
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash
@@ -35,6 +36,7 @@ class Limits:
     pool_wait_s: float = 300.0      # how long a request waits for pools that are not up (starting, scaled to zero)
     max_concurrent_requests: int = 256
     max_request_bytes: int = 64 * 1024 * 1024  # a chat request body (inline images included)
+    api_keys: tuple[str, ...] = ()  # clients must present one of these (none: the gateway is open)
     url_policy: UrlPolicy = UrlPolicy()  # where image URLs may lead (public addresses only by default)
 
 
@@ -65,6 +67,7 @@ class ChatService:
         self.cache_namespace = cache_namespace
         self._encoding: dict[str, asyncio.Future] = {}  # cache key -> embeddings being computed for some request
         self.admission = Admission(limits.max_concurrent_requests)  # shared by REST and gRPC
+        self.api_keys = ApiKeys(list(limits.api_keys))
 
     @property
     def pools(self) -> Pools:

@@ -33,12 +33,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             yield r
 
     async def ListModels(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelList:
+        try:
+            self._authenticate(context)
+        except ApiError as e:
+            await context.abort(e.grpc_code(), e.message)
         return pb.ModelList(models=[self.chat.model_name])
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        self.chat.api_keys.check(metadata.get("authorization"))
 
     async def _stream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
         start, status, first = time.perf_counter(), "CANCELLED", True  # CANCELLED unless it ends otherwise
         IN_FLIGHT.labels("grpc").inc()
         try:
+            self._authenticate(context)
             with self.chat.admission.slot():
                 async for r in self._answer(request, context):
                     if first:

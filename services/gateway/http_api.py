@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from internvl.serving.v1 import serving_pb2 as pb
 from services.gateway.admission import RestAdmission
+from services.gateway.auth import RestAuth
 from services.gateway.chat import ChatService
 from services.gateway.errors import ApiError, invalid_request
 from services.gateway.metrics import TTFT, RestMetrics
@@ -27,6 +28,7 @@ def create_app(chat: ChatService) -> FastAPI:
     # The last added runs first: refused requests are counted and timed too.
     app.add_middleware(RestAdmission, admission=chat.admission, max_body_bytes=chat.limits.max_request_bytes)
     app.add_middleware(RestMetrics)
+    app.add_middleware(RestAuth, keys=chat.api_keys)  # outermost: no work at all for a request without a key
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
