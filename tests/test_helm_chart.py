@@ -634,3 +634,11 @@ def test_keda_queries_and_thresholds_are_values(render):
     assert trigger["metadata"]["query"] == f'sum(my_metric{{ns="{NAMESPACE}"}})'
     assert trigger["metadata"]["threshold"] == "7"
     assert not find(objects, "ScaledObject", DECODER)
+
+
+def test_gpu_pools_shut_down_within_their_grace_period(render):
+    for name in (VISION, DECODER):
+        pod = one(render(), "Deployment", name)["spec"]["template"]["spec"]
+        env = env_of(pod["containers"][0])
+        budget = float(env["SHUTDOWN_DELAY_S"]["value"]) + float(env["SHUTDOWN_GRACE_S"]["value"])
+        assert 0 < budget < pod["terminationGracePeriodSeconds"], name

@@ -1,5 +1,6 @@
 """gRPC server and channel set-up shared by the services."""
 import asyncio
+import os
 import signal
 from typing import Callable, Sequence
 
@@ -40,7 +41,8 @@ async def set_serving(servicer: health.aio.HealthServicer, *service_names: str) 
 
 async def serve(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, port: int,
                 metrics_port: int) -> None:
-    """Serve one service (plus health, and Prometheus metrics unless the port is 0) until SIGINT/SIGTERM."""
+    """Serve one service (plus health, and Prometheus metrics unless the port is 0) until SIGINT/SIGTERM, then
+    shut down gracefully (see `serve_until_signal`)."""
     server = create_server()
     add_servicer(server)
     health = add_health(server, service_name)
@@ -49,14 +51,19 @@ async def serve(add_servicer: Callable[[grpc.aio.Server], None], service_name: s
     if metrics_port:
         start_http_server(metrics_port)
     await set_serving(health, service_name)
-    await serve_until_signal(server)
+    await serve_until_signal(server, health)
 
 
-async def serve_until_signal(server: grpc.aio.Server, grace_s: float = 5.0) -> None:
-    """Run a started server until SIGINT/SIGTERM, then stop taking calls and let in-flight ones finish."""
+async def serve_until_signal(server: grpc.aio.Server, health: health.aio.HealthServicer | None = None) -> None:
+    """Run a started server until SIGINT/SIGTERM. Then: report NOT_SERVING (readiness fails, balancers stop sending),
+    keep serving for SHUTDOWN_DELAY_S while that spreads, stop taking calls and give the ones in flight (streams
+    included) SHUTDOWN_GRACE_S to finish."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop(grace_s)
+    if health is not None:
+        await health.enter_graceful_shutdown()
+    await asyncio.sleep(float(os.environ.get("SHUTDOWN_DELAY_S", "0")))
+    await server.stop(float(os.environ.get("SHUTDOWN_GRACE_S", "30")))

@@ -57,6 +57,12 @@ spec:
               protocol: TCP
           env:
             {{- include "internvl-serving.modelEnv" $root | nindent 12 }}
+            # On SIGTERM: NOT_SERVING at once, 5 s for readiness and the gateway's balancer to notice, then the calls
+            # in flight get the rest of the termination grace period, less a margin before the kubelet's SIGKILL.
+            - name: SHUTDOWN_DELAY_S
+              value: "5"
+            - name: SHUTDOWN_GRACE_S
+              value: {{ max 1 (sub (int $c.terminationGracePeriodSeconds) 15) | quote }}
             - name: DEVICE
               value: cuda
             - name: DTYPE
