@@ -69,6 +69,7 @@ def stack(tiny_checkpoint, redis_url, tmp_path_factory):
         except Exception:
             print(log_path.read_text())
             raise
+        s.log_path = log_path  # what the services wrote (their log lines)
         yield s
         s.stop()
 

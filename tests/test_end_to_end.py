@@ -1,6 +1,8 @@
 """The whole stack as real processes (gateway, vision encoder, LLM decoder, redis-server) against the reference."""
 import json
+import time
 import urllib.request
+import uuid
 
 import grpc
 import httpx
@@ -437,3 +439,24 @@ def test_the_gateway_counts_requests_by_outcome(stack, client, gateway):
     assert metric(url, "gateway_time_to_first_token_seconds_count", api="grpc") >= 1
     assert metric(url, "gateway_request_seconds_sum", api="rest") >= metric(
         url, "gateway_time_to_first_token_seconds_sum", api="rest") > 0
+
+
+def test_one_request_id_through_the_three_services(stack):
+    """The client's X-Request-Id comes back and names the request in every service's log line."""
+    rid = f"trace-{uuid.uuid4().hex[:12]}"
+    r = httpx.post(stack.gateway_url + "/v1/chat/completions", headers={"X-Request-Id": rid}, timeout=60, json={
+        "model": MODEL, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(noise_image(99, 77, seed=4242))}}]}]})
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    assert len(httpx.post(stack.gateway_url + "/v1/chat/completions", headers={"X-Request-Id": "bad id!"}, json={
+        "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}).headers["x-request-id"]) == 32
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in stack.log_path.read_text().splitlines() if f"request_id={rid}" in line]
+        names = {line.split(": ", 1)[0].split()[-1] for line in lines}
+        if {"gateway.access", "llm_decoder", "vision_encoder"} <= names or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {"gateway.access", "llm_decoder", "vision_encoder"} <= names, lines
+    access = next(line for line in lines if "gateway.access" in line)
+    assert "status=200" in access and "completion_tokens=3" in access and "ttft_s=" in access

@@ -1,6 +1,7 @@
 """Settings: every flag also reads an environment variable, so the same image runs locally and in Kubernetes."""
 import argparse
 import asyncio
+import json
 import logging
 import os
 from typing import Awaitable, Callable
@@ -13,9 +14,34 @@ def add(parser: argparse.ArgumentParser, flag: str, env: str, default, help: str
                         help=f"{help} [env {env}, default {default}]")
 
 
+class _Formatter(logging.Formatter):
+    """`LOG_FORMAT=json`: one JSON object per line; else text. Either way with the record's `fields` (request id,
+    status, tokens, ...), as `log_event` attaches them."""
+
+    def __init__(self, as_json: bool):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        if not self.as_json:
+            return super().format(record) + "".join(f" {k}={v}" for k, v in fields.items())
+        out = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage(), **fields}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter(os.environ.get("LOG_FORMAT", "text") == "json"))
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), handlers=[handler])
+
+
+def log_event(logger: logging.Logger, message: str, **fields) -> None:
+    """One structured line (e.g. a request's access line) carrying `fields`."""
+    logger.info(message, extra={"fields": fields})
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

@@ -82,7 +82,7 @@ class ChatService:
                 raise ApiError(503, f"the model pools did not come up within {self.limits.pool_wait_s:g}s; retry later",
                                type="service_unavailable") from None
 
-    async def prepare(self, req: ChatCompletionRequest) -> pb.GenerateRequest:
+    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None) -> pb.GenerateRequest:
         """Validate, resolve every image to embeddings (cache first), and build the decoder request."""
         await self.pools_up()
         if req.model != self.model_name:
@@ -95,7 +95,7 @@ class ChatService:
         if len(images) > self.limits.max_images:
             raise bad_request(f"{len(images)} images exceed the limit of {self.limits.max_images} per request",
                               "messages")
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex  # carried to both pools' logs
         prompt = self.prompt.render(req.messages)  # validates the text before any image work
         resolved = await self._resolve_images(images, max_num)
         token_ids = self.prompt.expand(prompt, [img.tiles for img in resolved])

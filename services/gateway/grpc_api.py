@@ -9,7 +9,8 @@ from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.gateway.chat import ChatService
 from services.gateway.errors import ApiError, invalid_request
-from services.gateway.metrics import IN_FLIGHT, LATENCY, REQUESTS, TTFT
+from services.common.settings import log_event
+from services.gateway.metrics import IN_FLIGHT, LATENCY, REQUESTS, TTFT, access_log, request_id
 from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart
 
 
@@ -44,16 +45,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.chat.api_keys.check(metadata.get("authorization"))
 
     async def _stream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
-        start, status, first = time.perf_counter(), "CANCELLED", True  # CANCELLED unless it ends otherwise
+        start, status, ttft, usage = time.perf_counter(), "CANCELLED", None, None  # CANCELLED unless it ends otherwise
+        rid = request_id(dict(context.invocation_metadata() or ()).get("x-request-id"))
         IN_FLIGHT.labels("grpc").inc()
         try:
             self._authenticate(context)
             with self.chat.admission.slot():
-                async for r in self._answer(request, context):
-                    if first:
-                        TTFT.labels("grpc").observe(time.perf_counter() - start)
-                        first = False
-                    yield r
+                generate = await self.chat.prepare(to_chat_request(request), rid)
+                async for r in self.chat.generate(generate):
+                    if ttft is None:
+                        ttft = round(time.perf_counter() - start, 4)
+                        TTFT.labels("grpc").observe(ttft)
+                    if r.finish_reason:
+                        usage = r.usage
+                    yield pb.ChatResponse(id=rid, model=request.model, text=r.text, token_ids=r.token_ids,
+                                          finish_reason=r.finish_reason, usage=usage if r.finish_reason else None)
             status = "OK"
         except ApiError as e:
             status = e.grpc_code().name
@@ -61,13 +67,11 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         finally:
             IN_FLIGHT.labels("grpc").dec()
             REQUESTS.labels("grpc", status).inc()
-            LATENCY.labels("grpc").observe(time.perf_counter() - start)
-
-    async def _answer(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
-        generate = await self.chat.prepare(to_chat_request(request))
-        async for r in self.chat.generate(generate):
-            yield pb.ChatResponse(id=generate.request_id, model=request.model, text=r.text, token_ids=r.token_ids,
-                                  finish_reason=r.finish_reason, usage=r.usage if r.finish_reason else None)
+            seconds = time.perf_counter() - start
+            LATENCY.labels("grpc").observe(seconds)
+            log_event(access_log, "chat request", request_id=rid, api="grpc", status=status,
+                      prompt_tokens=usage and usage.prompt_tokens, completion_tokens=usage and usage.completion_tokens,
+                      ttft_s=ttft, duration_s=round(seconds, 4))
 
 
 def to_chat_request(request: pb.ChatRequest) -> ChatCompletionRequest:

@@ -53,16 +53,17 @@ def create_app(chat: ChatService) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        start = time.perf_counter()
-        stream = chat.generate(await chat.prepare(req))
+        start, state = time.perf_counter(), request.scope.setdefault("state", {})  # read by the access line
+        stream = chat.generate(await chat.prepare(req, state.get("request_id")))
         # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
         first = await anext(stream)
-        TTFT.labels("rest").observe(time.perf_counter() - start)
+        state["ttft_s"] = round(time.perf_counter() - start, 4)
+        TTFT.labels("rest").observe(state["ttft_s"])
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(first, stream, completion_id, created, req.model, include_usage,
-                                          req.return_token_ids), media_type="text/event-stream")
+                                          req.return_token_ids, state), media_type="text/event-stream")
         collect = asyncio.ensure_future(_collect(_chain(first, stream)))
         while not collect.done():
             await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
@@ -72,6 +73,7 @@ def create_app(chat: ChatService) -> FastAPI:
                     await collect
                 return Response(status_code=499)
         text, token_ids, finish, usage = collect.result()
+        state.update(_usage_fields(usage))
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                   "logprobs": None}
         if req.return_token_ids:
@@ -97,13 +99,17 @@ async def _chain(first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResp
         yield r
 
 
+def _usage_fields(u: pb.Usage | None) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens} if u else {}
+
+
 def _usage(u: pb.Usage | None) -> dict:
     p, c = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 async def _sse(first, rest, completion_id: str, created: int, model: str, include_usage: bool,
-               return_token_ids: bool):
+               return_token_ids: bool, state: dict):
     def event(choices: list[dict], **extra) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": choices, **extra}
@@ -123,6 +129,7 @@ async def _sse(first, rest, completion_id: str, created: int, model: str, includ
             yield chunk({"content": r.text} if r.text else {}, r.finish_reason or None, list(r.token_ids))
             if r.finish_reason:
                 usage = r.usage
+                state.update(_usage_fields(usage))
     except ApiError as e:  # headers are sent: the error travels as an event, never as a silent cut
         yield f"data: {json.dumps(e.body())}\n\n"
         return

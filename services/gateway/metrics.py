@@ -1,5 +1,10 @@
-"""The gateway's Prometheus series, served at GET /metrics on the REST port."""
+"""The gateway's Prometheus series (served at GET /metrics on the REST port), request ids and access lines."""
+import logging
+import re
 import time
+import uuid
+
+from services.common.settings import log_event
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -15,8 +20,18 @@ TTFT = Histogram("gateway_time_to_first_token_seconds", "Chat request time to it
 IMAGE_CACHE = Counter("gateway_image_cache_total", "Image embedding look-ups in Redis", ["result"])
 
 
+access_log = logging.getLogger("gateway.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one; carried to both pools and their logs."""
+    return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 class RestMetrics:
-    """ASGI middleware timing /v1/chat/completions to its last byte (a streamed answer included)."""
+    """ASGI middleware for /v1/chat/completions: its request id (X-Request-Id in and out), its time to the last
+    byte (a streamed answer included), and one access line with status, tokens and time to first token."""
 
     def __init__(self, app):
         self.app = app
@@ -25,11 +40,15 @@ class RestMetrics:
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), 500  # 500 unless a response starts
+        rid = request_id(dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1") or None)
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
 
         async def observe(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         IN_FLIGHT.labels("rest").inc()
@@ -38,4 +57,8 @@ class RestMetrics:
         finally:
             IN_FLIGHT.labels("rest").dec()
             REQUESTS.labels("rest", str(status)).inc()
-            LATENCY.labels("rest").observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            LATENCY.labels("rest").observe(seconds)
+            log_event(access_log, "chat request", request_id=rid, api="rest", status=status,
+                      prompt_tokens=state.get("prompt_tokens"), completion_tokens=state.get("completion_tokens"),
+                      ttft_s=state.get("ttft_s"), duration_s=round(seconds, 4))

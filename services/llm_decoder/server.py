@@ -1,5 +1,6 @@
 """The LlmDecoder gRPC servicer: validates a request, hands it to the engine, streams tokens and text deltas."""
 import asyncio
+import logging
 import hashlib
 import math
 import time
@@ -13,11 +14,13 @@ from tokenizers import Tokenizer
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from services.common.settings import log_event
 from services.common.tensors import from_proto
 from services.llm_decoder.detokenizer import TextDecoder
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
+log = logging.getLogger("llm_decoder")
 REQUESTS = Counter("decoder_requests_total", "Generate calls", ["finish_reason"])
 RUNNING = Gauge("decoder_running_requests", "Generate calls in progress")
 TOKENS = Counter("decoder_generated_tokens_total", "Tokens generated")
@@ -89,7 +92,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         self.loop = asyncio.get_running_loop()
         queue = self.streams[seq.id] = asyncio.Queue()
         detok = self.text.stream()
-        model, last, delivered = self.info.model, time.perf_counter(), 0
+        model, delivered = self.info.model, 0
+        start = last = time.perf_counter()
         RUNNING.inc()
         reason = None
         try:
@@ -119,6 +123,9 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             REQUESTS.labels(reason or "cancelled").inc()
             RUNNING.dec()
             self.streams.pop(seq.id, None)
+            log_event(log, "generate", request_id=request.request_id or seq.id, finish_reason=reason or "cancelled",
+                      prompt_tokens=seq.num_prompt, completion_tokens=delivered,
+                      cached_prompt_tokens=seq.cached_tokens, duration_s=round(time.perf_counter() - start, 4))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.info

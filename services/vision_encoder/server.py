@@ -1,5 +1,7 @@
 """The VisionEncoder gRPC servicer: validates tiles, encodes them through the batcher, caches the embeddings."""
 import asyncio
+import logging
+import time
 
 import grpc
 import torch
@@ -9,9 +11,11 @@ from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common.cache import EmbeddingCache, encode_value
 from services.common.checkpoint import ModelConfig
+from services.common.settings import log_event
 from services.common.tensors import from_proto, to_proto
 from services.vision_encoder.encoder import TileBatcher
 
+log = logging.getLogger("vision_encoder")
 REQUESTS = Counter("vision_encode_requests_total", "Encode calls", ["status"])
 IMAGES = Counter("vision_images_encoded_total", "Images encoded")
 RUNNING = Gauge("vision_requests_running", "Encode calls in progress")
@@ -27,8 +31,12 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         # Context managers, not decorators: those would time the creation of the coroutine, not its run.
+        start = time.perf_counter()
         with RUNNING.track_inprogress(), LATENCY.time():
-            return await self._encode(request, context)
+            response = await self._encode(request, context)
+        log_event(log, "encode", request_id=request.request_id, images=len(request.images),
+                  tiles=sum(img.tiles.shape[0] for img in request.images), duration_s=round(time.perf_counter() - start, 4))
+        return response
 
     async def _encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         try:

@@ -47,6 +47,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.cached_tokens += hit
+            seq.cached_tokens += hit
             self.blocks.grow(seq, seq.num_cached + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
