@@ -183,6 +183,7 @@ def test_concurrent_requests_match_sequential(stack, client):
 
 def test_models_and_health(stack):
     assert httpx.get(stack.gateway_url + "/health").status_code == 200
+    assert httpx.get(stack.gateway_url + "/ready").status_code == 200
     models = httpx.get(stack.gateway_url + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
 

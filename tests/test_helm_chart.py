@@ -282,8 +282,8 @@ def test_gpu_pools(render, files):
         else:
             assert not any("gpu" in k for kind in ("requests", "limits") for k in res[kind]), dep["metadata"]["name"]
         if component(dep) == "gateway":
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+            for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+                assert c[probe]["httpGet"] == {"path": path, "port": "http"}, probe
 
 
 def test_gpu_resource_name_and_count_are_values(render):

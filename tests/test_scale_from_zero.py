@@ -44,6 +44,7 @@ def test_the_gateway_serves_before_its_pools_and_requests_wait_for_them(tiny_che
             start("gateway", "--port", str(port["rest"]), "--grpc-port", str(port["grpc"]),
                   "--vision-addr", f"127.0.0.1:{port['vision']}", "--decoder-addr", f"127.0.0.1:{port['decoder']}")
             wait_for(lambda: httpx.get(url + "/health").status_code == 200, 60, "the gateway")
+            assert httpx.get(url + "/ready").status_code == 200  # ready without pools: it must take the demand
             answer = pool.submit(httpx.post, url + "/v1/chat/completions", timeout=180, json={
                 "model": tiny_checkpoint.name, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
             wait_for(lambda: metric(url + "/metrics", "gateway_requests_in_flight", api="rest") == 1, 30,
@@ -82,3 +83,19 @@ async def test_a_call_waits_for_a_first_endpoint_of_a_pool_at_zero():
     pool.set_endpoints(["127.0.0.1:1"])
     await asyncio.wait_for(waiter, 1)
     await pool.close()
+
+
+async def test_readiness_follows_the_pools():
+    from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+    from services.gateway.balancer import Balancer
+    from services.gateway.chat import Pools
+
+    vision, decoder = Balancer("vision", pb_grpc.VisionEncoderStub), Balancer("decoder", pb_grpc.LlmDecoderStub)
+    chat = ChatService("m", None, Pools(vision, decoder, "", 256, 4096), None, None, Limits())
+    assert not chat.ready()
+    vision.set_endpoints(["127.0.0.1:1"])
+    assert not chat.ready()
+    decoder.set_endpoints(["127.0.0.1:2"])
+    assert chat.ready()
+    await vision.close()
+    await decoder.close()

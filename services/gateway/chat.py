@@ -73,6 +73,12 @@ class ChatService:
     def pools(self) -> Pools:
         return self._pools if isinstance(self._pools, Pools) else self._pools.result()  # past `pools_up`
 
+    def ready(self) -> bool:
+        """Whether to take traffic: both pools have an endpoint (pools that scale to zero: always, requests wait)."""
+        if not isinstance(self._pools, Pools):
+            return True
+        return bool(self._pools.vision.endpoints and self._pools.decoder.endpoints)
+
     async def pools_up(self) -> None:
         """Wait (bounded) for pools that are not up yet: starting, or scaled to zero until this demand wakes them."""
         if not isinstance(self._pools, Pools) and not self._pools.done():

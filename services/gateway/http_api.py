@@ -1,4 +1,4 @@
-"""OpenAI-compatible REST: /v1/chat/completions (with SSE streaming), /v1/models, health, metrics."""
+"""OpenAI-compatible REST: /v1/chat/completions (with SSE streaming), /v1/models, health, readiness, metrics."""
 import asyncio
 import contextlib
 import json
@@ -41,6 +41,13 @@ def create_app(chat: ChatService) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 503 while a pool has no endpoint, so a Service sends traffic to gateways that can serve it."""
+        if chat.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "a model pool has no ready endpoint"}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
