@@ -1,15 +1,20 @@
 """The embedding cache in Redis: keys, the value format, and the one place Redis errors are caught.
 
-An outage of Redis degrades to "no cache": reads return misses, writes are dropped, both logged.
+An outage of Redis degrades to "no cache": reads return misses, writes are dropped, both logged, and Redis is left
+alone for a while before it is tried again.
 """
 import hashlib
 import logging
+import time
 
 import redis.asyncio as redis
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge
 
 from internvl.serving.v1 import serving_pb2 as pb
 
+UP = Gauge("embedding_cache_up", "1 while Redis answers (0: serving without the embedding cache, or none configured)")
+ERRORS = Counter("embedding_cache_errors_total", "Redis calls that failed (each opens the circuit for a while)")
 log = logging.getLogger(__name__)
 # Byte widths of tensors.DTYPES, written out because the gateway reads cache values without torch.
 _ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
@@ -43,28 +48,42 @@ def decode_value(data: bytes, fingerprint: str, tokens_per_tile: int) -> pb.Cach
 
 
 class EmbeddingCache:
-    """Async Redis access with short timeouts; never raises to the caller."""
+    """Async Redis access with short timeouts; never raises to the caller. After a failure the cache is skipped for
+    `cooldown_s` (a circuit breaker), so an outage costs one timeout, not one per request; then it is tried again."""
 
-    def __init__(self, url: str | None, ttl_s: int):
-        self.ttl_s = ttl_s
+    def __init__(self, url: str | None, ttl_s: int, cooldown_s: float = 5.0):
+        self.ttl_s, self.cooldown_s = ttl_s, cooldown_s
         self.client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0) if url else None
+        self.open_until = 0.0  # monotonic time before which Redis is not tried
+        UP.set(1 if self.client else 0)
+
+    def _usable(self) -> bool:
+        return self.client is not None and time.monotonic() >= self.open_until
+
+    def _failed(self, what: str, e: Exception) -> None:
+        ERRORS.inc()
+        UP.set(0)
+        self.open_until = time.monotonic() + self.cooldown_s
+        log.warning("redis %s failed, serving without the cache for %.0fs: %s", what, self.cooldown_s, e)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        if self.client is None or not keys:
+        if not keys or not self._usable():
             return [None] * len(keys)
         try:
-            return await self.client.mget(keys)
+            values = await self.client.mget(keys)
         except (redis.RedisError, OSError) as e:
-            log.warning("redis read failed, serving uncached: %s", e)
+            self._failed("read", e)
             return [None] * len(keys)
+        UP.set(1)
+        return values
 
     async def put(self, key: str, value: bytes) -> None:
-        if self.client is None:
+        if not self._usable():
             return
         try:
             await self.client.set(key, value, ex=self.ttl_s)
         except (redis.RedisError, OSError) as e:
-            log.warning("redis write failed: %s", e)
+            self._failed("write", e)
 
     async def close(self) -> None:
         if self.client is not None:

@@ -1,0 +1,51 @@
+"""A Redis that stops answering costs one short timeout, then the cache is skipped for a while (a circuit), and
+requests are served without it; the cache comes back by itself."""
+import socket
+import threading
+import time
+
+from prometheus_client import REGISTRY
+
+from services.common.cache import EmbeddingCache
+
+
+class Silent:
+    """Accepts connections and never answers: a hung Redis."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port, self.held = self.sock.getsockname()[1], []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+
+async def test_a_hung_redis_opens_the_circuit_then_closes_it(redis_url):
+    silent = Silent()
+    cache = EmbeddingCache(f"redis://127.0.0.1:{silent.port}/0", ttl_s=60, cooldown_s=0.5)
+    start = time.monotonic()
+    assert await cache.get_many(["a", "b"]) == [None, None]  # one timeout (1 s) ...
+    first = time.monotonic() - start
+    start = time.monotonic()
+    for _ in range(20):  # ... then no waiting at all while the circuit is open
+        assert await cache.get_many(["a"]) == [None]
+        await cache.put("a", b"x")
+    assert 0.5 < first < 3 and time.monotonic() - start < 0.2
+    await cache.close()
+
+    healthy = EmbeddingCache(redis_url, ttl_s=60, cooldown_s=0.3)
+    await healthy.put("outage-test", b"v")
+    healthy._failed("read", OSError("simulated outage"))
+    assert REGISTRY.get_sample_value("embedding_cache_up") == 0
+    assert await healthy.get_many(["outage-test"]) == [None]  # open: not even tried
+    time.sleep(0.4)
+    assert await healthy.get_many(["outage-test"]) == [b"v"]  # tried again, and it answers
+    assert REGISTRY.get_sample_value("embedding_cache_up") == 1
+    await healthy.close()
