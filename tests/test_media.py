@@ -1,4 +1,5 @@
 """services/gateway/media.py: fetching and decoding client images; every failure is a clear 400."""
+import asyncio
 import base64
 import hashlib
 import http.server
@@ -464,3 +465,19 @@ async def test_the_connection_goes_to_the_checked_address(server, monkeypatch):
     port = server.rsplit(":", 1)[1]
     assert await fetch(f"http://images.example:{port}/image.png") == PNG
     assert seen == ["images.example"]
+
+
+async def test_a_failed_image_cancels_the_other_downloads_of_its_request(server):
+    """The gateway fetches a request's images together; the first that fails ends the others at once."""
+    from services.gateway.chat import ChatService, Limits
+    from services.gateway.schema import ImageURL
+
+    chat = ChatService("m", None, None, None, None, Limits(url_policy=LOOPBACK_ALLOWED, fetch_timeout_s=10))
+    async with httpx.AsyncClient(trust_env=False) as client:
+        chat.http = client
+        start = time.monotonic()
+        with pytest.raises(ApiError) as excinfo:
+            await chat._resolve_images([ImageURL(url=server + "/slow"), ImageURL(url=server + "/missing")], 1)
+        left = [t for t in asyncio.all_tasks() if "_fetch" in repr(t.get_coro()) and not t.done()]
+    assert "404" in excinfo.value.message and time.monotonic() - start < 1.0  # /slow takes 1.5 s
+    assert not left  # the slow download was cancelled, not left running

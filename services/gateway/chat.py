@@ -102,9 +102,10 @@ class ChatService:
             raise bad_request(f"{len(images)} images exceed the limit of {self.limits.max_images} per request",
                               "messages")
         request_id = request_id or uuid.uuid4().hex  # carried to both pools' logs
-        prompt = self.prompt.render(req.messages)  # validates the text before any image work
+        # Template and tokenizer work off the event loop: a huge text must not stall every other request.
+        prompt = await asyncio.to_thread(self.prompt.render, req.messages)  # validates the text before image work
         resolved = await self._resolve_images(images, max_num)
-        token_ids = self.prompt.expand(prompt, [img.tiles for img in resolved])
+        token_ids = await asyncio.to_thread(self.prompt.expand, prompt, [img.tiles for img in resolved])
         if len(token_ids) >= self.pools.max_model_len:  # refused before the vision pool spends time on it
             raise bad_request(f"the prompt has {len(token_ids)} tokens (images included); the model's context is "
                               f"{self.pools.max_model_len}", "messages")
@@ -135,7 +136,13 @@ class ChatService:
         """Each image's cache entry, or its tiles when there is none (CPU work, off the event loop)."""
         if not images:
             return []
-        datas = await asyncio.gather(*(self._fetch(img) for img in images))
+        # A task group: the first image that fails cancels the other downloads of the request.
+        try:
+            async with asyncio.TaskGroup() as group:
+                fetches = [group.create_task(self._fetch(img)) for img in images]
+        except* ApiError as errors:
+            raise errors.exceptions[0] from None
+        datas = [f.result() for f in fetches]
         hashes = await asyncio.to_thread(lambda: [image_hash(d) for d in datas])
         keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, h, max_num, self.use_thumbnail,
                                 self.tile_size) for h in hashes]
