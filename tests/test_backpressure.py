@@ -120,3 +120,22 @@ async def test_the_vision_pool_refuses_beyond_its_queued_tiles(cfg):
     with pytest.raises(grpc.RpcError) as e:
         await servicer.Encode(pb.EncodeRequest(images=[pb.ImageTiles(tiles=tiles)]), Context())
     assert e.value.args[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "10 tiles are already queued" in e.value.args[1]
+
+
+async def test_decoded_pixels_in_flight_are_bounded():
+    from services.gateway.admission import PixelBudget
+
+    budget, events = PixelBudget(100), []
+
+    async def decode(name: str, pixels: int, seconds: float):
+        async with budget.hold(pixels):
+            events.append(("start", name, budget.used))
+            await asyncio.sleep(seconds)
+            events.append(("end", name, budget.used))
+
+    await asyncio.gather(decode("a", 60, 0.2), decode("b", 60, 0.1), decode("c", 30, 0.1))
+    assert max(used for _, _, used in events) <= 100  # b waits for a; c fits beside a
+    names = [e[:2] for e in events]
+    assert names.index(("end", "a")) < names.index(("start", "b")) and names.index(("start", "c")) < names.index(("end", "a"))
+    await decode("huge", 500, 0)  # larger than the budget: runs alone
+    assert budget.used == 0

@@ -3,6 +3,7 @@
 Beyond them a request is refused at once (429 with Retry-After, or RESOURCE_EXHAUSTED on gRPC; 413 for a body too
 large) instead of queueing memory and work without limit.
 """
+import asyncio
 import contextlib
 import json
 
@@ -25,6 +26,27 @@ class Admission:
             yield
         finally:
             self.active -= 1
+
+
+class PixelBudget:
+    """Decoded pixels in flight over all requests (decoding holds ~3-4 bytes per pixel): an image waits until its
+    pixels fit; one larger than the whole budget runs alone."""
+
+    def __init__(self, pixels: int):
+        self.total, self.used = pixels, 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int):
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.total)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
 
 
 class RestAdmission:

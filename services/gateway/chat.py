@@ -11,11 +11,11 @@ import numpy as np
 
 from internvl.serving.v1 import serving_pb2 as pb
 from services.common.cache import EmbeddingCache, decode_value, image_cache_key
-from services.gateway.admission import Admission
+from services.gateway.admission import Admission, PixelBudget
 from services.gateway.auth import ApiKeys
 from services.gateway.balancer import Balancer
 from services.gateway.errors import ApiError, bad_request
-from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash
+from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels
 from services.gateway.metrics import IMAGE_CACHE
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImageURL
@@ -36,6 +36,7 @@ class Limits:
     pool_wait_s: float = 300.0      # how long a request waits for pools that are not up (starting, scaled to zero)
     max_concurrent_requests: int = 256
     max_request_bytes: int = 64 * 1024 * 1024  # a chat request body (inline images included)
+    max_decode_pixels: int = 256 * 1024 * 1024  # decoded pixels in flight over all requests (~1 GB of RGB(A))
     api_keys: tuple[str, ...] = ()  # clients must present one of these (none: the gateway is open)
     url_policy: UrlPolicy = UrlPolicy()  # where image URLs may lead (public addresses only by default)
 
@@ -67,6 +68,7 @@ class ChatService:
         self.cache_namespace = cache_namespace
         self._encoding: dict[str, asyncio.Future] = {}  # cache key -> embeddings being computed for some request
         self.admission = Admission(limits.max_concurrent_requests)  # shared by REST and gRPC
+        self.pixels = PixelBudget(limits.max_decode_pixels)
         self.api_keys = ApiKeys(list(limits.api_keys))
 
     @property
@@ -153,7 +155,7 @@ class ChatService:
         misses = [(img, data) for img, data in zip(resolved, datas) if img.embeddings is None]
         IMAGE_CACHE.labels("hit").inc(len(resolved) - len(misses))
         IMAGE_CACHE.labels("miss").inc(len(misses))
-        arrays = await asyncio.gather(*(asyncio.to_thread(self._tiles, data, max_num) for _, data in misses))
+        arrays = await asyncio.gather(*(self._decode(data, max_num) for _, data in misses))
         for (img, _), pixels in zip(misses, arrays):
             img.tiles, img.pixels = pixels.shape[0], pixels
         return resolved
@@ -200,6 +202,11 @@ class ChatService:
             return image._data
         return await fetch_image(image.url, self.http, self.limits.max_image_bytes, self.limits.fetch_timeout_s,
                                  self.limits.url_policy)
+
+    async def _decode(self, data: bytes, max_num: int) -> np.ndarray:
+        """Decode and tile off the event loop, within the budget of decoded pixels in flight."""
+        async with self.pixels.hold(image_pixels(data)):
+            return await asyncio.to_thread(self._tiles, data, max_num)
 
     def _tiles(self, data: bytes, max_num: int) -> np.ndarray:
         return tile_image(decode_image(data, self.limits.max_image_pixels), max_num=max_num,

@@ -53,6 +53,15 @@ def _sniff_format(data: bytes) -> str | None:
     return None
 
 
+def image_pixels(data: bytes) -> int:
+    """Width x height from the header alone (0 when unreadable: decoding will say why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size[0] * img.size[1]
+    except Exception:
+        return 0
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode encoded image bytes into a fully loaded RGB `PIL.Image.Image`.
 
