@@ -19,13 +19,14 @@ from tools.run_local import start_stack
 
 @pytest.fixture(scope="module")
 def tight(tiny_checkpoint, redis_url, tmp_path_factory):
-    """A stack whose gateway serves 2 requests at once and bodies up to 64 KiB, and whose decoder lets 1 wait."""
+    """A stack whose gateway serves 2 requests at once and bodies up to 64 KiB and gives a generation 2 s, and whose
+    decoder lets 1 wait."""
     with open(tmp_path_factory.mktemp("tight") / "stack.log", "w") as log:
         stack = start_stack(str(tiny_checkpoint), redis_url=redis_url, log=log, extra_env={
             "CACHE_NAMESPACE": f"tight-{uuid.uuid4().hex}", "MAX_CONCURRENT_REQUESTS": "2",
             "IMAGE_URL_ALLOW": IMAGE_HOST + "/32",
             "MAX_REQUEST_BYTES": str(64 * 1024), "MAX_WAITING": "1", "MAX_RUNNING": "1",
-            "MAX_BATCHED_TOKENS": "64"})
+            "MAX_BATCHED_TOKENS": "64", "GENERATE_TIMEOUT_S": "2"})
         yield stack
         stack.stop()
 
@@ -139,3 +140,11 @@ async def test_decoded_pixels_in_flight_are_bounded():
     assert names.index(("end", "a")) < names.index(("start", "b")) and names.index(("start", "c")) < names.index(("end", "a"))
     await decode("huge", 500, 0)  # larger than the budget: runs alone
     assert budget.used == 0
+
+
+def test_a_generation_past_its_deadline_ends_with_a_clear_error(tight):
+    """GENERATE_TIMEOUT_S bounds a whole generation: a hung or endless one ends (503 here), it never hangs."""
+    r = httpx.post(tight.gateway_url + "/v1/chat/completions", timeout=60,
+                   json=chat(8000) | {"ignore_eos": True})
+    assert r.status_code == 503 and "decoder" in r.json()["error"]["message"]
+    assert httpx.post(tight.gateway_url + "/v1/chat/completions", json=chat(2), timeout=60).status_code == 200

@@ -108,3 +108,18 @@ def test_the_gateway_needs_no_torch():
             "import services.gateway.__main__")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
+    from services.common.cache import EmbeddingCache
+    from services.gateway.chat import ChatService, Limits, Pools
+    from services.gateway.schema import ChatCompletionRequest
+
+    prompt = PromptBuilder(tiny_checkpoint, read_model_config(tiny_checkpoint))
+    chat = ChatService("m", prompt, Pools(None, None, "", 256, 4096), EmbeddingCache(None, 0), None, Limits())
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    end_of_turn = prompt.stop_token_ids
+    assert list((await chat.prepare(ChatCompletionRequest(**ask))).sampling.stop_token_ids) == end_of_turn
+    extra = await chat.prepare(ChatCompletionRequest(**ask, stop_token_ids=[7, 3]))
+    assert list(extra.sampling.stop_token_ids) == sorted({3, 7, *end_of_turn})
+    assert list((await chat.prepare(ChatCompletionRequest(**ask, ignore_eos=True))).sampling.stop_token_ids) == []

@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
     settings.add(p, "--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 256,
                  "chat requests served at once (REST and gRPC); more are refused with 429 / RESOURCE_EXHAUSTED", int)
+    settings.add(p, "--generate-timeout", "GENERATE_TIMEOUT_S", 3600.0,
+                 "deadline of a whole generation on the decoder (its stream included)", float)
     settings.add(p, "--max-decode-pixels", "MAX_DECODE_PIXELS", 256 * 1024 * 1024,
                  "decoded image pixels in flight over all requests (bounds the gateway's memory)", int)
     settings.add(p, "--api-keys", "API_KEYS", "",
@@ -154,7 +156,7 @@ async def main() -> None:
                     max_images=args.max_images, max_image_bytes=args.max_image_bytes,
                     url_policy=UrlPolicy.parse(args.image_url_allow), pool_wait_s=args.pool_wait,
                     max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes,
-                    max_decode_pixels=args.max_decode_pixels,
+                    max_decode_pixels=args.max_decode_pixels, generate_timeout_s=args.generate_timeout,
                     api_keys=tuple(read_api_keys(args.api_keys, args.api_keys_file)))
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
     async with httpx.AsyncClient() as http:  # redirects are followed by fetch_image, each hop checked

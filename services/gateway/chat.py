@@ -33,6 +33,7 @@ class Limits:
     max_image_pixels: int = 64 * 1024 * 1024
     fetch_timeout_s: float = 10.0
     vision_timeout_s: float = 120.0
+    generate_timeout_s: float = 3600.0  # a whole generation, its stream included (a hung decoder ends, it never hangs)
     pool_wait_s: float = 300.0      # how long a request waits for pools that are not up (starting, scaled to zero)
     max_concurrent_requests: int = 256
     max_request_bytes: int = 64 * 1024 * 1024  # a chat request body (inline images included)
@@ -114,7 +115,9 @@ class ChatService:
         await self._encode_misses(resolved, request_id)
         sampling = pb.SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens or 0,
                                      temperature=req.temperature, top_p=req.top_p,
-                                     stop_token_ids=self.prompt.stop_token_ids, seed=req.seed, top_k=req.top_k or 0,
+                                     stop_token_ids=sorted(set(req.stop_token_ids) | set(
+                                         () if req.ignore_eos else self.prompt.stop_token_ids)),
+                                     seed=req.seed, top_k=req.top_k or 0,
                                      min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
                                      presence_penalty=req.presence_penalty or 0.0,
                                      frequency_penalty=req.frequency_penalty or 0.0)
@@ -125,7 +128,7 @@ class ChatService:
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The decoder's stream; its errors become ApiErrors."""
-        stream = self.pools.decoder.stream("Generate", request)
+        stream = self.pools.decoder.stream("Generate", request, timeout=self.limits.generate_timeout_s)
         try:
             async for response in stream:
                 yield response

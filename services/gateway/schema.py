@@ -61,6 +61,9 @@ class ChatCompletionRequest(BaseModel):
                                 "probability")
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0,
                                              description="> 1 discourages tokens of the prompt and the answer so far")
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2 ** 31)]] = Field(default_factory=list, max_length=64,
+                                      description="more token ids that end the answer (as vLLM)")
+    ignore_eos: bool = Field(default=False, description="do not stop at the template's end of turn (as vLLM)")
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
