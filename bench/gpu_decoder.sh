@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
 day="$(date +%F)"
 export PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"  # the GPU machine has python3 (the one with torch), not always python
 if [[ "${1:-}" == "--smoke" ]]; then
-  TRITON_INTERPRET=1 python -m tests.triton_attention_check cpu
-  python -m bench.decoder --device cpu --smoke --no-stack --out "$out/decoder-smoke-$day.md"
+  TRITON_INTERPRET=1 "$py" -m tests.triton_attention_check cpu
+  "$py" -m bench.decoder --device cpu --smoke --no-stack --out "$out/decoder-smoke-$day.md"
 else
-  python -m tests.triton_attention_check cuda
-  python -m bench.decoder --device cuda --shape internlm2_5_7b --dtype bfloat16 --out "$out/decoder-h200-$day.md"
+  "$py" -m tests.triton_attention_check cuda
+  "$py" -m bench.decoder --device cuda --shape internlm2_5_7b --dtype bfloat16 --out "$out/decoder-h200-$day.md"
 fi
