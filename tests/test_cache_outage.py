@@ -1,5 +1,6 @@
 """A Redis that stops answering costs one short timeout, then the cache is skipped for a while (a circuit), and
 requests are served without it; the cache comes back by itself."""
+import asyncio
 import socket
 import threading
 import time
@@ -49,3 +50,30 @@ async def test_a_hung_redis_opens_the_circuit_then_closes_it(redis_url):
     assert await healthy.get_many(["outage-test"]) == [b"v"]  # tried again, and it answers
     assert REGISTRY.get_sample_value("embedding_cache_up") == 1
     await healthy.close()
+
+
+async def test_the_vision_pool_answers_without_waiting_for_its_cache_writes(cfg):
+    """A hung Redis does not delay the Encode answer: the write runs after it."""
+    import torch
+
+    from internvl.serving.v1 import serving_pb2 as pb
+    from services.common.tensors import to_proto
+    from services.vision_encoder.server import VisionEncoderServicer
+
+    class Batcher:
+        queued_tiles = 0
+
+        async def encode(self, images):
+            return [torch.zeros(img.shape[0] * 256, cfg.text.hidden_size) for img in images]
+
+    silent = Silent()
+    cache = EmbeddingCache(f"redis://127.0.0.1:{silent.port}/0", ttl_s=60)
+    servicer = VisionEncoderServicer(cfg, Batcher(), cache, pb.ModelInfo(fingerprint="f"))
+    size = cfg.vision.image_size
+    tiles = to_proto(torch.zeros(1, size, size, 3, dtype=torch.uint8))
+    start = time.monotonic()
+    response = await servicer.Encode(pb.EncodeRequest(images=[pb.ImageTiles(tiles=tiles, cache_key="k")]), None)
+    assert time.monotonic() - start < 0.5 and len(response.images) == 1  # the write (1 s timeout) still runs
+    assert len(servicer._writes) == 1
+    await asyncio.gather(*servicer._writes)
+    await cache.close()

@@ -19,7 +19,10 @@ log = logging.getLogger("vision_encoder")
 REQUESTS = Counter("vision_encode_requests_total", "Encode calls", ["status"])
 IMAGES = Counter("vision_images_encoded_total", "Images encoded")
 RUNNING = Gauge("vision_requests_running", "Encode calls in progress")
-LATENCY = Histogram("vision_encode_seconds", "Encode call latency (queueing, forward passes, cache writes)",
+CACHE_WRITES = Counter("vision_cache_writes_total", "Embeddings written to Redis after answering, or dropped "
+                       "because too many writes were pending", ["result"])
+CACHE_WRITE_BYTES = Counter("vision_cache_write_bytes_total", "Bytes of embeddings written to Redis")
+LATENCY = Histogram("vision_encode_seconds", "Encode call latency (queueing, forward passes)",
                     buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
 
 
@@ -28,6 +31,8 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
                  max_queued_tiles: int = 4096):
         self.cfg, self.batcher, self.cache, self.info = cfg, batcher, cache, info
         self.max_queued_tiles = max_queued_tiles
+        self.max_pending_writes = 64
+        self._writes: set[asyncio.Task] = set()  # cache writes in flight (kept referenced until done)
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         # Context managers, not decorators: those would time the creation of the coroutine, not its run.
@@ -50,12 +55,24 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.batcher.queued_tiles} tiles are already "
                                 f"queued (limit {self.max_queued_tiles})")
         embeddings = [to_proto(e) for e in await self.batcher.encode(images)]
-        await asyncio.gather(*(
-            self.cache.put(img.cache_key, encode_value(self.info.fingerprint, tiles.shape[0], emb))
-            for img, tiles, emb in zip(request.images, images, embeddings) if img.cache_key))
+        for img, tiles, emb in zip(request.images, images, embeddings):
+            if img.cache_key:
+                self._write_behind(img.cache_key, encode_value(self.info.fingerprint, tiles.shape[0], emb))
         REQUESTS.labels("ok").inc()
         IMAGES.inc(len(images))
         return pb.EncodeResponse(images=[pb.ImageEmbeddings(embeddings=e) for e in embeddings])
+
+    def _write_behind(self, key: str, value: bytes) -> None:
+        """Cache writes never delay the answer: they run after it, a bounded number at a time (beyond that the
+        value is not cached rather than queued)."""
+        if len(self._writes) >= self.max_pending_writes:
+            CACHE_WRITES.labels("dropped").inc()
+            return
+        task = asyncio.create_task(self.cache.put(key, value))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        CACHE_WRITES.labels("written").inc()
+        CACHE_WRITE_BYTES.inc(len(value))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.info
