@@ -34,7 +34,6 @@ class BatchContext:
     max_query_len: int
     max_context_len: int
     query_ranges: list[tuple[int, int]]  # host copies, for the CPU path and per-sequence rope
-    cu_seqlens_k: torch.Tensor | None = None  # int32 [B + 1], flash-attn only
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -45,7 +44,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, ctx.slot_mapping, v)
     if q.is_cuda:
         if flash_attn_varlen_func is not None and q.dtype != torch.float32 and k_cache.shape[1] % 256 == 0:
-            return flash_attn_varlen_func(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_query_len,
+            cu_seqlens_k = F.pad(ctx.context_lens.cumsum(0, dtype=torch.int32), (1, 0))
+            return flash_attn_varlen_func(q, k_cache, v_cache, ctx.cu_seqlens_q, cu_seqlens_k, ctx.max_query_len,
                                           ctx.max_context_len, softmax_scale=scale, causal=True,
                                           block_table=ctx.block_tables)
         return triton_paged_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,

@@ -5,7 +5,6 @@ device (a running sequence owns a row and only its new blocks are copied), and a
 one host->device copy. On CUDA, decode-only steps replay CUDA graphs captured for a few batch sizes.
 """
 import torch
-import torch.nn.functional as F
 
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.context import BatchContext
@@ -32,7 +31,7 @@ class ModelRunner:
     def step(self, batch: list[tuple[Sequence, int]]) -> list[int | None]:
         """Run `n` new tokens of each sequence; the next token of each one whose known tokens are all computed."""
         self._sync_tables([seq for seq, _ in batch])
-        bs, ids, positions, slots, cu, lens, rows, last = self.block_size, [], [], [], [0], [], [], []
+        bs, ids, positions, slots, cu, lens, rows, last, done = self.block_size, [], [], [], [0], [], [], [], []
         image_at, image_rows = [], []
         for seq, n in batch:
             start, end = seq.num_cached, seq.num_cached + n
@@ -52,7 +51,8 @@ class ModelRunner:
             cu.append(cu[-1] + n)
             lens.append(end)
             rows.append(seq.row)
-            if end == len(seq):
+            done.append(end == len(seq))  # its next token is sampled in this step
+            if done[-1]:
                 last.append(cu[-1] - 1)
         t, b = len(ids), len(batch)
         host = torch.tensor(ids + positions + slots + lens + cu + rows + last, dtype=torch.int64)
@@ -68,8 +68,6 @@ class ModelRunner:
             width = -(-max_len // bs)
             ctx = BatchContext(cu_d, lens_d, self.tables[rows_d, :width], slots_d, max(n for _, n in batch), max_len,
                                [(cu[i], cu[i + 1]) for i in range(b)])
-            if self.device.type == "cuda":
-                ctx.cu_seqlens_k = torch.tensor([0] + lens, device=self.device).cumsum(0).int()
             embeds = self.model.embed(ids_d)
             if image_rows:
                 embeds[torch.tensor(image_at, device=self.device)] = torch.cat(image_rows).to(embeds)
@@ -77,7 +75,6 @@ class ModelRunner:
             logits = self.model.logits(hidden[last_d])
         # A step either happens whole or not at all: num_cached moves only once sampling is done too, so a failed
         # step can be run again.
-        done = [seq.num_cached + n == len(seq) for seq, n in batch]
         sampled = [seq for (seq, _), d in zip(batch, done) if d]
         chosen = iter([])
         if sampled:
@@ -124,7 +121,6 @@ class ModelRunner:
                                max_len, [(i, i + 1) for i in range(size)])
 
             def forward(size=size, ctx=ctx):
-                ctx.cu_seqlens_k = F.pad(self.g_lens[:size].cumsum(0, dtype=torch.int32), (1, 0))
                 embeds = self.model.embed(self.g_ids[:size])
                 return self.model.logits(self.model(embeds, self.g_pos[:size], ctx))
 
@@ -167,8 +163,7 @@ def profile_prefill_memory(model, num_tokens: int, block_size: int, max_rows: in
     lens = torch.tensor([num_tokens], dtype=torch.int32, device=device)
     ctx = BatchContext(torch.tensor([0, num_tokens], dtype=torch.int32, device=device), lens,
                        torch.arange(blocks, dtype=torch.int32, device=device)[None],
-                       torch.arange(num_tokens, device=device), num_tokens, num_tokens, [(0, num_tokens)],
-                       cu_seqlens_k=torch.tensor([0, num_tokens], dtype=torch.int32, device=device))
+                       torch.arange(num_tokens, device=device), num_tokens, num_tokens, [(0, num_tokens)])
     hidden = model(model.embed(torch.zeros(num_tokens, dtype=torch.int64, device=device)),
                    torch.arange(num_tokens, device=device), ctx)
     logits = model.logits(hidden[-1:].expand(max_rows, -1))
