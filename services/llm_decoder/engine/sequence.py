@@ -55,10 +55,11 @@ class Sequence:
         self.num_prompt = len(self.prompt_ids)
         # Prompt positions of the image-context tokens: image row i fills position image_positions[i].
         self.image_positions = [p for p, t in enumerate(self.prompt_ids) if t == self.image_token_id] \
-            if self.image_embeds is not None else []
-        if self.image_embeds is not None and len(self.image_positions) != self.image_embeds.shape[0]:
-            raise ValueError(f"prompt has {len(self.image_positions)} image-context tokens but "
-                             f"{self.image_embeds.shape[0]} embedding rows were sent")
+            if self.image_token_id >= 0 else []
+        rows = 0 if self.image_embeds is None else self.image_embeds.shape[0]
+        if len(self.image_positions) != rows:
+            raise ValueError(f"prompt has {len(self.image_positions)} image-context tokens but {rows} embedding rows "
+                             "were sent")
         if self.image_embeds is not None and not self.image_keys:  # no identity given: never shared
             self.image_keys = [(uuid.uuid4().hex, len(self.image_positions))]
 
