@@ -9,8 +9,7 @@ from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.gateway.chat import ChatService
 from services.gateway.errors import ApiError, invalid_request
-from services.common.settings import log_event
-from services.gateway.metrics import IN_FLIGHT, LATENCY, REQUESTS, TTFT, access_log, request_id
+from services.gateway.metrics import IN_FLIGHT, TTFT, request_done, request_id
 from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart
 
 
@@ -65,13 +64,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             status = e.grpc_code().name
             await context.abort(e.grpc_code(), e.message)
         finally:
-            IN_FLIGHT.labels("grpc").dec()
-            REQUESTS.labels("grpc", status).inc()
-            seconds = time.perf_counter() - start
-            LATENCY.labels("grpc").observe(seconds)
-            log_event(access_log, "chat request", request_id=rid, api="grpc", status=status,
-                      prompt_tokens=usage and usage.prompt_tokens, completion_tokens=usage and usage.completion_tokens,
-                      ttft_s=ttft, duration_s=round(seconds, 4))
+            request_done("grpc", rid, status, start, ttft, usage and usage.prompt_tokens,
+                         usage and usage.completion_tokens)
 
 
 def to_chat_request(request: pb.ChatRequest) -> ChatCompletionRequest:

@@ -4,9 +4,9 @@ import re
 import time
 import uuid
 
-from services.common.settings import log_event
-
 from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.settings import log_event
 
 _SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0]
 REQUESTS = Counter("gateway_requests_total", "Chat requests by API and outcome (HTTP status or gRPC code)",
@@ -27,6 +27,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 def request_id(given: str | None) -> str:
     """The client's X-Request-Id when it is a sane token, else a new one; carried to both pools and their logs."""
     return given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def request_done(api: str, request_id: str, status, start: float, ttft_s: float | None,
+                 prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    """A chat request's outcome, REST or gRPC: its counters and its access line."""
+    IN_FLIGHT.labels(api).dec()
+    REQUESTS.labels(api, str(status)).inc()
+    seconds = time.perf_counter() - start
+    LATENCY.labels(api).observe(seconds)
+    log_event(access_log, "chat request", request_id=request_id, api=api, status=status, prompt_tokens=prompt_tokens,
+              completion_tokens=completion_tokens, ttft_s=ttft_s, duration_s=round(seconds, 4))
 
 
 class RestMetrics:
@@ -55,10 +66,5 @@ class RestMetrics:
         try:
             await self.app(scope, receive, observe)
         finally:
-            IN_FLIGHT.labels("rest").dec()
-            REQUESTS.labels("rest", str(status)).inc()
-            seconds = time.perf_counter() - start
-            LATENCY.labels("rest").observe(seconds)
-            log_event(access_log, "chat request", request_id=rid, api="rest", status=status,
-                      prompt_tokens=state.get("prompt_tokens"), completion_tokens=state.get("completion_tokens"),
-                      ttft_s=state.get("ttft_s"), duration_s=round(seconds, 4))
+            request_done("rest", rid, status, start, state.get("ttft_s"), state.get("prompt_tokens"),
+                         state.get("completion_tokens"))
