@@ -37,13 +37,13 @@ def chat(max_tokens: int) -> dict:
 
 @pytest.fixture(scope="module")
 def slow_image():
-    """An image server (on the address the stack may fetch from) that takes 3 s to answer: requests stay in flight."""
+    """An image server (on the address the stack may fetch from) that takes 3-4 s to answer: requests stay in flight."""
     class Slow(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_GET(self):
-            time.sleep(3)
+            time.sleep(3 + int(self.path.strip("/").split(".")[0][-1]))  # /slow0.png: 3 s, /slow1.png: 4 s
             body = png_bytes(noise_image(64, 64, seed=5))
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -53,15 +53,19 @@ def slow_image():
 
     httpd = http.server.ThreadingHTTPServer((IMAGE_HOST, 0), Slow)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://{IMAGE_HOST}:{httpd.server_address[1]}/slow.png"
+    yield f"http://{IMAGE_HOST}:{httpd.server_address[1]}/slow{{}}.png"
     httpd.shutdown()
     httpd.server_close()
 
 
 async def test_the_gateway_refuses_beyond_its_concurrency_limit(tight, slow_image):
-    slow = chat(2) | {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": slow_image}}]}]}
+    def slow(i: int) -> dict:
+        return chat(2) | {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": slow_image.format(i)}}]}]}
+
     async with httpx.AsyncClient(base_url=tight.gateway_url, timeout=120) as client:
-        held = [asyncio.create_task(client.post("/v1/chat/completions", json=slow)) for _ in range(2)]
+        # Their images arrive 1 s apart, so they reach the decoder (which lets only 1 wait) one after the other.
+        held = [asyncio.create_task(client.post("/v1/chat/completions", json=slow(i))) for i in range(2)]
         await asyncio.sleep(1)  # both are fetching their image now
         refused = await client.post("/v1/chat/completions", json=chat(2))
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
