@@ -403,16 +403,18 @@ def stack_questions(n: int) -> list[str]:
 
 
 async def _chat_all(url: str, model: str, questions: list[str], max_tokens: int) -> tuple[float, list[dict]]:
-    import httpx
+    # aiohttp: the load generator must not be what limits the stack (httpx's client costs more CPU per request than
+    # the gateway does, on the same two cores).
+    import aiohttp
 
-    limits = httpx.Limits(max_connections=len(questions) + 4, max_keepalive_connections=len(questions) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=len(questions) + 4)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
         async def one(q: str) -> dict:
-            r = await client.post("/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
-                "temperature": 0, "return_token_ids": True})
-            r.raise_for_status()
-            return r.json()
+            async with client.post("/v1/chat/completions", json={
+                    "model": model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
+                    "temperature": 0, "return_token_ids": True}) as r:
+                r.raise_for_status()
+                return await r.json()
 
         # Warm-up with the same load: connections opened, every code path run once; then the measured round.
         await asyncio.gather(*(one(f"Warm-up {i}: say something.") for i in range(len(questions))))

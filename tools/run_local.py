@@ -97,7 +97,10 @@ def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None
     try:
         if not redis_url and redis:
             stack.procs["redis"], redis_url = start_redis(log)
+        # On the CPU the model services share this machine's cores: each its half, not a thread pool per core each.
+        threads = {"CPU_THREADS": str(max(1, (os.cpu_count() or 2) // 2))} if device == "cpu" else {}
         env = {**os.environ, "MODEL": model, "DEVICE": device, "REDIS_URL": redis_url or "",  # "": no cache
+               **threads,
                # ROOT first, keeping a PYTHONPATH that holds the dependencies (e.g. wheels unpacked elsewhere)
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                **(extra_env or {})}

@@ -126,6 +126,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--model", "MODEL", None, "hub id or local checkpoint directory")
     settings.add(parser, "--device", "DEVICE", "cuda" if torch.cuda.is_available() else "cpu", "torch device")
     settings.add(parser, "--dtype", "DTYPE", "auto", "bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
+    settings.add(parser, "--cpu-threads", "CPU_THREADS", 0,
+                 "torch's intra-op threads (0 = torch's default, one per core); services sharing a machine's cores "
+                 "should split them, or each thread pool spins against the others", int)
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:
@@ -137,6 +140,8 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 def open_checkpoint(args: argparse.Namespace, parts: tuple[str, ...]) -> tuple[Path, ModelConfig, torch.dtype]:
     """Start-up shared by the GPU services: logging, the checkpoint (with `parts`' tensors) and the compute dtype."""
     settings.setup_logging()
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     if not args.model:
         raise SystemExit("--model (or MODEL) is required")
     path = resolve_checkpoint(args.model, parts)

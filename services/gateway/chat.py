@@ -124,7 +124,7 @@ class ChatService:
         # The cache keys name each image's embeddings: the decoder reuses KV blocks of prompts with the same images.
         return pb.GenerateRequest(request_id=request_id, token_ids=token_ids,
                                   images=[img.embeddings for img in resolved], sampling=sampling,
-                                  image_keys=[img.key for img in resolved])
+                                  image_keys=[img.key for img in resolved], final_only=not req.stream)
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The decoder's stream; its errors become ApiErrors."""

@@ -19,7 +19,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
         answer = pb.ChatResponse(model=request.model)
-        async for r in self._stream(request, context):
+        async for r in self._stream(request, context, stream=False):
             answer.id = r.id
             answer.text += r.text
             answer.token_ids.extend(r.token_ids)
@@ -29,7 +29,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return answer
 
     async def ChatStream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
-        async for r in self._stream(request, context):
+        async for r in self._stream(request, context, stream=True):
             yield r
 
     async def ListModels(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelList:
@@ -43,17 +43,19 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         metadata = dict(context.invocation_metadata() or ())
         self.chat.api_keys.check(metadata.get("authorization"))
 
-    async def _stream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
+    async def _stream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext, stream: bool):
+        """The answer as ChatResponses: one per decoder message when streamed, else a single one."""
         start, status, ttft, usage = time.perf_counter(), "CANCELLED", None, None  # CANCELLED unless it ends otherwise
         rid = request_id(dict(context.invocation_metadata() or ()).get("x-request-id"))
         IN_FLIGHT.labels("grpc").inc()
         try:
             self._authenticate(context)
             with self.chat.admission.slot():
-                generate = await self.chat.prepare(to_chat_request(request), rid)
+                generate = await self.chat.prepare(to_chat_request(request, stream), rid)
+                sent = time.perf_counter()
                 async for r in self.chat.generate(generate):
-                    if ttft is None:
-                        ttft = round(time.perf_counter() - start, 4)
+                    if ttft is None:  # a final-only answer says when its first token came
+                        ttft = round((sent + r.first_token_s if r.first_token_s else time.perf_counter()) - start, 4)
                         TTFT.labels("grpc").observe(ttft)
                     if r.finish_reason:
                         usage = r.usage
@@ -68,13 +70,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                          usage and usage.completion_tokens)
 
 
-def to_chat_request(request: pb.ChatRequest) -> ChatCompletionRequest:
+def to_chat_request(request: pb.ChatRequest, stream: bool) -> ChatCompletionRequest:
     """Validate a gRPC request with the same rules as REST; an invalid one is an ApiError 400."""
     fields = MessageToDict(request, preserving_proto_field_name=True)
     fields.pop("messages", None)
     try:
         messages = [Message(role=m.role, content=[_part(p) for p in m.content]) for m in request.messages]
-        return ChatCompletionRequest(messages=messages, **fields)
+        return ChatCompletionRequest(messages=messages, stream=stream, **fields)
     except ValidationError as e:
         raise invalid_request(e.errors()) from e
 

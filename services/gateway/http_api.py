@@ -62,16 +62,18 @@ def create_app(chat: ChatService) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         start, state = time.perf_counter(), request.scope.setdefault("state", {})  # read by the access line
         stream = chat.generate(await chat.prepare(req, state.get("request_id")))
-        # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
-        first = await anext(stream)
-        state["ttft_s"] = round(time.perf_counter() - start, 4)
-        TTFT.labels("rest").observe(state["ttft_s"])
+        sent = time.perf_counter()
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
+            # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
+            first = await anext(stream)
+            state["ttft_s"] = round(time.perf_counter() - start, 4)
+            TTFT.labels("rest").observe(state["ttft_s"])
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_sse(first, stream, completion_id, created, req.model, include_usage,
                                           req.return_token_ids, state), media_type="text/event-stream")
-        collect = asyncio.ensure_future(_collect(_chain(first, stream)))
+        # One message with the whole answer (the decoder's final_only); its errors are raised by `result()`.
+        collect = asyncio.ensure_future(_collect(stream))
         while not collect.done():
             await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
             if not collect.done() and await request.is_disconnected():
@@ -79,7 +81,9 @@ def create_app(chat: ChatService) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await collect
                 return Response(status_code=499)
-        text, token_ids, finish, usage = collect.result()
+        text, token_ids, finish, usage, first_token_s = collect.result()
+        state["ttft_s"] = round(sent - start + first_token_s, 4)  # the prompt's preparation + the decoder's wait
+        TTFT.labels("rest").observe(state["ttft_s"])
         state.update(_usage_fields(usage))
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                   "logprobs": None}
@@ -91,13 +95,15 @@ def create_app(chat: ChatService) -> FastAPI:
     return app
 
 
-async def _collect(responses: AsyncIterator[pb.GenerateResponse]) -> tuple[str, list[int], str, pb.Usage | None]:
-    text, token_ids, finish, usage = "", [], "", None
+async def _collect(responses: AsyncIterator[pb.GenerateResponse]) -> tuple[str, list[int], str, pb.Usage | None,
+                                                                          float]:
+    text, token_ids, finish, usage, first_token_s = "", [], "", None, 0.0
     async for r in responses:
         text += r.text
         token_ids += r.token_ids
         finish, usage = r.finish_reason or finish, r.usage if r.HasField("usage") else usage
-    return text, token_ids, finish, usage
+        first_token_s = r.first_token_s or first_token_s
+    return text, token_ids, finish, usage, first_token_s
 
 
 async def _chain(first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]):

@@ -5,6 +5,7 @@ import hashlib
 import math
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -58,6 +59,15 @@ class EngineCollector:
                                   value=e.computed_tokens)
 
 
+@dataclass
+class _Stream:
+    """A Generate call's end of the engine's output."""
+    final_only: bool
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None  # when its first token came out of the engine
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
 class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
     def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, image_token_id: int, vocab_size: int,
                  hidden_size: int, max_model_len: int, dtype: torch.dtype, info: pb.ModelInfo,
@@ -65,7 +75,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         self.max_waiting = max_waiting
         self.text, self.image_token_id, self.vocab_size = TextDecoder(tokenizer), image_token_id, vocab_size
         self.hidden_size, self.max_model_len, self.dtype, self.info = hidden_size, max_model_len, dtype, info
-        self.streams: dict[str, asyncio.Queue] = {}
+        self.streams: dict[str, _Stream] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.engine = engine
         engine.on_step = self.on_step
@@ -76,10 +86,15 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             self.loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _deliver(self, outputs: list[tuple[Sequence, int, str | None]]) -> None:
+        now = time.perf_counter()
         for seq, token, reason in outputs:
-            queue = self.streams.get(seq.id)
-            if queue is not None:  # unless the caller has already gone
-                queue.put_nowait((token, reason))
+            stream = self.streams.get(seq.id)
+            if stream is None:  # the caller has already gone
+                continue
+            if stream.first is None:
+                stream.first = now
+            if reason or not stream.final_only:  # a final-only call wakes once, at the end
+                stream.queue.put_nowait((token, reason))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         if self.engine.num_waiting() >= self.max_waiting:  # refused at once rather than queued without bound
@@ -90,10 +105,9 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.loop = asyncio.get_running_loop()
-        queue = self.streams[seq.id] = asyncio.Queue()
-        detok = self.text.stream()
-        model, delivered = self.info.model, 0
-        start = last = time.perf_counter()
+        stream = self.streams[seq.id] = _Stream(request.final_only)
+        queue, detok = stream.queue, self.text.stream()
+        model, delivered, last = self.info.model, 0, stream.start
         RUNNING.inc()
         reason = None
         try:
@@ -106,17 +120,23 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                 tokens, reason = [t for t, _ in items], items[-1][1]
                 if reason == "error":
                     await context.abort(grpc.StatusCode.INTERNAL, "generation failed")
-                now = time.perf_counter()
+                if stream.final_only:
+                    tokens = seq.output_ids
+                now, later = time.perf_counter(), tokens
                 if not delivered:
-                    TTFT.labels(model).observe(now - last)
-                else:  # tokens read together arrived over the time since the last read
-                    for _ in tokens:
-                        TPOT.labels(model).observe((now - last) / len(tokens))
+                    TTFT.labels(model).observe(stream.first - stream.start)
+                    last, later = stream.first, tokens[1:]
+                for _ in later:  # tokens read together arrived over the time since the previous one
+                    TPOT.labels(model).observe((now - last) / len(later))
                 last, delivered = now, delivered + len(tokens)
                 TOKENS.inc(len(tokens))
-                text = "".join(detok.step(t) for t in tokens) + (detok.finish() if reason else "")
+                if stream.final_only:
+                    text = self.text.decode(tokens)
+                else:
+                    text = "".join(detok.step(t) for t in tokens) + (detok.finish() if reason else "")
                 usage = pb.Usage(prompt_tokens=seq.num_prompt, completion_tokens=seq.num_output) if reason else None
-                yield pb.GenerateResponse(token_ids=tokens, text=text, finish_reason=reason or "", usage=usage)
+                yield pb.GenerateResponse(token_ids=tokens, text=text, finish_reason=reason or "", usage=usage,
+                                          first_token_s=stream.first - stream.start if stream.final_only else 0)
         finally:
             if reason is None:  # the client went away (or the call failed): free the work
                 self.engine.abort(seq.id)
@@ -125,7 +145,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             self.streams.pop(seq.id, None)
             log_event(log, "generate", request_id=request.request_id or seq.id, finish_reason=reason or "cancelled",
                       prompt_tokens=seq.num_prompt, completion_tokens=delivered,
-                      cached_prompt_tokens=seq.cached_tokens, duration_s=round(time.perf_counter() - start, 4))
+                      cached_prompt_tokens=seq.cached_tokens, duration_s=round(time.perf_counter() - stream.start, 4))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.info

@@ -34,6 +34,22 @@ class BatchContext:
     max_query_len: int
     max_context_len: int
     query_ranges: list[tuple[int, int]]  # host copies, for the CPU path and per-sequence rope
+    decode_rows: tuple | None = None     # CPU: `cpu_decode_rows`, worked out once per step by the runner
+
+
+def cpu_decode_rows(ctx: BatchContext, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The CPU path's decode rows: their token rows, the cache slots of their contexts [n * L] (padded to the
+    longest) and the mask of real keys [n, L]; None without decodes."""
+    decode = [b for b, (s, e) in enumerate(ctx.query_ranges) if e - s == 1]
+    if not decode:
+        return None
+    rows = torch.tensor(decode)
+    lens = ctx.context_lens[rows]
+    width = -(-ctx.max_context_len // block_size)
+    offsets = torch.arange(width * block_size)
+    slots = ctx.block_tables[rows, :width].long().repeat_interleave(block_size, dim=1) * block_size \
+        + offsets % block_size
+    return ctx.cu_seqlens_q[rows].long(), slots.flatten(), offsets < lens[:, None]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -58,15 +74,11 @@ def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """The CPU path: one batched SDPA call over every decode row (contexts gathered and padded), one call per
     prefill chunk."""
     out = torch.empty_like(q)
-    decode = [b for b, (s, e) in enumerate(ctx.query_ranges) if e - s == 1]
-    if decode:
-        rows = torch.tensor(decode)
-        tokens = ctx.cu_seqlens_q[rows].long()
-        lens = ctx.context_lens[rows]
-        width = -(-int(lens.max()) // k_cache.shape[1])
-        tables = ctx.block_tables[rows, :width]
-        k, v = (c[tables].flatten(1, 2).transpose(1, 2) for c in (k_cache, v_cache))  # [n, H_kv, L, d]
-        mask = torch.arange(k.shape[2]) < lens[:, None]
+    if decode := ctx.decode_rows or cpu_decode_rows(ctx, k_cache.shape[1]):
+        tokens, slots, mask = decode
+        # [n, H_kv, L, d] from the flat cache: one index_select per tensor, not a gather over block-table rows.
+        k, v = (c.view(-1, *c.shape[2:]).index_select(0, slots).view(*mask.shape, *c.shape[2:]).transpose(1, 2)
+                for c in (k_cache, v_cache))
         o = F.scaled_dot_product_attention(q[tokens][:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
                                            enable_gqa=k.shape[1] != q.shape[1])
         out[tokens] = o[:, :, 0]

@@ -7,7 +7,7 @@ one host->device copy. On CUDA, decode-only steps replay CUDA graphs captured fo
 import torch
 
 from services.llm_decoder.engine.block_manager import BlockManager
-from services.llm_decoder.engine.context import BatchContext
+from services.llm_decoder.engine.context import BatchContext, cpu_decode_rows
 from services.llm_decoder.engine.sampler import SamplingBatch, sample
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
@@ -68,6 +68,8 @@ class ModelRunner:
             width = -(-max_len // bs)
             ctx = BatchContext(cu_d, lens_d, self.tables[rows_d, :width], slots_d, max(n for _, n in batch), max_len,
                                [(cu[i], cu[i + 1]) for i in range(b)])
+            if self.device.type == "cpu":  # for every layer's attention
+                ctx.decode_rows = cpu_decode_rows(ctx, bs)
             embeds = self.model.embed(ids_d)
             if image_rows:
                 embeds[torch.tensor(image_at, device=self.device)] = torch.cat(image_rows).to(embeds)

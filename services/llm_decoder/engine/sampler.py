@@ -67,9 +67,13 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], steps: list[int],
-              histories: list[tuple[list[int], list[int]]] | None, vocab_size: int, device) -> "SamplingBatch":
-        """histories[i] = (prompt_ids, output_ids); None when no row uses a penalty."""
+              histories: list[tuple[list[int], list[int]]] | None, vocab_size: int,
+              device) -> "SamplingBatch | None":
+        """histories[i] = (prompt_ids, output_ids); None when no row uses a penalty. None when every row is plain
+        greedy: an argmax needs no per-row settings."""
         sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+        if not sampled and histories is None:
+            return None
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         seeds = [_i64(p.seed if p.seed is not None else random.getrandbits(64)) for p in params]
         # Two host->device copies for all the per-row scalars.
@@ -105,8 +109,10 @@ def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits - b.frequency_penalty[:, None] * counts - b.presence_penalty[:, None] * (counts > 0)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def sample(logits: torch.Tensor, batch: SamplingBatch | None) -> torch.Tensor:
     """logits [B, V] float32 -> int64 ids [B] on the logits' device; greedy rows are argmax of the penalized logits."""
+    if batch is None:
+        return logits.argmax(dim=-1)
     if batch.token_counts is not None:
         logits = _apply_penalties(logits, batch)
     ids = logits.argmax(dim=-1)
