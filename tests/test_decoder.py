@@ -105,9 +105,28 @@ def test_invalid_generate_requests(decoder, request_fields, message):
 
 def test_generate_streams_tokens_and_usage(decoder):
     responses = list(decoder.Generate(pb.GenerateRequest(token_ids=[5, 6, 7], sampling=pb.SamplingParams(max_tokens=5))))
-    assert len(responses) == 5 and all(len(r.token_ids) == 1 for r in responses)
+    # A message per step, or the tokens of several steps at once when the reader fell behind.
+    assert sum(len(r.token_ids) for r in responses) == 5 and all(r.token_ids for r in responses)
     assert responses[-1].finish_reason == "length" and not any(r.finish_reason for r in responses[:-1])
     assert (responses[-1].usage.prompt_tokens, responses[-1].usage.completion_tokens) == (3, 5)
+
+
+def test_a_final_only_call_gets_the_whole_answer_in_one_message(decoder, stack):
+    """What a non-streamed answer asks for: one message with every token and the text the stream adds up to."""
+    from tests.test_end_to_end import metric
+
+    def generate(final_only: bool) -> list[pb.GenerateResponse]:
+        return list(decoder.Generate(pb.GenerateRequest(token_ids=[9, 8, 7, 6], final_only=final_only,
+                                                        sampling=pb.SamplingParams(max_tokens=12)), timeout=30))
+
+    streamed = generate(False)
+    ttft_before = metric(stack.decoder_metrics_url, "vllm:time_to_first_token_seconds_count")
+    [final] = generate(True)
+    assert list(final.token_ids) == [t for r in streamed for t in r.token_ids] and len(final.token_ids) == 12
+    assert final.text == "".join(r.text for r in streamed)
+    assert (final.finish_reason, final.usage.completion_tokens) == ("length", 12)
+    assert 0 < final.first_token_s < 30 and not any(r.first_token_s for r in streamed)
+    assert metric(stack.decoder_metrics_url, "vllm:time_to_first_token_seconds_count") == ttft_before + 1
 
 
 def test_cancelled_call_frees_the_engine(decoder, stack):
