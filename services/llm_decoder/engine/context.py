@@ -38,18 +38,20 @@ class BatchContext:
 
 
 def cpu_decode_rows(ctx: BatchContext, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The CPU path's decode rows: their token rows, the cache slots of their contexts [n * L] (padded to the
-    longest) and the mask of real keys [n, L]; None without decodes."""
+    """The CPU path's decode rows: their token rows (None when the step is decodes only: row b is token b), the
+    cache slots of their contexts [n * L] (padded to the longest) and the mask of real keys [n, L]; None without
+    decodes."""
     decode = [b for b, (s, e) in enumerate(ctx.query_ranges) if e - s == 1]
     if not decode:
         return None
-    rows = torch.tensor(decode)
+    only = len(decode) == len(ctx.query_ranges)  # a decode-only step: rows are tokens, nothing to pick
+    rows = slice(None) if only else torch.tensor(decode)
     lens = ctx.context_lens[rows]
     width = -(-ctx.max_context_len // block_size)
     offsets = torch.arange(width * block_size)
     slots = ctx.block_tables[rows, :width].long().repeat_interleave(block_size, dim=1) * block_size \
         + offsets % block_size
-    return ctx.cu_seqlens_q[rows].long(), slots.flatten(), offsets < lens[:, None]
+    return None if only else ctx.cu_seqlens_q[rows].long(), slots.flatten(), offsets < lens[:, None]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -79,9 +81,12 @@ def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         # [n, H_kv, L, d] from the flat cache: one index_select per tensor, not a gather over block-table rows.
         k, v = (c.view(-1, *c.shape[2:]).index_select(0, slots).view(*mask.shape, *c.shape[2:]).transpose(1, 2)
                 for c in (k_cache, v_cache))
-        o = F.scaled_dot_product_attention(q[tokens][:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
-                                           enable_gqa=k.shape[1] != q.shape[1])
-        out[tokens] = o[:, :, 0]
+        o = F.scaled_dot_product_attention((q if tokens is None else q[tokens])[:, :, None], k, v,
+                                           attn_mask=mask[:, None, None], scale=scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])[:, :, 0]
+        if tokens is None:
+            return o
+        out[tokens] = o
     for b, (s, e) in enumerate(ctx.query_ranges):
         if e - s > 1:
             n = int(ctx.context_lens[b])
