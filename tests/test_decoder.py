@@ -83,7 +83,7 @@ def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
     ids = [5, 6] + [cfg.image_token_id] * 256 + [7]
     rows = torch.zeros(255, cfg.text.hidden_size)
     with pytest.raises(grpc.RpcError) as e:
-        list(decoder.Generate(pb.GenerateRequest(token_ids=ids, images=[to_proto(rows)],
+        list(decoder.Generate(pb.GenerateRequest(token_ids=ids, images=[pb.ImageEmbeddings(embeddings=to_proto(rows))],
                                                  sampling=pb.SamplingParams(max_tokens=2))))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "256 image-context tokens but 255 embedding rows" in e.value.details()
@@ -92,7 +92,8 @@ def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
 @pytest.mark.parametrize("request_fields,message", [
     ({"token_ids": []}, "empty"),
     ({"token_ids": [10 ** 6]}, "token ids must be in"),
-    ({"token_ids": [1], "images": [pb.Tensor(dtype="float32", shape=[2, 64], data=b"123")]}, "needs 512 bytes"),
+    ({"token_ids": [1], "images": [pb.ImageEmbeddings(embeddings=pb.Tensor(dtype="float32", shape=[2, 64],
+                                                                           data=b"123"))]}, "needs 512 bytes"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(max_tokens=10 ** 6)}, "exceeds"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("nan"))}, "finite"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("inf"))}, "finite"),

@@ -31,14 +31,17 @@ def encode_value(fingerprint: str, tiles: int, embeddings: pb.Tensor) -> bytes:
     return pb.CachedEmbeddings(fingerprint=fingerprint, tiles=tiles, embeddings=embeddings).SerializeToString()
 
 
-def decode_value(data: bytes, fingerprint: str, tokens_per_tile: int) -> pb.CachedEmbeddings | None:
-    """The cached value, or None if it is corrupt, from another model, or inconsistent with its header."""
+def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> pb.CachedEmbeddings | None:
+    """The cached value, or None if it is corrupt, from another model, or inconsistent with its header.
+    (fingerprint None: any model's; a reader that names values by keys, which hold the fingerprint.)"""
     try:
         value = pb.CachedEmbeddings.FromString(data)
     except DecodeError:
         return None
     emb = value.embeddings
-    if value.fingerprint != fingerprint or value.tiles <= 0 or len(emb.shape) != 2:
+    if fingerprint is not None and value.fingerprint != fingerprint:
+        return None
+    if value.tiles <= 0 or len(emb.shape) != 2:
         return None
     if emb.shape[0] != value.tiles * tokens_per_tile or emb.dtype not in _ITEMSIZE:
         return None
@@ -57,7 +60,8 @@ class EmbeddingCache:
         self.open_until = 0.0  # monotonic time before which Redis is not tried
         UP.set(1 if self.client else 0)
 
-    def _usable(self) -> bool:
+    def usable(self) -> bool:
+        """Configured and not in a cool-down after a failure."""
         return self.client is not None and time.monotonic() >= self.open_until
 
     def _failed(self, what: str, e: Exception) -> None:
@@ -67,7 +71,7 @@ class EmbeddingCache:
         log.warning("redis %s failed, serving without the cache for %.0fs: %s", what, self.cooldown_s, e)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        if not keys or not self._usable():
+        if not keys or not self.usable():
             return [None] * len(keys)
         try:
             values = await self.client.mget(keys)
@@ -77,13 +81,32 @@ class EmbeddingCache:
         UP.set(1)
         return values
 
-    async def put(self, key: str, value: bytes) -> None:
-        if not self._usable():
-            return
+    async def sizes(self, keys: list[str]) -> list[int]:
+        """Each value's size in bytes (0: absent), in one round trip: whether the cache holds an image's embeddings,
+        without moving them."""
+        if not keys or not self.usable():
+            return [0] * len(keys)
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.strlen(key)
+                sizes = await pipe.execute()
+        except (redis.RedisError, OSError) as e:
+            self._failed("read", e)
+            return [0] * len(keys)
+        UP.set(1)
+        return sizes
+
+    async def put(self, key: str, value: bytes) -> bool:
+        """Whether the value was stored."""
+        if not self.usable():
+            return False
         try:
             await self.client.set(key, value, ex=self.ttl_s)
         except (redis.RedisError, OSError) as e:
             self._failed("write", e)
+            return False
+        return True
 
     async def close(self) -> None:
         if self.client is not None:

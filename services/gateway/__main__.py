@@ -122,7 +122,8 @@ async def check_pools(vision: Balancer, decoder: Balancer, cfg, args, wait_s: fl
         raise SystemExit(f"{args.model} has {cfg.tokens_per_tile} tokens per tile, the vision pool "
                          f"{vision_info.tokens_per_tile}: the gateway's MODEL is not the pools' checkpoint")
     log.info("pools up: %d vision, %d decoder endpoints", len(vision_infos), len(decoder_infos))
-    return Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile, decoder_info.max_model_len)
+    return Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile, decoder_info.max_model_len,
+                 decoder_reads_cache=all(info.reads_cache for info in decoder_infos.values()))
 
 
 def stop_on_failure(task: asyncio.Future) -> None:

@@ -15,11 +15,11 @@ from services.gateway.admission import Admission, PixelBudget
 from services.gateway.auth import ApiKeys
 from services.gateway.balancer import Balancer
 from services.gateway.errors import ApiError, bad_request
-from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels
+from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels, image_size
 from services.gateway.metrics import IMAGE_CACHE
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImageURL
-from services.gateway.tiling import tile_image
+from services.gateway.tiling import tile_count, tile_image
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,14 @@ class Pools:
     fingerprint: str                # of the vision pool's weights; part of every cache key
     tokens_per_tile: int
     max_model_len: int              # the decoder's context
+    decoder_reads_cache: bool = False  # images may go to the decoder by cache key (it reads Redis itself)
 
 
 @dataclass
 class _Image:
     key: str                        # cache key
     tiles: int
-    embeddings: pb.Tensor | None    # from the cache, or after encoding
+    embeddings: pb.ImageEmbeddings | None  # the rows (from the cache, or encoded) or, by reference, their cache key
     pixels: np.ndarray | None = None  # uint8 tiles of a cache miss
 
 
@@ -67,7 +68,8 @@ class ChatService:
         self._pools = pools  # or, until the pools have answered what they serve, a future of them
         self.http, self.limits, self.tile_size, self.use_thumbnail = http, limits, tile_size, use_thumbnail
         self.cache_namespace = cache_namespace
-        self._encoding: dict[str, asyncio.Future] = {}  # cache key -> embeddings being computed for some request
+        # (cache key, by reference) -> embeddings being computed for some request
+        self._encoding: dict[tuple[str, bool], asyncio.Future] = {}
         self.admission = Admission(limits.max_concurrent_requests)  # shared by REST and gRPC
         self.pixels = PixelBudget(limits.max_decode_pixels)
         self.api_keys = ApiKeys(list(limits.api_keys))
@@ -91,9 +93,14 @@ class ChatService:
                 raise ApiError(503, f"the model pools did not come up within {self.limits.pool_wait_s:g}s; retry later",
                                type="service_unavailable") from None
 
-    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None) -> pb.GenerateRequest:
-        """Validate, resolve every image to embeddings (cache first), and build the decoder request."""
+    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None,
+                      by_reference: bool = True) -> pb.GenerateRequest:
+        """Validate, resolve every image to embeddings (cache first), and build the decoder request.
+
+        By reference (a decoder that reads the cache, and a cache that answers): images the cache holds, or that the
+        vision pool stored, go to the decoder as cache keys; the gateway never moves their rows."""
         await self.pools_up()
+        by_reference = by_reference and self.pools.decoder_reads_cache and self.cache.usable()
         if req.model != self.model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
@@ -107,12 +114,12 @@ class ChatService:
         request_id = request_id or uuid.uuid4().hex  # carried to both pools' logs
         # Template and tokenizer work off the event loop: a huge text must not stall every other request.
         prompt = await asyncio.to_thread(self.prompt.render, req.messages)  # validates the text before image work
-        resolved = await self._resolve_images(images, max_num)
+        resolved = await self._resolve_images(images, max_num, by_reference)
         token_ids = await asyncio.to_thread(self.prompt.expand, prompt, [img.tiles for img in resolved])
         if len(token_ids) >= self.pools.max_model_len:  # refused before the vision pool spends time on it
             raise bad_request(f"the prompt has {len(token_ids)} tokens (images included); the model's context is "
                               f"{self.pools.max_model_len}", "messages")
-        await self._encode_misses(resolved, request_id)
+        await self._encode_misses(resolved, request_id, by_reference)
         sampling = pb.SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens or 0,
                                      temperature=req.temperature, top_p=req.top_p,
                                      stop_token_ids=sorted(set(req.stop_token_ids) | set(
@@ -126,19 +133,27 @@ class ChatService:
                                   images=[img.embeddings for img in resolved], sampling=sampling,
                                   image_keys=[img.key for img in resolved], final_only=not req.stream)
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """The decoder's stream; its errors become ApiErrors."""
+    async def generate(self, request: pb.GenerateRequest, req: ChatCompletionRequest,
+                       retry_inline: bool = True) -> AsyncIterator[pb.GenerateResponse]:
+        """The decoder's stream; its errors become ApiErrors. Embeddings sent by cache key that the decoder no longer
+        finds there (evicted, Redis down) are sent again as rows, once: `req` is prepared again, inline."""
         stream = self.pools.decoder.stream("Generate", request, timeout=self.limits.generate_timeout_s)
         try:
             async for response in stream:
                 yield response
         except grpc.aio.AioRpcError as e:
-            raise upstream_error("decoder", e) from e
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION or not retry_inline:
+                raise upstream_error("decoder", e) from e
+            log.warning("request %s: %s; sending the rows inline", request.request_id, e.details())
+            inline = await self.prepare(req, request.request_id, by_reference=False)
+            async for response in self.generate(inline, req, retry_inline=False):
+                yield response
         finally:
             await stream.aclose()  # the client went away (or we are done): the decoder frees the sequence
 
-    async def _resolve_images(self, images: list[ImageURL], max_num: int) -> list[_Image]:
-        """Each image's cache entry, or its tiles when there is none (CPU work, off the event loop)."""
+    async def _resolve_images(self, images: list[ImageURL], max_num: int, by_reference: bool) -> list[_Image]:
+        """Each image's cache entry, or its tiles when there is none (CPU work, off the event loop). By reference,
+        only whether the cache holds an image is asked; its tile count comes from the image's header."""
         if not images:
             return []
         # A task group: the first image that fails cancels the other downloads of the request.
@@ -152,9 +167,19 @@ class ChatService:
         keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, h, max_num, self.use_thumbnail,
                                 self.tile_size) for h in hashes]
         resolved = []
-        for key, raw in zip(keys, await self.cache.get_many(keys)):
-            value = raw and decode_value(raw, self.pools.fingerprint, self.pools.tokens_per_tile)
-            resolved.append(_Image(key, value.tiles, value.embeddings) if value else _Image(key, 0, None))
+        if by_reference:
+            sizes = await self.cache.sizes(keys)
+            counts = await asyncio.to_thread(lambda: [
+                tile_count(*image_size(d), max_num, use_thumbnail=self.use_thumbnail, tile_size=self.tile_size)
+                if size and all(image_size(d)) else 0 for d, size in zip(datas, sizes)])
+            for key, tiles in zip(keys, counts):
+                rows = tiles * self.pools.tokens_per_tile
+                resolved.append(_Image(key, tiles, pb.ImageEmbeddings(cache_key=key, rows=rows) if tiles else None))
+        else:
+            for key, raw in zip(keys, await self.cache.get_many(keys)):
+                value = raw and decode_value(raw, self.pools.fingerprint, self.pools.tokens_per_tile)
+                resolved.append(_Image(key, value.tiles, pb.ImageEmbeddings(embeddings=value.embeddings)) if value
+                                else _Image(key, 0, None))
         misses = [(img, data) for img, data in zip(resolved, datas) if img.embeddings is None]
         IMAGE_CACHE.labels("hit").inc(len(resolved) - len(misses))
         IMAGE_CACHE.labels("miss").inc(len(misses))
@@ -163,7 +188,7 @@ class ChatService:
             img.tiles, img.pixels = pixels.shape[0], pixels
         return resolved
 
-    async def _encode_misses(self, images: list[_Image], request_id: str) -> None:
+    async def _encode_misses(self, images: list[_Image], request_id: str, by_reference: bool) -> None:
         """One Encode call for the images the cache did not have (the vision pool caches them). Single flight: an
         image that another request (or this one, twice) is encoding right now is awaited, not encoded again."""
         loop = asyncio.get_running_loop()
@@ -171,18 +196,19 @@ class ChatService:
         owned: list[_Image] = []
         for img in images:
             if img.embeddings is None and img.key not in futures:
-                if img.key not in self._encoding:
-                    self._encoding[img.key] = loop.create_future()
+                flight = (img.key, by_reference)  # an inline request cannot use an answer by reference
+                if flight not in self._encoding:
+                    self._encoding[flight] = loop.create_future()
                     owned.append(img)
-                futures[img.key] = self._encoding[img.key]
+                futures[img.key] = self._encoding[flight]
         if owned:
-            request = pb.EncodeRequest(request_id=request_id, images=[
+            request = pb.EncodeRequest(request_id=request_id, by_reference=by_reference, images=[
                 pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=img.pixels.shape, data=img.pixels.tobytes()),
                               cache_key=img.key) for img in owned])
             try:
                 response = await self.pools.vision.unary("Encode", request, timeout=self.limits.vision_timeout_s)
                 for img, out in zip(owned, response.images):
-                    futures[img.key].set_result(out.embeddings)
+                    futures[img.key].set_result(out)
             except BaseException as e:  # the requests waiting on these images fail with this one
                 error = upstream_error("vision encoder", e) if isinstance(e, grpc.aio.AioRpcError) else \
                     e if isinstance(e, ApiError) else ApiError(503, "the image's encoding was abandoned; retry",
@@ -195,7 +221,7 @@ class ChatService:
                 raise
             finally:
                 for img in owned:
-                    del self._encoding[img.key]
+                    del self._encoding[(img.key, by_reference)]
         for img in images:
             if img.embeddings is None:
                 img.embeddings = await futures[img.key]

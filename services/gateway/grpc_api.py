@@ -51,9 +51,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         try:
             self._authenticate(context)
             with self.chat.admission.slot():
-                generate = await self.chat.prepare(to_chat_request(request, stream), rid)
+                chat_request = to_chat_request(request, stream)
+                generate = await self.chat.prepare(chat_request, rid)
                 sent = time.perf_counter()
-                async for r in self.chat.generate(generate):
+                async for r in self.chat.generate(generate, chat_request):
                     if ttft is None:  # a final-only answer says when its first token came
                         ttft = round((sent + r.first_token_s if r.first_token_s else time.perf_counter()) - start, 4)
                         TTFT.labels("grpc").observe(ttft)

@@ -61,7 +61,7 @@ def create_app(chat: ChatService) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         start, state = time.perf_counter(), request.scope.setdefault("state", {})  # read by the access line
-        stream = chat.generate(await chat.prepare(req, state.get("request_id")))
+        stream = chat.generate(await chat.prepare(req, state.get("request_id")), req)
         sent = time.perf_counter()
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:

@@ -53,13 +53,18 @@ def _sniff_format(data: bytes) -> str | None:
     return None
 
 
-def image_pixels(data: bytes) -> int:
-    """Width x height from the header alone (0 when unreadable: decoding will say why)."""
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header alone ((0, 0) when unreadable: decoding will say why)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size[0] * img.size[1]
+        with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as img:
+            return img.size
     except Exception:
-        return 0
+        return 0, 0
+
+
+def image_pixels(data: bytes) -> int:
+    width, height = image_size(data)
+    return width * height
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

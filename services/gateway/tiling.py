@@ -64,6 +64,13 @@ def choose_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
     return best
 
 
+def tile_count(width: int, height: int, max_num: int = 12, min_num: int = 1, use_thumbnail: bool = True,
+               tile_size: int = TILE_SIZE) -> int:
+    """How many tiles `tile_image` makes of an image of this size (known from its header, without decoding it)."""
+    cols, rows = choose_grid(width, height, min_num, max_num, tile_size)
+    return cols * rows + (use_thumbnail and cols * rows > 1)
+
+
 def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
                use_thumbnail: bool = True, tile_size: int = TILE_SIZE) -> np.ndarray:
     """Cut `image` into InternVL tiles.

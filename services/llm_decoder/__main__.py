@@ -8,6 +8,7 @@ from prometheus_client import REGISTRY, Gauge
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings, weights
+from services.common.cache import EmbeddingCache
 from services.common.checkpoint import checkpoint_id
 from services.common.grpc_utils import serve
 from services.common.tokenizer import load_tokenizer
@@ -36,6 +37,9 @@ def parse_args() -> argparse.Namespace:
                  "tokens per step (decodes and prefill chunks together): longer prompts are prefilled in chunks", int)
     settings.add(p, "--max-running", "MAX_RUNNING", 64, "sequences decoded together", int)
     settings.add(p, "--cuda-graphs", "CUDA_GRAPHS", 1, "replay decode steps from CUDA graphs (0 = eager)", int)
+    settings.add(p, "--redis-url", "REDIS_URL", None,
+                 "Redis of the embedding cache: image embeddings the gateway names by key are read from it (unset = "
+                 "they travel inline)")
     settings.add(p, "--max-waiting", "MAX_WAITING", 1024,
                  "requests that may wait for admission; more are refused with RESOURCE_EXHAUSTED (the gateway's 429)",
                  int)
@@ -79,9 +83,12 @@ async def main() -> None:
     checkpoint = checkpoint_id(path)
     info = pb.ModelInfo(model=args.model, checkpoint=checkpoint,
                         fingerprint=weights.weights_fingerprint(model, checkpoint), dtype=str(dtype).removeprefix("torch."), hidden_size=cfg.text.hidden_size,
-                        tokens_per_tile=cfg.tokens_per_tile, max_model_len=max_model_len)
+                        tokens_per_tile=cfg.tokens_per_tile, max_model_len=max_model_len,
+                        reads_cache=bool(args.redis_url))
+    # Reads only: its TTL is the writer's (the vision pool's) business.
+    cache = EmbeddingCache(args.redis_url, ttl_s=0) if args.redis_url else None
     servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
-                                  max_model_len, dtype, info, max_waiting=args.max_waiting)
+                                  max_model_len, dtype, info, max_waiting=args.max_waiting, cache=cache)
     engine.start()
     REGISTRY.register(EngineCollector(engine, args.model))
     if args.device.startswith("cuda"):  # read at scrape time: weights, KV cache and the peak activations so far
@@ -90,6 +97,8 @@ async def main() -> None:
              args.block_size)
     await serve(lambda server: pb_grpc.add_LlmDecoderServicer_to_server(servicer, server),
                 "internvl.serving.v1.LlmDecoder", args.port, args.metrics_port)
+    if cache is not None:
+        await cache.close()
 
 
 if __name__ == "__main__":

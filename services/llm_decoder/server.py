@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from services.common.cache import EmbeddingCache, decode_value
 from services.common.settings import log_event
 from services.common.tensors import from_proto
 from services.llm_decoder.detokenizer import TextDecoder
@@ -71,8 +72,8 @@ class _Stream:
 class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
     def __init__(self, engine: LLMEngine, tokenizer: Tokenizer, image_token_id: int, vocab_size: int,
                  hidden_size: int, max_model_len: int, dtype: torch.dtype, info: pb.ModelInfo,
-                 max_waiting: int = 1024):
-        self.max_waiting = max_waiting
+                 max_waiting: int = 1024, cache: EmbeddingCache | None = None):
+        self.max_waiting, self.cache = max_waiting, cache
         self.text, self.image_token_id, self.vocab_size = TextDecoder(tokenizer), image_token_id, vocab_size
         self.hidden_size, self.max_model_len, self.dtype, self.info = hidden_size, max_model_len, dtype, info
         self.streams: dict[str, _Stream] = {}
@@ -101,9 +102,11 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.max_waiting} requests are already waiting for this decoder")
         try:
-            seq = self._sequence(request)
+            seq = self._sequence(request, await self._image_tensors(request))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except LookupError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         self.loop = asyncio.get_running_loop()
         stream = self.streams[seq.id] = _Stream(request.final_only)
         queue, detok = stream.queue, self.text.stream()
@@ -150,7 +153,22 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.info
 
-    def _sequence(self, request: pb.GenerateRequest) -> Sequence:
+    async def _image_tensors(self, request: pb.GenerateRequest) -> list[pb.Tensor]:
+        """Each image's rows: inline, or read from the embedding cache by key (all in one round trip). A value that
+        is gone (evicted, expired, Redis down) raises LookupError: the caller sends the rows instead."""
+        refs = [i for i, img in enumerate(request.images) if not img.HasField("embeddings")]
+        if refs and self.cache is None:
+            raise ValueError("images by cache_key, but this decoder has no embedding cache (REDIS_URL)")
+        rows = {}
+        raws = await self.cache.get_many([request.images[i].cache_key for i in refs]) if refs else []
+        for i, raw in zip(refs, raws):
+            value = raw and decode_value(raw, None, self.info.tokens_per_tile)
+            if not value or value.embeddings.shape[0] != request.images[i].rows:
+                raise LookupError(f"images[{i}]: no usable embeddings under cache key {request.images[i].cache_key}")
+            rows[i] = value.embeddings
+        return [rows[i] if i in rows else img.embeddings for i, img in enumerate(request.images)]
+
+    def _sequence(self, request: pb.GenerateRequest, tensors: list[pb.Tensor]) -> Sequence:
         """Check a request against the model and the limits; a bad one raises ValueError with the reason."""
         ids = list(request.token_ids)
         if not ids:
@@ -173,13 +191,14 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                              "top_k >= -1")
         if request.image_keys and len(request.image_keys) != len(request.images):
             raise ValueError(f"{len(request.image_keys)} image_keys for {len(request.images)} images")
-        images = [self._image(i, t) for i, t in enumerate(request.images)]
+        images = [self._image(i, t) for i, t in enumerate(tensors)]
         params = SamplingParams(max_tokens=s.max_tokens or room, temperature=s.temperature, top_p=s.top_p or 1.0,
                                 stop_token_ids=frozenset(s.stop_token_ids),
                                 seed=s.seed if s.HasField("seed") else None, top_k=s.top_k, min_p=s.min_p,
                                 repetition_penalty=s.repetition_penalty or 1.0, presence_penalty=s.presence_penalty,
                                 frequency_penalty=s.frequency_penalty)
-        keys = list(request.image_keys) or [hashlib.blake2b(t.data, digest_size=16).hexdigest() for t in request.images]
+        keys = list(request.image_keys) or [img.cache_key or hashlib.blake2b(t.data, digest_size=16).hexdigest()
+                                            for img, t in zip(request.images, tensors)]
         return Sequence(id=uuid.uuid4().hex, prompt_ids=ids, params=params, image_token_id=self.image_token_id,
                         image_embeds=torch.cat(images).to(self.dtype) if images else None,
                         image_keys=[(key, t.shape[0]) for key, t in zip(keys, images)])

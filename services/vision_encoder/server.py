@@ -19,8 +19,9 @@ log = logging.getLogger("vision_encoder")
 REQUESTS = Counter("vision_encode_requests_total", "Encode calls", ["status"])
 IMAGES = Counter("vision_images_encoded_total", "Images encoded")
 RUNNING = Gauge("vision_requests_running", "Encode calls in progress")
-CACHE_WRITES = Counter("vision_cache_writes_total", "Embeddings written to Redis after answering, or dropped "
-                       "because too many writes were pending", ["result"])
+CACHE_WRITES = Counter("vision_cache_writes_total", "Embeddings written to Redis (after answering, or before when "
+                       "asked to answer by reference), dropped because too many writes were pending, or failed",
+                       ["result"])
 CACHE_WRITE_BYTES = Counter("vision_cache_write_bytes_total", "Bytes of embeddings written to Redis")
 LATENCY = Histogram("vision_encode_seconds", "Encode call latency (queueing, forward passes)",
                     buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
@@ -55,12 +56,27 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.batcher.queued_tiles} tiles are already "
                                 f"queued (limit {self.max_queued_tiles})")
         embeddings = [to_proto(e) for e in await self.batcher.encode(images)]
-        for img, tiles, emb in zip(request.images, images, embeddings):
-            if img.cache_key:
-                self._write_behind(img.cache_key, encode_value(self.info.fingerprint, tiles.shape[0], emb))
+        values = [encode_value(self.info.fingerprint, tiles.shape[0], emb) if img.cache_key else None
+                  for img, tiles, emb in zip(request.images, images, embeddings)]
+        if request.by_reference:
+            # The reader (the decoder) takes the rows from the cache: written before the answer; the rows of an
+            # image whose write failed travel inline.
+            keyed = [i for i, v in enumerate(values) if v]
+            written = await asyncio.gather(*(self.cache.put(request.images[i].cache_key, values[i]) for i in keyed))
+            stored = {i for i, ok in zip(keyed, written) if ok}
+            for i in keyed:
+                CACHE_WRITES.labels("written" if i in stored else "failed").inc()
+                CACHE_WRITE_BYTES.inc(len(values[i]) if i in stored else 0)
+            answer = [pb.ImageEmbeddings(cache_key=img.cache_key, rows=e.shape[0]) if i in stored
+                      else pb.ImageEmbeddings(embeddings=e) for i, (img, e) in enumerate(zip(request.images, embeddings))]
+        else:
+            for img, v in zip(request.images, values):
+                if v:
+                    self._write_behind(img.cache_key, v)
+            answer = [pb.ImageEmbeddings(embeddings=e) for e in embeddings]
         REQUESTS.labels("ok").inc()
         IMAGES.inc(len(images))
-        return pb.EncodeResponse(images=[pb.ImageEmbeddings(embeddings=e) for e in embeddings])
+        return pb.EncodeResponse(images=answer)
 
     def _write_behind(self, key: str, value: bytes) -> None:
         """Cache writes never delay the answer: they run after it, a bounded number at a time (beyond that the
