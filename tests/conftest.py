@@ -65,7 +65,7 @@ def stack(tiny_checkpoint, redis_url, tmp_path_factory):
         try:
             s = start_stack(str(tiny_checkpoint), redis_url=redis_url, log=log,
                             extra_env={"CACHE_NAMESPACE": f"test-{uuid.uuid4().hex}",
-                                       "IMAGE_URL_ALLOW": IMAGE_HOST + "/32"})
+                                       "IMAGE_URL_ALLOW": IMAGE_HOST + "/32", "MAX_VIDEO_FRAMES": "100"})
         except Exception:
             print(log_path.read_text())
             raise
@@ -137,3 +137,23 @@ def encode_video(frames: list[np.ndarray], container: str = "mp4", codec: str = 
 def noise_video(frames: int, width: int, height: int, seed: int, **kwargs) -> bytes:
     rng = np.random.default_rng(seed)
     return encode_video([rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)], **kwargs)
+
+
+def solid_video(width: int, height: int) -> bytes:
+    """A few kB of H.264 declaring width x height frames (black)."""
+    import av
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=1, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frame = av.VideoFrame(width, height, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        for _ in range(2):  # FFmpeg's probing decodes H.264 until it has seen frames: give it more than one
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def video_data_url(data: bytes) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()

@@ -7,7 +7,7 @@ import torch
 
 from services.gateway.errors import ApiError
 from services.gateway.video import frame_indices, probe_video, video_tiles
-from tests.conftest import noise_video
+from tests.conftest import noise_video, solid_video
 from tests.reference_preprocess import build_transform, get_index, load_video
 from PIL import Image
 
@@ -68,7 +68,7 @@ def test_huge_declared_frames_are_refused_before_decoding(tmp_path):
     import subprocess
     import sys
     huge = tmp_path / "huge.mp4"
-    huge.write_bytes(_solid_video(8192, 8192))
+    huge.write_bytes(solid_video(8192, 8192))
     assert huge.stat().st_size < 1_000_000
     refused(huge.read_bytes(), "8192x8192", max_pixels=3840 * 2160)
     # VmHWM: this process's peak resident memory (ru_maxrss would carry the parent's peak over exec).
@@ -83,17 +83,3 @@ def test_huge_declared_frames_are_refused_before_decoding(tmp_path):
     assert int(out.stdout) < 80 * 1024  # KiB; one decoded 8192x8192 frame is 96 MiB, the unguarded probe ~160
     assert decode(noise_video(10, 96, 64, seed=7)).shape[0] == 8  # and videos still decode
 
-
-def _solid_video(width: int, height: int) -> bytes:
-    import av
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=1, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        frame = av.VideoFrame(width, height, "yuv420p")
-        for plane in frame.planes:
-            plane.update(bytes(plane.buffer_size))
-        for _ in range(2):  # FFmpeg's probing decodes H.264 until it has seen frames: give it more than one
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return buf.getvalue()
