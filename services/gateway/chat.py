@@ -106,20 +106,19 @@ class ChatService:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
         max_num = self._max_num(req.max_num or self.limits.default_max_num, "max_num")
+        videos = [p.video_url for m in req.messages for p in m.parts() if isinstance(p, VideoPart)]
+        for what, count, limit in (("images", len(req.images()), self.limits.max_images),
+                                   ("videos", len(videos), self.limits.max_videos)):
+            if count > limit:
+                raise bad_request(f"{count} {what} exceed the limit of {limit} per request", "messages")
+        for video in videos:  # before the prompt gets a line per frame
+            if video.num_segments and video.num_segments > self.limits.max_num_segments:
+                raise bad_request(f"num_segments={video.num_segments} exceeds the server's limit of "
+                                  f"{self.limits.max_num_segments}", "num_segments")
         request_id = request_id or uuid.uuid4().hex  # carried to both pools' logs
         # Template and tokenizer work off the event loop: a huge text must not stall every other request.
         prompt, media = await asyncio.to_thread(  # validates the text before image work
             self.prompt.render, req.messages, self.limits.default_num_segments)
-        images = [p.image_url for p in media if isinstance(p, ImagePart)]
-        videos = [p.video_url for p in media if isinstance(p, VideoPart)]
-        for what, items, limit in (("images", images, self.limits.max_images),
-                                   ("videos", videos, self.limits.max_videos)):
-            if len(items) > limit:
-                raise bad_request(f"{len(items)} {what} exceed the limit of {limit} per request", "messages")
-        for video in videos:
-            if video.num_segments and video.num_segments > self.limits.max_num_segments:
-                raise bad_request(f"num_segments={video.num_segments} exceeds the server's limit of "
-                                  f"{self.limits.max_num_segments}", "num_segments")
         # Each image's own cap (LMDeploy's max_dynamic_patch) before the request's.
         tiles_cap = [self._max_num(p.image_url.max_dynamic_patch, "max_dynamic_patch")
                      if isinstance(p, ImagePart) and p.image_url.max_dynamic_patch else max_num for p in media]
