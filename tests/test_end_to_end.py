@@ -369,7 +369,8 @@ def test_grpc_errors_have_proper_status(gateway):
             role="user", content=[pb.ContentPart(image_bytes=b"GIF89a-broken")])]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for video in (pb.Video(data=b"not a video" * 10), pb.Video(data=VIDEO, num_segments=99), pb.Video(),
-                  pb.Video(data=VIDEO, bound=pb.TimeSpan(start_s=20, end_s=30))):
+                  pb.Video(data=VIDEO, bound=pb.TimeSpan(start_s=20, end_s=30)),
+                  pb.Video(data=VIDEO, bound=pb.TimeSpan(start_s=0, end_s=float("inf")))):
         with pytest.raises(grpc.RpcError) as e:
             gateway.Chat(pb.ChatRequest(model=MODEL, messages=[pb.ChatMessage(
                 role="user", content=[pb.ContentPart(video=video)])]))

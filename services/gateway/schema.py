@@ -1,4 +1,5 @@
 """The OpenAI chat-completions request, validated at the edge (REST and gRPC both come through here)."""
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -21,8 +22,8 @@ class VideoURL(BaseModel):
 
     @model_validator(mode="after")
     def ordered_bound(self):
-        if self.bound is not None and not 0 <= self.bound[0] < self.bound[1]:
-            raise ValueError("bound must be [start_s, end_s] with 0 <= start_s < end_s")
+        if self.bound is not None and not (0 <= self.bound[0] < self.bound[1] and math.isfinite(self.bound[1])):
+            raise ValueError("bound must be [start_s, end_s], finite, with 0 <= start_s < end_s")
         return self
 
 
