@@ -453,7 +453,7 @@ def run_stack(args, workdir: Path) -> dict:
     stack_tokens = sum(a["usage"]["completion_tokens"] for a in answers)
 
     builder = PromptBuilder(ckpt, read_model_config(ckpt))
-    prompts = [builder.expand(builder.render([Message(role="user", content=q)]), []) for q in questions]
+    prompts = [builder.expand(builder.render([Message(role="user", content=q)])[0], []) for q in questions]
     hf = InternVLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa")
     hf.eval()
     pad = builder.tokenizer.pad_token_id or 0

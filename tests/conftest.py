@@ -65,7 +65,7 @@ def stack(tiny_checkpoint, redis_url, tmp_path_factory):
         try:
             s = start_stack(str(tiny_checkpoint), redis_url=redis_url, log=log,
                             extra_env={"CACHE_NAMESPACE": f"test-{uuid.uuid4().hex}",
-                                       "IMAGE_URL_ALLOW": IMAGE_HOST + "/32"})
+                                       "IMAGE_URL_ALLOW": IMAGE_HOST + "/32", "MAX_VIDEO_FRAMES": "100"})
         except Exception:
             print(log_path.read_text())
             raise
@@ -83,10 +83,13 @@ class Reference:
             path, dtype=torch.float32, attn_implementation="sdpa").eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
 
-    def generate(self, messages: list[dict], images: list[Image.Image], max_num: int, max_new_tokens: int) -> list[int]:
-        """messages in the chat-template form ({"type": "image"} parts); images in order of appearance."""
+    def generate(self, messages: list[dict], images: list[Image.Image | torch.Tensor], max_num: int,
+                 max_new_tokens: int) -> list[int]:
+        """messages in the chat-template form ({"type": "image"} parts, or <IMG_CONTEXT> where the cards' code puts
+        an image in the text); images in order of appearance, as PIL images or the cards' pixel_values of one."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        pixels = [reference_pixel_values(img, max_num=max_num) for img in images]
+        pixels = [img if isinstance(img, torch.Tensor) else reference_pixel_values(img, max_num=max_num)
+                  for img in images]
         pieces = text.split("<IMG_CONTEXT>")
         assert len(pieces) == len(pixels) + 1
         text = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * len(p)}</img>{piece}"
@@ -115,3 +118,42 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def encode_video(frames: list[np.ndarray], container: str = "mp4", codec: str = "libx264", fps: int = 10) -> bytes:
+    """A video file of RGB uint8 frames [h, w, 3] (even sizes: the codecs store yuv420p), written by PyAV."""
+    import av
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def noise_video(frames: int, width: int, height: int, seed: int, **kwargs) -> bytes:
+    rng = np.random.default_rng(seed)
+    return encode_video([rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)], **kwargs)
+
+
+def solid_video(width: int, height: int) -> bytes:
+    """A few kB of H.264 declaring width x height frames (black)."""
+    import av
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=1, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frame = av.VideoFrame(width, height, "yuv420p")
+        for plane in frame.planes:
+            plane.update(bytes(plane.buffer_size))
+        for _ in range(2):  # FFmpeg's probing decodes H.264 until it has seen frames: give it more than one
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def video_data_url(data: bytes) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()

@@ -1,7 +1,7 @@
-"""Reference InternVL image preprocessing, as in the model cards (InternVL2/2.5 README).
+"""Reference InternVL image and video preprocessing, as in the model cards (InternVL2/2.5 README).
 
-`find_closest_aspect_ratio`, `dynamic_preprocess` and `load_image` follow the cards' code
-line for line. `build_transform` replaces torchvision (not installed here) with PIL +
+`find_closest_aspect_ratio`, `dynamic_preprocess`, `load_image`, `get_index` and `load_video`
+follow the cards' code line for line. `build_transform` replaces torchvision (not installed here) with PIL +
 numpy + torch doing the same operations:
   T.Lambda(convert RGB)  -> img.convert('RGB') if img.mode != 'RGB'
   T.Resize((s, s), BICUBIC) on a PIL image -> img.resize((s, s), Image.BICUBIC)
@@ -108,3 +108,39 @@ def reference_tiles(image: Image.Image, max_num: int = 12, min_num: int = 1) -> 
     tiles = dynamic_preprocess(image.convert('RGB'), min_num=min_num, max_num=max_num,
                                image_size=448, use_thumbnail=True)
     return np.stack([np.asarray(tile) for tile in tiles])
+
+
+# Video, as in the cards' video example (decord reads the file; each frame is one tile there: max_num=1).
+def get_index(bound, fps, max_frame, first_idx=0, num_segments=32):
+    if bound:
+        start, end = bound[0], bound[1]
+    else:
+        start, end = -100000, 100000
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg_size = float(end_idx - start_idx) / num_segments
+    frame_indices = np.array([
+        int(start_idx + (seg_size / 2) + np.round(seg_size * idx))
+        for idx in range(num_segments)
+    ])
+    return frame_indices
+
+
+def load_video(video_path, bound=None, input_size=448, max_num=1, num_segments=32):
+    from decord import VideoReader, cpu
+    vr = VideoReader(video_path, ctx=cpu(0), num_threads=1)
+    max_frame = len(vr) - 1
+    fps = float(vr.get_avg_fps())
+
+    pixel_values_list, num_patches_list = [], []
+    transform = build_transform(input_size=input_size)
+    frame_indices = get_index(bound, fps, max_frame, first_idx=0, num_segments=num_segments)
+    for frame_index in frame_indices:
+        img = Image.fromarray(vr[frame_index].asnumpy()).convert('RGB')
+        img = dynamic_preprocess(img, image_size=input_size, use_thumbnail=True, max_num=max_num)
+        pixel_values = [transform(tile) for tile in img]
+        pixel_values = torch.stack(pixel_values)
+        num_patches_list.append(pixel_values.shape[0])
+        pixel_values_list.append(pixel_values)
+    pixel_values = torch.cat(pixel_values_list)
+    return pixel_values, num_patches_list

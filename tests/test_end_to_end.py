@@ -12,12 +12,28 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from tests.conftest import IMAGE_HOST, data_url, noise_image, png_bytes
+from tests.conftest import (IMAGE_HOST, data_url, noise_image, noise_video, png_bytes, solid_video,
+                            video_data_url)
+from tests.reference_preprocess import load_video, reference_pixel_values
 
 MODEL = "tiny-internvl2_5"
 MAX_NUM = 4
 MAX_TOKENS = 24
 IMAGES = [noise_image(500, 300, seed=1), noise_image(240, 700, seed=2), noise_image(448, 448, seed=3)]
+VIDEO = noise_video(30, 96, 64, seed=8)  # 3 s at 10 fps
+VIDEO_SEGMENTS, VIDEO_BOUND = 4, (0.5, 2.5)
+
+
+def video_frames() -> list:
+    """The cards' pixel_values of each frame (load_video with max_num=1)."""
+    import io
+    pixels, patches = load_video(io.BytesIO(VIDEO), bound=VIDEO_BOUND, max_num=1, num_segments=VIDEO_SEGMENTS)
+    return list(pixels.split(patches))
+
+
+def image_part(image, **options) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(image), **options}}
+
 
 # (name, OpenAI messages, chat-template messages for the reference, images in order)
 CASES = [
@@ -38,6 +54,35 @@ CASES = [
       {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
                                    {"type": "text", "text": " with "}, {"type": "image"}]}],
      [IMAGES[1], IMAGES[2]]),
+    # The cards' multi-image prompt with <image> placeholders: filled in order, as query.replace('<image>', ..., 1).
+    ("image_placeholders",
+     [{"role": "user", "content": [{"type": "text", "text": "Image-1: <image>\nImage-2: <image>\nWhat differs?"},
+                                   image_part(IMAGES[0]), image_part(IMAGES[1])]}],
+     [{"role": "user", "content": [{"type": "text",
+                                    "text": "Image-1: <IMG_CONTEXT>\nImage-2: <IMG_CONTEXT>\nWhat differs?"}]}],
+     [IMAGES[0], IMAGES[1]]),
+    # The cards' multi-round chat: the image stays in the first question of the history.
+    ("multi_turn",
+     [{"role": "user", "content": [image_part(IMAGES[2]), {"type": "text", "text": "What is it?"}]},
+      {"role": "assistant", "content": "A noisy picture."},
+      {"role": "user", "content": "Which colours dominate?"}],
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "A noisy picture."}]},
+      {"role": "user", "content": [{"type": "text", "text": "Which colours dominate?"}]}],
+     [IMAGES[2]]),
+    ("max_dynamic_patch",
+     [{"role": "user", "content": [image_part(IMAGES[0], max_dynamic_patch=1), image_part(IMAGES[1]),
+                                   {"type": "text", "text": "Two pictures."}]}],
+     [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Two pictures."}]}],
+     [reference_pixel_values(IMAGES[0], max_num=1), IMAGES[1]]),
+    # The cards' video example: video_prefix + question, one tile per frame.
+    ("video",
+     [{"role": "user", "content": [{"type": "video_url", "video_url": {
+         "url": video_data_url(VIDEO), "num_segments": VIDEO_SEGMENTS, "bound": list(VIDEO_BOUND)}},
+         {"type": "text", "text": "What happens?"}]}],
+     [{"role": "user", "content": [{"type": "text", "text": "".join(
+         f"Frame{i + 1}: <IMG_CONTEXT>\n" for i in range(VIDEO_SEGMENTS)) + "What happens?"}]}],
+     video_frames()),
 ]
 
 
@@ -58,8 +103,14 @@ def to_grpc(messages: list[dict]) -> list[pb.ChatMessage]:
         for p in content:
             if p["type"] == "text":
                 parts.append(pb.ContentPart(text=p["text"]))
+            elif p["type"] == "video_url":
+                v = p["video_url"]
+                parts.append(pb.ContentPart(video=pb.Video(data=_png_of(v["url"]), num_segments=v["num_segments"],
+                                                           bound=pb.TimeSpan(start_s=v["bound"][0],
+                                                                             end_s=v["bound"][1]))))
             else:  # send the raw bytes: the gRPC API takes images without base64
-                parts.append(pb.ContentPart(image_bytes=_png_of(p["image_url"]["url"])))
+                parts.append(pb.ContentPart(image_bytes=_png_of(p["image_url"]["url"]),
+                                            max_dynamic_patch=p["image_url"].get("max_dynamic_patch")))
         out.append(pb.ChatMessage(role=m["role"], content=parts))
     return out
 
@@ -141,6 +192,35 @@ def test_repeated_image_skips_the_vision_service(client, stack):
     assert ask(noise_image(333, 517, seed=11), 2) == first + 2   # a different image misses
 
 
+async def test_the_effective_tile_cap_is_in_the_cache_key(client, stack):
+    image = noise_image(333, 517, seed=12)
+
+    def ask(max_num, **options):
+        client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, extra_body={"max_num": max_num},
+                                       messages=[{"role": "user", "content": [image_part(image, **options)]}])
+        return metric(stack.vision_metrics_url, "vision_images_encoded_total")
+
+    first = ask(2)
+    assert ask(5, max_dynamic_patch=2) == first       # the same effective cap: served from Redis
+    assert ask(2, max_dynamic_patch=3) == first + 1   # the image's own cap wins over the request's
+
+
+def test_video_frames_are_cached_by_content(client, stack):
+    video = noise_video(20, 64, 48, seed=9)
+
+    def ask(segments):
+        client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": video_data_url(video), "num_segments": segments}}]}])
+        return metric(stack.vision_metrics_url, "vision_images_encoded_total")
+
+    before = metric(stack.vision_metrics_url, "vision_images_encoded_total")
+    first = ask(4)
+    assert first == before + 4                        # one encoding per frame
+    assert ask(4) == first                            # every frame from Redis
+    # of 20 frames, 4 segments pick frames 2, 7, 12, 16 and 2 pick 4, 14: two frames not seen yet
+    assert ask(2) == first + 2
+
+
 async def test_concurrent_requests_for_one_image_encode_it_once(stack):
     """Single flight: identical images arriving together (and twice in one request) are encoded once."""
     import asyncio
@@ -200,8 +280,23 @@ BAD_REQUESTS = [
      400),
     ("max_num over limit", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_num": 99}, 400),
     ("unsupported option", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400),
-    ("video part", {"model": MODEL, "messages": [{"role": "user", "content": [
+    ("unreachable video URL", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}]}]}, 400),
+    *[(f"video: {name}", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video_data_url(data), **options}}]}]}, 400) for name, data, options in [
+        ("not a video", b"definitely not a video file" * 10, {}),
+        ("zero size", b"", {}),
+        ("truncated", VIDEO[:len(VIDEO) // 3], {}),
+        ("too many frames", noise_video(101, 32, 32, seed=1), {}),  # the stack's MAX_VIDEO_FRAMES is 100
+        ("huge declared frames", solid_video(4096, 4096), {}),
+        ("bound outside the video", VIDEO, {"bound": [10, 12]}),
+        ("bound reversed", VIDEO, {"bound": [2, 1]}),
+        ("too many segments", VIDEO, {"num_segments": 33}),
+    ]],
+    ("image placeholders without images", {"model": MODEL, "messages": [
+        {"role": "user", "content": "Image-1: <image>\nImage-2: <image>\nCompare."}]}, 400),
+    ("max_dynamic_patch over limit", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(IMAGES[0]), "max_dynamic_patch": 99}}]}]}, 400),
     ("penalty out of range", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "presence_penalty": 3}, 400),
     ("bad top_k", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400),
@@ -273,6 +368,13 @@ def test_grpc_errors_have_proper_status(gateway):
         gateway.Chat(pb.ChatRequest(model=MODEL, messages=[pb.ChatMessage(
             role="user", content=[pb.ContentPart(image_bytes=b"GIF89a-broken")])]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for video in (pb.Video(data=b"not a video" * 10), pb.Video(data=VIDEO, num_segments=99), pb.Video(),
+                  pb.Video(data=VIDEO, bound=pb.TimeSpan(start_s=20, end_s=30)),
+                  pb.Video(data=VIDEO, bound=pb.TimeSpan(start_s=0, end_s=float("inf")))):
+        with pytest.raises(grpc.RpcError) as e:
+            gateway.Chat(pb.ChatRequest(model=MODEL, messages=[pb.ChatMessage(
+                role="user", content=[pb.ContentPart(video=video)])]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, video
     assert gateway.ListModels(pb.InfoRequest()).models == [MODEL]
 
 

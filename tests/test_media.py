@@ -209,7 +209,7 @@ async def test_data_url_errors():
     bad_request(excinfo, "base64")
     with pytest.raises(ApiError) as excinfo:
         await fetch(data_url(PNG, "text/plain"))
-    bad_request(excinfo, "text/plain", "not an image")
+    bad_request(excinfo, "text/plain", "not image/*")
     with pytest.raises(ApiError) as excinfo:
         await fetch("data:image/png;base64,")
     bad_request(excinfo, "no image data")
@@ -457,9 +457,9 @@ async def test_the_connection_goes_to_the_checked_address(server, monkeypatch):
     seen = []
     real = media._resolve
 
-    async def resolve(url, policy, shown):
+    async def resolve(url, *rest):
         seen.append(url.host)
-        return await real(url.copy_with(host="127.0.0.1"), policy, shown)
+        return await real(url.copy_with(host="127.0.0.1"), *rest)
 
     monkeypatch.setattr(media, "_resolve", resolve)
     port = server.rsplit(":", 1)[1]
@@ -470,14 +470,15 @@ async def test_the_connection_goes_to_the_checked_address(server, monkeypatch):
 async def test_a_failed_image_cancels_the_other_downloads_of_its_request(server):
     """The gateway fetches a request's images together; the first that fails ends the others at once."""
     from services.gateway.chat import ChatService, Limits
-    from services.gateway.schema import ImageURL
+    from services.gateway.schema import ImagePart
 
     chat = ChatService("m", None, None, None, None, Limits(url_policy=LOOPBACK_ALLOWED, fetch_timeout_s=10))
     async with httpx.AsyncClient(trust_env=False) as client:
         chat.http = client
         start = time.monotonic()
         with pytest.raises(ApiError) as excinfo:
-            await chat._resolve_images([ImageURL(url=server + "/slow"), ImageURL(url=server + "/missing")], 1)
+            await chat._resolve_media([ImagePart(type="image_url", image_url={"url": server + path})
+                                       for path in ("/slow", "/missing")], [1, 1], by_reference=False)
         left = [t for t in asyncio.all_tasks() if "_fetch" in repr(t.get_coro()) and not t.done()]
     assert "404" in excinfo.value.message and time.monotonic() - start < 1.0  # /slow takes 1.5 s
     assert not left  # the slow download was cancelled, not left running

@@ -23,11 +23,11 @@ def test_multi_turn_rendering_and_image_expansion(builder):
                                               {"type": "text", "text": "What is it?"}]),
                 Message(role="assistant", content="A cat."),
                 Message(role="user", content="And the colour?")]
-    assert builder.render(messages) == (
+    assert builder.render(messages)[0] == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nWhat is it?<|im_end|>\n"
         "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nAnd the colour?<|im_end|>\n"
         "<|im_start|>assistant\n")
-    ids = builder.expand(builder.render(messages), tiles_per_image=[3])
+    ids = builder.expand(builder.render(messages)[0], tiles_per_image=[3])
     tok = builder.tokenizer
     context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert ids.count(context) == 3 * 256
@@ -49,11 +49,11 @@ def original_internvl2(tmp_path_factory):
 def test_original_layout_uses_its_conversation_template(original_internvl2):
     messages = [Message(role="user", content=[{"type": "image_url", "image_url": {"url": "x"}},
                                               {"type": "text", "text": "Q"}])]
-    assert original_internvl2.render(messages) == (
+    assert original_internvl2.render(messages)[0] == (
         f"<|im_start|>system\n{SYS20}<|im_end|><|im_start|>user\n<IMG_CONTEXT>\nQ<|im_end|>"
         "<|im_start|>assistant\n")
     tok = original_internvl2.tokenizer
-    ids = original_internvl2.expand(original_internvl2.render(messages), tiles_per_image=[1])
+    ids = original_internvl2.expand(original_internvl2.render(messages)[0], tiles_per_image=[1])
     assert ids[0] == tok.convert_tokens_to_ids("<s>")  # InternLM2 prepends BOS, as model.chat() does
     assert tok.convert_tokens_to_ids("<|im_end|>") in original_internvl2.stop_token_ids
 
@@ -123,3 +123,63 @@ async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
     extra = await chat.prepare(ChatCompletionRequest(**ask, stop_token_ids=[7, 3]))
     assert list(extra.sampling.stop_token_ids) == sorted({3, 7, *end_of_turn})
     assert list((await chat.prepare(ChatCompletionRequest(**ask, ignore_eos=True))).sampling.stop_token_ids) == []
+
+
+def image(**extra) -> dict:
+    return {"type": "image_url", "image_url": {"url": "x", **extra}}
+
+
+# (user content, the cards' text of the user turn with <IMG_CONTEXT> for each <image>, images placed)
+PLACEMENTS = [
+    ([image(), {"type": "text", "text": "Q"}], "<IMG_CONTEXT>\nQ", 1),  # the cards' <image>\n{question}
+    ([{"type": "text", "text": "Q "}, image()], "Q <IMG_CONTEXT>\n", 1),
+    ([image(), image(), {"type": "text", "text": "Q"}], "<IMG_CONTEXT>\n<IMG_CONTEXT>\nQ", 2),
+    ([{"type": "text", "text": "Image-1: <image>\nImage-2: <image>\nQ"}, image(), image()],
+     "Image-1: <IMG_CONTEXT>\nImage-2: <IMG_CONTEXT>\nQ", 2),  # placeholders: filled in order, nothing added
+    ([image(), {"type": "text", "text": "A <image> and "}, image(), {"type": "text", "text": "B <image>?"}],
+     "A <IMG_CONTEXT> and B <IMG_CONTEXT>?", 2),
+    ([{"type": "video_url", "video_url": {"url": "v", "num_segments": 3}}, {"type": "text", "text": "Q"}],
+     "Frame1: <IMG_CONTEXT>\nFrame2: <IMG_CONTEXT>\nFrame3: <IMG_CONTEXT>\nQ", 1),  # the cards' video_prefix
+]
+
+
+@pytest.mark.parametrize("content,text,media", PLACEMENTS)
+def test_images_are_placed_by_lmdeploys_rule_in_both_layouts(builder, original_internvl2, content, text, media):
+    messages = [Message(role="user", content=content)]
+    native, placed = builder.render(messages)
+    assert native.endswith(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+    assert len(placed) == media
+    original, _ = original_internvl2.render(messages)
+    assert original == f"<|im_start|>system\n{SYS20}<|im_end|><|im_start|>user\n{text}<|im_end|><|im_start|>assistant\n"
+
+
+def test_placeholders_take_the_images_in_order(builder):
+    first, second = image(max_dynamic_patch=1), image(max_dynamic_patch=2)
+    _, placed = builder.render([Message(role="user", content=[first, {"type": "text", "text": "<image> <image>"},
+                                                              second])])
+    assert [p.image_url.max_dynamic_patch for p in placed] == [1, 2]
+
+
+@pytest.mark.parametrize("content", [
+    [{"type": "text", "text": "Image-1: <image>\nImage-2: <image>\n"}, image()],
+    [{"type": "text", "text": "<image> Q"}, image(), image()],
+    [{"type": "text", "text": "what is <image>?"}],
+])
+def test_a_placeholder_count_that_is_not_the_image_count_is_refused(builder, content):
+    with pytest.raises(ApiError) as e:
+        builder.render([Message(role="user", content=content)])
+    assert e.value.status == 400 and "placeholders" in e.value.message
+
+
+def test_multi_turn_places_each_turns_images(builder):
+    messages = [Message(role="user", content=[image(), {"type": "text", "text": "Q1"}]),
+                Message(role="assistant", content="A1"),
+                Message(role="user", content=[{"type": "text", "text": "Image-2: <image>\nQ2"}, image()])]
+    text, placed = builder.render(messages)
+    assert "user\n<IMG_CONTEXT>\nQ1<|im_end|>" in text and "user\nImage-2: <IMG_CONTEXT>\nQ2<|im_end|>" in text
+    assert len(placed) == 2
+
+
+def test_system_messages_may_not_hold_images(builder):
+    with pytest.raises(ApiError):
+        builder.render([Message(role="system", content=[image()]), Message(role="user", content="hi")])

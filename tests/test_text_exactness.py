@@ -49,6 +49,10 @@ CONVERSATIONS = {  # each with the images' tile counts
         Message(role="user", content=[text("And"), IMAGE, IMAGE, text(" ok")])], [2, 1, 3, 1]),
     "images only": ([Message(role="user", content=[IMAGE, IMAGE])], [1, 1]),
     "text only": ([Message(role="user", content=" leading space, 😀 and\ttabs ")], []),
+    "image placeholders": ([Message(role="user", content=[text("Image-1: <image>\nImage-2:<image> Q"), IMAGE,
+                                                          IMAGE])], [1, 2]),
+    "video": ([Message(role="user", content=[{"type": "video_url", "video_url": {"url": "v", "num_segments": 2}},
+                                             text("What happens?")])], [1, 1]),
 }
 
 
@@ -56,7 +60,7 @@ CONVERSATIONS = {  # each with the images' tile counts
 def test_prompt_ids_equal_the_tokenizer_on_the_whole_expanded_prompt(checkpoint, conversation):
     builder = PromptBuilder(checkpoint, read_model_config(checkpoint))
     messages, tiles = CONVERSATIONS[conversation]
-    rendered = builder.render(messages)
+    rendered, _ = builder.render(messages)
     pieces = rendered.split("<IMG_CONTEXT>")
     expanded = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * n}</img>{piece}"
                                    for n, piece in zip(tiles, pieces[1:]))

@@ -29,6 +29,7 @@ from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app
 from services.gateway.media import UrlPolicy
 from services.gateway.prompt import PromptBuilder
+from services.gateway.video import DEFAULT_NUM_SEGMENTS
 
 log = logging.getLogger("gateway")
 
@@ -59,6 +60,12 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
     settings.add(p, "--max-images", "MAX_IMAGES", 16, "most images per request", int)
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
+    settings.add(p, "--max-videos", "MAX_VIDEOS", 4, "most videos per request", int)
+    settings.add(p, "--max-num-segments", "MAX_NUM_SEGMENTS", 32,
+                 "most frames a request may sample from a video (num_segments; default 8, or this if lower)", int)
+    settings.add(p, "--max-video-bytes", "MAX_VIDEO_BYTES", 64 * 1024 * 1024, "largest encoded video", int)
+    settings.add(p, "--max-video-frames", "MAX_VIDEO_FRAMES", 100_000, "most frames in a video's container", int)
+    settings.add(p, "--max-video-pixels", "MAX_VIDEO_PIXELS", 3840 * 2160, "largest video frame, in pixels", int)
     settings.add(p, "--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 256,
                  "chat requests served at once (REST and gRPC); more are refused with 429 / RESOURCE_EXHAUSTED", int)
     settings.add(p, "--generate-timeout", "GENERATE_TIMEOUT_S", 3600.0,
@@ -155,6 +162,10 @@ async def main() -> None:
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
                     max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                    default_num_segments=min(DEFAULT_NUM_SEGMENTS, args.max_num_segments),
+                    max_num_segments=args.max_num_segments, max_videos=args.max_videos,
+                    max_video_bytes=args.max_video_bytes, max_video_frames=args.max_video_frames,
+                    max_video_pixels=args.max_video_pixels,
                     url_policy=UrlPolicy.parse(args.image_url_allow), pool_wait_s=args.pool_wait,
                     max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes,
                     max_decode_pixels=args.max_decode_pixels, generate_timeout_s=args.generate_timeout,

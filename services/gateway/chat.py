@@ -1,4 +1,5 @@
-"""The gateway's one pipeline, shared by REST and gRPC: images -> cache or vision pool -> prompt -> decoder stream."""
+"""The gateway's one pipeline, shared by REST and gRPC: images and video frames -> cache or vision pool -> prompt ->
+decoder stream."""
 import asyncio
 import logging
 import uuid
@@ -17,9 +18,10 @@ from services.gateway.balancer import Balancer
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels, image_size
 from services.gateway.metrics import IMAGE_CACHE
-from services.gateway.prompt import PromptBuilder
-from services.gateway.schema import ChatCompletionRequest, ImageURL
+from services.gateway.prompt import Media, PromptBuilder
+from services.gateway.schema import ChatCompletionRequest, ImagePart, VideoPart, VideoURL
 from services.gateway.tiling import tile_count, tile_image
+from services.gateway.video import DEFAULT_NUM_SEGMENTS, probe_video, tile_hash, video_tiles
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,12 @@ class Limits:
     max_images: int = 16
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 64 * 1024 * 1024
+    default_num_segments: int = DEFAULT_NUM_SEGMENTS  # frames per video when the request does not say
+    max_num_segments: int = 32      # the most a request may ask for
+    max_videos: int = 4
+    max_video_bytes: int = 64 * 1024 * 1024
+    max_video_frames: int = 100_000  # frames in the container (indexing them all is the cost)
+    max_video_pixels: int = 3840 * 2160  # per frame, as declared and as decoded
     fetch_timeout_s: float = 10.0
     vision_timeout_s: float = 120.0
     generate_timeout_s: float = 3600.0  # a whole generation, its stream included (a hung decoder ends, it never hangs)
@@ -104,17 +112,24 @@ class ChatService:
         if req.model != self.model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
-        max_num = req.max_num or self.limits.default_max_num
-        if max_num > self.limits.max_num:
-            raise bad_request(f"max_num={max_num} exceeds the server's limit of {self.limits.max_num}", "max_num")
-        images = req.images()
-        if len(images) > self.limits.max_images:
-            raise bad_request(f"{len(images)} images exceed the limit of {self.limits.max_images} per request",
-                              "messages")
+        max_num = self._max_num(req.max_num or self.limits.default_max_num, "max_num")
+        videos = [p.video_url for m in req.messages for p in m.parts() if isinstance(p, VideoPart)]
+        for what, count, limit in (("images", len(req.images()), self.limits.max_images),
+                                   ("videos", len(videos), self.limits.max_videos)):
+            if count > limit:
+                raise bad_request(f"{count} {what} exceed the limit of {limit} per request", "messages")
+        for video in videos:  # before the prompt gets a line per frame
+            if video.num_segments and video.num_segments > self.limits.max_num_segments:
+                raise bad_request(f"num_segments={video.num_segments} exceeds the server's limit of "
+                                  f"{self.limits.max_num_segments}", "num_segments")
         request_id = request_id or uuid.uuid4().hex  # carried to both pools' logs
         # Template and tokenizer work off the event loop: a huge text must not stall every other request.
-        prompt = await asyncio.to_thread(self.prompt.render, req.messages)  # validates the text before image work
-        resolved = await self._resolve_images(images, max_num, by_reference)
+        prompt, media = await asyncio.to_thread(  # validates the text before image work
+            self.prompt.render, req.messages, self.limits.default_num_segments)
+        # Each image's own cap (LMDeploy's max_dynamic_patch) before the request's.
+        tiles_cap = [self._max_num(p.image_url.max_dynamic_patch, "max_dynamic_patch")
+                     if isinstance(p, ImagePart) and p.image_url.max_dynamic_patch else max_num for p in media]
+        resolved = await self._resolve_media(media, tiles_cap, by_reference)
         token_ids = await asyncio.to_thread(self.prompt.expand, prompt, [img.tiles for img in resolved])
         if len(token_ids) >= self.pools.max_model_len:  # refused before the vision pool spends time on it
             raise bad_request(f"the prompt has {len(token_ids)} tokens (images included); the model's context is "
@@ -151,41 +166,71 @@ class ChatService:
         finally:
             await stream.aclose()  # the client went away (or we are done): the decoder frees the sequence
 
-    async def _resolve_images(self, images: list[ImageURL], max_num: int, by_reference: bool) -> list[_Image]:
-        """Each image's cache entry, or its tiles when there is none (CPU work, off the event loop). By reference,
-        only whether the cache holds an image is asked; its tile count comes from the image's header."""
-        if not images:
+    def _max_num(self, max_num: int, param: str) -> int:
+        if max_num > self.limits.max_num:
+            raise bad_request(f"{param}={max_num} exceeds the server's limit of {self.limits.max_num}", param)
+        return max_num
+
+    async def _resolve_media(self, media: list[Media], tiles_cap: list[int], by_reference: bool) -> list[_Image]:
+        """Each image's and video frame's cache entry, or its tiles when there is none (CPU work, off the event
+        loop); images and frames in prompt order. `tiles_cap`: each image's max_num. By reference, only whether the
+        cache holds an image is asked; its tile count comes from the image's header."""
+        if not media:
             return []
-        # A task group: the first image that fails cancels the other downloads of the request.
+        # A task group: the first download that fails cancels the others of the request.
         try:
             async with asyncio.TaskGroup() as group:
-                fetches = [group.create_task(self._fetch(img)) for img in images]
+                fetches = [group.create_task(self._fetch(p)) for p in media]
         except* ApiError as errors:
             raise errors.exceptions[0] from None
         datas = [f.result() for f in fetches]
-        hashes = await asyncio.to_thread(lambda: [image_hash(d) for d in datas])
-        keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, h, max_num, self.use_thumbnail,
-                                self.tile_size) for h in hashes]
+        # An image is named by its encoded bytes, so a hit skips decoding. A frame is named by its tile's pixels:
+        # right whatever container, codec or sampling produced it, shared by every request that samples it.
+        videos = iter(await asyncio.gather(*(self._video(p.video_url, data) for p, data in zip(media, datas)
+                                             if isinstance(p, VideoPart))))
+
+        def contents() -> list[tuple[str, int, bytes | np.ndarray]]:  # (hash, max_num, encoded image or tile)
+            out = []
+            for part, data, cap in zip(media, datas, tiles_cap):
+                if isinstance(part, ImagePart):
+                    out.append((image_hash(data), cap, data))
+                else:
+                    out += [(tile_hash(tile), 1, tile[None]) for tile in next(videos)]
+            return out
+
+        items = await asyncio.to_thread(contents)
+        keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, h, cap, self.use_thumbnail,
+                                self.tile_size) for h, cap, _ in items]
         resolved = []
         if by_reference:
+            def tiles(size: int, item: tuple[str, int, bytes | np.ndarray]) -> int:
+                _, cap, content = item
+                if not size:
+                    return 0
+                if not isinstance(content, bytes):  # a video frame: one tile
+                    return 1
+                width, height = image_size(content)
+                return width and height and tile_count(width, height, cap, use_thumbnail=self.use_thumbnail,
+                                                       tile_size=self.tile_size)
+
             sizes = await self.cache.sizes(keys)
-            counts = await asyncio.to_thread(lambda: [
-                tile_count(*image_size(d), max_num, use_thumbnail=self.use_thumbnail, tile_size=self.tile_size)
-                if size and all(image_size(d)) else 0 for d, size in zip(datas, sizes)])
-            for key, tiles in zip(keys, counts):
-                rows = tiles * self.pools.tokens_per_tile
-                resolved.append(_Image(key, tiles, pb.ImageEmbeddings(cache_key=key, rows=rows) if tiles else None))
+            counts = await asyncio.to_thread(lambda: [tiles(size, item) for size, item in zip(sizes, items)])
+            for key, n in zip(keys, counts):
+                rows = n * self.pools.tokens_per_tile
+                resolved.append(_Image(key, n, pb.ImageEmbeddings(cache_key=key, rows=rows) if n else None))
         else:
             for key, raw in zip(keys, await self.cache.get_many(keys)):
                 value = raw and decode_value(raw, self.pools.fingerprint, self.pools.tokens_per_tile)
                 resolved.append(_Image(key, value.tiles, pb.ImageEmbeddings(embeddings=value.embeddings)) if value
                                 else _Image(key, 0, None))
-        misses = [(img, data) for img, data in zip(resolved, datas) if img.embeddings is None]
+        misses = [(img, item) for img, item in zip(resolved, items) if img.embeddings is None]
         IMAGE_CACHE.labels("hit").inc(len(resolved) - len(misses))
         IMAGE_CACHE.labels("miss").inc(len(misses))
-        arrays = await asyncio.gather(*(self._decode(data, max_num) for _, data in misses))
-        for (img, _), pixels in zip(misses, arrays):
-            img.tiles, img.pixels = pixels.shape[0], pixels
+        decoded = iter(await asyncio.gather(*(self._decode(content, cap) for _, (_, cap, content) in misses
+                                              if isinstance(content, bytes))))
+        for img, (_, _, content) in misses:
+            img.pixels = next(decoded) if isinstance(content, bytes) else content
+            img.tiles = img.pixels.shape[0]
         return resolved
 
     async def _encode_misses(self, images: list[_Image], request_id: str, by_reference: bool) -> None:
@@ -226,11 +271,25 @@ class ChatService:
             if img.embeddings is None:
                 img.embeddings = await futures[img.key]
 
-    async def _fetch(self, image: ImageURL) -> bytes:
-        if image._data is not None:
-            return image._data
-        return await fetch_image(image.url, self.http, self.limits.max_image_bytes, self.limits.fetch_timeout_s,
-                                 self.limits.url_policy)
+    async def _fetch(self, part: Media) -> bytes:
+        url, kind, max_bytes = ((part.image_url, "image", self.limits.max_image_bytes) if isinstance(part, ImagePart)
+                                else (part.video_url, "video", self.limits.max_video_bytes))
+        if url._data is not None:
+            if len(url._data) > max_bytes:
+                raise bad_request(f"{kind} larger than {max_bytes} bytes")
+            return url._data
+        return await fetch_image(url.url, self.http, max_bytes, self.limits.fetch_timeout_s, self.limits.url_policy,
+                                 kind)
+
+    async def _video(self, video: VideoURL, data: bytes) -> np.ndarray:
+        """The video's frame tiles, decoded off the event loop within the budget of decoded pixels in flight."""
+        limits = self.limits
+        width, height = await asyncio.to_thread(probe_video, data, limits.max_video_pixels)
+        frames = video.num_segments or limits.default_num_segments
+        async with self.pixels.hold(frames * width * height):
+            return await asyncio.to_thread(video_tiles, data, frames, video.bound, max_frames=limits.max_video_frames,
+                                           max_pixels=limits.max_video_pixels, tile_size=self.tile_size,
+                                           use_thumbnail=self.use_thumbnail)
 
     async def _decode(self, data: bytes, max_num: int) -> np.ndarray:
         """Decode and tile off the event loop, within the budget of decoded pixels in flight."""

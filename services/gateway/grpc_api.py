@@ -10,7 +10,7 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.gateway.chat import ChatService
 from services.gateway.errors import ApiError, invalid_request
 from services.gateway.metrics import IN_FLIGHT, TTFT, request_done, request_id
-from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart
+from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart, VideoPart, VideoURL
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
@@ -82,14 +82,26 @@ def to_chat_request(request: pb.ChatRequest, stream: bool) -> ChatCompletionRequ
         raise invalid_request(e.errors()) from e
 
 
-def _part(part: pb.ContentPart) -> TextPart | ImagePart:
+def _part(part: pb.ContentPart) -> TextPart | ImagePart | VideoPart:
     kind = part.WhichOneof("part")
+    if part.HasField("max_dynamic_patch") and kind not in ("image_url", "image_bytes"):
+        raise ApiError(400, "max_dynamic_patch is set on a content part that is not an image")
     if kind == "text":
         return TextPart(type="text", text=part.text)
-    if kind == "image_url":
-        return ImagePart(type="image_url", image_url=ImageURL(url=part.image_url))
-    if kind == "image_bytes":
-        url = ImageURL(url="bytes:")
-        url._data = part.image_bytes
+    if kind in ("image_url", "image_bytes"):
+        max_tiles = part.max_dynamic_patch if part.HasField("max_dynamic_patch") else None
+        url = ImageURL(url=part.image_url if kind == "image_url" else "bytes:", max_dynamic_patch=max_tiles)
+        if kind == "image_bytes":
+            url._data = part.image_bytes
         return ImagePart(type="image_url", image_url=url)
-    raise ApiError(400, "a content part has neither text nor an image")
+    if kind == "video":
+        v, source = part.video, part.video.WhichOneof("source")
+        if source is None:
+            raise ApiError(400, "a video part has neither a url nor data")
+        url = VideoURL(url=v.url if source == "url" else "bytes:",
+                       num_segments=v.num_segments if v.HasField("num_segments") else None,
+                       bound=(v.bound.start_s, v.bound.end_s) if v.HasField("bound") else None)
+        if source == "data":
+            url._data = v.data
+        return VideoPart(type="video_url", video_url=url)
+    raise ApiError(400, "a content part has neither text, an image nor a video")

@@ -116,11 +116,11 @@ def _shown(url: str) -> str:
     return url if len(url) <= _URL_SHOWN_CHARS else url[:_URL_SHOWN_CHARS] + "..."
 
 
-def _too_large(max_bytes: int):
-    return bad_request(f"image larger than {max_bytes} bytes")
+def _too_large(max_bytes: int, kind: str):
+    return bad_request(f"{kind} larger than {max_bytes} bytes")
 
 
-def _decode_data_url(url: str, max_bytes: int) -> bytes:
+def _decode_data_url(url: str, max_bytes: int, kind: str) -> bytes:
     """Bytes of a `data:[<media type>][;params];base64,<payload>` URL."""
     header, comma, payload = url[len("data:"):].partition(",")
     if not comma:
@@ -128,8 +128,8 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
     media_type, *params = (part.strip().lower() for part in header.split(";"))
     if "base64" not in params:
         raise bad_request("data URL must be base64-encoded, e.g. data:image/png;base64,...")
-    if media_type and not (media_type.startswith("image/") or media_type == "application/octet-stream"):
-        raise bad_request(f"data URL media type {media_type!r} is not an image type")
+    if media_type and not (media_type.startswith(f"{kind}/") or media_type == "application/octet-stream"):
+        raise bad_request(f"data URL media type {media_type!r} is not {kind}/*")
 
     # Tolerate what clients commonly produce: line breaks, percent-encoding, the URL-safe
     # alphabet, missing '=' padding. Anything else outside the base64 alphabet is an error.
@@ -139,13 +139,13 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
     payload += "=" * (-len(payload) % 4)
     # Cheap pre-check on the encoded length, so an oversize payload is not decoded at all.
     if len(payload) // 4 * 3 - payload[-2:].count("=") > max_bytes:
-        raise _too_large(max_bytes)
+        raise _too_large(max_bytes, kind)
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise bad_request(f"data URL payload is not valid base64: {exc}") from None
     if not data:
-        raise bad_request("data URL contains no image data")
+        raise bad_request(f"data URL contains no {kind} data")
     return data
 
 
@@ -188,7 +188,7 @@ class UrlPolicy:
         return ip.is_global and not ip.is_multicast
 
 
-async def _resolve(url: httpx.URL, policy: UrlPolicy, shown: str) -> str | None:
+async def _resolve(url: httpx.URL, policy: UrlPolicy, shown: str, kind: str) -> str | None:
     """The checked address to connect to, or None when the host name itself is allowed. Resolved once: the
     connection goes to this address, so a name that resolves elsewhere the second time gains nothing."""
     host = url.host.lower().rstrip(".")
@@ -198,40 +198,40 @@ async def _resolve(url: httpx.URL, policy: UrlPolicy, shown: str) -> str | None:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise bad_request(f"could not fetch image from {shown}: cannot resolve {host!r} ({exc})") from None
+        raise bad_request(f"could not fetch {kind} from {shown}: cannot resolve {host!r} ({exc})") from None
     addresses = [info[4][0] for info in infos]
     if not addresses or not all(policy.allows(a) for a in addresses):
-        raise bad_request(f"image URL {shown} leads to an address this server does not fetch from (only public "
+        raise bad_request(f"{kind} URL {shown} leads to an address this server does not fetch from (only public "
                           "addresses are allowed)")
     return addresses[0]
 
 
-def _checked_url(url: str, shown: str) -> httpx.URL:
+def _checked_url(url: str, shown: str, kind: str) -> httpx.URL:
     # Validated up front what httpx would only trip over mid-connect (a port over 65535 surfaces as a bare
     # OverflowError from the socket layer).
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise bad_request(f"invalid image URL {shown}: {exc}") from None
+        raise bad_request(f"invalid {kind} URL {shown}: {exc}") from None
     if parsed.scheme not in ("http", "https"):
-        raise bad_request(f"image URL {shown} redirects to an unsupported scheme {parsed.scheme!r}")
+        raise bad_request(f"{kind} URL {shown} redirects to an unsupported scheme {parsed.scheme!r}")
     if not parsed.host:
-        raise bad_request(f"invalid image URL {shown}: no host")
+        raise bad_request(f"invalid {kind} URL {shown}: no host")
     if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise bad_request(f"invalid image URL {shown}: port {parsed.port} out of range")
+        raise bad_request(f"invalid {kind} URL {shown}: port {parsed.port} out of range")
     return parsed
 
 
 async def _download(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float,
-                    policy: UrlPolicy) -> bytes:
+                    policy: UrlPolicy, kind: str) -> bytes:
     shown = _shown(url)
     try:
         # httpx timeouts apply per network operation; asyncio.timeout bounds the whole
         # download (redirects included), so a server trickling bytes cannot hold the request open.
         async with asyncio.timeout(timeout_s):
-            target = _checked_url(url, shown)
+            target = _checked_url(url, shown, kind)
             for _ in range(policy.max_redirects + 1):
-                address = await _resolve(target, policy, shown)
+                address = await _resolve(target, policy, shown, kind)
                 request_url, extensions, headers = target, {}, {}
                 if address is not None:  # connect to the address that was checked, as the host it belongs to
                     request_url = target.copy_with(host=address)
@@ -241,40 +241,40 @@ async def _download(url: str, client: httpx.AsyncClient, max_bytes: int, timeout
                 async with client.stream("GET", request_url, headers=headers, extensions=extensions,
                                          timeout=timeout_s, follow_redirects=False) as response:
                     if response.is_redirect:  # each hop is checked like the first
-                        target = _checked_url(str(target.join(response.headers.get("location", ""))), shown)
+                        target = _checked_url(str(target.join(response.headers.get("location", ""))), shown, kind)
                         continue
-                    return await _read_body(response, max_bytes, shown)
-            raise bad_request(f"image URL {shown} redirects more than {policy.max_redirects} times")
+                    return await _read_body(response, max_bytes, shown, kind)
+            raise bad_request(f"{kind} URL {shown} redirects more than {policy.max_redirects} times")
     except (TimeoutError, httpx.TimeoutException):
-        raise bad_request(f"timed out after {timeout_s:g} s fetching image from {shown}") from None
+        raise bad_request(f"timed out after {timeout_s:g} s fetching {kind} from {shown}") from None
     except httpx.InvalidURL as exc:
-        raise bad_request(f"invalid image URL {shown}: {exc}") from None
+        raise bad_request(f"invalid {kind} URL {shown}: {exc}") from None
     except httpx.HTTPError as exc:
         reason = str(exc) or type(exc).__name__
-        raise bad_request(f"could not fetch image from {shown}: {reason}") from None
+        raise bad_request(f"could not fetch {kind} from {shown}: {reason}") from None
 
 
-async def _read_body(response: httpx.Response, max_bytes: int, shown: str) -> bytes:
+async def _read_body(response: httpx.Response, max_bytes: int, shown: str, kind: str) -> bytes:
     if not response.is_success:
-        raise bad_request(f"could not fetch image from {shown}: HTTP "
+        raise bad_request(f"could not fetch {kind} from {shown}: HTTP "
                           f"{response.status_code} {response.reason_phrase}".rstrip())
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
+        raise _too_large(max_bytes, kind)
     body = bytearray()
     # Enforced while reading: a missing or lying Content-Length changes nothing.
     async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > max_bytes:
-            raise _too_large(max_bytes)
+            raise _too_large(max_bytes, kind)
     if not body:
-        raise bad_request(f"image URL {shown} returned an empty body")
+        raise bad_request(f"{kind} URL {shown} returned an empty body")
     return bytes(body)
 
 
 async def fetch_image(url: str, client: httpx.AsyncClient, max_bytes: int, timeout_s: float,
-                      policy: UrlPolicy = UrlPolicy()) -> bytes:
-    """Return the encoded image bytes named by `url` (a `data:` or `http(s)://` URL).
+                      policy: UrlPolicy = UrlPolicy(), kind: str = "image") -> bytes:
+    """Return the encoded image (or `kind`: video) bytes named by `url` (a `data:` or `http(s)://` URL).
 
     At most `max_bytes` are accepted and an http(s) fetch takes at most `timeout_s`
     seconds in total; redirects are followed, each checked against `policy` like the URL itself.
@@ -285,9 +285,9 @@ async def fetch_image(url: str, client: httpx.AsyncClient, max_bytes: int, timeo
     scheme, colon, _ = url.partition(":")
     scheme = scheme.lower() if colon else ""
     if scheme == "data":
-        return _decode_data_url(url, max_bytes)
+        return _decode_data_url(url, max_bytes, kind)
     if scheme in ("http", "https"):
-        return await _download(url, client, max_bytes, timeout_s, policy)
+        return await _download(url, client, max_bytes, timeout_s, policy, kind)
     if not scheme:
-        raise bad_request(f"image URL {_shown(url)!r} has no scheme; use http(s):// or a data: URL")
-    raise bad_request(f"unsupported image URL scheme {scheme!r}; use http(s):// or a data: URL")
+        raise bad_request(f"{kind} URL {_shown(url)!r} has no scheme; use http(s):// or a data: URL")
+    raise bad_request(f"unsupported {kind} URL scheme {scheme!r}; use http(s):// or a data: URL")

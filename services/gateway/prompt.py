@@ -10,9 +10,11 @@ from services.common.checkpoint import ModelConfig
 from services.common.tokenizer import load_tokenizer
 from services.gateway import templates
 from services.gateway.errors import bad_request
-from services.gateway.schema import ImagePart, Message
+from services.gateway.schema import ImagePart, Message, TextPart, VideoPart
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IMAGE_PLACEHOLDER = "<image>"  # where the cards' prompts put an image
+Media = ImagePart | VideoPart
 
 
 class PromptBuilder:
@@ -27,34 +29,22 @@ class PromptBuilder:
             stops |= {self.tokenizer.convert_tokens_to_ids(s) for s in templates.stop_strings(self.template)}
         self.stop_token_ids = sorted(stops - {None, self.tokenizer.unk_token_id})
 
-    def render(self, messages: list[Message]) -> str:
-        """The template's text, with one <IMG_CONTEXT> placeholder where each image stands."""
-        chat = []
+    def render(self, messages: list[Message], default_num_segments: int = 8) -> tuple[str, list[Media]]:
+        """The template's text, with one <IMG_CONTEXT> placeholder where each image or video frame stands, and the
+        image and video parts in the order of their placeholders (a video has one per frame)."""
+        chat, media = [], []
         for m in messages:
-            parts = []
-            for p in m.parts():
-                if isinstance(p, ImagePart):
-                    parts.append({"type": "image"})
-                else:
-                    for token in (IMG_START, IMG_END, IMG_CONTEXT):
-                        if token in p.text:
-                            raise bad_request(f"message text may not contain the image token {token}", "messages")
-                    parts.append({"type": "text", "text": p.text})
-            chat.append({"role": m.role, "content": parts})
+            text, placed = _message_text(m, default_num_segments)
+            if placed and m.role == "system":
+                raise bad_request("system messages may not contain images or videos", "messages")
+            chat.append({"role": m.role, "content": [{"type": "text", "text": text}]})
+            media += placed
         if self.template is None:
-            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        return self._render_conversation(chat)
-
-    def _render_conversation(self, chat: list[dict]) -> str:
-        # As the cards' `<image>\n` + question: an image part stands on a line of its own where the user put it.
-        def text(content: list[dict]) -> str:
-            return "".join(IMG_CONTEXT + "\n" if p["type"] == "image" else p["text"] for p in content)
-
-        system = [text(m["content"]) for m in chat if m["role"] == "system"]
-        turns = [(m["role"], text(m["content"])) for m in chat if m["role"] != "system"]
-        if any(IMG_CONTEXT in s for s in system):
-            raise bad_request("system messages may not contain images", "messages")
-        return templates.render(self.template, turns, "\n".join(system) if system else None)
+            # Images are already placed as text, so every jinja template places them by the same rule.
+            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), media
+        system = [m["content"][0]["text"] for m in chat if m["role"] == "system"]
+        turns = [(m["role"], m["content"][0]["text"]) for m in chat if m["role"] != "system"]
+        return templates.render(self.template, turns, "\n".join(system) if system else None), media
 
     def expand(self, rendered: str, tiles_per_image: list[int]) -> list[int]:
         """Token ids of a rendered prompt, each image placeholder expanded to its tiles' context tokens.
@@ -78,6 +68,38 @@ class PromptBuilder:
             else:
                 expanded.append(token)
         return expanded
+
+
+def _message_text(m: Message, default_num_segments: int) -> tuple[str, list[Media]]:
+    """A message as text, by LMDeploy's rule: each image part becomes `<image>\\n` where it stands (an image first
+    gives the cards' `<image>\\n{question}`), unless the text holds `<image>` placeholders, which the message's
+    images then fill in order. A video becomes the cards' `Frame1: <image>\\nFrame2: <image>\\n...` where it stands.
+    <IMG_CONTEXT> stands for each `<image>`; the media are returned in the order of their placeholders."""
+    parts = m.parts()
+    for p in parts:
+        for token in (IMG_START, IMG_END, IMG_CONTEXT):
+            if isinstance(p, TextPart) and token in p.text:
+                raise bad_request(f"message text may not contain the image token {token}", "messages")
+    images = [p for p in parts if isinstance(p, ImagePart)]
+    typed = sum(p.text.count(IMAGE_PLACEHOLDER) for p in parts if isinstance(p, TextPart))
+    if typed and typed != len(images):
+        raise bad_request(f"a {m.role} message's text has {typed} {IMAGE_PLACEHOLDER} placeholders for its "
+                          f"{len(images)} images", "messages")
+    unplaced = iter(images)
+    text, media = [], []
+    for p in parts:
+        if isinstance(p, TextPart):
+            pieces = p.text.split(IMAGE_PLACEHOLDER)
+            text.append(IMG_CONTEXT.join(pieces))
+            media += [next(unplaced) for _ in pieces[1:]]
+        elif isinstance(p, VideoPart):
+            frames = p.video_url.num_segments or default_num_segments
+            text += [f"Frame{i + 1}: {IMG_CONTEXT}\n" for i in range(frames)]
+            media.append(p)
+        elif not typed:
+            text.append(IMG_CONTEXT + "\n")
+            media.append(p)
+    return "".join(text), media
 
 
 def _eos_ids(path: Path) -> set[int]:

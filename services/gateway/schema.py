@@ -1,4 +1,5 @@
 """The OpenAI chat-completions request, validated at the edge (REST and gRPC both come through here)."""
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -7,7 +8,23 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 class ImageURL(BaseModel):
     url: str = Field(min_length=1, description="http(s) URL or data: URL of an image")
     detail: Literal["auto", "low", "high"] | None = None
+    max_dynamic_patch: int | None = Field(default=None, ge=1, description="most tiles for this image (as LMDeploy); "
+                                          "overrides the request's max_num")
     _data: bytes | None = PrivateAttr(default=None)  # raw bytes sent over gRPC, used instead of the URL
+
+
+class VideoURL(BaseModel):
+    url: str = Field(min_length=1, description="http(s) URL or data: URL of a video (mp4, webm, mkv, ...)")
+    num_segments: int | None = Field(default=None, ge=1, description="frames sampled, one tile each (the cards' "
+                                     "num_segments; default 8)")
+    bound: tuple[float, float] | None = Field(default=None, description="[start_s, end_s]: sample only this span")
+    _data: bytes | None = PrivateAttr(default=None)  # raw bytes sent over gRPC, used instead of the URL
+
+    @model_validator(mode="after")
+    def ordered_bound(self):
+        if self.bound is not None and not (0 <= self.bound[0] < self.bound[1] and math.isfinite(self.bound[1])):
+            raise ValueError("bound must be [start_s, end_s], finite, with 0 <= start_s < end_s")
+        return self
 
 
 class TextPart(BaseModel):
@@ -20,14 +37,19 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart]
 
-    def parts(self) -> list[TextPart | ImagePart]:
+    def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         return [TextPart(type="text", text=self.content)] if isinstance(self.content, str) else self.content
 
 
