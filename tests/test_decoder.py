@@ -189,3 +189,20 @@ def test_the_engine_survives_a_failing_step(lm, cfg, monkeypatch):
     done.clear()
     engine.add(Sequence("good", prompts()[1], SamplingParams(4)))
     assert done.wait(10) and events[-1] == ("good", "length")
+
+
+def test_logprobs_equal_the_reference_log_softmax(lm, cfg, reference):
+    """Greedy with logprobs: each token's log-probability and top 5 are transformers' log_softmax of its logits."""
+    ids = prompts()[3]
+    seq = Sequence("lp", ids, SamplingParams(10, logprobs=5))
+    other = Sequence("plain", prompts()[4], SamplingParams(10))  # batched with a row that does not ask
+    run(lm, cfg, [seq, other])
+    assert len(seq.logprobs) == seq.num_output == 10 and other.logprobs == []
+    with torch.no_grad():
+        logits = reference.model(input_ids=torch.tensor([seq.token_ids[:-1]])).logits[0, len(ids) - 1:]
+    want = logits.float().log_softmax(-1)
+    for k, (token, (chosen, top)) in enumerate(zip(seq.output_ids, seq.logprobs)):
+        assert chosen == pytest.approx(want[k, token].item(), abs=1e-4)
+        assert [t for t, _ in top] == want[k].topk(5).indices.tolist()
+        assert [v for _, v in top] == pytest.approx(want[k].topk(5).values.tolist(), abs=1e-4)
+        assert top[0][0] == token
