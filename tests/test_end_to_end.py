@@ -199,7 +199,9 @@ BAD_REQUESTS = [
     ("context overflow", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6},
      400),
     ("max_num over limit", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_num": 99}, 400),
-    ("unsupported option", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400),
+    ("unsupported option", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                            "logit_bias": {"5": 10}}, 400),
+    ("unknown field", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400),
     ("video part", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}]}]}, 400),
     ("penalty out of range", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],

@@ -185,7 +185,8 @@ def test_logprobs_are_the_raw_distribution_for_the_rows_that_ask(monkeypatch):
     """Rows with logprobs get log_softmax of the raw logits (not tempered, not penalized) at the chosen token and
     their top alternatives, sorted; other rows get None; one device->host read for all of it."""
     logits = rand_logits(4, 300)
-    params = [SamplingParams(8, logprobs=5), SamplingParams(8, temperature=0.5, seed=1, frequency_penalty=1.0, logprobs=0),
+    params = [SamplingParams(8, logprobs=5),
+              SamplingParams(8, temperature=0.5, seed=1, frequency_penalty=1.0, logprobs=0),
               SamplingParams(8), hot(2, top_k=3, logprobs=20)]
     batch = SamplingBatch.build(params, [0, 1, 2, 3], [([], [7, 7])] * 4, 300, "cpu")
     reads, tolist = [], torch.Tensor.tolist

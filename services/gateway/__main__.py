@@ -58,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--cache-namespace", "CACHE_NAMESPACE", "ivl:emb", "prefix of the cache keys in Redis")
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
     settings.add(p, "--max-images", "MAX_IMAGES", 16, "most images per request", int)
+    settings.add(p, "--max-n", "MAX_N", 8, "most answers (n) per request", int)
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
     settings.add(p, "--max-concurrent-requests", "MAX_CONCURRENT_REQUESTS", 256,
                  "chat requests served at once (REST and gRPC); more are refused with 429 / RESOURCE_EXHAUSTED", int)
@@ -153,7 +154,7 @@ async def main() -> None:
     prompt = PromptBuilder(path, cfg)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
-                    max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                    max_images=args.max_images, max_n=args.max_n, max_image_bytes=args.max_image_bytes,
                     url_policy=UrlPolicy.parse(args.image_url_allow), pool_wait_s=args.pool_wait,
                     max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes,
                     max_decode_pixels=args.max_decode_pixels, generate_timeout_s=args.generate_timeout,
