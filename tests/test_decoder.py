@@ -96,6 +96,8 @@ def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
     ({"token_ids": [1], "sampling": pb.SamplingParams(max_tokens=10 ** 6)}, "exceeds"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("nan"))}, "finite"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("inf"))}, "finite"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(stop=["a", ""])}, "stop strings must not be empty"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(logprobs=21)}, "logprobs must be in [0, 20]"),
 ])
 def test_invalid_generate_requests(decoder, request_fields, message):
     with pytest.raises(grpc.RpcError) as e:
@@ -127,6 +129,33 @@ def test_cancelled_call_frees_the_engine(decoder, stack):
     after = list(decoder.Generate(pb.GenerateRequest(token_ids=[5, 6], sampling=pb.SamplingParams(max_tokens=3)),
                                   timeout=30))
     assert after[-1].finish_reason == "length"
+
+
+def test_a_stop_string_ends_and_frees_the_sequence(decoder, stack):
+    """The answer ends before the stop string with "stop", its usage counts the tokens up to the one that completed
+    it, and the engine drops the sequence at once (it was allowed 5000 tokens)."""
+    import time
+    from tests.test_end_to_end import metric
+
+    ask = dict(token_ids=[9, 8, 7, 6], sampling=pb.SamplingParams(max_tokens=12))
+    free = list(decoder.Generate(pb.GenerateRequest(**ask), timeout=30))
+    full = "".join(r.text for r in free)
+    stop = next(r.text for r in free[2:] if r.text.strip())
+    stops_before = metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason="stop")
+    computed_before = metric(stack.decoder_metrics_url, "decoder_computed_tokens_total")
+    stopped = list(decoder.Generate(pb.GenerateRequest(token_ids=ask["token_ids"], sampling=pb.SamplingParams(
+        max_tokens=5000, stop=[stop], logprobs=1)), timeout=30))
+    tokens = [t for r in stopped for t in r.token_ids]
+    assert "".join(r.text for r in stopped) == full[:full.index(stop)] and stopped[-1].finish_reason == "stop"
+    assert tokens == [t for r in free for t in r.token_ids][:len(tokens)]
+    assert stopped[-1].usage.completion_tokens == len(tokens) == sum(len(r.logprobs) for r in stopped) <= 12
+    assert metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason="stop") == stops_before + 1
+    deadline = time.monotonic() + 5
+    while metric(stack.decoder_metrics_url, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(stack.decoder_metrics_url, "vllm:num_requests_running") == 0
+    # The prompt and the answer, and the few steps that ran before the stop string was seen: not 5000 tokens.
+    assert metric(stack.decoder_metrics_url, "decoder_computed_tokens_total") - computed_before < 4 + len(tokens) + 50
 
 
 def test_only_the_newest_sequence_yields_its_blocks():
