@@ -131,11 +131,12 @@ class ChatService:
         request = pb.GenerateRequest(request_id=request_id, token_ids=token_ids,
                                      images=[img.embeddings for img in resolved], sampling=sampling,
                                      image_keys=[img.key for img in resolved])
-        requests = [request] + [pb.GenerateRequest() for _ in range(req.n - 1)]
-        for i, r in enumerate(requests[1:], 1):
-            r.CopyFrom(request)
+        requests = [request]
+        for i in range(1, req.n):
+            requests.append(choice := pb.GenerateRequest())
+            choice.CopyFrom(request)
             if req.seed is not None:  # reproducible, and not the same answer n times
-                r.sampling.seed = choice_seed(req.seed, i)
+                choice.sampling.seed = choice_seed(req.seed, i)
         return requests
 
     async def generate(self, requests: list[pb.GenerateRequest]) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
