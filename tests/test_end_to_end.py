@@ -11,7 +11,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from internvl.serving.v1 import serving_pb2 as pb
-from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from tests.conftest import IMAGE_HOST, data_url, noise_image, png_bytes
 
 MODEL = "tiny-internvl2_5"
@@ -67,17 +66,6 @@ def to_grpc(messages: list[dict]) -> list[pb.ChatMessage]:
 def _png_of(url: str) -> bytes:
     import base64
     return base64.b64decode(url.split(",", 1)[1])
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def gateway(stack):
-    with grpc.insecure_channel(stack.gateway_grpc) as channel:
-        yield pb_grpc.GatewayStub(channel)
 
 
 @pytest.fixture(scope="module")

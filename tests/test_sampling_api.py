@@ -2,26 +2,13 @@
 request fields the gateway refuses or accepts."""
 import grpc
 import httpx
-import openai
 import pytest
 import torch
 
 from internvl.serving.v1 import serving_pb2 as pb
-from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from tests.test_end_to_end import MODEL, to_grpc
 
 ASK = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def gateway(stack):
-    with grpc.insecure_channel(stack.gateway_grpc) as channel:
-        yield pb_grpc.GatewayStub(channel)
 
 
 def complete(client, messages=ASK, **options):
