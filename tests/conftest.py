@@ -74,6 +74,22 @@ def stack(tiny_checkpoint, redis_url, tmp_path_factory):
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def client(stack):
+    """The official OpenAI client on the stack's gateway."""
+    import openai
+    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    """A gRPC stub of the stack's gateway."""
+    import grpc
+    from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+    with grpc.insecure_channel(stack.gateway_grpc) as channel:
+        yield pb_grpc.GatewayStub(channel)
+
+
 class Reference:
     """transformers' InternVLForConditionalGeneration with the prompt and pixels the model cards' code builds."""
 

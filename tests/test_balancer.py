@@ -292,7 +292,7 @@ async def test_endpoint_slices_drive_the_pool_and_removed_endpoints_drain(stack)
             # ... which the gateway answers with 503.
             chat = ChatService("m", None, Pools(balancer, balancer, "", 256, 4096), None, None, Limits())
             with pytest.raises(ApiError) as e:
-                [r async for r in chat.generate(GENERATE, None)]
+                [r async for r in chat.generate([GENERATE], None)]
             assert e.value.status == 503 and "no ready endpoint in the LLM decoder pool" in e.value.message
         finally:
             await balancer.close()

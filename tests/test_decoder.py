@@ -97,6 +97,8 @@ def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
     ({"token_ids": [1], "sampling": pb.SamplingParams(max_tokens=10 ** 6)}, "exceeds"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("nan"))}, "finite"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("inf"))}, "finite"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(stop=["a", ""])}, "stop strings must not be empty"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(logprobs=21)}, "logprobs must be in [0, 20]"),
 ])
 def test_invalid_generate_requests(decoder, request_fields, message):
     with pytest.raises(grpc.RpcError) as e:
@@ -147,6 +149,33 @@ def test_cancelled_call_frees_the_engine(decoder, stack):
     after = list(decoder.Generate(pb.GenerateRequest(token_ids=[5, 6], sampling=pb.SamplingParams(max_tokens=3)),
                                   timeout=30))
     assert after[-1].finish_reason == "length"
+
+
+def test_a_stop_string_ends_and_frees_the_sequence(decoder, stack):
+    """The answer ends before the stop string with "stop", its usage counts the tokens up to the one that completed
+    it, and the engine drops the sequence at once (it was allowed 5000 tokens)."""
+    import time
+    from tests.test_end_to_end import metric
+
+    ask = dict(token_ids=[9, 8, 7, 6], sampling=pb.SamplingParams(max_tokens=12))
+    free = list(decoder.Generate(pb.GenerateRequest(**ask), timeout=30))
+    full = "".join(r.text for r in free)
+    stop = next(r.text for r in free[2:] if r.text.strip())
+    stops_before = metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason="stop")
+    computed_before = metric(stack.decoder_metrics_url, "decoder_computed_tokens_total")
+    stopped = list(decoder.Generate(pb.GenerateRequest(token_ids=ask["token_ids"], sampling=pb.SamplingParams(
+        max_tokens=5000, stop=[stop], logprobs=1)), timeout=30))
+    tokens = [t for r in stopped for t in r.token_ids]
+    assert "".join(r.text for r in stopped) == full[:full.index(stop)] and stopped[-1].finish_reason == "stop"
+    assert tokens == [t for r in free for t in r.token_ids][:len(tokens)]
+    assert stopped[-1].usage.completion_tokens == len(tokens) == sum(len(r.logprobs) for r in stopped) <= 12
+    assert metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason="stop") == stops_before + 1
+    deadline = time.monotonic() + 5
+    while metric(stack.decoder_metrics_url, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric(stack.decoder_metrics_url, "vllm:num_requests_running") == 0
+    # The prompt and the answer, and the few steps that ran before the stop string was seen: not 5000 tokens.
+    assert metric(stack.decoder_metrics_url, "decoder_computed_tokens_total") - computed_before < 4 + len(tokens) + 50
 
 
 def test_only_the_newest_sequence_yields_its_blocks():
@@ -209,3 +238,20 @@ def test_the_engine_survives_a_failing_step(lm, cfg, monkeypatch):
     done.clear()
     engine.add(Sequence("good", prompts()[1], SamplingParams(4)))
     assert done.wait(10) and events[-1] == ("good", "length")
+
+
+def test_logprobs_equal_the_reference_log_softmax(lm, cfg, reference):
+    """Greedy with logprobs: each token's log-probability and top 5 are transformers' log_softmax of its logits."""
+    ids = prompts()[3]
+    seq = Sequence("lp", ids, SamplingParams(10, logprobs=5))
+    other = Sequence("plain", prompts()[4], SamplingParams(10))  # batched with a row that does not ask
+    run(lm, cfg, [seq, other])
+    assert len(seq.logprobs) == seq.num_output == 10 and other.logprobs == []
+    with torch.no_grad():
+        logits = reference.model(input_ids=torch.tensor([seq.token_ids[:-1]])).logits[0, len(ids) - 1:]
+    want = logits.float().log_softmax(-1)
+    for k, (token, (chosen, top)) in enumerate(zip(seq.output_ids, seq.logprobs)):
+        assert chosen == pytest.approx(want[k, token].item(), abs=1e-4)
+        assert [t for t, _ in top] == want[k].topk(5).indices.tolist()
+        assert [v for _, v in top] == pytest.approx(want[k].topk(5).values.tolist(), abs=1e-4)
+        assert top[0][0] == token

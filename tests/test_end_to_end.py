@@ -121,17 +121,6 @@ def _png_of(url: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def gateway(stack):
-    with grpc.insecure_channel(stack.gateway_grpc) as channel:
-        yield pb_grpc.GatewayStub(channel)
-
-
-@pytest.fixture(scope="module")
 def expected(reference):
     return {name: reference.generate(ref_messages, images, MAX_NUM, MAX_TOKENS)
             for name, _, ref_messages, images in CASES}
@@ -279,7 +268,9 @@ BAD_REQUESTS = [
     ("context overflow", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6},
      400),
     ("max_num over limit", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_num": 99}, 400),
-    ("unsupported option", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400),
+    ("unsupported option", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                            "logit_bias": {"5": 10}}, 400),
+    ("unknown field", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400),
     ("unreachable video URL", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}]}]}, 400),
     *[(f"video: {name}", {"model": MODEL, "messages": [{"role": "user", "content": [

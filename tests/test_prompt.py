@@ -119,10 +119,36 @@ async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
     chat = ChatService("m", prompt, Pools(None, None, "", 256, 4096), EmbeddingCache(None, 0), None, Limits())
     ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     end_of_turn = prompt.stop_token_ids
-    assert list((await chat.prepare(ChatCompletionRequest(**ask))).sampling.stop_token_ids) == end_of_turn
-    extra = await chat.prepare(ChatCompletionRequest(**ask, stop_token_ids=[7, 3]))
+    [plain] = await chat.prepare(ChatCompletionRequest(**ask))
+    assert list(plain.sampling.stop_token_ids) == end_of_turn
+    [extra] = await chat.prepare(ChatCompletionRequest(**ask, stop_token_ids=[7, 3]))
     assert list(extra.sampling.stop_token_ids) == sorted({3, 7, *end_of_turn})
-    assert list((await chat.prepare(ChatCompletionRequest(**ask, ignore_eos=True))).sampling.stop_token_ids) == []
+    [free] = await chat.prepare(ChatCompletionRequest(**ask, ignore_eos=True))
+    assert list(free.sampling.stop_token_ids) == []
+    assert list(plain.sampling.stop) == [] and not plain.sampling.HasField("logprobs")
+
+
+async def test_n_stop_and_logprobs_reach_the_decoder(tiny_checkpoint):
+    """n choices are n decoder requests for the same prompt; seeded ones get distinct seeds, the same every time."""
+    from services.common.cache import EmbeddingCache
+    from services.gateway.chat import ChatService, Limits, Pools
+    from services.gateway.schema import ChatCompletionRequest
+
+    prompt = PromptBuilder(tiny_checkpoint, read_model_config(tiny_checkpoint))
+    chat = ChatService("m", prompt, Pools(None, None, "", 256, 4096), EmbeddingCache(None, 0), None, Limits(max_n=3))
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "END", "logprobs": True,
+           "top_logprobs": 2}
+    seeded = await chat.prepare(ChatCompletionRequest(**ask, n=3, seed=11))
+    assert len(seeded) == 3 and len({tuple(r.token_ids) for r in seeded}) == 1
+    assert seeded[0].sampling.seed == 11 and len({r.sampling.seed for r in seeded}) == 3
+    assert [r.sampling.seed for r in await chat.prepare(ChatCompletionRequest(**ask, n=3, seed=11))] == \
+        [r.sampling.seed for r in seeded]
+    assert all(list(r.sampling.stop) == ["END"] and r.sampling.logprobs == 2 for r in seeded)
+    assert not any(r.sampling.HasField("seed") for r in await chat.prepare(ChatCompletionRequest(**ask, n=2)))
+    [lp0] = await chat.prepare(ChatCompletionRequest(model="m", messages=ask["messages"], logprobs=True))
+    assert lp0.sampling.HasField("logprobs") and lp0.sampling.logprobs == 0
+    with pytest.raises(ApiError, match="n=4 exceeds the server's limit of 3"):
+        await chat.prepare(ChatCompletionRequest(**ask, n=4))
 
 
 def image(**extra) -> dict:

@@ -1,10 +1,11 @@
-"""The batched sampler: greedy/sampled mixes, batch-independent seeded draws, the distribution, filters, penalties."""
+"""The batched sampler: greedy/sampled mixes, batch-independent seeded draws, the distribution, filters, penalties,
+log-probabilities."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from services.llm_decoder.engine.sampler import (MIN_TEMPERATURE, SamplingBatch, _apply_penalties, sample,
-                                                 uniform_noise)
+                                                 sample_to_host, uniform_noise)
 from services.llm_decoder.engine.sequence import SamplingParams
 
 M64 = (1 << 64) - 1
@@ -178,3 +179,27 @@ def test_work_is_batched_and_stays_on_device(hist):
     small, large = ops(3), ops(64)
     assert small == large
     assert not any("local_scalar_dense" in op or "nonzero" in op for op in large), large
+
+
+def test_logprobs_are_the_raw_distribution_for_the_rows_that_ask(monkeypatch):
+    """Rows with logprobs get log_softmax of the raw logits (not tempered, not penalized) at the chosen token and
+    their top alternatives, sorted; other rows get None; one device->host read for all of it."""
+    logits = rand_logits(4, 300)
+    params = [SamplingParams(8, logprobs=5),
+              SamplingParams(8, temperature=0.5, seed=1, frequency_penalty=1.0, logprobs=0),
+              SamplingParams(8), hot(2, top_k=3, logprobs=20)]
+    batch = SamplingBatch.build(params, [0, 1, 2, 3], [([], [7, 7])] * 4, 300, "cpu")
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    ids, logprobs = sample_to_host(logits, batch)
+    assert len(reads) == 1
+    assert ids == sample(logits, batch).tolist()
+    raw = logits.log_softmax(-1)
+    assert logprobs[2] is None
+    for row, count in ((0, 5), (1, 0), (3, 20)):
+        chosen, top = logprobs[row]
+        assert chosen == raw[row, ids[row]].item()
+        want = raw[row].topk(count)
+        assert [t for t, _ in top] == want.indices.tolist() and [v for _, v in top] == want.values.tolist()
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    assert logprobs[0][0] == logprobs[0][1][0][1]  # greedy: the chosen token is the most likely one

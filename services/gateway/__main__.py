@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--cache-namespace", "CACHE_NAMESPACE", "ivl:emb", "prefix of the cache keys in Redis")
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
     settings.add(p, "--max-images", "MAX_IMAGES", 16, "most images per request", int)
+    settings.add(p, "--max-n", "MAX_N", 8, "most answers (n) per request", int)
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
     settings.add(p, "--max-videos", "MAX_VIDEOS", 4, "most videos per request", int)
     settings.add(p, "--max-num-segments", "MAX_NUM_SEGMENTS", 32,
@@ -161,7 +162,7 @@ async def main() -> None:
     prompt = PromptBuilder(path, cfg)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     limits = Limits(default_max_num=min(cfg.max_dynamic_patch, args.max_num), max_num=args.max_num,
-                    max_images=args.max_images, max_image_bytes=args.max_image_bytes,
+                    max_images=args.max_images, max_n=args.max_n, max_image_bytes=args.max_image_bytes,
                     default_num_segments=min(DEFAULT_NUM_SEGMENTS, args.max_num_segments),
                     max_num_segments=args.max_num_segments, max_videos=args.max_videos,
                     max_video_bytes=args.max_video_bytes, max_video_frames=args.max_video_frames,

@@ -1,6 +1,7 @@
 """The gateway's one pipeline, shared by REST and gRPC: images and video frames -> cache or vision pool -> prompt ->
 decoder stream."""
 import asyncio
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Limits:
     default_max_num: int = 12       # tiles per image when the request does not say
     max_num: int = 12               # the most a request may ask for
     max_images: int = 16
+    max_n: int = 8                  # answers (choices) per request
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 64 * 1024 * 1024
     default_num_segments: int = DEFAULT_NUM_SEGMENTS  # frames per video when the request does not say
@@ -102,8 +104,9 @@ class ChatService:
                                type="service_unavailable") from None
 
     async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None,
-                      by_reference: bool = True) -> pb.GenerateRequest:
-        """Validate, resolve every image to embeddings (cache first), and build the decoder request.
+                      by_reference: bool = True) -> list[pb.GenerateRequest]:
+        """Validate, resolve every image to embeddings (cache first), and build the decoder requests: one per choice
+        (the decoder's prefix cache computes their shared prompt once).
 
         By reference (a decoder that reads the cache, and a cache that answers): images the cache holds, or that the
         vision pool stored, go to the decoder as cache keys; the gateway never moves their rows."""
@@ -113,6 +116,8 @@ class ChatService:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
         max_num = self._max_num(req.max_num or self.limits.default_max_num, "max_num")
+        if req.n > self.limits.max_n:
+            raise bad_request(f"n={req.n} exceeds the server's limit of {self.limits.max_n}", "n")
         videos = [p.video_url for m in req.messages for p in m.parts() if isinstance(p, VideoPart)]
         for what, count, limit in (("images", len(req.images()), self.limits.max_images),
                                    ("videos", len(videos), self.limits.max_videos)):
@@ -142,15 +147,46 @@ class ChatService:
                                      seed=req.seed, top_k=req.top_k or 0,
                                      min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
                                      presence_penalty=req.presence_penalty or 0.0,
-                                     frequency_penalty=req.frequency_penalty or 0.0)
+                                     frequency_penalty=req.frequency_penalty or 0.0, stop=req.stop,
+                                     logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         # The cache keys name each image's embeddings: the decoder reuses KV blocks of prompts with the same images.
-        return pb.GenerateRequest(request_id=request_id, token_ids=token_ids,
-                                  images=[img.embeddings for img in resolved], sampling=sampling,
-                                  image_keys=[img.key for img in resolved], final_only=not req.stream)
+        request = pb.GenerateRequest(request_id=request_id, token_ids=token_ids,
+                                     images=[img.embeddings for img in resolved], sampling=sampling,
+                                     image_keys=[img.key for img in resolved], final_only=not req.stream)
+        requests = [request]
+        for i in range(1, req.n):
+            requests.append(choice := pb.GenerateRequest())
+            choice.CopyFrom(request)
+            if req.seed is not None:  # reproducible, and not the same answer n times
+                choice.sampling.seed = choice_seed(req.seed, i)
+        return requests
 
-    async def generate(self, request: pb.GenerateRequest, req: ChatCompletionRequest,
-                       retry_inline: bool = True) -> AsyncIterator[pb.GenerateResponse]:
-        """The decoder's stream; its errors become ApiErrors. Embeddings sent by cache key that the decoder no longer
+    async def generate(self, requests: list[pb.GenerateRequest],
+                       req: ChatCompletionRequest) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+        """The choices' decoder streams, merged: (choice index, response) as they come, in order within a choice.
+        Every choice's first response comes before any other, so a request the decoder refuses fails before the
+        client has seen an answer."""
+        streams = [self._generate(r, req, i) for i, r in enumerate(requests)]
+        pending = {asyncio.ensure_future(anext(s, None)): i for i, s in enumerate(streams)}
+        try:
+            await asyncio.gather(*pending)
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=pending.get):
+                    i, response = pending.pop(task), task.result()
+                    if response is not None:
+                        pending[asyncio.ensure_future(anext(streams[i], None))] = i
+                        yield i, response
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for s in streams:  # each closes its decoder call: the decoder frees the sequence
+                await s.aclose()
+
+    async def _generate(self, request: pb.GenerateRequest, req: ChatCompletionRequest, choice: int,
+                        retry_inline: bool = True) -> AsyncIterator[pb.GenerateResponse]:
+        """One decoder stream; its errors become ApiErrors. Embeddings sent by cache key that the decoder no longer
         finds there (evicted, Redis down) are sent again as rows, once: `req` is prepared again, inline."""
         stream = self.pools.decoder.stream("Generate", request, timeout=self.limits.generate_timeout_s)
         try:
@@ -160,8 +196,8 @@ class ChatService:
             if e.code() != grpc.StatusCode.FAILED_PRECONDITION or not retry_inline:
                 raise upstream_error("decoder", e) from e
             log.warning("request %s: %s; sending the rows inline", request.request_id, e.details())
-            inline = await self.prepare(req, request.request_id, by_reference=False)
-            async for response in self.generate(inline, req, retry_inline=False):
+            inline = (await self.prepare(req, request.request_id, by_reference=False))[choice]
+            async for response in self._generate(inline, req, choice, retry_inline=False):
                 yield response
         finally:
             await stream.aclose()  # the client went away (or we are done): the decoder frees the sequence
@@ -299,6 +335,18 @@ class ChatService:
     def _tiles(self, data: bytes, max_num: int) -> np.ndarray:
         return tile_image(decode_image(data, self.limits.max_image_pixels), max_num=max_num,
                           use_thumbnail=self.use_thumbnail, tile_size=self.tile_size)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` > 0 of a seeded request (choice 0 keeps the request's own seed)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest())
+
+
+def total_usage(usages: list[pb.Usage | None]) -> pb.Usage | None:
+    """A request's usage over its choices: the prompt counted once (as OpenAI), the completions summed."""
+    done = [u for u in usages if u is not None]
+    return pb.Usage(prompt_tokens=done[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in done)) \
+        if done else None
 
 
 def upstream_error(pool: str, e: grpc.aio.AioRpcError) -> ApiError:

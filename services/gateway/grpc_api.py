@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from services.gateway.chat import ChatService
+from services.gateway.chat import ChatService, total_usage
 from services.gateway.errors import ApiError, invalid_request
 from services.gateway.metrics import IN_FLIGHT, TTFT, request_done, request_id
 from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart, VideoPart, VideoURL
@@ -18,14 +18,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.chat = chat
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
-        answer = pb.ChatResponse(model=request.model)
+        answers: dict[int, pb.ChatResponse] = {}
         async for r in self._stream(request, context, stream=False):
-            answer.id = r.id
-            answer.text += r.text
-            answer.token_ids.extend(r.token_ids)
+            a = answers.setdefault(r.index, pb.ChatResponse(id=r.id, model=request.model, index=r.index))
+            a.text += r.text
+            a.token_ids.extend(r.token_ids)
+            a.logprobs.extend(r.logprobs)
             if r.finish_reason:
-                answer.finish_reason = r.finish_reason
-                answer.usage.CopyFrom(r.usage)
+                a.finish_reason = r.finish_reason
+                a.usage.CopyFrom(r.usage)
+        choices = [answers[i] for i in sorted(answers)]
+        answer = pb.ChatResponse()
+        answer.CopyFrom(choices[0])
+        if len(choices) > 1:
+            answer.choices.extend(choices)
+            answer.usage.CopyFrom(total_usage([c.usage for c in choices]))
         return answer
 
     async def ChatStream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext):
@@ -44,8 +51,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.chat.api_keys.check(metadata.get("authorization"))
 
     async def _stream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext, stream: bool):
-        """The answer as ChatResponses: one per decoder message when streamed, else a single one."""
-        start, status, ttft, usage = time.perf_counter(), "CANCELLED", None, None  # CANCELLED unless it ends otherwise
+        """The answer as ChatResponses: one per decoder message when streamed, else one per choice."""
+        start, status, ttft, usages = time.perf_counter(), "CANCELLED", None, []  # CANCELLED unless it ends otherwise
         rid = request_id(dict(context.invocation_metadata() or ()).get("x-request-id"))
         IN_FLIGHT.labels("grpc").inc()
         try:
@@ -54,19 +61,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 chat_request = to_chat_request(request, stream)
                 generate = await self.chat.prepare(chat_request, rid)
                 sent = time.perf_counter()
-                async for r in self.chat.generate(generate, chat_request):
+                async for i, r in self.chat.generate(generate, chat_request):
                     if ttft is None:  # a final-only answer says when its first token came
                         ttft = round((sent + r.first_token_s if r.first_token_s else time.perf_counter()) - start, 4)
                         TTFT.labels("grpc").observe(ttft)
                     if r.finish_reason:
-                        usage = r.usage
-                    yield pb.ChatResponse(id=rid, model=request.model, text=r.text, token_ids=r.token_ids,
-                                          finish_reason=r.finish_reason, usage=usage if r.finish_reason else None)
+                        usages.append(r.usage)
+                    yield pb.ChatResponse(id=rid, model=request.model, text=r.text, token_ids=r.token_ids, index=i,
+                                          logprobs=r.logprobs, finish_reason=r.finish_reason,
+                                          usage=r.usage if r.finish_reason else None)
             status = "OK"
         except ApiError as e:
             status = e.grpc_code().name
             await context.abort(e.grpc_code(), e.message)
         finally:
+            usage = total_usage(usages)
             request_done("grpc", rid, status, start, ttft, usage and usage.prompt_tokens,
                          usage and usage.completion_tokens)
 

@@ -4,6 +4,7 @@ import contextlib
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -14,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from internvl.serving.v1 import serving_pb2 as pb
 from services.gateway.admission import RestAdmission
 from services.gateway.auth import RestAuth
-from services.gateway.chat import ChatService
+from services.gateway.chat import ChatService, total_usage
 from services.gateway.errors import ApiError, invalid_request
 from services.gateway.metrics import TTFT, RestMetrics
 from services.gateway.schema import ChatCompletionRequest
@@ -69,47 +70,69 @@ def create_app(chat: ChatService) -> FastAPI:
             first = await anext(stream)
             state["ttft_s"] = round(time.perf_counter() - start, 4)
             TTFT.labels("rest").observe(state["ttft_s"])
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(first, stream, completion_id, created, req.model, include_usage,
-                                          req.return_token_ids, state), media_type="text/event-stream")
-        # One message with the whole answer (the decoder's final_only); its errors are raised by `result()`.
-        collect = asyncio.ensure_future(_collect(stream))
+            return StreamingResponse(_sse(first, stream, completion_id, created, req, state),
+                                     media_type="text/event-stream")
+        # One message per choice with its whole answer (the decoder's final_only); errors are raised by `result()`.
+        collect = asyncio.ensure_future(_collect(stream, req.n))
         while not collect.done():
             await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
             if not collect.done() and await request.is_disconnected():
-                collect.cancel()  # the client left: cancelling the decoder call frees its sequence
+                collect.cancel()  # the client left: cancelling the decoder calls frees their sequences
                 with contextlib.suppress(asyncio.CancelledError):
                     await collect
                 return Response(status_code=499)
-        text, token_ids, finish, usage, first_token_s = collect.result()
-        state["ttft_s"] = round(sent - start + first_token_s, 4)  # the prompt's preparation + the decoder's wait
+        answers = collect.result()
+        # The prompt's preparation + the decoder's wait for the first token of the first choice to have one.
+        state["ttft_s"] = round(sent - start + min(a.first_token_s for a in answers), 4)
         TTFT.labels("rest").observe(state["ttft_s"])
+        usage = total_usage([a.usage for a in answers])
         state.update(_usage_fields(usage))
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                  "logprobs": None}
-        if req.return_token_ids:
-            choice["token_ids"] = token_ids
+        choices = []
+        for i, a in enumerate(answers):
+            choice = {"index": i, "message": {"role": "assistant", "content": a.text}, "finish_reason": a.finish,
+                      "logprobs": _logprobs(a.logprobs) if req.logprobs else None}
+            if req.return_token_ids:
+                choice["token_ids"] = a.token_ids
+            choices.append(choice)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [choice], "usage": _usage(usage)}
+                "choices": choices, "usage": _usage(usage)}
 
     return app
 
 
-async def _collect(responses: AsyncIterator[pb.GenerateResponse]) -> tuple[str, list[int], str, pb.Usage | None,
-                                                                          float]:
-    text, token_ids, finish, usage, first_token_s = "", [], "", None, 0.0
-    async for r in responses:
-        text += r.text
-        token_ids += r.token_ids
-        finish, usage = r.finish_reason or finish, r.usage if r.HasField("usage") else usage
-        first_token_s = r.first_token_s or first_token_s
-    return text, token_ids, finish, usage, first_token_s
+@dataclass
+class _Answer:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprobs] = field(default_factory=list)
+    finish: str = ""
+    usage: pb.Usage | None = None
+    first_token_s: float = 0.0
 
 
-async def _chain(first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]):
+async def _collect(responses: AsyncIterator[tuple[int, pb.GenerateResponse]], n: int) -> list[_Answer]:
+    answers = [_Answer() for _ in range(n)]
+    async for i, r in responses:
+        a = answers[i]
+        a.text += r.text
+        a.token_ids += r.token_ids
+        a.logprobs += r.logprobs
+        if r.finish_reason:
+            a.finish, a.usage, a.first_token_s = r.finish_reason, r.usage, r.first_token_s
+    return answers
+
+
+async def _chain(first, rest: AsyncIterator):
     yield first
     async for r in rest:
         yield r
+
+
+def _logprobs(entries: list[pb.TokenLogprobs]) -> dict:
+    """OpenAI's chat form: each token's text, log-probability, UTF-8 bytes and its top alternatives."""
+    def one(lp: pb.Logprob) -> dict:
+        return {"token": lp.token.decode(errors="replace"), "logprob": lp.logprob, "bytes": list(lp.token)}
+    return {"content": [{**one(e.chosen), "top_logprobs": [one(t) for t in e.top]} for e in entries]}
 
 
 def _usage_fields(u: pb.Usage | None) -> dict:
@@ -121,31 +144,33 @@ def _usage(u: pb.Usage | None) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _sse(first, rest, completion_id: str, created: int, model: str, include_usage: bool,
-               return_token_ids: bool, state: dict):
+async def _sse(first, rest, completion_id: str, created: int, req: ChatCompletionRequest, state: dict):
     def event(choices: list[dict], **extra) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "choices": choices, **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def chunk(delta: dict, finish: str | None = None, token_ids: list[int] | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        if return_token_ids and token_ids is not None:
-            choice["token_ids"] = token_ids
+    def chunk(index: int, delta: dict, r: pb.GenerateResponse | None = None) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": (r and r.finish_reason) or None,
+                  "logprobs": _logprobs(r.logprobs) if req.logprobs and r else None}
+        if req.return_token_ids and r is not None:
+            choice["token_ids"] = list(r.token_ids)
         return event([choice])
 
-    yield chunk({"role": "assistant", "content": ""})
-    usage = None
+    for i in range(req.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    usages = []
     try:
-        async for r in _chain(first, rest):
+        async for i, r in _chain(first, rest):
             # Tokens that complete no character yet still travel (with their ids), so nothing is dropped.
-            yield chunk({"content": r.text} if r.text else {}, r.finish_reason or None, list(r.token_ids))
+            yield chunk(i, {"content": r.text} if r.text else {}, r)
             if r.finish_reason:
-                usage = r.usage
-                state.update(_usage_fields(usage))
+                usages.append(r.usage)
     except ApiError as e:  # headers are sent: the error travels as an event, never as a silent cut
         yield f"data: {json.dumps(e.body())}\n\n"
         return
-    if include_usage:
+    usage = total_usage(usages)
+    state.update(_usage_fields(usage))
+    if req.stream_options and req.stream_options.include_usage:
         yield event([], usage=_usage(usage))
     yield "data: [DONE]\n\n"

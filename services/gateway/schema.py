@@ -2,7 +2,7 @@
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class ImageURL(BaseModel):
@@ -57,16 +57,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# Options this server does not implement yet, with the values that mean "off". A request asking for more is refused
+# Options this server does not implement, with the values that mean "off". A request asking for more is refused
 # rather than answered as if the option had been applied.
-UNSUPPORTED = {"stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0),
-               "logit_bias": (None, {}),
+UNSUPPORTED = {"logit_bias": (None, {}),
                "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-               "response_format": (None, {"type": "text"})}
+               "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+               "modalities": (None, ["text"])}
+# What OpenAI clients send that cannot change the answer: accepted and ignored. Any other unknown field is refused.
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # other fields (user, metadata, ...) do not change the answer
+    model_config = ConfigDict(extra="ignore")  # only the IGNORED fields get this far
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -86,7 +90,12 @@ class ChatCompletionRequest(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2 ** 31)]] = Field(default_factory=list, max_length=64,
                                       description="more token ids that end the answer (as vLLM)")
     ignore_eos: bool = Field(default=False, description="do not stop at the template's end of turn (as vLLM)")
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, lt=2 ** 31, description="answers to generate (at most the server's MAX_N)")
+    stop: list[str] = Field(default_factory=list, description="a string or up to 4 strings that end the answer "
+                            "(not included in it)")
+    logprobs: bool = Field(default=False, description="return each answer token's log-probability")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="with logprobs: this many most likely "
+                                     "alternatives per token")
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_num: int | None = Field(default=None, ge=1, description="most tiles per image (the model cards' max_num)")
@@ -95,10 +104,28 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def refuse_unsupported(cls, data):
-        for name, off in UNSUPPORTED.items():
-            if isinstance(data, dict) and name in data and data[name] not in off:
+        for name, value in data.items() if isinstance(data, dict) else ():
+            if value not in UNSUPPORTED[name] if name in UNSUPPORTED else \
+                    name not in cls.model_fields and name not in IGNORED:
                 raise ValueError(f"`{name}` is not supported by this server")
         return data
+
+    @model_validator(mode="after")
+    def top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs` set to true")
+        return self
+
+    @field_validator("stop", mode="plain", json_schema_input_type=str | list[str] | None)
+    @classmethod
+    def stop_list(cls, value) -> list[str]:
+        """One error that says what is accepted, rather than one per member of the union."""
+        stop = [value] if isinstance(value, str) else [] if value is None else value
+        if not (isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and
+                all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+            raise ValueError(f"must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them, each at "
+                             f"most {MAX_STOP_CHARS} characters")
+        return stop
 
     def images(self) -> list[ImageURL]:
         return [p.image_url for m in self.messages for p in m.parts() if isinstance(p, ImagePart)]

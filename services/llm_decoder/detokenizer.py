@@ -1,4 +1,4 @@
-"""Text deltas for a stream of generated tokens, adding up exactly to the decode of all of them."""
+"""Text deltas for a stream of generated tokens, adding up exactly to the decode of all of them; stop strings."""
 import re
 
 from tokenizers import Tokenizer
@@ -18,11 +18,22 @@ class TextDecoder:
         self.byte_pieces = frozenset(i for t, i in tokenizer.get_vocab(with_added_tokens=False).items()
                                      if _BYTE_PIECE.fullmatch(t))
 
+        self._bytes: dict[int, bytes] = {}
+
     def stream(self) -> "Detokenizer":
         return Detokenizer(self)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own text as UTF-8 (a byte-fallback piece: its byte; part of a character: U+FFFD), as the
+        log-probabilities show it."""
+        if token_id not in self._bytes:
+            piece = self.tokenizer.id_to_token(token_id)
+            self._bytes[token_id] = bytes([int(piece[3:5], 16)]) if token_id in self.byte_pieces else \
+                self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+        return self._bytes[token_id]
 
 
 class Detokenizer:
@@ -57,3 +68,33 @@ class Detokenizer:
 
     def _window(self) -> tuple[str, str]:
         return (self.decoder.decode(self.ids[self.prefix:self.read]), self.decoder.decode(self.ids[self.prefix:]))
+
+
+class StopStrings:
+    """Ends a stream of final text at the first stop string, the stop string excluded.
+
+    Text is held back only while it could still be the start of a stop string (its tail is a prefix of one), so a
+    stop string split over several tokens is found and never partly sent.
+    """
+
+    def __init__(self, stop: list[str]):
+        self.stop, self.held = stop, ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """The text that can be sent now, and whether a stop string ended the answer there."""
+        if not self.stop:
+            return text, False
+        # Whatever was sent cannot begin a match: a match starts in the held text or after it.
+        text, self.held = self.held + text, ""
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if found:
+            return text[:min(found)], True
+        keep = max(next((n for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), 0)
+                   for s in self.stop)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def finish(self) -> str:
+        """The held text, when the answer ends otherwise."""
+        held, self.held = self.held, ""
+        return held

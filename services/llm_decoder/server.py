@@ -18,11 +18,13 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common.cache import EmbeddingCache, decode_value
 from services.common.settings import log_event
 from services.common.tensors import from_proto
-from services.llm_decoder.detokenizer import TextDecoder
+from services.llm_decoder.detokenizer import Detokenizer, StopStrings, TextDecoder
 from services.llm_decoder.engine.llm_engine import LLMEngine
+from services.llm_decoder.engine.sampler import Logprobs
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 log = logging.getLogger("llm_decoder")
+MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's top_logprobs limit)
 REQUESTS = Counter("decoder_requests_total", "Generate calls", ["finish_reason"])
 RUNNING = Gauge("decoder_running_requests", "Generate calls in progress")
 TOKENS = Counter("decoder_generated_tokens_total", "Tokens generated")
@@ -108,9 +110,11 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         except LookupError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         self.loop = asyncio.get_running_loop()
-        stream = self.streams[seq.id] = _Stream(request.final_only)
-        queue, detok = stream.queue, self.text.stream()
+        # A final-only call wakes once, at the end, unless stop strings must be looked for as the text grows.
+        stream = self.streams[seq.id] = _Stream(request.final_only and not request.sampling.stop)
+        queue, detok, stops = stream.queue, self.text.stream(), StopStrings(list(request.sampling.stop))
         model, delivered, last = self.info.model, 0, stream.start
+        answer = pb.GenerateResponse()  # a final-only call's one message, gathered
         RUNNING.inc()
         reason = None
         try:
@@ -131,15 +135,30 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                     last, later = stream.first, tokens[1:]
                 for _ in later:  # tokens read together arrived over the time since the previous one
                     TPOT.labels(model).observe((now - last) / len(later))
-                last, delivered = now, delivered + len(tokens)
+                last = now
                 TOKENS.inc(len(tokens))
-                if stream.final_only:
-                    text = self.text.decode(tokens)
+                if stream.final_only:  # the whole answer, and no stop string to look for
+                    text, sent = self.text.decode(tokens), len(tokens)
                 else:
-                    text = "".join(detok.step(t) for t in tokens) + (detok.finish() if reason else "")
-                usage = pb.Usage(prompt_tokens=seq.num_prompt, completion_tokens=seq.num_output) if reason else None
-                yield pb.GenerateResponse(token_ids=tokens, text=text, finish_reason=reason or "", usage=usage,
-                                          first_token_s=stream.first - stream.start if stream.final_only else 0)
+                    text, sent, reason = self._text(detok, stops, tokens, reason)
+                    if reason and items[-1][1] is None:  # a stop string: free the sequence now, what follows is dropped
+                        self.engine.abort(seq.id)
+                tokens = tokens[:sent]
+                logprobs = [self._logprobs(t, seq.logprobs[delivered + i]) for i, t in enumerate(tokens)] \
+                    if seq.params.logprobs is not None else []
+                delivered += sent
+                answer.token_ids.extend(tokens)
+                answer.text += text
+                answer.logprobs.extend(logprobs)
+                if reason:
+                    answer.finish_reason = reason
+                    answer.usage.CopyFrom(pb.Usage(prompt_tokens=seq.num_prompt, completion_tokens=delivered))
+                if not request.final_only:
+                    yield answer
+                    answer = pb.GenerateResponse()
+                elif reason:
+                    answer.first_token_s = stream.first - stream.start
+                    yield answer
         finally:
             if reason is None:  # the client went away (or the call failed): free the work
                 self.engine.abort(seq.id)
@@ -149,6 +168,27 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             log_event(log, "generate", request_id=request.request_id or seq.id, finish_reason=reason or "cancelled",
                       prompt_tokens=seq.num_prompt, completion_tokens=delivered,
                       cached_prompt_tokens=seq.cached_tokens, duration_s=round(time.perf_counter() - stream.start, 4))
+
+    @staticmethod
+    def _text(detok: Detokenizer, stops: StopStrings, tokens: list[int],
+              reason: str | None) -> tuple[str, int, str | None]:
+        """The text of newly arrived tokens, how many of them to send (up to the one completing a stop string), and
+        the finish reason ("stop" when a stop string ended the answer)."""
+        text = ""
+        for sent, token in enumerate(tokens, 1):
+            piece, stopped = stops.push(detok.step(token))
+            text += piece
+            if stopped:
+                return text, sent, "stop"
+        if reason:
+            piece, stopped = stops.push(detok.finish())
+            return text + piece + ("" if stopped else stops.finish()), len(tokens), "stop" if stopped else reason
+        return text, len(tokens), None
+
+    def _logprobs(self, token: int, entry: Logprobs) -> pb.TokenLogprobs:
+        logprob, top = entry
+        spell = lambda i, lp: pb.Logprob(token_id=i, logprob=lp, token=self.text.token_bytes(i))  # noqa: E731
+        return pb.TokenLogprobs(chosen=spell(token, logprob), top=[spell(i, lp) for i, lp in top])
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.info
@@ -189,6 +229,10 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                 and s.top_k >= -1):
             raise ValueError("temperature must be >= 0, top_p and min_p in [0, 1], repetition_penalty >= 0 and "
                              "top_k >= -1")
+        if not all(request.sampling.stop):
+            raise ValueError("stop strings must not be empty")
+        if s.HasField("logprobs") and not 0 <= s.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
         if request.image_keys and len(request.image_keys) != len(request.images):
             raise ValueError(f"{len(request.image_keys)} image_keys for {len(request.images)} images")
         images = [self._image(i, t) for i, t in enumerate(tensors)]
@@ -196,7 +240,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                                 stop_token_ids=frozenset(s.stop_token_ids),
                                 seed=s.seed if s.HasField("seed") else None, top_k=s.top_k, min_p=s.min_p,
                                 repetition_penalty=s.repetition_penalty or 1.0, presence_penalty=s.presence_penalty,
-                                frequency_penalty=s.frequency_penalty)
+                                frequency_penalty=s.frequency_penalty,
+                                logprobs=s.logprobs if s.HasField("logprobs") else None)
         keys = list(request.image_keys) or [img.cache_key or hashlib.blake2b(t.data, digest_size=16).hexdigest()
                                             for img, t in zip(request.images, tensors)]
         return Sequence(id=uuid.uuid4().hex, prompt_ids=ids, params=params, image_token_id=self.image_token_id,

@@ -8,7 +8,7 @@ import torch
 
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.context import BatchContext, cpu_decode_rows
-from services.llm_decoder.engine.sampler import SamplingBatch, sample
+from services.llm_decoder.engine.sampler import SamplingBatch, sample_to_host
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 
@@ -83,8 +83,12 @@ class ModelRunner:
             params = [s.params for s in sampled]
             histories = [(s.prompt_ids, s.output_ids) for s in sampled] \
                 if any(p.uses_penalties for p in params) else None
-            chosen = iter(sample(logits, SamplingBatch.build(params, [s.num_output for s in sampled], histories,
-                                                             logits.shape[-1], self.device)).tolist())
+            tokens, logprobs = sample_to_host(logits, SamplingBatch.build(
+                params, [s.num_output for s in sampled], histories, logits.shape[-1], self.device))
+            chosen = iter(tokens)
+            for seq, lp in zip(sampled, logprobs):
+                if lp is not None:
+                    seq.logprobs.append(lp)
         for seq, n in batch:
             seq.num_cached += n
         return [next(chosen) if d else None for d in done]
@@ -156,7 +160,8 @@ class ModelRunner:
 def profile_prefill_memory(model, num_tokens: int, block_size: int, max_rows: int, device: str,
                            dtype: torch.dtype) -> int:
     """Peak GPU memory (bytes) of the largest step: the weights, a prefill of `num_tokens` tokens, and sampling
-    `max_rows` rows with every filter on. The KV cache gets what the memory budget leaves beyond it."""
+    `max_rows` rows with every filter and log-probabilities on. The KV cache gets what the memory budget leaves beyond
+    it."""
     blocks = -(-num_tokens // block_size)
     for attn in model.kv_layers():
         attn.k_cache = torch.zeros(blocks, block_size, attn.kv_heads, attn.head_dim, device=device, dtype=dtype)
@@ -169,8 +174,10 @@ def profile_prefill_memory(model, num_tokens: int, block_size: int, max_rows: in
     hidden = model(model.embed(torch.zeros(num_tokens, dtype=torch.int64, device=device)),
                    torch.arange(num_tokens, device=device), ctx)
     logits = model.logits(hidden[-1:].expand(max_rows, -1))
-    params = [SamplingParams(1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1)] * max_rows
-    sample(logits, SamplingBatch.build(params, [0] * max_rows, [([0], [0])] * max_rows, logits.shape[-1], device))
+    params = [SamplingParams(1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
+                             logprobs=20)] * max_rows
+    sample_to_host(logits, SamplingBatch.build(params, [0] * max_rows, [([0], [0])] * max_rows, logits.shape[-1],
+                                               device))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     for attn in model.kv_layers():

@@ -1,10 +1,12 @@
-"""Batched next-token choice on the logits' device: penalties, temperature, top-k, top-p, min-p, seeded draws.
+"""Batched next-token choice on the logits' device: penalties, temperature, top-k, top-p, min-p, seeded draws, and
+the log-probabilities of the rows that ask for them.
 
-The only device->host transfer is the caller's `.tolist()` of the returned ids: every decision that would need a
-value back from the device (which rows are greedy, whether to sort) is made on the host in SamplingBatch.build.
+The only device->host transfer is the one in `sample_to_host`: every decision that would need a value back from the
+device (which rows are greedy, whether to sort, which rows want log-probabilities) is made on the host in
+SamplingBatch.build.
 """
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +16,9 @@ from services.llm_decoder.engine.sequence import SamplingParams
 MIN_TEMPERATURE = 1e-5
 
 _MASK64 = (1 << 64) - 1
+
+# (the chosen token's log-probability, [(token id, log-probability), ...] of the most likely tokens, best first)
+Logprobs = tuple[float, list[tuple[int, float]]]
 
 
 def _i64(c: int) -> int:
@@ -64,15 +69,16 @@ class SamplingBatch:
     any_sampled: bool = False
     use_sort: bool = False              # some sampled row uses top-k or top-p
     use_min_p: bool = False
+    logprob_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, alternatives) of rows that ask
 
     @classmethod
     def build(cls, params: list[SamplingParams], steps: list[int],
               histories: list[tuple[list[int], list[int]]] | None, vocab_size: int,
               device) -> "SamplingBatch | None":
         """histories[i] = (prompt_ids, output_ids); None when no row uses a penalty. None when every row is plain
-        greedy: an argmax needs no per-row settings."""
+        greedy without log-probabilities: an argmax needs no per-row settings."""
         sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
-        if not sampled and histories is None:
+        if not sampled and histories is None and all(p.logprobs is None for p in params):
             return None
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         seeds = [_i64(p.seed if p.seed is not None else random.getrandbits(64)) for p in params]
@@ -86,7 +92,8 @@ class SamplingBatch:
                     sampled_rows=None if len(sampled) == len(params) else torch.tensor(sampled, device=device),
                     any_sampled=bool(sampled),
                     use_sort=any(top_k[i] < vocab_size or params[i].top_p < 1 for i in sampled),
-                    use_min_p=any(params[i].min_p > 0 for i in sampled))
+                    use_min_p=any(params[i].min_p > 0 for i in sampled),
+                    logprob_rows=[(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None])
         if histories is not None:
             def where(part: int) -> tuple[torch.Tensor, torch.Tensor]:  # (row, token id) of every token in a part
                 flat = [x for i, h in enumerate(histories) for t in h[part] for x in (i, t)]
@@ -139,3 +146,27 @@ def sample(logits: torch.Tensor, batch: SamplingBatch | None) -> torch.Tensor:
     if rows is None:
         return chosen
     return ids.index_copy(0, rows, chosen)
+
+
+def sample_to_host(logits: torch.Tensor, batch: SamplingBatch | None) -> tuple[list[int], list[Logprobs | None]]:
+    """The chosen ids, and each row's Logprobs if it asked for them (else None), read back in one transfer.
+
+    Log-probabilities are the model's raw distribution, log_softmax of the logits before penalties, temperature and
+    filters (vLLM's default): what the model thinks of a token, whatever the request did to pick it.
+    """
+    ids = sample(logits, batch)
+    if batch is None or not batch.logprob_rows:
+        return ids.tolist(), [None] * len(ids)
+    b, r, k = len(ids), len(batch.logprob_rows), max(n for _, n in batch.logprob_rows)
+    rows = torch.tensor([i for i, _ in batch.logprob_rows], device=logits.device)
+    logp = logits[rows].float().log_softmax(dim=-1)
+    top = logp.topk(k, dim=-1)  # sorted, most likely first
+    chosen = logp.gather(-1, ids[rows, None])
+    # float64 holds the ids exactly and the float32 values unchanged: one device->host copy for all of it.
+    host = torch.cat([ids.double(), chosen.double().flatten(), top.values.double().flatten(),
+                      top.indices.double().flatten()]).tolist()
+    values, indices = host[b + r:b + r + r * k], host[b + r + r * k:]
+    out: list[Logprobs | None] = [None] * b
+    for j, (i, n) in enumerate(batch.logprob_rows):
+        out[i] = (host[b + j], [(int(indices[j * k + t]), values[j * k + t]) for t in range(n)])
+    return [int(x) for x in host[:b]], out

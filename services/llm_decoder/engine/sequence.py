@@ -19,6 +19,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0     # 1: off; applies to prompt and output tokens
     presence_penalty: float = 0.0       # 0: off; applies to output tokens
     frequency_penalty: float = 0.0      # 0: off; applies to output tokens
+    logprobs: int | None = None         # None: off; else each token's log-probability with this many alternatives
 
     @property
     def uses_penalties(self) -> bool:
@@ -49,6 +50,8 @@ class Sequence:
     cached_tokens: int = 0                      # tokens it took from the prefix cache (over its admissions)
     status: Status = Status.WAITING
     finish_reason: str | None = None
+    # With params.logprobs: per output token, (its log-probability, [(id, log-probability) of the top alternatives]).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)

@@ -1,0 +1,172 @@
+"""The sampling API through the whole stack, REST and gRPC: stop strings, n choices, log-probabilities, and the
+request fields the gateway refuses or accepts."""
+import grpc
+import httpx
+import pytest
+import torch
+
+from internvl.serving.v1 import serving_pb2 as pb
+from tests.test_end_to_end import MODEL, to_grpc
+
+ASK = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+def complete(client, messages=ASK, **options):
+    extra = {"return_token_ids": True, "ignore_eos": True, **options.pop("extra", {})}
+    return client.chat.completions.create(model=MODEL, messages=messages, extra_body=extra, **options)
+
+
+def stream(client, messages=ASK, **options):
+    chunks = list(complete(client, messages, stream=True, stream_options={"include_usage": True}, **options))
+    texts, finishes = {}, {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                assert choice.index not in finishes  # one finish per choice, on its last chunk
+                finishes[choice.index] = choice.finish_reason
+    return texts, finishes, chunks[-1].usage
+
+
+@pytest.fixture(scope="module")
+def free_run(client, reference):
+    """A greedy answer that no end of turn cuts short, with the text of each prefix of its tokens."""
+    ids = complete(client, max_tokens=32, temperature=0).choices[0].token_ids
+    texts = [reference.tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+    return ids, texts
+
+
+def stop_case(free_run, start_token):
+    """A stop string over the boundary between two tokens (2 characters each side), from token `start_token` on: the
+    stop string, the answer before it, and the tokens that make it appear."""
+    ids, texts = free_run
+    full = texts[-1]
+    for k in range(start_token, len(ids)):
+        cut = len(texts[k])
+        stop = full[cut - 2:cut + 2]
+        if cut >= 2 and len(stop) == 4 and full.find(stop) == cut - 2 and \
+                all(full.startswith(t) for t in texts[k:k + 3]):
+            used = next(j for j in range(k + 1, len(ids) + 1) if stop in texts[j])
+            if full.startswith(texts[used]):
+                return stop, full[:cut - 2], used
+    pytest.fail(f"no token boundary to put a stop string over in {full!r}")
+
+
+def test_a_stop_string_split_over_tokens_ends_the_answer(client, gateway, free_run):
+    stop, answer, used = stop_case(free_run, 2)
+    ids = free_run[0]
+    r = complete(client, max_tokens=32, temperature=0, stop=[stop, "never appears \u2603"])
+    choice = r.choices[0]
+    assert (choice.message.content, choice.finish_reason) == (answer, "stop")
+    assert choice.token_ids == ids[:used] and r.usage.completion_tokens == used
+    texts, finishes, usage = stream(client, max_tokens=32, temperature=0, stop=stop)
+    assert texts == {0: answer} and finishes == {0: "stop"} and usage.completion_tokens == used
+    request = pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=32, temperature=0, ignore_eos=True,
+                             stop=[stop])
+    whole = gateway.Chat(request, timeout=60)
+    assert (whole.text, whole.finish_reason, list(whole.token_ids)) == (answer, "stop", ids[:used])
+    parts = list(gateway.ChatStream(request, timeout=60))
+    assert "".join(p.text for p in parts) == answer and parts[-1].finish_reason == "stop"
+    assert parts[-1].usage.completion_tokens == used
+
+
+def test_a_stop_string_in_the_first_token(client, free_run):
+    ids, texts = free_run
+    assert texts[1], "the first token has no text of its own"
+    r = complete(client, max_tokens=32, temperature=0, stop=texts[1][:1])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("", "stop")
+    assert r.choices[0].token_ids == ids[:1] and r.usage.completion_tokens == 1
+    assert stream(client, max_tokens=32, temperature=0, stop=texts[1][:1])[:2] == ({0: ""}, {0: "stop"})
+
+
+def test_n_seeded_choices_are_reproducible_and_differ(client, gateway):
+    options = dict(max_tokens=12, temperature=1.0, seed=42, n=3)
+    first, again = complete(client, **options), complete(client, **options)
+    answers = [c.token_ids for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.token_ids for c in again.choices] == answers and len({tuple(a) for a in answers}) == 3
+    assert first.usage.completion_tokens == sum(len(a) for a in answers)
+    assert complete(client, max_tokens=12, temperature=1.0, seed=42).choices[0].token_ids == answers[0]
+    texts, finishes, usage = stream(client, **options)
+    assert texts == {c.index: c.message.content for c in first.choices} and set(finishes) == {0, 1, 2}
+    assert usage.completion_tokens == first.usage.completion_tokens
+    request = pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=12, temperature=1.0, seed=42, n=3,
+                             ignore_eos=True)
+    whole = gateway.Chat(request, timeout=60)
+    assert [list(c.token_ids) for c in whole.choices] == answers and [c.index for c in whole.choices] == [0, 1, 2]
+    assert list(whole.token_ids) == answers[0] and whole.usage.completion_tokens == first.usage.completion_tokens
+    streamed = {}
+    for part in gateway.ChatStream(request, timeout=60):
+        streamed.setdefault(part.index, []).extend(part.token_ids)
+    assert [streamed[i] for i in range(3)] == answers
+
+
+def test_logprobs_equal_the_reference_log_softmax(client, gateway, reference):
+    """Greedy: every token's log-probability and top 5 are log_softmax of transformers' logits for the same ids."""
+    r = complete(client, max_tokens=8, temperature=0, logprobs=True, top_logprobs=5)
+    out = r.choices[0].token_ids
+    content = r.choices[0].logprobs.content
+    text = reference.tokenizer.apply_chat_template(ASK, tokenize=False, add_generation_prompt=True)
+    prompt = reference.tokenizer(text).input_ids
+    assert len(prompt) == r.usage.prompt_tokens and len(content) == len(out) == 8
+    with torch.no_grad():
+        logits = reference.model(input_ids=torch.tensor([prompt + out[:-1]])).logits[0, len(prompt) - 1:]
+    want = logits.float().log_softmax(-1)
+    for k, (token, entry) in enumerate(zip(out, content)):
+        assert entry.logprob == pytest.approx(want[k, token].item(), abs=1e-4)
+        assert entry.token == reference.tokenizer.decode([token]) and entry.bytes == list(entry.token.encode())
+        top = want[k].topk(5)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [reference.tokenizer.decode([i]) for i in top.indices]
+        assert entry.top_logprobs[0].logprob == entry.logprob  # greedy took the most likely token
+    chunks = list(complete(client, max_tokens=8, temperature=0, logprobs=True, top_logprobs=5, stream=True))
+    streamed = [e for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    assert complete(client, max_tokens=2, temperature=0).choices[0].logprobs is None
+    plain = complete(client, max_tokens=3, temperature=0, logprobs=True).choices[0].logprobs.content
+    assert len(plain) == 3 and all(e.top_logprobs == [] for e in plain)
+    whole = gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=8, temperature=0,
+                                        ignore_eos=True, logprobs=True, top_logprobs=5), timeout=60)
+    assert [e.chosen.token_id for e in whole.logprobs] == out
+    assert [e.chosen.logprob for e in whole.logprobs] == pytest.approx([e.logprob for e in content], abs=1e-6)
+    assert all(len(e.top) == 5 for e in whole.logprobs)
+
+
+BAD = [
+    ({"foo": 1}, "`foo` is not supported"),
+    ({"logit_bias": {"1": 5}}, "`logit_bias` is not supported"),
+    ({"stop": 5}, "stop: must be"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop: must be"),
+    ({"stop": ""}, "stop: must be"),
+    ({"stop": [""]}, "stop: must be"),
+    ({"top_logprobs": 2}, "`top_logprobs` needs `logprobs`"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"n": 9}, "n=9 exceeds the server's limit of 8"),
+    ({"n": 0}, "n:"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD, ids=[next(iter(f)) + "=" + str(next(iter(f.values()))) for f, _ in BAD])
+def test_refused_fields_are_400_and_the_service_keeps_serving(stack, fields, message):
+    url = stack.gateway_url + "/v1/chat/completions"
+    r = httpx.post(url, timeout=30, json={"model": MODEL, "messages": ASK, "max_tokens": 2, **fields})
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
+    assert httpx.post(url, timeout=30, json={"model": MODEL, "messages": ASK, "max_tokens": 2}).status_code == 200
+
+
+def test_harmless_metadata_is_accepted(client, stack):
+    r = httpx.post(stack.gateway_url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": ASK, "max_tokens": 2, "user": "u-1", "metadata": {"team": "a"}, "store": False,
+        "service_tier": "auto", "parallel_tool_calls": True, "stream_options": None, "tools": [],
+        "response_format": {"type": "text"}, "safety_identifier": "x", "prompt_cache_key": "k"})
+    assert r.status_code == 200, r.text
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, user="u-2", metadata={"a": "b"},
+                                       store=False, service_tier="auto")
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_grpc_refuses_bad_sampling_fields(gateway):
+    for fields in ({"stop": [""]}, {"top_logprobs": 3}, {"n": 9}):
+        with pytest.raises(grpc.RpcError) as e:
+            gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=2, **fields), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
