@@ -410,14 +410,12 @@ def test_in_chart_redis(render):
     secret = one(objects, "Secret", REDIS)
     assert secret["data"]["redis-password"]
     assert one(objects, "Service", REDIS)["spec"]["ports"][0]["port"] == 6379
-    for name in (GATEWAY, VISION):
+    for name in (GATEWAY, VISION, DECODER):  # the decoder reads embeddings the gateway names by key
         names = [e["name"] for e in one(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]["env"]]
         env = env_of(one(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0])
         assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": REDIS, "key": "redis-password"}
         assert env["REDIS_URL"]["value"] == f"redis://:$(REDIS_PASSWORD)@{REDIS}:6379/0"
         assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")  # $(VAR) expands only earlier variables
-    decoder = env_of(one(objects, "Deployment", DECODER)["spec"]["template"]["spec"]["containers"][0])
-    assert "REDIS_URL" not in decoder
 
 
 def test_redis_password_from_an_existing_secret(render):
@@ -436,7 +434,7 @@ def test_external_redis(render):
     ]:
         assert not [o for o in objects if o["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"]
         assert not find(objects, "Secret")
-        for name in (GATEWAY, VISION):
+        for name in (GATEWAY, VISION, DECODER):
             env = env_of(one(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0])
             assert {k: v for k, v in env["REDIS_URL"].items() if k != "name"} == expected
             assert "REDIS_PASSWORD" not in env
@@ -482,14 +480,14 @@ MONITORING = "ns:monitoring"
 BASE_INGRESS = {
     ("any", "gateway", "8000/TCP"), ("any", "gateway", "50050/TCP"),
     ("gateway", "vision-encoder", "50051/TCP"), ("gateway", "llm-decoder", "50052/TCP"),
-    ("gateway", "redis", "6379/TCP"), ("vision-encoder", "redis", "6379/TCP"),
+    ("gateway", "redis", "6379/TCP"), ("vision-encoder", "redis", "6379/TCP"), ("llm-decoder", "redis", "6379/TCP"),
     (MONITORING, "gateway", "8000/TCP"), (MONITORING, "vision-encoder", "9101/TCP"),
     (MONITORING, "llm-decoder", "9102/TCP"),
 }
 BASE_EGRESS = {
     ("all", "any", "53/UDP"), ("all", "any", "53/TCP"),
     ("gateway", "vision-encoder", "50051/TCP"), ("gateway", "llm-decoder", "50052/TCP"),
-    ("gateway", "redis", "6379/TCP"), ("vision-encoder", "redis", "6379/TCP"),
+    ("gateway", "redis", "6379/TCP"), ("vision-encoder", "redis", "6379/TCP"), ("llm-decoder", "redis", "6379/TCP"),
     ("gateway", "cidr:0.0.0.0/0", "443/TCP"), ("gateway", "cidr:0.0.0.0/0", "6443/TCP"),  # Kubernetes API
     ("gateway", "cidr:0.0.0.0/0", "80/TCP"),  # image URLs (and 443, with private ranges excepted)
 }
@@ -540,7 +538,7 @@ def test_network_flows_external_redis(render):
     to_redis = {f for f in BASE_EGRESS if f[1] == "redis"}
     assert ingress == {f for f in BASE_INGRESS if f[1] != "redis"}
     assert egress == (BASE_EGRESS - to_redis | HUB
-                      | {("gateway", "cidr:10.20.0.0/16", "6380/TCP"), ("vision-encoder", "cidr:10.20.0.0/16", "6380/TCP")})
+                      | {(c, "cidr:10.20.0.0/16", "6380/TCP") for c in ("gateway", "vision-encoder", "llm-decoder")})
 
 
 def test_network_flows_separate_gateway_metrics_port(render):

@@ -28,6 +28,8 @@ MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's top_logprobs limit
 REQUESTS = Counter("decoder_requests_total", "Generate calls", ["finish_reason"])
 RUNNING = Gauge("decoder_running_requests", "Generate calls in progress")
 TOKENS = Counter("decoder_generated_tokens_total", "Tokens generated")
+IMAGES = Counter("decoder_image_embeddings_total", "Images' embeddings received: inline, read from the embedding "
+                 "cache by key, or missing there (the call fails with FAILED_PRECONDITION)", ["source"])
 # vLLM's series (names, meaning and buckets), so KEDA recipes, dashboards and inference-aware routers work unchanged.
 TTFT = Histogram("vllm:time_to_first_token_seconds", "Time from the request to its first token", ["model_name"],
                  buckets=[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -204,8 +206,11 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         for i, raw in zip(refs, raws):
             value = raw and decode_value(raw, None, self.info.tokens_per_tile)
             if not value or value.embeddings.shape[0] != request.images[i].rows:
+                IMAGES.labels("missing").inc()
                 raise LookupError(f"images[{i}]: no usable embeddings under cache key {request.images[i].cache_key}")
             rows[i] = value.embeddings
+        IMAGES.labels("cache").inc(len(refs))
+        IMAGES.labels("inline").inc(len(request.images) - len(refs))
         return [rows[i] if i in rows else img.embeddings for i, img in enumerate(request.images)]
 
     def _sequence(self, request: pb.GenerateRequest, tensors: list[pb.Tensor]) -> Sequence:
