@@ -112,11 +112,13 @@ def test_the_gateway_needs_no_torch():
 
 async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
     from services.common.cache import EmbeddingCache
+    from services.gateway.balancer import Balancer
     from services.gateway.chat import ChatService, Limits, Pools
     from services.gateway.schema import ChatCompletionRequest
 
     prompt = PromptBuilder(tiny_checkpoint, read_model_config(tiny_checkpoint))
-    chat = ChatService("m", prompt, Pools(None, None, "", 256, 4096), EmbeddingCache(None, 0), None, Limits())
+    pools = Pools(Balancer("vision encoder", None), Balancer("LLM decoder", None), "", 256, 4096)  # no endpoints
+    chat = ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits())
     ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     end_of_turn = prompt.stop_token_ids
     assert list((await chat.prepare(ChatCompletionRequest(**ask))).sampling.stop_token_ids) == end_of_turn

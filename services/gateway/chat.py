@@ -10,13 +10,13 @@ import httpx
 import numpy as np
 
 from internvl.serving.v1 import serving_pb2 as pb
-from services.common.cache import EmbeddingCache, decode_value, image_cache_key
+from services.common.cache import EmbeddingCache, image_cache_key
 from services.gateway.admission import Admission, PixelBudget
 from services.gateway.auth import ApiKeys
-from services.gateway.balancer import Balancer
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels
 from services.gateway.metrics import IMAGE_CACHE
+from services.gateway.pools import Pools
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImageURL
 from services.gateway.tiling import tile_image
@@ -40,15 +40,6 @@ class Limits:
     max_decode_pixels: int = 256 * 1024 * 1024  # decoded pixels in flight over all requests (~1 GB of RGB(A))
     api_keys: tuple[str, ...] = ()  # clients must present one of these (none: the gateway is open)
     url_policy: UrlPolicy = UrlPolicy()  # where image URLs may lead (public addresses only by default)
-
-
-@dataclass(frozen=True)
-class Pools:
-    vision: Balancer                # over VisionEncoder endpoints
-    decoder: Balancer               # over LlmDecoder endpoints
-    fingerprint: str                # of the vision pool's weights; part of every cache key
-    tokens_per_tile: int
-    max_model_len: int              # the decoder's context
 
 
 @dataclass
@@ -153,7 +144,7 @@ class ChatService:
                                 self.tile_size) for h in hashes]
         resolved = []
         for key, raw in zip(keys, await self.cache.get_many(keys)):
-            value = raw and decode_value(raw, self.pools.fingerprint, self.pools.tokens_per_tile)
+            value = raw and self.pools.cached(raw)
             resolved.append(_Image(key, value.tiles, value.embeddings) if value else _Image(key, 0, None))
         misses = [(img, data) for img, data in zip(resolved, datas) if img.embeddings is None]
         IMAGE_CACHE.labels("hit").inc(len(resolved) - len(misses))
