@@ -19,7 +19,7 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import checkpoint_id, read_model_config, resolve_checkpoint
-from services.common.grpc_utils import add_health, create_server, set_serving
+from services.common.grpc_utils import add_health, channel_credentials, create_server, set_serving
 from services.gateway.auth import read_api_keys
 from services.gateway.balancer import (Balancer, kube_api_client, parse_addresses, pod_namespace, watch_addresses,
                                        watch_endpoint_slices)
@@ -54,6 +54,13 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--dns-refresh", "DNS_REFRESH_S", 5.0, "seconds between re-resolutions of dns:/// names", float)
     settings.add(p, "--eject", "EJECT_S", 10.0,
                  "seconds an unreachable endpoint gets no calls (doubled each time in a row)", float)
+    settings.add(p, "--pool-tls-ca", "POOL_TLS_CA", None,
+                 "PEM CA bundle the pools' certificates are checked against (set: calls to the pools use TLS)")
+    settings.add(p, "--pool-tls-cert", "POOL_TLS_CERT", None,
+                 "PEM client certificate presented to the pools (mTLS; with --pool-tls-key)")
+    settings.add(p, "--pool-tls-key", "POOL_TLS_KEY", None, "PEM private key of --pool-tls-cert")
+    settings.add(p, "--pool-tls-server-name", "POOL_TLS_SERVER_NAME", None,
+                 "name the pools' certificates are checked for (pods are called by IP; default: the address)")
     settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
     settings.add(p, "--cache-namespace", "CACHE_NAMESPACE", "ivl:emb", "prefix of the cache keys in Redis")
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
@@ -86,7 +93,8 @@ def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argp
          checkpoint: str) -> Balancer:
     """A pool's balancer: its endpoints get calls once they report the gateway's checkpoint."""
     balancer = Balancer(name, stub_class, eject_s=args.eject, wait_s=0.0 if args.wait_for_pools else args.pool_wait,
-                        check=same_checkpoint(checkpoint))
+                        check=same_checkpoint(checkpoint), server_name=args.pool_tls_server_name,
+                        credentials=channel_credentials(args.pool_tls_ca, args.pool_tls_cert, args.pool_tls_key))
     if service:
         namespace = pod_namespace()
         log.info("%s pool: endpoints of Service %s/%s", name, namespace, service)

@@ -61,8 +61,10 @@ class Balancer:
     """One pool's endpoints; least outstanding calls first, round-robin among equals."""
 
     def __init__(self, name: str, stub_class, eject_s: float = 10.0, max_eject_s: float = 300.0,
-                 wait_s: float = 0.0, check: Check | None = None, info_timeout_s: float = 5.0):
+                 wait_s: float = 0.0, check: Check | None = None, info_timeout_s: float = 5.0,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None):
         self.name, self.stub_class, self.eject_s, self.max_eject_s = name, stub_class, eject_s, max_eject_s
+        self.credentials, self.server_name = credentials, server_name  # TLS to the endpoints (None: plaintext)
         self.wait_s = wait_s  # how long a call waits for a first endpoint (a pool scaled to zero) before failing
         self.check, self.info_timeout_s = check, info_timeout_s
         self._has_endpoints = asyncio.Event()
@@ -105,7 +107,7 @@ class Balancer:
         addrs, known = set(addrs), self.endpoints.keys() | self.held.keys()
         added, removed = addrs - known, known - addrs
         for addr in added:
-            channel = create_channel(addr, CHANNEL_OPTIONS)
+            channel = create_channel(addr, CHANNEL_OPTIONS, self.credentials, self.server_name)
             ep = Endpoint(addr, channel, self.stub_class(channel))
             if self.check is None:
                 self.endpoints[addr] = ep
