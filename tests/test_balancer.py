@@ -81,10 +81,10 @@ def static_balancer(addrs: list[str], **kwargs) -> Balancer:
 
 class FakeDecoder(pb_grpc.LlmDecoderServicer):
     """An in-process decoder: counts calls; `fail` aborts Generate with UNAVAILABLE before ("before") or after
-    ("after") the first response."""
+    ("after") the first response; `Info` answers `info`."""
 
-    def __init__(self, fail: str | None = None):
-        self.calls, self.fail = 0, fail
+    def __init__(self, fail: str | None = None, info: pb.ModelInfo = pb.ModelInfo(model="fake")):
+        self.calls, self.fail, self.info = 0, fail, info
 
     async def Generate(self, request, context):
         self.calls += 1
@@ -96,7 +96,7 @@ class FakeDecoder(pb_grpc.LlmDecoderServicer):
         yield pb.GenerateResponse(token_ids=[8], text="b", finish_reason="length")
 
     async def Info(self, request, context):
-        return pb.ModelInfo(model="fake")
+        return self.info
 
 
 async def serve_fake(decoder: FakeDecoder, *addrs: str) -> grpc.aio.Server:

@@ -175,7 +175,7 @@ def test_chart_metadata():
     assert meta["kubeVersion"] == ">=1.29.0-0"
     assert meta["appVersion"]
     assert {f.stem for f in EXAMPLES} == {"internvl2_5-8b", "internvl-chat-v1_5", "external-redis", "keda",
-                                          "ingress", "scale-to-zero"}
+                                          "ingress", "scale-to-zero", "internal-mtls"}
 
 
 @pytest.mark.parametrize("files", CASES)
@@ -269,7 +269,9 @@ def test_gpu_pools(render, files):
             key = "visionEncoder" if component(dep) == "vision-encoder" else "llmDecoder"
             gpus = values.get(key, {}).get("gpus", 1)
             assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == gpus
-            port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+            # With mTLS the kubelet's probes (no client certificate) use the plaintext health-only port.
+            probed = "health" if values.get("internalTLS", {}).get("enabled") else "grpc"
+            port = next(p["containerPort"] for p in c["ports"] if p["name"] == probed)
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert c[probe]["grpc"] == {"port": port}, probe
             budget = values.get(key, {}).get("probes", {}).get("startupBudgetSeconds", 1800)
@@ -284,6 +286,40 @@ def test_gpu_pools(render, files):
         if component(dep) == "gateway":
             for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
                 assert c[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+
+
+def test_internal_mtls(render, helm, tmp_path):
+    """internalTLS: the Secret mounted read-only in the gateway and both pools, the pools' TLS and client-CA settings,
+    the gateway's CA, client certificate and server name, probes on the health port; off by default."""
+    tls_dir = "/etc/internvl-serving/tls"
+    volume = {"name": "internal-tls", "secret": {"secretName": "internvl-internal-tls", "defaultMode": 0o440}}
+    mount = {"name": "internal-tls", "mountPath": tls_dir, "readOnly": True}
+    objects = render(CHART / "examples" / "internal-mtls.yaml", internalTLS={"healthPort": 50070})
+    for name in (VISION, DECODER):
+        pod = one(objects, "Deployment", name)["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        env = env_of(c)
+        assert {k: env[k]["value"] for k in env if k.startswith("GRPC_")} == {
+            "GRPC_TLS_CERT": f"{tls_dir}/tls.crt", "GRPC_TLS_KEY": f"{tls_dir}/tls.key",
+            "GRPC_TLS_CLIENT_CA": f"{tls_dir}/ca.crt", "GRPC_HEALTH_PORT": "50070"}
+        assert {"name": "health", "containerPort": 50070, "protocol": "TCP"} in c["ports"]
+        assert all(c[probe]["grpc"] == {"port": 50070} for probe in ("startupProbe", "readinessProbe", "livenessProbe"))
+        assert volume in pod["volumes"] and mount in c["volumeMounts"]
+        grpc_port = next(p for p in one(objects, "Service", name)["spec"]["ports"] if p["name"] == "grpc")
+        assert "appProtocol" not in grpc_port  # not h2c (cleartext) any more
+    pod = one(objects, "Deployment", GATEWAY)["spec"]["template"]["spec"]
+    env = env_of(pod["containers"][0])
+    assert {k: env[k]["value"] for k in env if k.startswith("POOL_TLS_")} == {
+        "POOL_TLS_CA": f"{tls_dir}/ca.crt", "POOL_TLS_CERT": f"{tls_dir}/tls.crt", "POOL_TLS_KEY": f"{tls_dir}/tls.key",
+        "POOL_TLS_SERVER_NAME": "internvl-pools"}
+    assert volume in pod["volumes"] and mount in pod["containers"][0]["volumeMounts"]
+
+    for dep in find(render(), "Deployment"):  # off by default
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        assert not [k for k in env_of(c) if "TLS" in k or k == "GRPC_HEALTH_PORT"], dep["metadata"]["name"]
+        assert not any(v["name"] == "internal-tls" for v in dep["spec"]["template"]["spec"]["volumes"])
+    with pytest.raises(RenderError, match="(?i)secretName|schema|length"):  # on without a Secret
+        helm.template([values_file(tmp_path, {"internalTLS": {"enabled": True}})])
 
 
 def test_gpu_resource_name_and_count_are_values(render):

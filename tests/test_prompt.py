@@ -112,11 +112,13 @@ def test_the_gateway_needs_no_torch():
 
 async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
     from services.common.cache import EmbeddingCache
+    from services.gateway.balancer import Balancer
     from services.gateway.chat import ChatService, Limits, Pools
     from services.gateway.schema import ChatCompletionRequest
 
     prompt = PromptBuilder(tiny_checkpoint, read_model_config(tiny_checkpoint))
-    chat = ChatService("m", prompt, Pools(None, None, "", 256, 4096), EmbeddingCache(None, 0), None, Limits())
+    pools = Pools(Balancer("vision encoder", None), Balancer("LLM decoder", None), "", 256, 4096)  # no endpoints
+    chat = ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits())
     ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     end_of_turn = prompt.stop_token_ids
     [plain] = await chat.prepare(ChatCompletionRequest(**ask))
@@ -131,11 +133,13 @@ async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
 async def test_n_stop_and_logprobs_reach_the_decoder(tiny_checkpoint):
     """n choices are n decoder requests for the same prompt; seeded ones get distinct seeds, the same every time."""
     from services.common.cache import EmbeddingCache
+    from services.gateway.balancer import Balancer
     from services.gateway.chat import ChatService, Limits, Pools
     from services.gateway.schema import ChatCompletionRequest
 
     prompt = PromptBuilder(tiny_checkpoint, read_model_config(tiny_checkpoint))
-    chat = ChatService("m", prompt, Pools(None, None, "", 256, 4096), EmbeddingCache(None, 0), None, Limits(max_n=3))
+    pools = Pools(Balancer("vision encoder", None), Balancer("LLM decoder", None), "", 256, 4096)  # no endpoints
+    chat = ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits(max_n=3))
     ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "END", "logprobs": True,
            "top_logprobs": 2}
     seeded = await chat.prepare(ChatCompletionRequest(**ask, n=3, seed=11))

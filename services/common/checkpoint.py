@@ -251,13 +251,15 @@ def checkpoint_id(path: Path) -> str:
     revision when the checkpoint came from the hub. (The weights themselves: `weights.weights_fingerprint`.)
     """
     h = hashlib.sha256((path / "config.json").read_bytes())
-    if path.parent.name == "snapshots":  # huggingface_hub's cache: the folder is named after the commit
+    hub = path.parent.name == "snapshots"  # huggingface_hub's cache: the folder is named after the commit
+    if hub:
         h.update(path.name.encode())
     for index_name, single_name in WEIGHT_FILES:
         if (path / index_name).exists():
             h.update((path / index_name).read_bytes())
             break
-        if (path / single_name).exists():
+        # From the hub the revision names the file already, and the gateway (metadata only) has no weight file.
+        if not hub and (path / single_name).exists():
             h.update(f"{single_name}:{os.path.getsize(path / single_name)}".encode())
             break
     return h.hexdigest()[:16]

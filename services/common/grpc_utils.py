@@ -1,13 +1,17 @@
-"""gRPC server and channel set-up shared by the services."""
+"""gRPC server and channel set-up shared by the services, with optional mTLS between the gateway and the pools."""
+import argparse
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
 from prometheus_client import start_http_server
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.common import settings
 
 # Embeddings of the largest request (8B, 13 tiles, bf16) are ~27 MB; leave room for many images.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -21,8 +25,56 @@ def create_server() -> grpc.aio.Server:
     return grpc.aio.server(options=OPTIONS)
 
 
-def create_channel(target: str, options: Sequence[tuple[str, int]] = ()) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=[*OPTIONS, *options])
+def create_channel(target: str, options: Sequence[tuple[str, int]] = (),
+                   credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None
+                   ) -> grpc.aio.Channel:
+    """A channel to `target`; over TLS with `credentials`, checking the server's certificate for `server_name` when
+    given (pods are called by IP: their certificates may name the Service instead)."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=[*OPTIONS, *options])
+    name = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.aio.secure_channel(target, credentials, options=[*OPTIONS, *options, *name])
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def add_server_tls_args(parser: argparse.ArgumentParser) -> None:
+    """A pool's TLS settings (off unless a certificate is given)."""
+    settings.add(parser, "--tls-cert", "GRPC_TLS_CERT", None, "PEM certificate of the gRPC port (with --tls-key: TLS)")
+    settings.add(parser, "--tls-key", "GRPC_TLS_KEY", None, "PEM private key of --tls-cert")
+    settings.add(parser, "--tls-client-ca", "GRPC_TLS_CLIENT_CA", None,
+                 "PEM CA bundle: callers must present a certificate it signed (mTLS)")
+    settings.add(parser, "--health-port", "GRPC_HEALTH_PORT", 0,
+                 "a plaintext port with only the gRPC health service, for probes that cannot speak TLS such as "
+                 "the kubelet's (0 = none)", int)
+
+
+def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """TLS for a pool's gRPC port from `add_server_tls_args`' settings; None when they are unset."""
+    if not args.tls_cert and not args.tls_key:
+        if args.tls_client_ca:
+            raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    return grpc.ssl_server_credentials([(_read(args.tls_key), _read(args.tls_cert))],
+                                       root_certificates=_read(args.tls_client_ca),
+                                       require_client_auth=bool(args.tls_client_ca))
+
+
+def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None
+                        ) -> grpc.ChannelCredentials | None:
+    """TLS for calls to the pools: servers checked against `ca`, this client's certificate for mTLS."""
+    if not ca:
+        if cert or key:
+            raise SystemExit("a client certificate for the pools needs their CA too (POOL_TLS_CA)")
+        return None
+    if bool(cert) != bool(key):
+        raise SystemExit("the pools' client certificate and key go together (POOL_TLS_CERT, POOL_TLS_KEY)")
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
+                                        certificate_chain=_read(cert))
 
 
 def add_health(server: grpc.aio.Server, service_name: str) -> health.aio.HealthServicer:
@@ -39,19 +91,40 @@ async def set_serving(servicer: health.aio.HealthServicer, *service_names: str) 
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def serve(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, port: int,
-                metrics_port: int) -> None:
-    """Serve one service (plus health, and Prometheus metrics unless the port is 0) until SIGINT/SIGTERM, then
-    shut down gracefully (see `serve_until_signal`)."""
+async def start_server(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, port: int,
+                       credentials: grpc.ServerCredentials | None = None, health_port: int = 0
+                       ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, grpc.aio.Server | None]:
+    """A started server of one service plus health (TLS with `credentials`), and, with `health_port`, a plaintext
+    server of the same health service alone (the service itself stays behind TLS)."""
     server = create_server()
     add_servicer(server)
-    health = add_health(server, service_name)
-    server.add_insecure_port(f"[::]:{port}")
+    servicer = add_health(server, service_name)
+    address = f"[::]:{port}"
+    if credentials:
+        server.add_secure_port(address, credentials)
+    else:
+        server.add_insecure_port(address)
     await server.start()
+    health_server = None
+    if health_port:
+        health_server = create_server()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, health_server)
+        health_server.add_insecure_port(f"[::]:{health_port}")
+        await health_server.start()
+    return server, servicer, health_server
+
+
+async def serve(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, port: int,
+                metrics_port: int, credentials: grpc.ServerCredentials | None = None, health_port: int = 0) -> None:
+    """Serve one service (see `start_server`; Prometheus metrics unless the port is 0) until SIGINT/SIGTERM, then
+    shut down gracefully (see `serve_until_signal`)."""
+    server, servicer, health_server = await start_server(add_servicer, service_name, port, credentials, health_port)
     if metrics_port:
         start_http_server(metrics_port)
-    await set_serving(health, service_name)
-    await serve_until_signal(server, health)
+    await set_serving(servicer, service_name)
+    await serve_until_signal(server, servicer)
+    if health_server:
+        await health_server.stop(None)
 
 
 async def serve_until_signal(server: grpc.aio.Server, health: health.aio.HealthServicer | None = None) -> None:

@@ -15,19 +15,19 @@ import httpx
 import uvicorn
 from prometheus_client import start_http_server
 
-from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings
 from services.common.cache import EmbeddingCache
-from services.common.checkpoint import read_model_config, resolve_checkpoint
-from services.common.grpc_utils import add_health, create_server, set_serving
+from services.common.checkpoint import checkpoint_id, read_model_config, resolve_checkpoint
+from services.common.grpc_utils import add_health, channel_credentials, create_server, set_serving
 from services.gateway.auth import read_api_keys
 from services.gateway.balancer import (Balancer, kube_api_client, parse_addresses, pod_namespace, watch_addresses,
                                        watch_endpoint_slices)
-from services.gateway.chat import ChatService, Limits, Pools
+from services.gateway.chat import ChatService, Limits
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app
 from services.gateway.media import UrlPolicy
+from services.gateway.pools import Pools, same_checkpoint
 from services.gateway.prompt import PromptBuilder
 from services.gateway.video import DEFAULT_NUM_SEGMENTS
 
@@ -55,6 +55,13 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--dns-refresh", "DNS_REFRESH_S", 5.0, "seconds between re-resolutions of dns:/// names", float)
     settings.add(p, "--eject", "EJECT_S", 10.0,
                  "seconds an unreachable endpoint gets no calls (doubled each time in a row)", float)
+    settings.add(p, "--pool-tls-ca", "POOL_TLS_CA", None,
+                 "PEM CA bundle the pools' certificates are checked against (set: calls to the pools use TLS)")
+    settings.add(p, "--pool-tls-cert", "POOL_TLS_CERT", None,
+                 "PEM client certificate presented to the pools (mTLS; with --pool-tls-key)")
+    settings.add(p, "--pool-tls-key", "POOL_TLS_KEY", None, "PEM private key of --pool-tls-cert")
+    settings.add(p, "--pool-tls-server-name", "POOL_TLS_SERVER_NAME", None,
+                 "name the pools' certificates are checked for (pods are called by IP; default: the address)")
     settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
     settings.add(p, "--cache-namespace", "CACHE_NAMESPACE", "ivl:emb", "prefix of the cache keys in Redis")
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
@@ -90,21 +97,12 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-async def pool_info(pool: Balancer, wait_s: float) -> dict[str, pb.ModelInfo]:
-    """Ask every endpoint of a pool what it serves, waiting for endpoints and while they load."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    while True:
-        try:
-            return await pool.each("Info", pb.InfoRequest(), timeout=5, wait_for_ready=True)
-        except Exception as e:
-            if loop.time() > deadline:
-                raise SystemExit(f"{pool.name} not reachable after {wait_s:.0f}s: {e}")
-            await asyncio.sleep(0.5)
-
-
-def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argparse.Namespace) -> Balancer:
-    balancer = Balancer(name, stub_class, eject_s=args.eject, wait_s=0.0 if args.wait_for_pools else args.pool_wait)
+def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argparse.Namespace,
+         checkpoint: str) -> Balancer:
+    """A pool's balancer: its endpoints get calls once they report the gateway's checkpoint."""
+    balancer = Balancer(name, stub_class, eject_s=args.eject, wait_s=0.0 if args.wait_for_pools else args.pool_wait,
+                        check=same_checkpoint(checkpoint), server_name=args.pool_tls_server_name,
+                        credentials=channel_credentials(args.pool_tls_ca, args.pool_tls_cert, args.pool_tls_key))
     if service:
         namespace = pod_namespace()
         log.info("%s pool: endpoints of Service %s/%s", name, namespace, service)
@@ -117,21 +115,21 @@ def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argp
 
 
 async def check_pools(vision: Balancer, decoder: Balancer, cfg, args, wait_s: float | None = None) -> Pools:
-    """What the pools serve, once every known endpoint answers: all the same checkpoint, and the gateway's."""
+    """The pools, once every endpoint they have reported its facts (the first requests spread over all of them), or
+    after `wait_s` once each pool has an endpoint in rotation (one that serves the gateway's checkpoint)."""
     wait_s = args.pool_wait if wait_s is None else wait_s
-    vision_infos, decoder_infos = await asyncio.gather(pool_info(vision, wait_s), pool_info(decoder, wait_s))
-    vision_info, decoder_info = next(iter(vision_infos.values())), next(iter(decoder_infos.values()))
-    infos = {**{f"vision {a}": i for a, i in vision_infos.items()},
-             **{f"decoder {a}": i for a, i in decoder_infos.items()}}
-    if len({info.checkpoint for info in infos.values()}) > 1:
-        raise SystemExit("the pools serve different checkpoints: " + ", ".join(
-            f"{who} {info.model} ({info.checkpoint})" for who, info in infos.items()))
-    if vision_info.tokens_per_tile != cfg.tokens_per_tile:
-        raise SystemExit(f"{args.model} has {cfg.tokens_per_tile} tokens per tile, the vision pool "
-                         f"{vision_info.tokens_per_tile}: the gateway's MODEL is not the pools' checkpoint")
-    log.info("pools up: %d vision, %d decoder endpoints", len(vision_infos), len(decoder_infos))
-    return Pools(vision, decoder, vision_info.fingerprint, vision_info.tokens_per_tile, decoder_info.max_model_len,
-                 decoder_reads_cache=all(info.reads_cache for info in decoder_infos.values()))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while any(pool.unchecked() or not pool.endpoints for pool in (vision, decoder)) and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    if not (vision.endpoints and decoder.endpoints):
+        refused = "; ".join(f"{addr}: {why}" for pool in (vision, decoder) for addr, why in pool.refused().items())
+        raise SystemExit(f"the pools have no endpoint serving {args.model} after {wait_s:.0f}s"
+                         + (f" ({refused})" if refused else ""))
+    pools = Pools(vision, decoder, tokens_per_tile=cfg.tokens_per_tile)
+    log.info("pools up: %d vision, %d decoder endpoints; vision weights %s", len(vision.endpoints),
+             len(decoder.endpoints), pools.fingerprint)
+    return pools
 
 
 def stop_on_failure(task: asyncio.Future) -> None:
@@ -148,12 +146,15 @@ async def main() -> None:
         raise SystemExit("--model (or MODEL) is required")
     path = resolve_checkpoint(args.model, parts=())  # config and tokenizer only
     cfg = read_model_config(path)
+    checkpoint = checkpoint_id(path)
     try:
         kube = await kube_api_client() if args.vision_service or args.decoder_service else None
     except Exception as e:
         raise SystemExit(f"--vision-service/--decoder-service need the Kubernetes API (in-cluster or KUBECONFIG): {e}")
-    vision = pool("vision encoder", pb_grpc.VisionEncoderStub, args.vision_addr, args.vision_service, kube, args)
-    decoder = pool("LLM decoder", pb_grpc.LlmDecoderStub, args.decoder_addr, args.decoder_service, kube, args)
+    vision = pool("vision encoder", pb_grpc.VisionEncoderStub, args.vision_addr, args.vision_service, kube, args,
+                  checkpoint)
+    decoder = pool("LLM decoder", pb_grpc.LlmDecoderStub, args.decoder_addr, args.decoder_service, kube, args,
+                   checkpoint)
     if args.wait_for_pools:
         pools = await check_pools(vision, decoder, cfg, args)
     else:  # serve at once (pools that scale to zero come up on demand); requests wait for them

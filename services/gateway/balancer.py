@@ -4,24 +4,32 @@ A Kubernetes Service balances connections, not calls: the gateway's one long-liv
 ClusterIP would pin every call to one pod. A `Balancer` keeps a channel per ready endpoint and sends each call to the
 endpoint with the fewest calls outstanding. Its endpoints come from a source task: the Service's EndpointSlices
 (`watch_endpoint_slices`), or addresses and DNS names re-resolved periodically (`watch_addresses`).
+
+With a `check`, an endpoint gets calls only once its facts (`Info`: checkpoint, weights fingerprint, ...) pass it.
+They are read again after each reconnection (a rolling update may put another process, other weights, behind an
+address) and when the caller saw a sign of change (`recheck`).
 """
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 
+from internvl.serving.v1 import serving_pb2 as pb
 from services.common.grpc_utils import create_channel
+from services.gateway.metrics import POOL_ENDPOINTS, POOL_MISMATCHES
 
 log = logging.getLogger(__name__)
 
 Update = Callable[[Iterable[str]], None]  # a source hands the balancer the full set of ready addresses
 Resolve = Callable[[str, int], Awaitable[list[str]]]
+Check = Callable[[pb.ModelInfo], str | None]  # why an endpoint serving this gets no calls; None: it may get them
 
 # An endpoint back from an ejection must be reachable when the ejection ends, not after gRPC's reconnect backoff
 # (up to 120 s by default): its channel retries the connection at least every second.
@@ -42,18 +50,28 @@ class Endpoint:
     draining: bool = False      # left the pool: no new calls; the channel closes after the last one
     ejected_until: float = 0.0  # time.monotonic() before which it gets no calls (it was unreachable)
     ejections: int = 0          # in a row, without a call that reached it since; each doubles the period
+    info: pb.ModelInfo | None = None  # its facts as last read (pools with a `check`)
+    refused: str | None = None  # why `check` keeps it out of rotation
+    read_at: int = 0            # order of the last reading of its facts (the newest wins ties)
+    watcher: asyncio.Task | None = None
+    recheck: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Balancer:
     """One pool's endpoints; least outstanding calls first, round-robin among equals."""
 
     def __init__(self, name: str, stub_class, eject_s: float = 10.0, max_eject_s: float = 300.0,
-                 wait_s: float = 0.0):
+                 wait_s: float = 0.0, check: Check | None = None, info_timeout_s: float = 5.0,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None):
         self.name, self.stub_class, self.eject_s, self.max_eject_s = name, stub_class, eject_s, max_eject_s
+        self.credentials, self.server_name = credentials, server_name  # TLS to the endpoints (None: plaintext)
         self.wait_s = wait_s  # how long a call waits for a first endpoint (a pool scaled to zero) before failing
+        self.check, self.info_timeout_s = check, info_timeout_s
         self._has_endpoints = asyncio.Event()
         self.endpoints: dict[str, Endpoint] = {}  # ready: new calls go to these
+        self.held: dict[str, Endpoint] = {}       # in the pool, out of rotation: facts not read yet, or refused
         self.draining: set[Endpoint] = set()      # removed, with calls still in flight
+        self._reads = itertools.count(1)
         self._turn = 0
         self._source: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
@@ -73,31 +91,124 @@ class Balancer:
             self._source.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._source
-        for ep in [*self.endpoints.values(), *self.draining]:
+        eps = [*self.endpoints.values(), *self.held.values(), *self.draining]
+        for ep in eps:
+            await self._stop_watching(ep)
+        for ep in eps:
             await ep.channel.close()
         self.endpoints.clear()
+        self.held.clear()
         self.draining.clear()
+        self._count()
         await asyncio.gather(*self._closing)
 
     def set_endpoints(self, addrs: Iterable[str]) -> None:
         """The pool is now exactly these addresses: new ones get a channel, the others drain."""
-        addrs = set(addrs)
-        added, removed = addrs - self.endpoints.keys(), self.endpoints.keys() - addrs
+        addrs, known = set(addrs), self.endpoints.keys() | self.held.keys()
+        added, removed = addrs - known, known - addrs
         for addr in added:
-            channel = create_channel(addr, CHANNEL_OPTIONS)
-            self.endpoints[addr] = Endpoint(addr, channel, self.stub_class(channel))
+            channel = create_channel(addr, CHANNEL_OPTIONS, self.credentials, self.server_name)
+            ep = Endpoint(addr, channel, self.stub_class(channel))
+            if self.check is None:
+                self.endpoints[addr] = ep
+            else:  # in rotation once its facts pass
+                self.held[addr] = ep
+                ep.watcher = asyncio.get_running_loop().create_task(self._watch(ep))
         for addr in removed:
-            ep = self.endpoints.pop(addr)
+            ep = self.endpoints.pop(addr, None) or self.held.pop(addr)
+            if ep.watcher:
+                ep.watcher.cancel()
             ep.draining = True
             self.draining.add(ep)
             self._close_if_idle(ep)
+        self._rotation_changed()
+        if added or removed:
+            log.info("%s pool: %s (added %s, removed %s)", self.name, sorted(self.endpoints) or "no endpoints",
+                     sorted(added), sorted(removed))
+
+    def infos(self) -> list[pb.ModelInfo]:
+        """The facts of the endpoints in rotation, the most recently read last (pools with a `check`)."""
+        return [ep.info for ep in sorted(self.endpoints.values(), key=lambda ep: ep.read_at) if ep.info]
+
+    def unchecked(self) -> list[str]:
+        """Endpoints out of rotation until their facts are read (new, or reconnecting)."""
+        return [addr for addr, ep in self.held.items() if not ep.refused]
+
+    def refused(self) -> dict[str, str]:
+        """Why each endpoint that `check` refused is out of rotation."""
+        return {addr: ep.refused for addr, ep in self.held.items() if ep.refused}
+
+    def recheck(self) -> None:
+        """Read every endpoint's facts again (the caller saw something only other weights would explain)."""
+        for ep in [*self.endpoints.values(), *self.held.values()]:
+            ep.recheck.set()
+
+    async def _watch(self, ep: Endpoint) -> None:
+        """Read the endpoint's facts on connection, then again after each reconnection or `recheck`. Out of
+        rotation while they are unknown (not read yet, or its connection dropped: who answers now is not known)."""
+        ready = grpc.ChannelConnectivity.READY
+        while True:
+            ep.recheck.clear()
+            try:  # wait_for_ready: connects (again), and waits for the address to answer
+                info = await ep.stub.Info(pb.InfoRequest(), timeout=self.info_timeout_s, wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                self._hold(ep)
+                log.debug("%s pool: %s facts not read: %s", self.name, ep.addr, e.code())
+                await asyncio.sleep(min(1.0, self.info_timeout_s))
+                continue
+            self._judge(ep, info)
+            state = ep.channel.get_state()
+            while state == ready and not ep.recheck.is_set():
+                changed = asyncio.ensure_future(ep.channel.wait_for_state_change(state))
+                asked = asyncio.ensure_future(ep.recheck.wait())
+                try:
+                    await asyncio.wait([changed, asked], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                    asked.cancel()
+                state = ep.channel.get_state()
+            if state != ready:
+                self._hold(ep)
+
+    def _judge(self, ep: Endpoint, info: pb.ModelInfo) -> None:
+        """Put an endpoint whose facts were just read in rotation, or keep it out saying why."""
+        reason = self.check(info)
+        was, ep.info, ep.read_at = ep.refused, info, next(self._reads)
+        ep.refused = reason
+        if reason:
+            if reason != was:
+                POOL_MISMATCHES.labels(self.name).inc()
+                log.warning("%s pool: %s kept out of rotation: %s", self.name, ep.addr, reason)
+            self._hold(ep)
+        elif ep.addr in self.held:
+            if was:
+                log.warning("%s pool: %s back in rotation (%s)", self.name, ep.addr, info.checkpoint)
+            self.endpoints[ep.addr] = self.held.pop(ep.addr)
+            self._rotation_changed()
+
+    def _hold(self, ep: Endpoint) -> None:
+        if ep.addr in self.endpoints:
+            self.held[ep.addr] = self.endpoints.pop(ep.addr)
+        self._rotation_changed()
+
+    def _rotation_changed(self) -> None:
         if self.endpoints:
             self._has_endpoints.set()
         else:
             self._has_endpoints.clear()
-        if added or removed:
-            log.info("%s pool: %s (added %s, removed %s)", self.name, sorted(self.endpoints) or "no endpoints",
-                     sorted(added), sorted(removed))
+        self._count()
+
+    def _count(self) -> None:
+        refused = sum(1 for ep in self.held.values() if ep.refused)
+        for state, n in (("serving", len(self.endpoints)), ("refused", refused),
+                         ("unchecked", len(self.held) - refused)):
+            POOL_ENDPOINTS.labels(self.name, state).set(n)
+
+    async def _stop_watching(self, ep: Endpoint) -> None:
+        if ep.watcher:
+            ep.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ep.watcher
 
     def load(self) -> dict[str, int]:
         """Outstanding calls per ready endpoint."""
@@ -148,14 +259,6 @@ class Balancer:
             finally:
                 call.cancel()  # a caller that went away: the server stops the work
                 self._release(ep, code or (grpc.StatusCode.OK if started else None))
-
-    async def each(self, method: str, request, **kwargs) -> dict[str, object]:
-        """`method` on every ready endpoint (the start-up check that all of them serve the same model)."""
-        eps = list(self.endpoints.values())
-        if not eps:
-            raise unavailable(f"no ready endpoint in the {self.name} pool")
-        results = await asyncio.gather(*(getattr(ep.stub, method)(request, **kwargs) for ep in eps))
-        return {ep.addr: r for ep, r in zip(eps, results)}
 
     async def _endpoints_up(self) -> None:
         if not self.endpoints and self.wait_s > 0:

@@ -12,13 +12,13 @@ import httpx
 import numpy as np
 
 from internvl.serving.v1 import serving_pb2 as pb
-from services.common.cache import EmbeddingCache, decode_value, image_cache_key
+from services.common.cache import EmbeddingCache, image_cache_key
 from services.gateway.admission import Admission, PixelBudget
 from services.gateway.auth import ApiKeys
-from services.gateway.balancer import Balancer
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels, image_size
 from services.gateway.metrics import IMAGE_CACHE
+from services.gateway.pools import Pools
 from services.gateway.prompt import Media, PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImagePart, VideoPart, VideoURL
 from services.gateway.tiling import tile_count, tile_image
@@ -50,16 +50,6 @@ class Limits:
     max_decode_pixels: int = 256 * 1024 * 1024  # decoded pixels in flight over all requests (~1 GB of RGB(A))
     api_keys: tuple[str, ...] = ()  # clients must present one of these (none: the gateway is open)
     url_policy: UrlPolicy = UrlPolicy()  # where image URLs may lead (public addresses only by default)
-
-
-@dataclass(frozen=True)
-class Pools:
-    vision: Balancer                # over VisionEncoder endpoints
-    decoder: Balancer               # over LlmDecoder endpoints
-    fingerprint: str                # of the vision pool's weights; part of every cache key
-    tokens_per_tile: int
-    max_model_len: int              # the decoder's context
-    decoder_reads_cache: bool = False  # images may go to the decoder by cache key (it reads Redis itself)
 
 
 @dataclass
@@ -111,7 +101,7 @@ class ChatService:
         By reference (a decoder that reads the cache, and a cache that answers): images the cache holds, or that the
         vision pool stored, go to the decoder as cache keys; the gateway never moves their rows."""
         await self.pools_up()
-        by_reference = by_reference and self.pools.decoder_reads_cache and self.cache.usable()
+        by_reference = by_reference and self.cache.usable() and self.pools.decoder_reads_cache
         if req.model != self.model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
@@ -256,7 +246,7 @@ class ChatService:
                 resolved.append(_Image(key, n, pb.ImageEmbeddings(cache_key=key, rows=rows) if n else None))
         else:
             for key, raw in zip(keys, await self.cache.get_many(keys)):
-                value = raw and decode_value(raw, self.pools.fingerprint, self.pools.tokens_per_tile)
+                value = raw and self.pools.cached(raw)
                 resolved.append(_Image(key, value.tiles, pb.ImageEmbeddings(embeddings=value.embeddings)) if value
                                 else _Image(key, 0, None))
         misses = [(img, item) for img, item in zip(resolved, items) if img.embeddings is None]

@@ -7,7 +7,7 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings, weights
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import checkpoint_id
-from services.common.grpc_utils import serve
+from services.common.grpc_utils import add_server_tls_args, serve, server_credentials
 from services.vision_encoder.encoder import TileBatcher, load_vision_model
 from services.vision_encoder.server import VisionEncoderServicer
 
@@ -18,6 +18,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.vision_encoder", description=__doc__)
     weights.add_model_args(p)
     settings.add(p, "--port", "VISION_PORT", 50051, "gRPC port", int)
+    add_server_tls_args(p)
     settings.add(p, "--metrics-port", "VISION_METRICS_PORT", 9101, "Prometheus /metrics port (0 = off)", int)
     settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
     settings.add(p, "--cache-ttl", "CACHE_TTL_S", 3600, "seconds an image's embeddings stay cached", int)
@@ -30,6 +31,7 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> None:
     args = parse_args()
+    credentials = server_credentials(args)  # bad TLS settings stop the service before the model loads
     path, cfg, dtype = weights.open_checkpoint(args, parts=("vision",))
     model = load_vision_model(cfg, path, args.device, dtype)
     checkpoint = checkpoint_id(path)
@@ -42,7 +44,8 @@ async def main() -> None:
     servicer = VisionEncoderServicer(cfg, batcher, cache, info, max_queued_tiles=args.max_queued_tiles)
     log.info("vision encoder serving %s on :%d", args.model, args.port)
     await serve(lambda server: pb_grpc.add_VisionEncoderServicer_to_server(servicer, server),
-                "internvl.serving.v1.VisionEncoder", args.port, args.metrics_port)
+                "internvl.serving.v1.VisionEncoder", args.port, args.metrics_port,
+                credentials, args.health_port)
     await cache.close()
 
 

@@ -9,6 +9,9 @@ A GPU pool: Deployment, headless Service (gRPC + metrics), PodDisruptionBudget a
 {{- $sel := include "internvl-serving.componentSelectorLabels" (dict "root" $root "component" .component) -}}
 {{- $labels := include "internvl-serving.componentLabels" (dict "root" $root "component" .component) -}}
 {{- $gpu := dict $root.Values.gpuResourceName (int $c.gpus) -}}
+{{- $tls := $root.Values.internalTLS -}}
+{{- /* With mTLS the kubelet's gRPC probes (no client certificate) go to the plaintext health-only port. */ -}}
+{{- $probePort := ternary $tls.healthPort $c.service.grpcPort $tls.enabled -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -55,6 +58,11 @@ spec:
             - name: metrics
               containerPort: {{ $c.service.metricsPort }}
               protocol: TCP
+            {{- if $tls.enabled }}
+            - name: health
+              containerPort: {{ $tls.healthPort }}
+              protocol: TCP
+            {{- end }}
           env:
             {{- include "internvl-serving.modelEnv" $root | nindent 12 }}
             # On SIGTERM: NOT_SERVING at once, 5 s for readiness and the gateway's balancer to notice, then the calls
@@ -74,6 +82,18 @@ spec:
             {{- if .redis }}
             {{- include "internvl-serving.redisEnv" $root | nindent 12 }}
             {{- end }}
+            {{- if $tls.enabled }}
+            {{- $dir := include "internvl-serving.internalTLS.dir" $root }}
+            # mTLS: only callers with a certificate from the Secret's CA (the gateway) reach the gRPC port.
+            - name: GRPC_TLS_CERT
+              value: {{ $dir }}/tls.crt
+            - name: GRPC_TLS_KEY
+              value: {{ $dir }}/tls.key
+            - name: GRPC_TLS_CLIENT_CA
+              value: {{ $dir }}/ca.crt
+            - name: GRPC_HEALTH_PORT
+              value: {{ $tls.healthPort | quote }}
+            {{- end }}
             {{- .env | nindent 12 }}
             {{- with $c.extraEnv }}
             {{- toYaml . | nindent 12 }}
@@ -81,19 +101,19 @@ spec:
           # Health is SERVING only once the model is loaded: the startupProbe holds the other probes off until then.
           startupProbe:
             grpc:
-              port: {{ $c.service.grpcPort }}
+              port: {{ $probePort }}
             periodSeconds: {{ $c.probes.periodSeconds }}
             timeoutSeconds: {{ $c.probes.timeoutSeconds }}
             failureThreshold: {{ include "internvl-serving.failureThreshold" (dict "budget" $c.probes.startupBudgetSeconds "period" $c.probes.periodSeconds) }}
           readinessProbe:
             grpc:
-              port: {{ $c.service.grpcPort }}
+              port: {{ $probePort }}
             periodSeconds: {{ $c.probes.periodSeconds }}
             timeoutSeconds: {{ $c.probes.timeoutSeconds }}
             failureThreshold: 3
           livenessProbe:
             grpc:
-              port: {{ $c.service.grpcPort }}
+              port: {{ $probePort }}
             periodSeconds: {{ $c.probes.periodSeconds }}
             timeoutSeconds: {{ $c.probes.timeoutSeconds }}
             failureThreshold: {{ $c.probes.livenessFailureThreshold }}
@@ -106,10 +126,12 @@ spec:
             {{- include "internvl-serving.containerSecurityContext" (dict "user" $root.Values.securityContext.runAsUser "group" $root.Values.securityContext.runAsGroup) | nindent 12 }}
           volumeMounts:
             {{- include "internvl-serving.modelVolumeMounts" $root | nindent 12 }}
+            {{- include "internvl-serving.internalTLS.volumeMount" $root | nindent 12 }}
             - name: dshm
               mountPath: /dev/shm
       volumes:
         {{- include "internvl-serving.modelVolumes" $root | nindent 8 }}
+        {{- include "internvl-serving.internalTLS.volume" $root | nindent 8 }}
         - name: dshm
           emptyDir:
             medium: Memory
@@ -132,7 +154,9 @@ spec:
       port: {{ $c.service.grpcPort }}
       targetPort: grpc
       protocol: TCP
+      {{- if not $tls.enabled }}
       appProtocol: kubernetes.io/h2c
+      {{- end }}
     - name: metrics
       port: {{ $c.service.metricsPort }}
       targetPort: metrics

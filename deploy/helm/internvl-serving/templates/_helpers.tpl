@@ -262,3 +262,23 @@ spec:
       {{- include "internvl-serving.componentSelectorLabels" (dict "root" .root "component" .component) | nindent 6 }}
 {{- end }}
 {{- end }}
+
+{{/* mTLS between the gateway and the pools: the Secret's files (internalTLS). */}}
+{{- define "internvl-serving.internalTLS.dir" -}}/etc/internvl-serving/tls{{- end }}
+
+{{- define "internvl-serving.internalTLS.volumeMount" -}}
+{{- if .Values.internalTLS.enabled }}
+- name: internal-tls
+  mountPath: {{ include "internvl-serving.internalTLS.dir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "internvl-serving.internalTLS.volume" -}}
+{{- if .Values.internalTLS.enabled }}
+- name: internal-tls
+  secret:
+    secretName: {{ .Values.internalTLS.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
