@@ -61,15 +61,17 @@ IMAGE_HOST = "127.0.0.2"
 def stack(tiny_checkpoint, redis_url, tmp_path_factory):
     """The three services as real processes. A fresh cache namespace keeps a shared Redis's old entries out."""
     log_path = tmp_path_factory.mktemp("stack") / "stack.log"
+    namespace = f"test-{uuid.uuid4().hex}"
     with open(log_path, "w") as log:
         try:
             s = start_stack(str(tiny_checkpoint), redis_url=redis_url, log=log,
-                            extra_env={"CACHE_NAMESPACE": f"test-{uuid.uuid4().hex}",
+                            extra_env={"CACHE_NAMESPACE": namespace,
                                        "IMAGE_URL_ALLOW": IMAGE_HOST + "/32", "MAX_VIDEO_FRAMES": "100"})
         except Exception:
             print(log_path.read_text())
             raise
         s.log_path = log_path  # what the services wrote (their log lines)
+        s.cache_namespace = namespace
         yield s
         s.stop()
 

@@ -50,6 +50,20 @@ def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> 
     return value
 
 
+def _claim(key: str) -> str:
+    return key + ":claim"
+
+
+# Owner-checked release of claims: delete, or shorten to ARGV[2] ms when it is > 0.
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', key, ARGV[2]) else redis.call('DEL', key) end
+  end
+end
+"""
+
+
 class EmbeddingCache:
     """Async Redis access with short timeouts; never raises to the caller. After a failure the cache is skipped for
     `cooldown_s` (a circuit breaker), so an outage costs one timeout, not one per request; then it is tried again."""
@@ -107,6 +121,45 @@ class EmbeddingCache:
             self._failed("write", e)
             return False
         return True
+
+    async def claim(self, keys: list[str], owner: str, ttl_s: float) -> list[bool]:
+        """Single flight across processes: for each key, whether this caller is the one to compute its value (nobody
+        else holds the key's claim: SET NX with a TTL, so a claim outlives no crashed owner by more than `ttl_s`).
+        Without a usable Redis every key is the caller's."""
+        if not keys or not self.usable():
+            return [True] * len(keys)
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.set(_claim(key), owner, nx=True, px=int(ttl_s * 1000))
+                return [bool(ok) for ok in await pipe.execute()]
+        except (redis.RedisError, OSError) as e:
+            self._failed("claim", e)
+            return [True] * len(keys)
+
+    async def claimed(self, keys: list[str]) -> list[bool]:
+        """Whether someone holds each key's claim (False without a usable Redis: nobody to wait for)."""
+        if not keys or not self.usable():
+            return [False] * len(keys)
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(_claim(key))
+                return [bool(n) for n in await pipe.execute()]
+        except (redis.RedisError, OSError) as e:
+            self._failed("read", e)
+            return [False] * len(keys)
+
+    async def release(self, keys: list[str], owner: str, linger_s: float = 0.0) -> None:
+        """End the caller's claims: at once, or after `linger_s` (while a value written after the answer lands, so
+        that waiters see it rather than compute it again). A claim that expired and is someone else's now is left
+        alone."""
+        if not keys or not self.usable():
+            return
+        try:
+            await self.client.eval(_RELEASE, len(keys), *map(_claim, keys), owner, int(linger_s * 1000))
+        except (redis.RedisError, OSError) as e:
+            self._failed("release", e)
 
     async def close(self) -> None:
         if self.client is not None:

@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
                  "chat requests served at once (REST and gRPC); more are refused with 429 / RESOURCE_EXHAUSTED", int)
     settings.add(p, "--generate-timeout", "GENERATE_TIMEOUT_S", 3600.0,
                  "deadline of a whole generation on the decoder (its stream included)", float)
+    settings.add(p, "--single-flight-ttl", "SINGLE_FLIGHT_TTL_S", 15.0,
+                 "an image another gateway is encoding is waited for (its claim in Redis) at most this long", float)
     settings.add(p, "--max-decode-pixels", "MAX_DECODE_PIXELS", 256 * 1024 * 1024,
                  "decoded image pixels in flight over all requests (bounds the gateway's memory)", int)
     settings.add(p, "--api-keys", "API_KEYS", "",
@@ -171,6 +173,7 @@ async def main() -> None:
                     url_policy=UrlPolicy.parse(args.image_url_allow), pool_wait_s=args.pool_wait,
                     max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes,
                     max_decode_pixels=args.max_decode_pixels, generate_timeout_s=args.generate_timeout,
+                    single_flight_ttl_s=args.single_flight_ttl,
                     api_keys=tuple(read_api_keys(args.api_keys, args.api_keys_file)))
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
     async with httpx.AsyncClient() as http:  # redirects are followed by fetch_image, each hop checked

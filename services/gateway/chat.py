@@ -17,7 +17,7 @@ from services.gateway.admission import Admission, PixelBudget
 from services.gateway.auth import ApiKeys
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels, image_size
-from services.gateway.metrics import IMAGE_CACHE
+from services.gateway.metrics import IMAGE_CACHE, SINGLE_FLIGHT
 from services.gateway.pools import Pools
 from services.gateway.prompt import Media, PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImagePart, VideoPart, VideoURL
@@ -25,6 +25,8 @@ from services.gateway.tiling import tile_count, tile_image
 from services.gateway.video import DEFAULT_NUM_SEGMENTS, probe_video, tile_hash, video_tiles
 
 log = logging.getLogger(__name__)
+CLAIM_POLL_S = 0.02     # how often a request waiting for another gateway's encoding looks for the value
+CLAIM_LINGER_S = 1.0    # a claim's life after an answer whose value is written to the cache just after it
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Limits:
     max_video_pixels: int = 3840 * 2160  # per frame, as declared and as decoded
     fetch_timeout_s: float = 10.0
     vision_timeout_s: float = 120.0
+    single_flight_ttl_s: float = 15.0  # the longest another gateway's claim on an image holds this one's request
     generate_timeout_s: float = 3600.0  # a whole generation, its stream included (a hung decoder ends, it never hangs)
     pool_wait_s: float = 300.0      # how long a request waits for pools that are not up (starting, scaled to zero)
     max_concurrent_requests: int = 256
@@ -70,6 +73,7 @@ class ChatService:
         self.cache_namespace = cache_namespace
         # (cache key, by reference) -> embeddings being computed for some request
         self._encoding: dict[tuple[str, bool], asyncio.Future] = {}
+        self.instance = uuid.uuid4().hex  # names this gateway's claims in Redis
         self.admission = Admission(limits.max_concurrent_requests)  # shared by REST and gRPC
         self.pixels = PixelBudget(limits.max_decode_pixels)
         self.api_keys = ApiKeys(list(limits.api_keys))
@@ -273,12 +277,8 @@ class ChatService:
                     owned.append(img)
                 futures[img.key] = self._encoding[flight]
         if owned:
-            request = pb.EncodeRequest(request_id=request_id, by_reference=by_reference, images=[
-                pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=img.pixels.shape, data=img.pixels.tobytes()),
-                              cache_key=img.key) for img in owned])
             try:
-                response = await self.pools.vision.unary("Encode", request, timeout=self.limits.vision_timeout_s)
-                for img, out in zip(owned, response.images):
+                for img, out in zip(owned, await self._obtain(owned, request_id, by_reference)):
                     futures[img.key].set_result(out)
             except BaseException as e:  # the requests waiting on these images fail with this one
                 error = upstream_error("vision encoder", e) if isinstance(e, grpc.aio.AioRpcError) else \
@@ -296,6 +296,62 @@ class ChatService:
         for img in images:
             if img.embeddings is None:
                 img.embeddings = await futures[img.key]
+
+    async def _obtain(self, images: list[_Image], request_id: str, by_reference: bool) -> list[pb.ImageEmbeddings]:
+        """Embeddings of images no request of this gateway is encoding: stored since this request looked (an
+        encoding that ended in between), from another gateway that is encoding them (it holds the image's claim in
+        Redis: wait for the value it stores), else from one Encode call here."""
+        owner = f"{self.instance}:{request_id}"
+        ours = await self.cache.claim([img.key for img in images], owner, self.limits.single_flight_ttl_s)
+        try:
+            found = {img.key: v for img, v in zip(images, await self._lookup(images, by_reference)) if v}
+            found |= await self._wait_for_others(
+                [img for img, mine in zip(images, ours) if not mine and img.key not in found], by_reference)
+            if encode := [img for img in images if img.key not in found]:
+                request = pb.EncodeRequest(request_id=request_id, by_reference=by_reference, images=[
+                    pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=img.pixels.shape, data=img.pixels.tobytes()),
+                                  cache_key=img.key) for img in encode])
+                response = await self.pools.vision.unary("Encode", request, timeout=self.limits.vision_timeout_s)
+                found.update((img.key, out) for img, out in zip(encode, response.images))
+        finally:
+            # By reference the value was stored before the answer; otherwise it is written just after it: the
+            # claim lingers a moment so that waiters find the value rather than encode the image again.
+            await self.cache.release([img.key for img, mine in zip(images, ours) if mine], owner,
+                                     0.0 if by_reference else CLAIM_LINGER_S)
+        return [found[img.key] for img in images]
+
+    async def _lookup(self, images: list[_Image], by_reference: bool) -> list[pb.ImageEmbeddings | None]:
+        """What the cache holds for images whose tiles are known: their keys (by reference) or their rows."""
+        keys = [img.key for img in images]
+        if by_reference:
+            return [pb.ImageEmbeddings(cache_key=img.key, rows=img.tiles * self.pools.tokens_per_tile) if size
+                    else None for img, size in zip(images, await self.cache.sizes(keys))]
+        values = [raw and self.pools.cached(raw) for raw in await self.cache.get_many(keys)]
+        return [pb.ImageEmbeddings(embeddings=v.embeddings) if v and v.tiles == img.tiles else None
+                for img, v in zip(images, values)]
+
+    async def _wait_for_others(self, images: list[_Image], by_reference: bool) -> dict[str, pb.ImageEmbeddings]:
+        """The embeddings other gateways store for `images`, polled while their claims last; an image whose claim
+        ends without a value (its encoder failed or died) is left out, to be encoded here."""
+        found: dict[str, pb.ImageEmbeddings] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.single_flight_ttl_s
+        while images and loop.time() < deadline:
+            await asyncio.sleep(CLAIM_POLL_S)
+            values = await self._lookup(images, by_reference)
+            held = iter(await self.cache.claimed([img.key for img, v in zip(images, values) if v is None]))
+            waiting = []
+            for img, value in zip(images, values):
+                if value is not None:
+                    found[img.key] = value
+                    SINGLE_FLIGHT.labels("shared").inc()
+                elif next(held):
+                    waiting.append(img)
+                else:
+                    SINGLE_FLIGHT.labels("taken_over").inc()
+            images = waiting
+        SINGLE_FLIGHT.labels("taken_over").inc(len(images))  # claims that outlived the wait
+        return found
 
     async def _fetch(self, part: Media) -> bytes:
         url, kind, max_bytes = ((part.image_url, "image", self.limits.max_image_bytes) if isinstance(part, ImagePart)

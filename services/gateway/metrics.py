@@ -18,6 +18,9 @@ LATENCY = Histogram("gateway_request_seconds", "Chat request time, to the end of
 TTFT = Histogram("gateway_time_to_first_token_seconds", "Chat request time to its first tokens (images included)",
                  ["api"], buckets=_SECONDS)
 IMAGE_CACHE = Counter("gateway_image_cache_total", "Image embedding look-ups in Redis", ["result"])
+SINGLE_FLIGHT = Counter("gateway_single_flight_total", "Cache misses another gateway was encoding: taken from the "
+                        "value it stored (shared), or encoded here after its claim ended without one (taken_over)",
+                        ["outcome"])
 POOL_ENDPOINTS = Gauge("gateway_pool_endpoints", "A pool's endpoints: serving (in rotation), refused (another "
                        "checkpoint than the gateway's), unchecked (facts not read since they connected)",
                        ["pool", "state"])
