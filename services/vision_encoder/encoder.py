@@ -169,4 +169,5 @@ class TileBatcher:
         BATCHES.inc()
         TILES.inc(tiles.shape[0])
         per_tile = out.shape[0] // tiles.shape[0]
-        return [t.cpu() for t in out.split([img.shape[0] * per_tile for img in images])]
+        # One device->host copy for the batch (one synchronisation), split on the host into each image's rows.
+        return list(out.cpu().split([img.shape[0] * per_tile for img in images]))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a session that has the GPU machine (see README "Benchmarks"):
+#   bash bench/gpu.sh [STEP ...]             # on the GPU: results under $OUT (or bench/results/)
+#   bash bench/gpu.sh --smoke [STEP ...]     # the same steps on the CPU, small (Triton in its interpreter)
+# Steps, in this order by default (the decoder first: the largest gap):
+#   attention  the Triton paged attention compiled, against SDPA (bf16 and 7B shapes included)
+#   decoder    the engine against transformers' generate at InternLM2.5-7B shapes: 1/16/64 streams, 13-tile TTFT
+#   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image
+#   awq        the AWQ W4A16 Triton kernel against dense fp16
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/results}"
+day="$(date +%F)"
+export PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"  # the GPU machine has python3 (the one with torch), not always python
+smoke=0
+if [[ "${1:-}" == "--smoke" ]]; then smoke=1; shift; fi
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(attention decoder vision awq)
+for step in "${steps[@]}"; do
+  echo "== $step"
+  case "$step:$smoke" in
+    attention:1) TRITON_INTERPRET=1 "$py" -m tests.triton_attention_check cpu ;;
+    attention:0) "$py" -m tests.triton_attention_check cuda ;;
+    decoder:1) "$py" -m bench.decoder --device cpu --smoke --no-stack --out "$out/decoder-smoke-$day.md" ;;
+    decoder:0) "$py" -m bench.decoder --device cuda --shape internlm2_5_7b --dtype bfloat16 \
+                 --out "$out/decoder-h200-$day.md" ;;
+    vision:1) "$py" -m bench.vision --device cpu --smoke --out "$out/vision-smoke-$day.md" ;;
+    vision:0) "$py" -m bench.vision --device cuda --out "$out/vision-h200-$day.md" ;;
+    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke ;;
+    awq:0) "$py" -m bench.awq --out "$out/awq-h200-$day.md" ;;
+    *) echo "unknown step $step (attention, decoder, vision, awq)" >&2; exit 2 ;;
+  esac
+done
