@@ -54,6 +54,8 @@ def chat(stack: Stack, model: str, image: str, max_num: int, max_tokens: int) ->
                                  {"Content-Type": "application/json"})
     start, first, usage = time.perf_counter(), None, {}
     with urllib.request.urlopen(req, timeout=600) as r:
+        # The gateway's split of the time to the first token: "fetch;dur=1.2, preprocess;dur=30.5, ..." (ms).
+        split = {k: float(v) for k, v in (part.split(";dur=") for part in r.headers["Server-Timing"].split(", "))}
         for line in r:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
@@ -65,7 +67,7 @@ def chat(stack: Stack, model: str, image: str, max_num: int, max_tokens: int) ->
                 first = time.perf_counter()
             usage = event.get("usage") or usage
     end = time.perf_counter()
-    return {"ttft_ms": 1000 * ((first or end) - start), "total_ms": 1000 * (end - start), **usage}
+    return {"ttft_ms": 1000 * ((first or end) - start), "total_ms": 1000 * (end - start), "split": split, **usage}
 
 
 def smi(*query: str) -> list[list[str]]:
@@ -136,9 +138,11 @@ def run_family(name: str, args, log_dir: Path) -> dict:
                 # Warm-up with another image (no embedding-cache hit), then the measured request.
                 cold = chat(stack, ckpt.name, noise_png(*args.image, seed=1), args.max_num, args.max_tokens)
                 warm = chat(stack, ckpt.name, noise_png(*args.image, seed=2), args.max_num, args.max_tokens)
+                hit = chat(stack, ckpt.name, noise_png(*args.image, seed=2), args.max_num, args.max_tokens)
                 row |= {"cold_ms": f"{cold['total_ms']:.0f}", "ttft_ms": f"{warm['ttft_ms']:.0f}",
                         "total_ms": f"{warm['total_ms']:.0f}", "prompt": warm.get("prompt_tokens", "?"),
-                        "tokens": warm.get("completion_tokens", "?")}
+                        "tokens": warm.get("completion_tokens", "?"), "hit_ttft_ms": f"{hit['ttft_ms']:.0f}",
+                        "split": split_text(warm["split"]), "hit_split": split_text(hit["split"])}
                 row |= {f"{k}_mib": v for k, v in gpu_mib(stack, args.device).items()}
             finally:
                 stack.stop()
@@ -151,8 +155,15 @@ def run_family(name: str, args, log_dir: Path) -> dict:
 COLUMNS = [("family", "family"), ("layout", "layout"), ("ckpt_gib", "ckpt GiB"), ("write_s", "write s"),
            ("vision", "vision load s"), ("decoder", "decoder load s"), ("ready_s", "stack ready s"),
            ("vision_mib", "vision GPU MiB"), ("decoder_mib", "decoder GPU MiB"), ("prompt", "prompt tokens"),
-           ("cold_ms", "1st request ms"), ("ttft_ms", "TTFT ms"), ("total_ms", "total ms"), ("tokens", "tokens"),
-           ("error", "error")]
+           ("cold_ms", "1st request ms"), ("ttft_ms", "TTFT ms"), ("split", "TTFT split ms"),
+           ("hit_ttft_ms", "cache-hit TTFT ms"), ("hit_split", "cache-hit split ms"), ("total_ms", "total ms"),
+           ("tokens", "tokens"), ("error", "error")]
+
+
+def split_text(split: dict[str, float]) -> str:
+    """The gateway's Server-Timing phases, in the order a request meets them."""
+    order = ["fetch", "preprocess", "cache", "prompt", "vision", "decoder"]
+    return " ".join(f"{k} {split[k]:.0f}" for k in sorted(split, key=lambda k: order.index(k) if k in order else 99))
 
 
 def device_name(device: str) -> str:
@@ -170,7 +181,10 @@ def report(rows: list[dict], header: str) -> str:
     dtypes = sorted({r.get(k) for r in rows for k in ("vision_dtype", "decoder_dtype")} - {None, "?"})
     lines += ["", f"Service dtype: {', '.join(dtypes) or '?'}. Load s: each service's own log line (weights read "
               "and on the device). Stack ready: start of the processes to the gateway answering. 1st request: the "
-              "warm-up (cold) request; TTFT and total: the next one, with another image (no cache hit), streamed.",
+              "warm-up (cold) request; TTFT and total: the next one, with another image (no cache hit), streamed; "
+              "cache hit: that image again. Split: the gateway's Server-Timing phases (fetch, preprocess = decode, "
+              "hash and tile, cache look-up, prompt = template and tokenizer, vision = the vision pool's call, "
+              "decoder = from the decoder call to its first token).",
               "GPU MiB: nvidia-smi per process after the requests; * = the service's torch reserved memory (nvidia-smi "
               "did not list its PID), without the CUDA context."]
     return "\n".join(lines) + "\n"

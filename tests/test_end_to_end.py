@@ -554,3 +554,19 @@ def test_one_request_id_through_the_three_services(stack):
     assert {"gateway.access", "llm_decoder", "vision_encoder"} <= names, lines
     access = next(line for line in lines if "gateway.access" in line)
     assert "status=200" in access and "completion_tokens=3" in access and "ttft_s=" in access
+
+
+def test_server_timing_splits_the_time_to_first_token(stack):
+    """Where a request's time before its first token went, in its Server-Timing header (streamed or not) and its
+    access line: fetching, preprocessing and looking up images, the vision pool, the prompt, the decoder."""
+    image = {"type": "image_url", "image_url": {"url": data_url(noise_image(240, 160, seed=7070))}}
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [image]}]}
+    for stream in (False, True):
+        r = httpx.post(stack.gateway_url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=60)
+        assert r.status_code == 200
+        phases = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+        assert set(phases) == {"prompt", "fetch", "preprocess", "cache", "vision", "decoder"}
+        assert all(float(ms) >= 0 for ms in phases.values())
+    access = [line for line in stack.log_path.read_text().splitlines()
+              if "gateway.access" in line and r.headers["x-request-id"] in line]
+    assert access and all(f"{name}_s=" in access[0] for name in ("fetch", "vision", "decoder"))

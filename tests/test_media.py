@@ -18,6 +18,7 @@ from PIL import Image
 from services.gateway import media
 from services.gateway.errors import ApiError
 from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash
+from services.gateway.metrics import Phases
 
 MAX_PIXELS = 50_000_000
 MAX_BYTES = 1_000_000
@@ -478,7 +479,7 @@ async def test_a_failed_image_cancels_the_other_downloads_of_its_request(server)
         start = time.monotonic()
         with pytest.raises(ApiError) as excinfo:
             await chat._resolve_media([ImagePart(type="image_url", image_url={"url": server + path})
-                                       for path in ("/slow", "/missing")], [1, 1], by_reference=False)
+                                       for path in ("/slow", "/missing")], [1, 1], by_reference=False, phases=Phases())
         left = [t for t in asyncio.all_tasks() if "_fetch" in repr(t.get_coro()) and not t.done()]
     assert "404" in excinfo.value.message and time.monotonic() - start < 1.0  # /slow takes 1.5 s
     assert not left  # the slow download was cancelled, not left running

@@ -17,7 +17,7 @@ from services.gateway.admission import Admission, PixelBudget
 from services.gateway.auth import ApiKeys
 from services.gateway.errors import ApiError, bad_request
 from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels, image_size
-from services.gateway.metrics import IMAGE_CACHE, SINGLE_FLIGHT
+from services.gateway.metrics import IMAGE_CACHE, SINGLE_FLIGHT, Phases
 from services.gateway.pools import Pools
 from services.gateway.prompt import Media, PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImagePart, VideoPart, VideoURL
@@ -97,14 +97,15 @@ class ChatService:
                 raise ApiError(503, f"the model pools did not come up within {self.limits.pool_wait_s:g}s; retry later",
                                type="service_unavailable") from None
 
-    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None,
-                      by_reference: bool = True) -> list[pb.GenerateRequest]:
+    async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None, by_reference: bool = True,
+                      phases: Phases | None = None) -> list[pb.GenerateRequest]:
         """Validate, resolve every image to embeddings (cache first), and build the decoder requests: one per choice
         (the decoder's prefix cache computes their shared prompt once).
 
         By reference (a decoder that reads the cache, and a cache that answers): images the cache holds, or that the
         vision pool stored, go to the decoder as cache keys; the gateway never moves their rows."""
         await self.pools_up()
+        phases = phases or Phases()
         by_reference = by_reference and self.cache.usable() and self.pools.decoder_reads_cache
         if req.model != self.model_name:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
@@ -123,17 +124,20 @@ class ChatService:
                                   f"{self.limits.max_num_segments}", "num_segments")
         request_id = request_id or uuid.uuid4().hex  # carried to both pools' logs
         # Template and tokenizer work off the event loop: a huge text must not stall every other request.
-        prompt, media = await asyncio.to_thread(  # validates the text before image work
-            self.prompt.render, req.messages, self.limits.default_num_segments)
+        with phases("prompt"):
+            prompt, media = await asyncio.to_thread(  # validates the text before image work
+                self.prompt.render, req.messages, self.limits.default_num_segments)
         # Each image's own cap (LMDeploy's max_dynamic_patch) before the request's.
         tiles_cap = [self._max_num(p.image_url.max_dynamic_patch, "max_dynamic_patch")
                      if isinstance(p, ImagePart) and p.image_url.max_dynamic_patch else max_num for p in media]
-        resolved = await self._resolve_media(media, tiles_cap, by_reference)
-        token_ids = await asyncio.to_thread(self.prompt.expand, prompt, [img.tiles for img in resolved])
+        resolved = await self._resolve_media(media, tiles_cap, by_reference, phases)
+        with phases("prompt"):
+            token_ids = await asyncio.to_thread(self.prompt.expand, prompt, [img.tiles for img in resolved])
         if len(token_ids) >= self.pools.max_model_len:  # refused before the vision pool spends time on it
             raise bad_request(f"the prompt has {len(token_ids)} tokens (images included); the model's context is "
                               f"{self.pools.max_model_len}", "messages")
-        await self._encode_misses(resolved, request_id, by_reference)
+        with phases("vision"):
+            await self._encode_misses(resolved, request_id, by_reference)
         sampling = pb.SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens or 0,
                                      temperature=req.temperature, top_p=req.top_p,
                                      stop_token_ids=sorted(set(req.stop_token_ids) | set(
@@ -201,7 +205,8 @@ class ChatService:
             raise bad_request(f"{param}={max_num} exceeds the server's limit of {self.limits.max_num}", param)
         return max_num
 
-    async def _resolve_media(self, media: list[Media], tiles_cap: list[int], by_reference: bool) -> list[_Image]:
+    async def _resolve_media(self, media: list[Media], tiles_cap: list[int], by_reference: bool,
+                             phases: Phases) -> list[_Image]:
         """Each image's and video frame's cache entry, or its tiles when there is none (CPU work, off the event
         loop); images and frames in prompt order. `tiles_cap`: each image's max_num. By reference, only whether the
         cache holds an image is asked; its tile count comes from the image's header."""
@@ -209,15 +214,17 @@ class ChatService:
             return []
         # A task group: the first download that fails cancels the others of the request.
         try:
-            async with asyncio.TaskGroup() as group:
-                fetches = [group.create_task(self._fetch(p)) for p in media]
+            with phases("fetch"):
+                async with asyncio.TaskGroup() as group:
+                    fetches = [group.create_task(self._fetch(p)) for p in media]
         except* ApiError as errors:
             raise errors.exceptions[0] from None
         datas = [f.result() for f in fetches]
         # An image is named by its encoded bytes, so a hit skips decoding. A frame is named by its tile's pixels:
         # right whatever container, codec or sampling produced it, shared by every request that samples it.
-        videos = iter(await asyncio.gather(*(self._video(p.video_url, data) for p, data in zip(media, datas)
-                                             if isinstance(p, VideoPart))))
+        with phases("preprocess"):
+            videos = iter(await asyncio.gather(*(self._video(p.video_url, data) for p, data in zip(media, datas)
+                                                 if isinstance(p, VideoPart))))
 
         def contents() -> list[tuple[str, int, bytes | np.ndarray]]:  # (hash, max_num, encoded image or tile)
             out = []
@@ -228,7 +235,8 @@ class ChatService:
                     out += [(tile_hash(tile), 1, tile[None]) for tile in next(videos)]
             return out
 
-        items = await asyncio.to_thread(contents)
+        with phases("preprocess"):
+            items = await asyncio.to_thread(contents)
         keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, h, cap, self.use_thumbnail,
                                 self.tile_size) for h, cap, _ in items]
         resolved = []
@@ -243,21 +251,26 @@ class ChatService:
                 return width and height and tile_count(width, height, cap, use_thumbnail=self.use_thumbnail,
                                                        tile_size=self.tile_size)
 
-            sizes = await self.cache.sizes(keys)
-            counts = await asyncio.to_thread(lambda: [tiles(size, item) for size, item in zip(sizes, items)])
+            with phases("cache"):
+                sizes = await self.cache.sizes(keys)
+            with phases("preprocess"):
+                counts = await asyncio.to_thread(lambda: [tiles(size, item) for size, item in zip(sizes, items)])
             for key, n in zip(keys, counts):
                 rows = n * self.pools.tokens_per_tile
                 resolved.append(_Image(key, n, pb.ImageEmbeddings(cache_key=key, rows=rows) if n else None))
         else:
-            for key, raw in zip(keys, await self.cache.get_many(keys)):
+            with phases("cache"):
+                raws = await self.cache.get_many(keys)
+            for key, raw in zip(keys, raws):
                 value = raw and self.pools.cached(raw)
                 resolved.append(_Image(key, value.tiles, pb.ImageEmbeddings(embeddings=value.embeddings)) if value
                                 else _Image(key, 0, None))
         misses = [(img, item) for img, item in zip(resolved, items) if img.embeddings is None]
         IMAGE_CACHE.labels("hit").inc(len(resolved) - len(misses))
         IMAGE_CACHE.labels("miss").inc(len(misses))
-        decoded = iter(await asyncio.gather(*(self._decode(content, cap) for _, (_, cap, content) in misses
-                                              if isinstance(content, bytes))))
+        with phases("preprocess"):
+            decoded = iter(await asyncio.gather(*(self._decode(content, cap) for _, (_, cap, content) in misses
+                                                  if isinstance(content, bytes))))
         for img, (_, _, content) in misses:
             img.pixels = next(decoded) if isinstance(content, bytes) else content
             img.tiles = img.pixels.shape[0]

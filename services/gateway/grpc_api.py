@@ -9,7 +9,7 @@ from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.gateway.chat import ChatService, total_usage
 from services.gateway.errors import ApiError, invalid_request
-from services.gateway.metrics import IN_FLIGHT, TTFT, request_done, request_id
+from services.gateway.metrics import IN_FLIGHT, TTFT, Phases, request_done, request_id
 from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, Message, TextPart, VideoPart, VideoURL
 
 
@@ -53,17 +53,19 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def _stream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext, stream: bool):
         """The answer as ChatResponses: one per decoder message when streamed, else one per choice."""
         start, status, ttft, usages = time.perf_counter(), "CANCELLED", None, []  # CANCELLED unless it ends otherwise
+        phases = Phases()
         rid = request_id(dict(context.invocation_metadata() or ()).get("x-request-id"))
         IN_FLIGHT.labels("grpc").inc()
         try:
             self._authenticate(context)
             with self.chat.admission.slot():
                 chat_request = to_chat_request(request, stream)
-                generate = await self.chat.prepare(chat_request, rid)
+                generate = await self.chat.prepare(chat_request, rid, phases=phases)
                 sent = time.perf_counter()
                 async for i, r in self.chat.generate(generate, chat_request):
                     if ttft is None:  # a final-only answer says when its first token came
-                        ttft = round((sent + r.first_token_s if r.first_token_s else time.perf_counter()) - start, 4)
+                        phases.add("decoder", r.first_token_s or time.perf_counter() - sent)
+                        ttft = round(sent - start + phases.seconds["decoder"], 4)
                         TTFT.labels("grpc").observe(ttft)
                     if r.finish_reason:
                         usages.append(r.usage)
@@ -77,7 +79,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         finally:
             usage = total_usage(usages)
             request_done("grpc", rid, status, start, ttft, usage and usage.prompt_tokens,
-                         usage and usage.completion_tokens)
+                         usage and usage.completion_tokens, phases)
 
 
 def to_chat_request(request: pb.ChatRequest, stream: bool) -> ChatCompletionRequest:

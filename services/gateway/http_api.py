@@ -17,7 +17,7 @@ from services.gateway.admission import RestAdmission
 from services.gateway.auth import RestAuth
 from services.gateway.chat import ChatService, total_usage
 from services.gateway.errors import ApiError, invalid_request
-from services.gateway.metrics import TTFT, RestMetrics
+from services.gateway.metrics import TTFT, Phases, RestMetrics
 from services.gateway.schema import ChatCompletionRequest
 
 
@@ -60,18 +60,20 @@ def create_app(chat: ChatService) -> FastAPI:
                                             "created": 0}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
         start, state = time.perf_counter(), request.scope.setdefault("state", {})  # read by the access line
-        stream = chat.generate(await chat.prepare(req, state.get("request_id")), req)
+        phases = state["phases"] = Phases()
+        stream = chat.generate(await chat.prepare(req, state.get("request_id"), phases=phases), req)
         sent = time.perf_counter()
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
             first = await anext(stream)
+            phases.add("decoder", time.perf_counter() - sent)
             state["ttft_s"] = round(time.perf_counter() - start, 4)
             TTFT.labels("rest").observe(state["ttft_s"])
             return StreamingResponse(_sse(first, stream, completion_id, created, req, state),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers={"Server-Timing": phases.server_timing()})
         # One message per choice with its whole answer (the decoder's final_only); errors are raised by `result()`.
         collect = asyncio.ensure_future(_collect(stream, req.n))
         while not collect.done():
@@ -83,6 +85,7 @@ def create_app(chat: ChatService) -> FastAPI:
                 return Response(status_code=499)
         answers = collect.result()
         # The prompt's preparation + the decoder's wait for the first token of the first choice to have one.
+        phases.add("decoder", min(a.first_token_s for a in answers))
         state["ttft_s"] = round(sent - start + min(a.first_token_s for a in answers), 4)
         TTFT.labels("rest").observe(state["ttft_s"])
         usage = total_usage([a.usage for a in answers])
@@ -94,6 +97,7 @@ def create_app(chat: ChatService) -> FastAPI:
             if req.return_token_ids:
                 choice["token_ids"] = a.token_ids
             choices.append(choice)
+        response.headers["Server-Timing"] = phases.server_timing()
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": choices, "usage": _usage(usage)}
 

@@ -1,4 +1,5 @@
 """The gateway's Prometheus series (served at GET /metrics on the REST port), request ids and access lines."""
+import contextlib
 import logging
 import re
 import time
@@ -28,6 +29,31 @@ POOL_MISMATCHES = Counter("gateway_pool_mismatch_total", "Endpoints refused for 
                           ["pool"])
 
 
+class Phases:
+    """Where a request's time before its first token goes (seconds per phase: fetch, preprocess, cache, vision,
+    prompt, decoder), for its access line and its Server-Timing header."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def server_timing(self) -> str:
+        return ", ".join(f"{name};dur={s * 1e3:.1f}" for name, s in self.seconds.items())
+
+    def fields(self) -> dict[str, float]:
+        return {f"{name}_s": round(s, 4) for name, s in self.seconds.items()}
+
+
 access_log = logging.getLogger("gateway.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -38,14 +64,15 @@ def request_id(given: str | None) -> str:
 
 
 def request_done(api: str, request_id: str, status, start: float, ttft_s: float | None,
-                 prompt_tokens: int | None, completion_tokens: int | None) -> None:
-    """A chat request's outcome, REST or gRPC: its counters and its access line."""
+                 prompt_tokens: int | None, completion_tokens: int | None, phases: Phases | None = None) -> None:
+    """A chat request's outcome, REST or gRPC: its counters and its access line (with the phases of its TTFT)."""
     IN_FLIGHT.labels(api).dec()
     REQUESTS.labels(api, str(status)).inc()
     seconds = time.perf_counter() - start
     LATENCY.labels(api).observe(seconds)
     log_event(access_log, "chat request", request_id=request_id, api=api, status=status, prompt_tokens=prompt_tokens,
-              completion_tokens=completion_tokens, ttft_s=ttft_s, duration_s=round(seconds, 4))
+              completion_tokens=completion_tokens, ttft_s=ttft_s, duration_s=round(seconds, 4),
+              **(phases.fields() if phases else {}))
 
 
 class RestMetrics:
@@ -75,4 +102,4 @@ class RestMetrics:
             await self.app(scope, receive, observe)
         finally:
             request_done("rest", rid, status, start, state.get("ttft_s"), state.get("prompt_tokens"),
-                         state.get("completion_tokens"))
+                         state.get("completion_tokens"), state.get("phases"))
