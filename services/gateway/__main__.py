@@ -28,6 +28,7 @@ from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app
 from services.gateway.media import UrlPolicy
 from services.gateway.pools import Pools, same_checkpoint
+from services.gateway.preprocess import Preprocessor
 from services.gateway.prompt import PromptBuilder
 from services.gateway.video import DEFAULT_NUM_SEGMENTS
 
@@ -82,6 +83,9 @@ def parse_args() -> argparse.Namespace:
                  "an image another gateway is encoding is waited for (its claim in Redis) at most this long", float)
     settings.add(p, "--max-decode-pixels", "MAX_DECODE_PIXELS", 256 * 1024 * 1024,
                  "decoded image pixels in flight over all requests (bounds the gateway's memory)", int)
+    settings.add(p, "--preprocess-workers", "PREPROCESS_WORKERS", 0,
+                 "processes that decode and tile images and videos (0: one per CPU the gateway may use: its "
+                 "affinity and cgroup CPU limit)", int)
     settings.add(p, "--api-keys", "API_KEYS", "",
                  "comma-separated API keys clients must send as `Authorization: Bearer <key>` (empty: open)")
     settings.add(p, "--api-keys-file", "API_KEYS_FILE", None, "a file of API keys, one per line (e.g. a mounted Secret)")
@@ -176,9 +180,13 @@ async def main() -> None:
                     single_flight_ttl_s=args.single_flight_ttl,
                     api_keys=tuple(read_api_keys(args.api_keys, args.api_keys_file)))
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
+    preprocess = Preprocessor(args.preprocess_workers)
+    await preprocess.start()  # the workers' imports before traffic, not on the first images
+    log.info("preprocessing: %d worker processes", preprocess.workers)
     async with httpx.AsyncClient() as http:  # redirects are followed by fetch_image, each hop checked
         chat = ChatService(name, prompt, pools, cache, http, limits, tile_size=cfg.vision.image_size,
-                           use_thumbnail=cfg.use_thumbnail, cache_namespace=args.cache_namespace)
+                           use_thumbnail=cfg.use_thumbnail, cache_namespace=args.cache_namespace,
+                           preprocess=preprocess)
         if args.metrics_port:
             start_http_server(args.metrics_port)
         grpc_server = create_server()
@@ -192,7 +200,7 @@ async def main() -> None:
         await uvicorn.Server(uvicorn.Config(create_app(chat), host=args.host, port=args.port,
                                             log_level="warning")).serve()
         await grpc_server.stop(5)
-    await asyncio.gather(vision.close(), decoder.close(), cache.close())
+    await asyncio.gather(vision.close(), decoder.close(), cache.close(), asyncio.to_thread(preprocess.close))
     if kube:
         await kube.close()
 

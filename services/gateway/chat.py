@@ -16,12 +16,13 @@ from services.common.cache import EmbeddingCache, image_cache_key
 from services.gateway.admission import Admission, PixelBudget
 from services.gateway.auth import ApiKeys
 from services.gateway.errors import ApiError, bad_request
-from services.gateway.media import UrlPolicy, decode_image, fetch_image, image_hash, image_pixels, image_size
+from services.gateway.media import UrlPolicy, fetch_image, image_hash, image_pixels, image_size
 from services.gateway.metrics import IMAGE_CACHE, SINGLE_FLIGHT, Phases
 from services.gateway.pools import Pools
+from services.gateway.preprocess import Preprocessor, image_tiles
 from services.gateway.prompt import Media, PromptBuilder
 from services.gateway.schema import ChatCompletionRequest, ImagePart, VideoPart, VideoURL
-from services.gateway.tiling import tile_count, tile_image
+from services.gateway.tiling import tile_count
 from services.gateway.video import DEFAULT_NUM_SEGMENTS, probe_video, tile_hash, video_tiles
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class _Image:
 class ChatService:
     def __init__(self, model_name: str, prompt: PromptBuilder, pools: "Pools | asyncio.Future[Pools]", cache: EmbeddingCache,
                  http: httpx.AsyncClient, limits: Limits, tile_size: int = 448, use_thumbnail: bool = True,
-                 cache_namespace: str = "ivl:emb"):
+                 cache_namespace: str = "ivl:emb", preprocess: Preprocessor | None = None):
         self.model_name, self.prompt, self.cache = model_name, prompt, cache
         self._pools = pools  # or, until the pools have answered what they serve, a future of them
         self.http, self.limits, self.tile_size, self.use_thumbnail = http, limits, tile_size, use_thumbnail
@@ -76,6 +77,7 @@ class ChatService:
         self.instance = uuid.uuid4().hex  # names this gateway's claims in Redis
         self.admission = Admission(limits.max_concurrent_requests)  # shared by REST and gRPC
         self.pixels = PixelBudget(limits.max_decode_pixels)
+        self.preprocess = preprocess or Preprocessor()  # its workers start on the first image
         self.api_keys = ApiKeys(list(limits.api_keys))
 
     @property
@@ -377,23 +379,20 @@ class ChatService:
                                  kind)
 
     async def _video(self, video: VideoURL, data: bytes) -> np.ndarray:
-        """The video's frame tiles, decoded off the event loop within the budget of decoded pixels in flight."""
+        """The video's frame tiles, decoded in a worker process within the budget of decoded pixels in flight."""
         limits = self.limits
-        width, height = await asyncio.to_thread(probe_video, data, limits.max_video_pixels)
+        width, height = await self.preprocess.run(probe_video, data, limits.max_video_pixels)
         frames = video.num_segments or limits.default_num_segments
         async with self.pixels.hold(frames * width * height):
-            return await asyncio.to_thread(video_tiles, data, frames, video.bound, max_frames=limits.max_video_frames,
-                                           max_pixels=limits.max_video_pixels, tile_size=self.tile_size,
-                                           use_thumbnail=self.use_thumbnail)
+            return await self.preprocess.tiles(video_tiles, data, frames, video.bound,
+                                               max_frames=limits.max_video_frames, max_pixels=limits.max_video_pixels,
+                                               tile_size=self.tile_size, use_thumbnail=self.use_thumbnail)
 
     async def _decode(self, data: bytes, max_num: int) -> np.ndarray:
-        """Decode and tile off the event loop, within the budget of decoded pixels in flight."""
+        """Decode and tile in a worker process, within the budget of decoded pixels in flight."""
         async with self.pixels.hold(image_pixels(data)):
-            return await asyncio.to_thread(self._tiles, data, max_num)
-
-    def _tiles(self, data: bytes, max_num: int) -> np.ndarray:
-        return tile_image(decode_image(data, self.limits.max_image_pixels), max_num=max_num,
-                          use_thumbnail=self.use_thumbnail, tile_size=self.tile_size)
+            return await self.preprocess.tiles(image_tiles, data, self.limits.max_image_pixels, max_num,
+                                               self.use_thumbnail, self.tile_size)
 
 
 def choice_seed(seed: int, index: int) -> int:

@@ -10,6 +10,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
+    def __reduce__(self):  # raised in a preprocessing worker, re-raised in the gateway
+        return ApiError, (self.status, self.message), self.__dict__
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 

@@ -1,0 +1,75 @@
+"""The gateway's preprocessing pool: tiles made in worker processes equal the cards', worker errors reach the client
+as the same 400s, and a worker that dies fails only the requests it held."""
+import asyncio
+import io
+import os
+import signal
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.gateway.errors import ApiError
+from services.gateway.media import decode_image
+from services.gateway.preprocess import Preprocessor, available_cpus, image_tiles
+from tests.reference_preprocess import reference_tiles
+from tests.test_tiling import noise_image
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = Preprocessor(2)
+    yield pool
+    pool.close()
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt,size,max_num", [("JPEG", (1920, 1080), 12), ("PNG", (800, 600), 12),
+                                              ("PNG", (37, 501), 6), ("JPEG", (448, 448), 1)])
+async def test_pool_tiles_equal_the_cards(pool, fmt, size, max_num):
+    data = encoded(noise_image(*size), fmt)
+    tiles = await pool.tiles(image_tiles, data, 1 << 30, max_num, True, 448)
+    expected = reference_tiles(Image.open(io.BytesIO(data)), max_num=max_num)
+    assert tiles.dtype == np.uint8 and tiles.flags.writeable
+    assert np.array_equal(tiles, expected)
+
+
+async def test_worker_errors_are_the_same_api_errors(pool):
+    for data, max_pixels in ((b"\x89PNG\r\n\x1a\nnot really", 1 << 30), (encoded(noise_image(64, 48), "PNG"), 100)):
+        with pytest.raises(ApiError) as local:
+            decode_image(data, max_pixels)
+        with pytest.raises(ApiError) as remote:
+            await pool.tiles(image_tiles, data, max_pixels, 12, True, 448)
+        assert remote.value.status == 400 and remote.value.body() == local.value.body()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def test_a_dead_worker_is_a_503_and_the_pool_recovers():
+    pool = Preprocessor(1)
+    try:
+        with pytest.raises(ApiError) as e:
+            await pool.run(_die)
+        assert e.value.status == 503
+        data = encoded(noise_image(800, 600), "JPEG")
+        assert (await pool.tiles(image_tiles, data, 1 << 30, 12, True, 448)).shape == (13, 448, 448, 3)
+    finally:
+        pool.close()
+
+
+async def test_concurrent_requests_get_their_own_tiles(pool):
+    images = [encoded(noise_image(640 + 64 * i, 480, seed=i), "PNG") for i in range(5)]
+    results = await asyncio.gather(*(pool.tiles(image_tiles, d, 1 << 30, 12, True, 448) for d in images))
+    for data, tiles in zip(images, results):
+        assert np.array_equal(tiles, reference_tiles(Image.open(io.BytesIO(data))))
+
+
+def test_available_cpus_is_the_affinity_or_less():
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
