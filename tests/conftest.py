@@ -1,12 +1,16 @@
 """Shared fixtures: the tiny checkpoint, a private Redis, the running stack, and the transformers reference."""
 import base64
+import contextlib
 import io
 import os
 import shutil
 import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -14,7 +18,7 @@ from PIL import Image
 
 from tests.reference_preprocess import reference_pixel_values
 from tools.make_tiny_checkpoint import write_tiny_checkpoint
-from tools.run_local import start_redis, start_stack
+from tools.run_local import ROOT, free_port, start_redis, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +78,27 @@ def stack(tiny_checkpoint, redis_url, tmp_path_factory):
         s.cache_namespace = namespace
         yield s
         s.stop()
+
+
+def start_gateway(stack, checkpoint: Path, log_path: Path, **env) -> tuple[subprocess.Popen, str]:
+    """Another gateway process over the stack's pools (settings `env`), once it is ready; its process and URL."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.gateway", "--model", str(checkpoint),
+                                 "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()),
+                                 "--vision-addr", ",".join(stack.vision_addrs),
+                                 "--decoder-addr", ",".join(stack.decoder_addrs)],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the gateway did not come up: {log_path.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -73,3 +73,24 @@ async def test_concurrent_requests_get_their_own_tiles(pool):
 
 def test_available_cpus_is_the_affinity_or_less():
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_gateways_workers_exit_with_it(stack, tiny_checkpoint, tmp_path, stop):
+    """Stopped, or killed (an OOM kill) so that it cannot shut its pool down, a gateway leaves no worker behind:
+    they would otherwise wait forever on a task queue that their siblings hold open."""
+    import subprocess
+    import time
+
+    from tests.conftest import start_gateway
+
+    proc, _ = start_gateway(stack, tiny_checkpoint, tmp_path / "gateway.log", PREPROCESS_WORKERS="2")
+    workers = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "spawn_main"],
+                                              capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2
+    proc.send_signal(getattr(signal, stop))
+    proc.wait(30)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{w}") for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}")]

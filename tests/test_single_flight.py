@@ -1,11 +1,7 @@
 """Single flight across gateways: an image being encoded for one gateway (its claim in Redis) is waited for by the
 others, never encoded twice; a claim whose owner died holds them no longer than its TTL."""
 import asyncio
-import contextlib
 import hashlib
-import os
-import subprocess
-import sys
 import time
 
 import grpc
@@ -16,32 +12,16 @@ import redis
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common.cache import image_cache_key
-from tests.conftest import data_url, noise_image, png_bytes
+from tests.conftest import data_url, noise_image, png_bytes, start_gateway
 from tests.test_end_to_end import MODEL, metric
-from tools.run_local import ROOT, free_port
 
 
 @pytest.fixture(scope="module")
 def second_gateway(stack, tiny_checkpoint, redis_url, tmp_path_factory):
     """Another gateway process over the stack's pools, Redis and cache namespace (as a second replica is)."""
-    port, log_path = free_port(), tmp_path_factory.mktemp("gateway2") / "gateway.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "CACHE_NAMESPACE": stack.cache_namespace,
-           "SINGLE_FLIGHT_TTL_S": "1.5"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.gateway", "--model", str(tiny_checkpoint),
-                                 "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(free_port()),
-                                 "--vision-addr", ",".join(stack.vision_addrs),
-                                 "--decoder-addr", ",".join(stack.decoder_addrs)],
-                                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_gateway(stack, tiny_checkpoint, tmp_path_factory.mktemp("gateway2") / "gateway.log",
+                              REDIS_URL=redis_url, CACHE_NAMESPACE=stack.cache_namespace, SINGLE_FLIGHT_TTL_S="1.5")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
         yield url
     finally:
         proc.terminate()

@@ -11,6 +11,8 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
@@ -76,6 +78,18 @@ def _ready() -> None:
     """A worker's first task: its imports are done."""
 
 
+def _exit_with(parent: int) -> None:
+    """A worker's initializer: exit when the gateway is gone. Killed (SIGKILL, an OOM kill) the gateway cannot shut
+    its pool down, and the workers' shared task queue never reports end-of-file while a sibling holds it open: they
+    would wait forever."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 class Preprocessor:
     """A pool of `workers` processes, started on first use (or by `start`). A worker that dies (killed for memory)
     fails the requests in flight with a 503 and the pool is started afresh for the next ones."""
@@ -88,7 +102,8 @@ class Preprocessor:
         if self._pool is None:
             # spawn, not fork: the gateway process runs gRPC threads and an event loop, which a fork would copy
             # in an undefined state.
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with, initargs=(os.getpid(),))
         return self._pool
 
     async def start(self) -> None:
