@@ -75,6 +75,18 @@ CASES = [
                                    {"type": "text", "text": "Two pictures."}]}],
      [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Two pictures."}]}],
      [reference_pixel_values(IMAGES[0], max_num=1), IMAGES[1]]),
+    # The cards' grounding prompts: <ref>/<box>/<quad> in questions and in an answer of the history are the
+    # tokenizer's added tokens, tokenized as the reference tokenizes them.
+    ("grounding",
+     [{"role": "user", "content": [image_part(IMAGES[2]), {"type": "text", "text": "Please provide the bounding box "
+                                   "coordinate of the region this sentence describes: <ref>the dog</ref>"}]},
+      {"role": "assistant", "content": "<ref>the dog</ref><box>[[120, 33, 861, 999]]</box>"},
+      {"role": "user", "content": "And <quad>this</quad>?"}],
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Please provide the bounding box "
+                                   "coordinate of the region this sentence describes: <ref>the dog</ref>"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "<ref>the dog</ref><box>[[120, 33, 861, 999]]</box>"}]},
+      {"role": "user", "content": [{"type": "text", "text": "And <quad>this</quad>?"}]}],
+     [IMAGES[2]]),
     # The cards' video example: video_prefix + question, one tile per frame.
     ("video",
      [{"role": "user", "content": [{"type": "video_url", "video_url": {
@@ -133,7 +145,7 @@ def test_rest_greedy_equals_reference(client, expected, reference, case):
                                        extra_body={"max_num": MAX_NUM, "return_token_ids": True})
     choice = r.choices[0]
     assert choice.token_ids == expected[name]
-    assert choice.message.content == reference.tokenizer.decode(expected[name], skip_special_tokens=True)
+    assert choice.message.content == reference.text(expected[name])
     assert r.usage.completion_tokens == len(expected[name])
     assert choice.finish_reason == ("stop" if expected[name][-1] == reference.tokenizer.eos_token_id else "length")
 
