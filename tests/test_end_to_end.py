@@ -353,6 +353,9 @@ def test_malformed_json_is_a_400(stack):
     r = httpx.post(stack.gateway_url + "/v1/chat/completions", content=b"{not json",
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(stack.gateway_url + "/v1/chat/completions", content=b"\xff\xfe{",  # not UTF-8: FastAPI's own 400
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
 
 
 def test_openai_client_sees_errors(client):
