@@ -131,7 +131,7 @@ class ChatCompletionRequest(BaseModel):
         return [p.image_url for m in self.messages for p in m.parts() if isinstance(p, ImagePart)]
 
 
-# The answers, as the OpenAPI document describes them (http_api builds them as plain dicts, not validated again).
+# The answers, as the OpenAPI document describes them (the chat answer is built as a plain dict, not validated again).
 class ErrorDetail(BaseModel):
     message: str
     type: str
