@@ -125,6 +125,8 @@ class Reference:
         self.model = InternVLForConditionalGeneration.from_pretrained(
             path, dtype=torch.float32, attn_implementation="sdpa").eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        from services.llm_decoder.detokenizer import TextDecoder
+        self.text = TextDecoder(self.tokenizer.backend_tokenizer).decode  # an answer's text: control tokens skipped
 
     def generate(self, messages: list[dict], images: list[Image.Image | torch.Tensor], max_num: int,
                  max_new_tokens: int) -> list[int]:

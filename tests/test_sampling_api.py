@@ -32,7 +32,7 @@ def stream(client, messages=ASK, **options):
 def free_run(client, reference):
     """A greedy answer that no end of turn cuts short, with the text of each prefix of its tokens."""
     ids = complete(client, max_tokens=32, temperature=0).choices[0].token_ids
-    texts = [reference.tokenizer.decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+    texts = [reference.text(ids[:k]) for k in range(len(ids) + 1)]
     return ids, texts
 
 
@@ -130,6 +130,25 @@ def test_logprobs_equal_the_reference_log_softmax(client, gateway, reference):
     assert [e.chosen.token_id for e in whole.logprobs] == out
     assert [e.chosen.logprob for e in whole.logprobs] == pytest.approx([e.logprob for e in content], abs=1e-6)
     assert all(len(e.top) == 5 for e in whole.logprobs)
+
+
+def test_grounding_tokens_the_model_emits_are_in_the_text(client, gateway, reference):
+    """Sampled with the grounding tokens as stop tokens, answers end at one: its markup ends the text (they are
+    special tokens in the tokenizer, yet not skipped like the end of turn), streamed or not, REST and gRPC."""
+    grounding = {reference.tokenizer.convert_tokens_to_ids(t): t for t in ("<ref>", "</ref>", "<box>", "</box>",
+                                                                           "<quad>", "</quad>")}
+    options = dict(max_tokens=400, temperature=2.0, seed=3, n=8, extra={"stop_token_ids": sorted(grounding)})
+    r = complete(client, **options)
+    ended = [c for c in r.choices if c.finish_reason == "stop"]
+    assert ended, "no answer reached a grounding token"
+    for c in ended:
+        assert c.token_ids[-1] in grounding and c.message.content.endswith(grounding[c.token_ids[-1]])
+        assert c.message.content == reference.text(c.token_ids)
+    texts, finishes, _ = stream(client, **options)
+    assert texts == {c.index: c.message.content for c in r.choices}
+    whole = gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=400, temperature=2.0, seed=3,
+                                        n=8, ignore_eos=True, stop_token_ids=sorted(grounding)), timeout=120)
+    assert [c.text for c in whole.choices] == [c.message.content for c in r.choices]
 
 
 BAD = [

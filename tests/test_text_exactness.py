@@ -1,8 +1,9 @@
 """Text in and out exactly as the checkpoint's tokenizer has it, for every tokenizer kind the tiny tool writes.
 
 Prompt ids: what the gateway sends equals the checkpoint's tokenizer applied to the whole expanded prompt.
-Streamed text: the deltas plus the final flush equal decode(all ids, skip_special_tokens=True), and no delta is
-ever taken back (each one extends a prefix of the final text), also for random ids with invalid UTF-8 byte runs.
+Streamed text: the deltas plus the final flush equal the decode of all ids with the control tokens skipped and the
+grounding tokens (<ref>, <box>, <quad>) kept, and no delta is ever taken back (each one extends a prefix of the final
+text), also for random ids with invalid UTF-8 byte runs.
 """
 import httpx
 import openai
@@ -14,7 +15,7 @@ from services.common.checkpoint import read_model_config
 from services.common.tokenizer import load_tokenizer
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import Message
-from services.llm_decoder.detokenizer import TextDecoder
+from services.llm_decoder.detokenizer import GROUNDING_TOKENS, TextDecoder
 from tools.make_tiny_checkpoint import write_tiny_checkpoint
 
 # (family, layout, tokenizer kind): byte-level BPE; the sentencepiece rebuild; Metaspace tokenizer.json, both schemes.
@@ -51,6 +52,9 @@ CONVERSATIONS = {  # each with the images' tile counts
     "text only": ([Message(role="user", content=" leading space, 😀 and\ttabs ")], []),
     "image placeholders": ([Message(role="user", content=[text("Image-1: <image>\nImage-2:<image> Q"), IMAGE,
                                                           IMAGE])], [1, 2]),
+    "grounding": ([Message(role="user", content="Where is <ref>the dog</ref>? And <quad>x</quad>"),
+                   Message(role="assistant", content="<ref>the dog</ref><box>[[10, 20, 300, 400]]</box>"),
+                   Message(role="user", content=[IMAGE, text("<ref>a cat</ref>")])], [1]),
     "video": ([Message(role="user", content=[{"type": "video_url", "video_url": {"url": "v", "num_segments": 2}},
                                              text("What happens?")])], [1, 1]),
 }
@@ -102,8 +106,30 @@ def test_deltas_add_up_to_the_full_decode(decoders, kind, data):
     pieces = sorted(decoder.byte_pieces)
     token = st.one_of(  # byte pieces often (runs of valid and invalid UTF-8), any token, special tokens
         st.sampled_from(pieces) if pieces else st.integers(0, vocab - 1),
-        st.integers(0, vocab - 1), st.sampled_from(sorted(decoder.special)))
+        st.integers(0, vocab - 1), st.sampled_from(sorted(decoder.special) + grounding_ids(decoder)))
     check_stream(decoder, data.draw(st.lists(token, max_size=40)))
+
+
+def grounding_ids(decoder: TextDecoder) -> list[int]:
+    return sorted(decoder.tokenizer.token_to_id(t) for t in GROUNDING_TOKENS)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "metaspace-first", "byte-level"])
+def test_grounding_tokens_stay_in_the_text_and_control_tokens_go(decoders, kind):
+    """The tokenizers flag <ref>, <box>, <quad> special (as InternVL's do), yet an answer's text keeps them."""
+    decoder = decoders[kind]
+    tokenizer = decoder.tokenizer
+    added = {t.content: t.special for t in tokenizer.get_added_tokens_decoder().values()}
+    assert all(added[t] for t in GROUNDING_TOKENS) and added["<|im_end|>"] and added["<IMG_CONTEXT>"]
+    answer = "<ref>the dog</ref><box>[[10, 20, 300, 400]]</box> and <quad>a</quad>"
+    ids = tokenizer.encode(answer, add_special_tokens=False).ids
+    control = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<IMG_CONTEXT>", "<img>")]
+    text = decoder.decode(ids + control)
+    assert text == tokenizer.decode(ids, skip_special_tokens=False)
+    assert "<ref>" in text and "<box>" in text and "</quad>" in text and "<|im_end|>" not in text
+    check_stream(decoder, ids + control)
+    # what the skip_special_tokens decode would have made of it: the markup gone
+    assert "<ref>" not in tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_known_hard_cases(decoders):

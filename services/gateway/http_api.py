@@ -9,8 +9,10 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from internvl.serving.v1 import serving_pb2 as pb
 from services.gateway.admission import RestAdmission
@@ -18,10 +20,21 @@ from services.gateway.auth import RestAuth
 from services.gateway.chat import ChatService, total_usage
 from services.gateway.errors import ApiError, invalid_request
 from services.gateway.metrics import TTFT, Phases, RestMetrics
-from services.gateway.schema import ChatCompletionRequest
+from services.gateway.schema import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelList, Status
 
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+
+
+def _errors(*statuses: int) -> dict:
+    """The OpenAI error body under each status, for the OpenAPI document."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+_CHAT_RESPONSES = {200: {"model": ChatCompletion, "description": "the answer; with `stream`, server-sent events of "
+                         "chat.completion.chunk objects ending with `data: [DONE]`",
+                         "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                   **_errors(400, 401, 404, 413, 429, 500, 503)}
 
 
 def create_app(chat: ChatService) -> FastAPI:
@@ -35,31 +48,50 @@ def create_app(chat: ChatService) -> FastAPI:
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        """FastAPI's own refusals (a body that is not UTF-8, an unknown route) in the OpenAI error body too."""
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
+                            headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse(invalid_request(e.errors()).body(), status_code=400)
 
-    @app.get("/health")
+    def openapi() -> dict:
+        """FastAPI's document, less its 422: invalid requests are answered 400 with the OpenAI error body."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for operation in (op for path in doc["paths"].values() for op in path.values()):
+                operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc["components"]["schemas"].pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.get("/health", response_model=Status)
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=Status, responses={503: {"model": Status}})
     async def ready() -> JSONResponse:
         """Readiness: 503 while a pool has no endpoint, so a Service sends traffic to gateways that can serve it."""
         if chat.ready():
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "a model pool has no ready endpoint"}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=_errors(401))  # a key, when keys are configured
     async def models() -> dict:
         return {"object": "list", "data": [{"id": chat.model_name, "object": "model", "owned_by": "internvl-serving",
                                             "created": 0}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_CHAT_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
         start, state = time.perf_counter(), request.scope.setdefault("state", {})  # read by the access line
         phases = state["phases"] = Phases()

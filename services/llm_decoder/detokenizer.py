@@ -4,6 +4,9 @@ import re
 from tokenizers import Tokenizer
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# InternVL's grounding markup: added as special tokens, yet part of the answer (the cards' slow tokenizer keeps them,
+# as they are not in its special_tokens_map), so they are never skipped like the control tokens.
+GROUNDING_TOKENS = frozenset({"<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>"})
 
 
 class TextDecoder:
@@ -11,8 +14,10 @@ class TextDecoder:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        # decode(skip_special_tokens=True) drops these before its decoders run, so dropping them first is the same.
-        self.special = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+        # Control tokens (end of turn, image markers, ...): skipped as decode(skip_special_tokens=True) skips them,
+        # before its decoders run; the grounding tokens stay in the text.
+        self.special = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items()
+                                 if t.special and t.content not in GROUNDING_TOKENS)
         # Byte-fallback pieces: a run of them decodes as one unit, and an invalid run becomes one U+FFFD per byte, so
         # text of a run is known only once the run has ended (even bytes forming a valid character may be undone).
         self.byte_pieces = frozenset(i for t, i in tokenizer.get_vocab(with_added_tokens=False).items()
@@ -24,7 +29,8 @@ class TextDecoder:
         return Detokenizer(self)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """The answer's text: control tokens skipped, grounding tokens kept."""
+        return self.tokenizer.decode([i for i in ids if i not in self.special], skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
         """One token's own text as UTF-8 (a byte-fallback piece: its byte; part of a character: U+FFFD), as the
