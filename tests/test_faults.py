@@ -130,7 +130,7 @@ async def test_redis_killed_and_restarted_during_load(stack):
         stack.procs["redis"], _ = start_redis(stack.log, port=port)
         hits, deadline = series(gw, "gateway_image_cache_total", result="hit"), time.monotonic() + 30
         cached = sum(series(u, "decoder_image_embeddings_total", source="cache") for u in stack.decoder_metrics_urls)
-        for i in range(60):  # the circuit closes after its cool-down (5 s): an image asked twice is then a hit
+        for _ in range(60):  # the circuit closes after its cool-down (5 s): an image asked twice is then a hit
             body = request(3, "after-restart", stream=False)
             assert (await ask(client, body))[1:] == (want[3], "done")
             if series(gw, "gateway_image_cache_total", result="hit") > hits:
