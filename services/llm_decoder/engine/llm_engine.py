@@ -97,6 +97,10 @@ class LLMEngine:
         for (seq, _), token in zip(batch, tokens):
             if seq.finish_reason == "error":
                 continue
+            if token == -1:  # non-finite logits: its KV blocks are suspect too, so they are not registered
+                self.scheduler.finish(seq, "error")
+                out.append((seq, -1, "error"))
+                continue
             self.blocks.register(seq)
             if token is None:  # a prompt chunk that is not the last
                 continue

@@ -155,15 +155,18 @@ def sample_to_host(logits: torch.Tensor, batch: SamplingBatch | None) -> tuple[l
     filters (vLLM's default): what the model thinks of a token, whatever the request did to pick it.
     """
     ids = sample(logits, batch)
+    # A row with a NaN or infinite logit (a poisoned sequence) has no next token: -1 ends that sequence alone,
+    # read back with the others (no extra device sync).
+    poisoned = ids.masked_fill(~logits.isfinite().all(dim=-1), -1)
     if batch is None or not batch.logprob_rows:
-        return ids.tolist(), [None] * len(ids)
+        return poisoned.tolist(), [None] * len(ids)
     b, r, k = len(ids), len(batch.logprob_rows), max(n for _, n in batch.logprob_rows)
     rows = torch.tensor([i for i, _ in batch.logprob_rows], device=logits.device)
     logp = logits[rows].float().log_softmax(dim=-1)
     top = logp.topk(k, dim=-1)  # sorted, most likely first
     chosen = logp.gather(-1, ids[rows, None])
     # float64 holds the ids exactly and the float32 values unchanged: one device->host copy for all of it.
-    host = torch.cat([ids.double(), chosen.double().flatten(), top.values.double().flatten(),
+    host = torch.cat([poisoned.double(), chosen.double().flatten(), top.values.double().flatten(),
                       top.indices.double().flatten()]).tolist()
     values, indices = host[b + r:b + r + r * k], host[b + r + r * k:]
     out: list[Logprobs | None] = [None] * b
