@@ -77,3 +77,37 @@ async def test_the_vision_pool_answers_without_waiting_for_its_cache_writes(cfg)
     assert len(servicer._writes) == 1
     await asyncio.gather(*servicer._writes)
     await cache.close()
+
+
+async def test_a_restarted_redis_is_used_again_at_once():
+    """After Redis restarts, each pooled connection fails once ("closed by server"): one retry on a new connection,
+    not a circuit opened in every process that had talked to the old server."""
+    import redis as sync_redis
+
+    from tools.run_local import start_redis
+
+    def wait_until_up(url: str) -> None:
+        for _ in range(100):
+            try:
+                if sync_redis.Redis.from_url(url).ping():
+                    return
+            except sync_redis.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    proc, url = start_redis()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    cache = EmbeddingCache(url, ttl_s=60)
+    try:
+        wait_until_up(url)
+        assert await cache.put("restart-test", b"v") and await cache.get_many(["restart-test"]) == [b"v"]
+        proc.kill()
+        proc.wait()
+        proc, _ = start_redis(port=port)
+        wait_until_up(url)
+        assert await cache.get_many(["restart-test"]) == [None]  # a new, empty Redis, read at the first try
+        assert cache.usable()
+    finally:
+        await cache.close()
+        proc.kill()
+        proc.wait()

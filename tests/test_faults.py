@@ -138,8 +138,11 @@ async def test_redis_killed_and_restarted_during_load(stack):
             assert time.monotonic() < deadline, "no cache hit after Redis came back"
             await asyncio.sleep(0.5)
         assert series(gw, "embedding_cache_up") == 1
+        # By reference again: the decoder reads the rows (the request that saw the first hit may have been prepared
+        # while the circuit was still open, so inline: ask once more).
+        assert (await ask(client, request(3, "after-restart", stream=False)))[1:] == (want[3], "done")
         assert sum(series(u, "decoder_image_embeddings_total", source="cache")
-                   for u in stack.decoder_metrics_urls) > cached  # by reference again: the decoder read the rows
+                   for u in stack.decoder_metrics_urls) > cached
 
 
 async def test_a_vision_and_a_decoder_replica_killed_during_load(stack):

@@ -8,6 +8,8 @@ import logging
 import time
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
@@ -70,7 +72,11 @@ class EmbeddingCache:
 
     def __init__(self, url: str | None, ttl_s: int, cooldown_s: float = 5.0):
         self.ttl_s, self.cooldown_s = ttl_s, cooldown_s
-        self.client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0) if url else None
+        # One retry on a connection error: after Redis restarts, each pooled connection fails once ("closed by
+        # server") and a new one works. Not on timeouts: a hung Redis must cost one timeout, not two.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+        self.client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0,
+                                           retry=retry) if url else None
         self.open_until = 0.0  # monotonic time before which Redis is not tried
         UP.set(1 if self.client else 0)
 
