@@ -36,7 +36,6 @@ import asyncio
 import datetime
 import gc
 import itertools
-import json
 import os
 import platform
 import shlex
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from bench import save
 from services.common.checkpoint import TextConfig
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
@@ -617,13 +617,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = report(result)
-    if out.suffix == ".json":
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    else:
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    save(out, report(result), result)
 
 
 def main() -> None:

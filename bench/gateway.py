@@ -35,6 +35,7 @@ import redis
 from bench.preprocess import device, photo, table
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
+from bench import save
 from services.common.cache import encode_value, image_cache_key
 from services.common.checkpoint import checkpoint_id, read_model_config
 from services.common.grpc_utils import create_server
@@ -231,9 +232,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(10)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(result))
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    save(out, report(result), result)
     print(report(result))
 
 

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import datetime
 import io
-import json
 import platform
 import resource
 import shlex
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import save
 from services.gateway.preprocess import Preprocessor, _take, _to_shared_memory, available_cpus, image_tiles
 from tests.reference_preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, reference_tiles
 
@@ -210,9 +210,7 @@ def main() -> None:
     result["per_core"] = per_core(sizes, reps)
     result["transfer"] = transfer(max(reps, 5))
     result["scaling"] = asyncio.run(scaling(list(range(1, most + 1)), 2 if args.smoke else 8))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(result))
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    save(out, report(result), result)
     print(report(result))
     if not all(row["identical"] for row in result["per_core"]):
         print("FAIL: tiles differ from the cards'", file=sys.stderr)

@@ -16,7 +16,6 @@ Ratios > 1: ours is faster. Results (markdown + JSON) go to bench/results/ with 
 import argparse
 import asyncio
 import datetime
-import json
 import shlex
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import save  # noqa: E402
 from services.common.checkpoint import read_model_config  # noqa: E402
 from services.vision_encoder.encoder import TileBatcher, load_vision_model  # noqa: E402
 from services.vision_encoder.intern_vit import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -188,9 +188,7 @@ def main() -> None:
                        "transformers": transformers.__version__,
                        "command": shlex.join(["python", "-m", "bench.vision", *sys.argv[1:]])},
               "row": run(args)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(result))
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    save(out, report(result), result)
     print(report(result))
 
 
