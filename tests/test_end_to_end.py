@@ -283,6 +283,10 @@ BAD_REQUESTS = [
     ("unsupported option", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                             "logit_bias": {"5": 10}}, 400),
     ("unknown field", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400),
+    ("unknown message field", {"model": MODEL, "messages": [
+        {"role": "assistant", "content": "hi", "tool_calls": [{"id": "1", "type": "function"}]}]}, 400),
+    ("unknown part field", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]}, 400),
     ("unreachable video URL", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}]}]}, 400),
     *[(f"video: {name}", {"model": MODEL, "messages": [{"role": "user", "content": [

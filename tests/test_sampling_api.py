@@ -182,6 +182,10 @@ def test_harmless_metadata_is_accepted(client, stack):
     r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, user="u-2", metadata={"a": "b"},
                                        store=False, service_tier="auto")
     assert r.choices[0].finish_reason == "length"
+    named = [{**m, "name": "alice"} for m in ASK]  # a participant's name: the templates do not use it
+    assert client.chat.completions.create(model=MODEL, messages=named, max_tokens=2, temperature=0).choices[0] \
+        .message.content == client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2,
+                                                           temperature=0).choices[0].message.content
 
 
 def test_grpc_refuses_bad_sampling_fields(gateway):

@@ -5,7 +5,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
-class ImageURL(BaseModel):
+class _Strict(BaseModel):
+    """A part of a request in which an unknown field is refused (400), never silently dropped."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
     url: str = Field(min_length=1, description="http(s) URL or data: URL of an image")
     detail: Literal["auto", "low", "high"] | None = None
     max_dynamic_patch: int | None = Field(default=None, ge=1, description="most tiles for this image (as LMDeploy); "
@@ -13,7 +18,7 @@ class ImageURL(BaseModel):
     _data: bytes | None = PrivateAttr(default=None)  # raw bytes sent over gRPC, used instead of the URL
 
 
-class VideoURL(BaseModel):
+class VideoURL(_Strict):
     url: str = Field(min_length=1, description="http(s) URL or data: URL of a video (mp4, webm, mkv, ...)")
     num_segments: int | None = Field(default=None, ge=1, description="frames sampled, one tile each (the cards' "
                                      "num_segments; default 8)")
@@ -27,17 +32,17 @@ class VideoURL(BaseModel):
         return self
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(BaseModel):
+class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class VideoPart(BaseModel):
+class VideoPart(_Strict):
     type: Literal["video_url"]
     video_url: VideoURL
 
@@ -45,15 +50,17 @@ class VideoPart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
-class Message(BaseModel):
+class Message(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart]
+    name: str | None = Field(default=None, description="the participant's name (accepted; the chat templates of "
+                             "InternVL do not use it)")
 
     def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         return [TextPart(type="text", text=self.content)] if isinstance(self.content, str) else self.content
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
