@@ -56,9 +56,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    s_q, s_k = q.shape[2], k.shape[2]
     mask = None
-    if causal and q.shape[2] > 1:
-        s_q, s_k = q.shape[2], k.shape[2]
+    if causal and 1 < s_q < s_k:  # aligned to the end of k: SDPA's own is_causal aligns to the start
         mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and 1 < s_q == s_k, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)

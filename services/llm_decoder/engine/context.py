@@ -68,29 +68,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                                           block_table=ctx.block_tables)
         return triton_paged_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
                                       scale, ctx.max_query_len)
-    return sdpa_paged_attention(q, k_cache, v_cache, ctx, scale)
+    return sdpa_paged_attention(q, k, v, k_cache, v_cache, ctx, scale)
 
 
-def sdpa_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BatchContext,
-                         scale: float) -> torch.Tensor:
+def sdpa_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, ctx: BatchContext, scale: float) -> torch.Tensor:
     """The CPU path: one batched SDPA call over every decode row (contexts gathered and padded), one call per
-    prefill chunk."""
+    prefill chunk (over the new keys themselves when the chunk is the whole context)."""
     out = torch.empty_like(q)
     if decode := ctx.decode_rows or cpu_decode_rows(ctx, k_cache.shape[1]):
         tokens, slots, mask = decode
         # [n, H_kv, L, d] from the flat cache: one index_select per tensor, not a gather over block-table rows.
-        k, v = (c.view(-1, *c.shape[2:]).index_select(0, slots).view(*mask.shape, *c.shape[2:]).transpose(1, 2)
-                for c in (k_cache, v_cache))
-        o = F.scaled_dot_product_attention((q if tokens is None else q[tokens])[:, :, None], k, v,
+        keys, values = (c.view(-1, *c.shape[2:]).index_select(0, slots).view(*mask.shape, *c.shape[2:])
+                        .transpose(1, 2) for c in (k_cache, v_cache))
+        o = F.scaled_dot_product_attention((q if tokens is None else q[tokens])[:, :, None], keys, values,
                                            attn_mask=mask[:, None, None], scale=scale,
-                                           enable_gqa=k.shape[1] != q.shape[1])[:, :, 0]
+                                           enable_gqa=keys.shape[1] != q.shape[1])[:, :, 0]
         if tokens is None:
             return o
         out[tokens] = o
     for b, (s, e) in enumerate(ctx.query_ranges):
         if e - s > 1:
             n = int(ctx.context_lens[b])
-            table = ctx.block_tables[b, :-(-n // k_cache.shape[1])]
-            k, v = (c[table].flatten(0, 1)[None, :n] for c in (k_cache, v_cache))
-            out[s:e] = attention(q[None, s:e], k, v, scale, causal=True)[0]
+            if n == e - s:  # nothing cached before this chunk: its keys are the new ones, no gather
+                keys, values = k[None, s:e], v[None, s:e]
+            else:
+                table = ctx.block_tables[b, :-(-n // k_cache.shape[1])]
+                keys, values = (c[table].flatten(0, 1)[None, :n] for c in (k_cache, v_cache))
+            out[s:e] = attention(q[None, s:e], keys, values, scale, causal=True)[0]
     return out
