@@ -53,9 +53,18 @@ def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> 
         return None
     if emb.shape[0] != value.tiles * tokens_per_tile or emb.dtype not in _ITEMSIZE:
         return None
-    if len(emb.data) != emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]:
+    # The rows' length from the value's, not from `emb.data` (a copy of 27 MB): the value must be exactly what
+    # encode_value writes for this header and that many bytes of rows.
+    rows = emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]
+    tensor = pb.Tensor(dtype=emb.dtype, shape=emb.shape).ByteSize() + 1 + _varint_size(rows) + rows
+    header = pb.CachedEmbeddings(fingerprint=value.fingerprint, tiles=value.tiles).ByteSize()
+    if len(data) != header + 1 + _varint_size(tensor) + tensor:  # 1: the tag of field 3 (data, embeddings)
         return None
     return value
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def _claim(key: str) -> str:
