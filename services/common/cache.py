@@ -115,7 +115,7 @@ class EmbeddingCache:
         for any command); then the values present, under a deadline for the bytes this process is reading."""
         sizes = await self.sizes(keys)
         present = [key for key, size in zip(keys, sizes) if size]
-        if not present or not self.usable():
+        if not present or not self.usable():  # usable: the circuit may have opened while the sizes came
             return [None] * len(keys)
         total = sum(sizes)
         for other in self._reads:  # they share the pipe with this read from now on
