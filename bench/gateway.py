@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, help="measured requests per mode (400; smoke: 10)")
     p.add_argument("--warmup", type=int, help="requests before measuring (40; smoke: 3)")
     p.add_argument("--concurrency", type=int, default=2,
-                   help="requests in flight (2: more 27 MB inline reads at once pass the cache client's 1 s timeout here)")
+                   help="requests in flight")
     p.add_argument("--out", help="markdown report, JSON beside it (default bench/results/gateway-cpu-<date>.md)")
     args = p.parse_args()
     args.requests = args.requests or (10 if args.smoke else 400)

@@ -111,3 +111,86 @@ async def test_a_restarted_redis_is_used_again_at_once():
         await cache.close()
         proc.kill()
         proc.wait()
+
+
+class Throttle:
+    """A TCP proxy to Redis that moves Redis's answers at `rate` bytes/s over all its connections together (a busy
+    link or a loaded process), and stops them for good past `budget` bytes (a Redis that stalls mid-value)."""
+
+    def __init__(self, redis_url: str, rate: float, budget: float = float("inf")):
+        host, port = redis_url.split("//")[1].split("/")[0].rsplit(":", 1)
+        self.upstream, self.rate, self.budget = (host, int(port)), rate, budget
+        self.moved, self.free_at, self.lock = 0, 0.0, threading.Lock()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            client = self.sock.accept()[0]
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool):
+        while data := src.recv(1 << 16):
+            if answers:
+                with self.lock:
+                    if self.moved + len(data) > self.budget:
+                        return  # both sockets stay open: the reader waits for bytes that never come
+                    self.moved += len(data)
+                    now = time.monotonic()
+                    self.free_at = max(self.free_at, now) + len(data) / self.rate
+                    wait = self.free_at - now
+                time.sleep(wait)
+            dst.sendall(data)
+
+
+def big_value() -> bytes:
+    """An 8B model's 13-tile image: 3328 x 4096 bf16, 27 MB."""
+    from internvl.serving.v1 import serving_pb2 as pb
+    from services.common.cache import encode_value
+    return encode_value("f", 13, pb.Tensor(dtype="bfloat16", shape=[3328, 4096], data=bytes(3328 * 4096 * 2)))
+
+
+async def test_large_values_read_together_do_not_open_the_circuit(redis_url):
+    """8 images of 27 MB read at once over a link that moves 80 MB/s: each read takes ~2.7 s, past the 1 s a command
+    may take, yet none is counted as an outage (the deadline grows with the bytes read)."""
+    import redis as sync_redis
+
+    value, keys = big_value(), [f"bulk-test-{i}" for i in range(8)]
+    store = sync_redis.Redis.from_url(redis_url)
+    for key in keys:
+        store.set(key, value)
+    cache = EmbeddingCache(Throttle(redis_url, rate=80e6).url, ttl_s=60)
+    errors = REGISTRY.get_sample_value("embedding_cache_errors_total")
+    try:
+        start = time.monotonic()
+        values = await asyncio.gather(*(cache.get_many([key, "bulk-test-absent"]) for key in keys))
+        assert time.monotonic() - start > 1.5  # the link was the bottleneck: slower than one command may take
+        assert values == [[value, None]] * len(keys)
+        assert cache.usable() and REGISTRY.get_sample_value("embedding_cache_errors_total") == errors
+    finally:
+        await cache.close()
+        store.delete(*keys)
+
+
+async def test_a_redis_that_stalls_mid_value_costs_a_bounded_wait(redis_url):
+    """The sizes come, the value stops after 1 MB: the read fails after 1 s plus 1 s per 25 MB, and the circuit
+    opens as for a hung Redis."""
+    import redis as sync_redis
+
+    from services.common.cache import BULK_READ_BYTES_PER_S, TIMEOUT_S
+
+    value = big_value()
+    sync_redis.Redis.from_url(redis_url).set("stall-test", value)
+    cache = EmbeddingCache(Throttle(redis_url, rate=1e9, budget=1e6).url, ttl_s=60)
+    try:
+        start = time.monotonic()
+        assert await cache.get_many(["stall-test"]) == [None]
+        waited, bound = time.monotonic() - start, TIMEOUT_S + len(value) / BULK_READ_BYTES_PER_S
+        assert bound - 0.1 < waited < bound + 1.0 and not cache.usable()
+    finally:
+        await cache.close()

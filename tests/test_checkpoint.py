@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from internvl.serving.v1 import serving_pb2 as pb
 from services.common.cache import decode_value, encode_value, image_cache_key
 from services.common.checkpoint import read_model_config
 from services.common.weights import TensorReader
@@ -74,6 +75,12 @@ def test_cache_values_from_other_models_or_corrupt_are_misses():
     assert decode_value(value, "fp-b", tokens_per_tile=4) is None          # another model
     assert decode_value(value, "fp-a", tokens_per_tile=8) is None          # rows do not match the header
     assert decode_value(value[:-7], "fp-a", tokens_per_tile=4) is None      # truncated
+    short = pb.Tensor(dtype=emb.dtype, shape=emb.shape, data=emb.data[:-2])
+    assert decode_value(encode_value("fp-a", 2, short), "fp-a", tokens_per_tile=4) is None  # rows short of the shape
+    for rows, width in ((4, 1), (4, 40), (256, 4096), (3328, 4096)):  # every length of varint: the rows' size is right
+        big = pb.Tensor(dtype="bfloat16", shape=[rows, width], data=bytes(rows * width * 2))
+        assert decode_value(encode_value("fp-a", rows // 4, big), "fp-a", tokens_per_tile=4).tiles == rows // 4
+        assert decode_value(encode_value("fp-a", rows // 4, big) + b"\x20\x01", "fp-a", tokens_per_tile=4) is None
     assert decode_value(b"\xff\x00garbage", "fp-a", tokens_per_tile=4) is None
     keys = {image_cache_key("ns", "fp", "sha", m, True, 448) for m in (6, 12)}
     assert len(keys) == 2

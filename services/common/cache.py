@@ -3,6 +3,7 @@
 An outage of Redis degrades to "no cache": reads return misses, writes are dropped, both logged, and Redis is left
 alone for a while before it is tried again.
 """
+import asyncio
 import hashlib
 import logging
 import time
@@ -20,6 +21,11 @@ ERRORS = Counter("embedding_cache_errors_total", "Redis calls that failed (each 
 log = logging.getLogger(__name__)
 # Byte widths of tensors.DTYPES, written out because the gateway reads cache values without torch.
 _ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
+TIMEOUT_S = 1.0  # a command's (a hung Redis must cost little)
+# A read of values may take TIMEOUT_S plus 1 s per this many bytes the process reads meanwhile (its own,
+# those in flight, those of reads that start before it ends): a healthy Redis and a loaded gateway move hundreds of
+# MB/s, so only a Redis that stalls mid-value meets the deadline.
+BULK_READ_BYTES_PER_S = 25e6
 
 
 def image_cache_key(namespace: str, fingerprint: str, image_sha256: str, max_num: int, use_thumbnail: bool,
@@ -47,9 +53,18 @@ def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> 
         return None
     if emb.shape[0] != value.tiles * tokens_per_tile or emb.dtype not in _ITEMSIZE:
         return None
-    if len(emb.data) != emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]:
+    # The rows' length from the value's, not from `emb.data` (a copy of 27 MB): the value must be exactly what
+    # encode_value writes for this header and that many bytes of rows.
+    rows = emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]
+    tensor = pb.Tensor(dtype=emb.dtype, shape=emb.shape).ByteSize() + 1 + _varint_size(rows) + rows
+    header = pb.CachedEmbeddings(fingerprint=value.fingerprint, tiles=value.tiles).ByteSize()
+    if len(data) != header + 1 + _varint_size(tensor) + tensor:  # 1: the tag of field 3 (data, embeddings)
         return None
     return value
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 def _claim(key: str) -> str:
@@ -75,8 +90,13 @@ class EmbeddingCache:
         # One retry on a connection error: after Redis restarts, each pooled connection fails once ("closed by
         # server") and a new one works. Not on timeouts: a hung Redis must cost one timeout, not two.
         retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-        self.client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0,
+        self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
                                            retry=retry) if url else None
+        # Values (27 MB for an 8B model's image) are read on their own connections under a deadline that grows with
+        # the bytes being read (redis-py's socket timeout bounds a whole response, however large).
+        self.bulk = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT_S, retry=retry) if url else None
+        self._reading = 0  # bytes of values being read now
+        self._reads: set[asyncio.Timeout] = set()  # their deadlines
         self.open_until = 0.0  # monotonic time before which Redis is not tried
         UP.set(1 if self.client else 0)
 
@@ -91,15 +111,30 @@ class EmbeddingCache:
         log.warning("redis %s failed, serving without the cache for %.0fs: %s", what, self.cooldown_s, e)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        if not keys or not self.usable():
+        """The values (None: absent). Their sizes first, under the short timeout (a hung Redis costs no more than
+        for any command); then the values present, under a deadline for the bytes this process is reading."""
+        sizes = await self.sizes(keys)
+        present = [key for key, size in zip(keys, sizes) if size]
+        if not present or not self.usable():  # usable: the circuit may have opened while the sizes came
             return [None] * len(keys)
+        total = sum(sizes)
+        for other in self._reads:  # they share the pipe with this read from now on
+            if not other.expired():
+                other.reschedule(other.when() + total / BULK_READ_BYTES_PER_S)
+        self._reading += total
+        deadline = asyncio.timeout(TIMEOUT_S + self._reading / BULK_READ_BYTES_PER_S)
+        self._reads.add(deadline)
         try:
-            values = await self.client.mget(keys)
-        except (redis.RedisError, OSError) as e:
+            async with deadline:
+                values = iter(await self.bulk.mget(present))
+        except (redis.RedisError, OSError) as e:  # TimeoutError is an OSError
             self._failed("read", e)
             return [None] * len(keys)
+        finally:
+            self._reads.discard(deadline)
+            self._reading -= total
         UP.set(1)
-        return values
+        return [next(values) if size else None for size in sizes]
 
     async def sizes(self, keys: list[str]) -> list[int]:
         """Each value's size in bytes (0: absent), in one round trip: whether the cache holds an image's embeddings,
@@ -170,3 +205,4 @@ class EmbeddingCache:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+            await self.bulk.aclose()
