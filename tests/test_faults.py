@@ -155,7 +155,10 @@ async def test_a_vision_and_a_decoder_replica_killed_during_load(stack):
                                                         max_tokens=64 if i % 2 == 0 else 24), started))
                 for i, p in enumerate(prompts)]
         await asyncio.wait_for(started.wait(), 60)
-        running = series(stack.decoder_metrics_urls[1], "decoder_running_requests")
+        deadline = time.monotonic() + 30  # the kill must find streams on the replica that dies
+        while (running := series(stack.decoder_metrics_urls[1], "decoder_running_requests")) < 1:
+            assert time.monotonic() < deadline and not all(t.done() for t in load), "no stream reached replica 2"
+            await asyncio.sleep(0.02)
         for name in ("vision_encoder.2", "llm_decoder.2"):
             stack.procs[name].send_signal(signal.SIGKILL)
             stack.procs[name].wait()
