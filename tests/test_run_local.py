@@ -60,5 +60,7 @@ def test_make_run_serves_the_readme_examples_and_stops_cleanly(tiny_checkpoint, 
         gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive
     finally:
-        if launcher.poll() is None:
+        if launcher.poll() is None:  # a failed check: the services must not outlive the test
+            for child in psutil.Process(launcher.pid).children(recursive=True):
+                child.kill()
             launcher.kill()
