@@ -139,18 +139,23 @@ class EmbeddingCache:
     async def sizes(self, keys: list[str]) -> list[int]:
         """Each value's size in bytes (0: absent), in one round trip: whether the cache holds an image's embeddings,
         without moving them."""
+        return await self._each("read", keys, 0, lambda pipe, key: pipe.strlen(key))
+
+    async def _each(self, what: str, keys: list[str], default, command) -> list:
+        """`command(pipe, key)` for every key, pipelined in one round trip; `default` for each key when Redis is not
+        usable or the call fails (which opens the circuit)."""
         if not keys or not self.usable():
-            return [0] * len(keys)
+            return [default] * len(keys)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    pipe.strlen(key)
-                sizes = await pipe.execute()
+                    command(pipe, key)
+                results = await pipe.execute()
         except (redis.RedisError, OSError) as e:
-            self._failed("read", e)
-            return [0] * len(keys)
+            self._failed(what, e)
+            return [default] * len(keys)
         UP.set(1)
-        return sizes
+        return results
 
     async def put(self, key: str, value: bytes) -> bool:
         """Whether the value was stored."""
@@ -167,29 +172,13 @@ class EmbeddingCache:
         """Single flight across processes: for each key, whether this caller is the one to compute its value (nobody
         else holds the key's claim: SET NX with a TTL, so a claim outlives no crashed owner by more than `ttl_s`).
         Without a usable Redis every key is the caller's."""
-        if not keys or not self.usable():
-            return [True] * len(keys)
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.set(_claim(key), owner, nx=True, px=int(ttl_s * 1000))
-                return [bool(ok) for ok in await pipe.execute()]
-        except (redis.RedisError, OSError) as e:
-            self._failed("claim", e)
-            return [True] * len(keys)
+        ms = int(ttl_s * 1000)
+        return [bool(ok) for ok in await self._each("claim", keys, True,
+                                                    lambda pipe, key: pipe.set(_claim(key), owner, nx=True, px=ms))]
 
     async def claimed(self, keys: list[str]) -> list[bool]:
         """Whether someone holds each key's claim (False without a usable Redis: nobody to wait for)."""
-        if not keys or not self.usable():
-            return [False] * len(keys)
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.exists(_claim(key))
-                return [bool(n) for n in await pipe.execute()]
-        except (redis.RedisError, OSError) as e:
-            self._failed("read", e)
-            return [False] * len(keys)
+        return [bool(n) for n in await self._each("read", keys, False, lambda pipe, key: pipe.exists(_claim(key)))]
 
     async def release(self, keys: list[str], owner: str, linger_s: float = 0.0) -> None:
         """End the caller's claims: at once, or after `linger_s` (while a value written after the answer lands, so
