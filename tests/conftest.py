@@ -2,6 +2,7 @@
 import base64
 import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -78,6 +79,14 @@ def stack(tiny_checkpoint, redis_url, tmp_path_factory):
         s.cache_namespace = namespace
         yield s
         s.stop()
+
+
+def run_bench(module: str, out: Path, *args: str, timeout_s: float = 600) -> tuple[str, dict]:
+    """`python -m bench.<module> --smoke ... --out out`, which must exit 0: its markdown report and its JSON."""
+    proc = subprocess.run([sys.executable, "-m", f"bench.{module}", "--smoke", *args, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out.read_text(), json.loads(out.with_suffix(".json").read_text())
 
 
 def start_gateway(stack, checkpoint: Path, log_path: Path, **env) -> tuple[subprocess.Popen, str]:

@@ -3,23 +3,18 @@
 The run must exit 0 (which includes the engine's greedy tokens equalling transformers' for 16 tokens) and write the
 markdown and JSON reports with every ratio. The GPU path must not need the gateway's or the stack's dependencies.
 """
-import json
 import math
 import subprocess
 import sys
 
+from tests.conftest import run_bench
 from tools.run_local import ROOT
 
 
 def test_smoke_run_writes_the_ratios(tmp_path):
-    out = tmp_path / "decoder.md"
-    proc = subprocess.run([sys.executable, "-m", "bench.decoder", "--device", "cpu", "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    text = out.read_text()
+    text, result = run_bench("decoder", tmp_path / "decoder.md", "--device", "cpu")
     for heading in ("engine/transformers", "TTFT while decoding ms", "stack/transformers", "Greedy agreement"):
         assert heading in text
-    result = json.loads(out.with_suffix(".json").read_text())
     assert [r["streams"] for r in result["throughput"]] == [1, 2]
     for row in result["throughput"]:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0

@@ -1,20 +1,13 @@
 """bench/gateway.py in its smoke mode: a real gateway process against a real Redis and stub pools; each mode's
 images reach the decoder as that mode says (the run checks it), and the CPU per request is reported."""
-import json
 import math
-import subprocess
-import sys
 
-from tools.run_local import ROOT
+from tests.conftest import run_bench
 
 
 def test_smoke_run_measures_both_modes(tmp_path):
-    out = tmp_path / "gateway.md"
-    proc = subprocess.run([sys.executable, "-m", "bench.gateway", "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "requests/s per core" in out.read_text()
-    result = json.loads(out.with_suffix(".json").read_text())
+    text, result = run_bench("gateway", tmp_path / "gateway.md")
+    assert "requests/s per core" in text
     modes = {r["mode"]: r for r in result["modes"]}
     assert set(modes) == {"by reference", "inline"}
     assert modes["by reference"]["inline_mb_per_request"] == 0
