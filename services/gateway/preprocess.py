@@ -6,7 +6,6 @@ Tiles come back through shared memory: the worker writes them once, the gateway 
 pool's pipe, and about the same in the gateway (~3 ms either way).
 """
 import asyncio
-import functools
 import logging
 import math
 import multiprocessing
