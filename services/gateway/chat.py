@@ -240,8 +240,9 @@ class ChatService:
 
         with phases("preprocess"):
             items = await asyncio.to_thread(contents)
-        keys = [image_cache_key(self.cache_namespace, self.pools.fingerprint, h, cap, self.use_thumbnail,
-                                self.tile_size) for h, cap, _ in items]
+        fingerprint = self.pools.fingerprint  # read from the pool's facts: once, not per image or frame
+        keys = [image_cache_key(self.cache_namespace, fingerprint, h, cap, self.use_thumbnail, self.tile_size)
+                for h, cap, _ in items]
         resolved = []
         if by_reference:
             def tiles(size: int, item: tuple[str, int, bytes | np.ndarray]) -> int:
