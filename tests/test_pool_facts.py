@@ -104,50 +104,53 @@ async def vision_chat(tiny_checkpoint, cfg, redis_url):
     await client.aclose()
 
 
-async def test_cache_keys_follow_a_vision_pod_rolled_to_new_weights(vision_chat, vision_model, cfg, tiny_checkpoint,
-                                                                    redis_url):
-    chat, client = vision_chat
-    addr, checkpoint = f"127.0.0.1:{free_port()}", checkpoint_id(tiny_checkpoint)
-    pod = await VisionPod(cfg, vision_model, checkpoint, redis_url, "weights-1").start(addr)
-    try:
+@pytest.fixture
+async def roll_vision_pod(vision_chat, vision_model, cfg, tiny_checkpoint, redis_url):
+    """roll(fingerprint): a vision pod with these weights of the tiny checkpoint, always at the same address (a
+    rolling update replaces the one before), returned once the gateway serves with its facts."""
+    chat, _ = vision_chat
+    addr, checkpoint, pods = f"127.0.0.1:{free_port()}", checkpoint_id(tiny_checkpoint), []
+
+    async def roll(fingerprint: str) -> VisionPod:
+        if pods:
+            await pods.pop().stop()
+        pods.append(await VisionPod(cfg, vision_model, checkpoint, redis_url, fingerprint).start(addr))
         chat.pools.vision.set_endpoints([addr])
-        await wait_for(lambda: chat.pools.vision.endpoints, "the vision pod's facts")
-        assert chat.pools.fingerprint == "weights-1"
-        before = await hit_after_miss(chat, client, seed=1, fingerprint="weights-1")
+        await wait_for(lambda: chat.pools.vision.endpoints and chat.pools.fingerprint == fingerprint,
+                       f"the facts of weights {fingerprint}")
+        return pods[-1]
 
-        # A rolling update: the pod at this address is replaced by one with other weights of the same checkpoint.
-        await pod.stop()
-        pod = await VisionPod(cfg, vision_model, checkpoint, redis_url, "weights-2").start(addr)
-        await wait_for(lambda: chat.pools.fingerprint == "weights-2", "the new weights' facts")
-        after = await hit_after_miss(chat, client, seed=1, fingerprint="weights-2")
-        assert after.image_keys != before.image_keys  # the same image, keyed by the weights that encode it now
-    finally:
+    yield roll
+    for pod in pods:
         await pod.stop()
 
 
-async def test_a_cache_value_of_other_weights_makes_the_gateway_read_the_facts_again(vision_chat, vision_model, cfg,
-                                                                                     tiny_checkpoint, redis_url):
+async def test_cache_keys_follow_a_vision_pod_rolled_to_new_weights(vision_chat, roll_vision_pod):
+    chat, client = vision_chat
+    await roll_vision_pod("weights-1")
+    before = await hit_after_miss(chat, client, seed=1, fingerprint="weights-1")
+    # A rolling update: the pod at this address is replaced by one with other weights of the same checkpoint.
+    await roll_vision_pod("weights-2")
+    after = await hit_after_miss(chat, client, seed=1, fingerprint="weights-2")
+    assert after.image_keys != before.image_keys  # the same image, keyed by the weights that encode it now
+
+
+async def test_a_cache_value_of_other_weights_makes_the_gateway_read_the_facts_again(vision_chat, roll_vision_pod):
     """Weights that change without the connection dropping (e.g. a proxy in between): the cache values carry the
     new fingerprint; the first one read makes the gateway ask the pool again, and the keys follow."""
     chat, client = vision_chat
-    addr, checkpoint = f"127.0.0.1:{free_port()}", checkpoint_id(tiny_checkpoint)
-    pod = await VisionPod(cfg, vision_model, checkpoint, redis_url, "weights-1").start(addr)
-    try:
-        chat.pools.vision.set_endpoints([addr])
-        await wait_for(lambda: chat.pools.vision.endpoints, "the vision pod's facts")
-        await hit_after_miss(chat, client, seed=2, fingerprint="weights-1")
+    pod = await roll_vision_pod("weights-1")
+    await hit_after_miss(chat, client, seed=2, fingerprint="weights-1")
 
-        pod.servicer.info.fingerprint = "weights-3"  # same process, same connection
-        stale = await ask(chat, seed=3)  # keyed for weights-1, written by weights-3
-        assert await cached_fingerprint(client, stale.image_keys[0]) == "weights-3"
-        assert chat.pools.fingerprint == "weights-1"
-        misses = image_cache("miss")
-        await ask(chat, seed=3)  # the foreign value is not used...
-        assert image_cache("miss") == misses + 1
-        await wait_for(lambda: chat.pools.fingerprint == "weights-3", "the facts read again")  # ...but noticed
-        await hit_after_miss(chat, client, seed=3, fingerprint="weights-3")
-    finally:
-        await pod.stop()
+    pod.servicer.info.fingerprint = "weights-3"  # same process, same connection
+    stale = await ask(chat, seed=3)  # keyed for weights-1, written by weights-3
+    assert await cached_fingerprint(client, stale.image_keys[0]) == "weights-3"
+    assert chat.pools.fingerprint == "weights-1"
+    misses = image_cache("miss")
+    await ask(chat, seed=3)  # the foreign value is not used...
+    assert image_cache("miss") == misses + 1
+    await wait_for(lambda: chat.pools.fingerprint == "weights-3", "the facts read again")  # ...but noticed
+    await hit_after_miss(chat, client, seed=3, fingerprint="weights-3")
 
 
 async def test_a_decoder_of_another_checkpoint_stays_out_of_rotation(tiny_checkpoint, caplog):
