@@ -90,14 +90,12 @@ class LLMEngine:
                     tokens += self.runner.step([item])
                 except Exception:
                     log.exception("sequence %s fails on its own; ending it", item[0].id)
-                    self.scheduler.finish(item[0], "error")
-                    out.append((item[0], -1, "error"))
-                    tokens.append(None)
+                    tokens.append(-1)
         self.computed_tokens += sum(n for _, n in batch)
         for (seq, _), token in zip(batch, tokens):
-            if seq.finish_reason == "error":
-                continue
-            if token == -1:  # non-finite logits: its KV blocks are suspect too, so they are not registered
+            # -1: a sequence that fails on its own, or whose logits are not finite; its KV blocks are suspect too, so
+            # they are not registered.
+            if token == -1:
                 self.scheduler.finish(seq, "error")
                 out.append((seq, -1, "error"))
                 continue
