@@ -150,13 +150,16 @@ async def test_a_vision_and_a_decoder_replica_killed_during_load(stack):
         want = await references(client)
         prompts = [i % 6 for i in range(40)]
         started = asyncio.Event()
-        # Long streams, so that some are in the middle of their answer on the replica that dies.
+        # Long streams (seconds each), so that some are in the middle of their answer on the replica that dies: a
+        # call cut before its first answer reached the gateway is retried on the other replica instead.
+        long, generated = 400, series(stack.decoder_metrics_urls[1], "decoder_generated_tokens_total")
         load = [asyncio.create_task(ask(client, request(p, f"kill-{i}", stream=i % 2 == 0,
-                                                        max_tokens=64 if i % 2 == 0 else 24), started))
+                                                        max_tokens=long if i % 2 == 0 else 24), started))
                 for i, p in enumerate(prompts)]
         await asyncio.wait_for(started.wait(), 60)
-        deadline = time.monotonic() + 30  # the kill must find streams on the replica that dies
-        while (running := series(stack.decoder_metrics_urls[1], "decoder_running_requests")) < 1:
+        deadline = time.monotonic() + 30  # the kill must find streams well under way on the replica that dies
+        while (running := series(stack.decoder_metrics_urls[1], "decoder_running_requests")) < 1 or \
+                series(stack.decoder_metrics_urls[1], "decoder_generated_tokens_total") < generated + 200:
             assert time.monotonic() < deadline and not all(t.done() for t in load), "no stream reached replica 2"
             await asyncio.sleep(0.02)
         for name in ("vision_encoder.2", "llm_decoder.2"):
@@ -168,7 +171,7 @@ async def test_a_vision_and_a_decoder_replica_killed_during_load(stack):
             assert end != "cut", f"request {i}: a stream was cut without an error event"
             assert status in (200, 429, 503), (i, status)
             if status == 200 and end == "done":
-                n = 64 if i % 2 == 0 else 24
+                n = long if i % 2 == 0 else 24
                 assert len(ids) == n and ids[:24] == want[prompts[i]], (i, ids)
         ends = [end for _, _, end in results]
         assert running >= 1 and ends.count("error") >= 1, (running, ends)  # streams on the dead replica: errors
