@@ -1,12 +1,13 @@
 """The vision pool's model (InternViT + pixel shuffle + projector) against transformers' path on the same weights.
 
-Measured in one run, random weights at a family's real shapes (or tiny ones with --smoke):
+Measured in one run, random weights at a family's real shapes (or tiny ones with --smoke), for each of the service's
+runner variants (eager; CUDA graphs over tile-count buckets; torch.compile):
 1. throughput: tiles/s at --batch tiles per forward pass (ours: uint8 tiles in, normalisation included;
    transformers: `get_image_features` on pixel values already normalised on the device), and the share of the
    matmul limit (--peak-tflops) that is;
-2. latency of one --image-tiles image: the model alone, and through the service's TileBatcher (host uint8 tiles in,
-   host embeddings out: the copies the service makes);
-3. agreement: the largest difference between the two outputs.
+2. latency of one --image-tiles image and of one tile: the model alone, and through the service's TileBatcher (host
+   uint8 tiles in, host embeddings out: the copies the service makes);
+3. agreement: the largest difference from transformers' output; on CUDA, the eager batch's costliest device operators.
 Ratios > 1: ours is faster. Results (markdown + JSON) go to bench/results/ with device, date and command.
 
     python -m bench.vision --device cuda                              # InternViT-300M + 8B projector, bf16
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import save  # noqa: E402
 from services.common.checkpoint import read_model_config  # noqa: E402
-from services.vision_encoder.encoder import TileBatcher, load_vision_model  # noqa: E402
+from services.vision_encoder.encoder import TileBatcher, VisionRunner, load_vision_model  # noqa: E402
 from services.vision_encoder.intern_vit import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tools.make_tiny_checkpoint import FAMILIES, build_config, randomize_in_place_  # noqa: E402
 
@@ -99,66 +100,88 @@ def run(args) -> dict:
     pixels = ((on_device.permute(0, 3, 1, 2).float() / 255 - mean) / std).to(dtype)
 
     @torch.inference_mode()
-    def ours_fn(n):
-        return ours(on_device[:n])
-
-    @torch.inference_mode()
     def hf_fn(n):
         return hf.model.get_image_features(pixel_values=pixels[:n], vision_feature_layer=-1,
                                            vision_feature_select_strategy="default").pooler_output
 
-    a, b = ours_fn(args.image_tiles), hf_fn(args.image_tiles).reshape(-1, cfg.text.hidden_size)
-    diff = (a.float() - b.float()).abs().max().item()
-    scale = b.float().abs().max().item()
-
-    batch_ours = timed(lambda: ours_fn(args.batch), device, args.repeat)
-    batch_hf = timed(lambda: hf_fn(args.batch), device, args.repeat)
-    image_ours = timed(lambda: ours_fn(args.image_tiles), device, args.repeat)
-    image_hf = timed(lambda: hf_fn(args.image_tiles), device, args.repeat)
-
-    async def through_batcher() -> float:
-        batcher = TileBatcher(ours, device, max_batch_tiles=args.batch, max_wait_s=0.0)
-        batcher.start()
-        image = tiles[:args.image_tiles]
-        await batcher.encode([image])  # warm-up
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            await batcher.encode([image])
-            times.append(time.perf_counter() - start)
-        batcher.worker.cancel()
-        return statistics.median(times)
-
-    image_service = asyncio.run(through_batcher())
+    want = hf_fn(args.image_tiles).reshape(-1, cfg.text.hidden_size).float()
     flops = tile_flops(cfg)
-    row = {"batch": args.batch, "image_tiles": args.image_tiles,
-           "ours_tiles_s": args.batch / batch_ours, "hf_tiles_s": args.batch / batch_hf,
-           "throughput_ratio": batch_hf / batch_ours,
-           "ours_image_ms": image_ours * 1e3, "hf_image_ms": image_hf * 1e3, "latency_ratio": image_hf / image_ours,
-           "service_image_ms": image_service * 1e3, "tile_gflop": flops / 1e9,
-           "matmul_limit_tiles_s": args.peak_tflops * 1e12 / flops,
-           "max_abs_diff": diff, "max_abs_value": scale}
-    row["share_of_limit"] = row["ours_tiles_s"] / row["matmul_limit_tiles_s"]
-    return row
+    hf_row = {"variant": "transformers", "tiles_s": args.batch / timed(lambda: hf_fn(args.batch), device, args.repeat),
+              "image_ms": timed(lambda: hf_fn(args.image_tiles), device, args.repeat) * 1e3,
+              "one_tile_ms": timed(lambda: hf_fn(1), device, args.repeat) * 1e3}
+    rows = [hf_row]
+    for variant in args.variants:
+        start = time.perf_counter()
+        runner = VisionRunner(ours, device, args.batch, graph_tiles=args.batch if variant == "graphs" else 0,
+                              compile="inductor" if variant == "compile" else "")
+        runner.run(on_device[:args.image_tiles])  # compiles, for the compiled variant
+        sync(device)
+        row = {"variant": variant, "setup_s": time.perf_counter() - start,
+               "tiles_s": args.batch / timed(lambda: runner.run(on_device), device, args.repeat),
+               "image_ms": timed(lambda: runner.run(on_device[:args.image_tiles]), device, args.repeat) * 1e3,
+               "one_tile_ms": timed(lambda: runner.run(on_device[:1]), device, args.repeat) * 1e3,
+               "service_image_ms": asyncio.run(through_batcher(runner, tiles[:args.image_tiles], args.repeat)) * 1e3,
+               "max_abs_diff": (runner.run(on_device[:args.image_tiles]).float() - want).abs().max().item()}
+        row["throughput_ratio"] = row["tiles_s"] / hf_row["tiles_s"]
+        row["latency_ratio"] = hf_row["image_ms"] / row["image_ms"]
+        row["share_of_limit"] = row["tiles_s"] * flops / (args.peak_tflops * 1e12)
+        rows.append(row)
+    return {"rows": rows, "batch": args.batch, "image_tiles": args.image_tiles, "tile_gflop": flops / 1e9,
+            "matmul_limit_tiles_s": args.peak_tflops * 1e12 / flops, "max_abs_value": want.abs().max().item(),
+            "profile": kernel_profile(lambda: VisionRunner(ours, device, args.batch).run(on_device), device)}
+
+
+async def through_batcher(runner: VisionRunner, image: torch.Tensor, repeat: int) -> float:
+    """Median seconds for one image through the service's TileBatcher: host uint8 tiles in, host rows out."""
+    batcher = TileBatcher(runner, max_wait_s=0.0)
+    batcher.start()
+    await batcher.encode([image])  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        await batcher.encode([image])
+        times.append(time.perf_counter() - start)
+    batcher.worker.cancel()
+    return statistics.median(times)
+
+
+def kernel_profile(fn, device: str, top: int = 12) -> str:
+    """The eager batch's most expensive operators on the device (where a GPU run says the time goes)."""
+    if not device.startswith("cuda"):
+        return ""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
 
 
 def report(result: dict) -> str:
-    m, r = result["meta"], result["row"]
+    m, r = result["meta"], result["result"]
     lines = [f"# Vision model vs transformers ({m['family']}, {m['size']}, {m['dtype']}, {m['device']})", "",
              f"- date: {m['date']}", f"- device: {m['device_name']}", f"- command: `{m['command']}`",
              f"- transformers {m['transformers']}; weights: random, identical in both", "",
-             "| tiles/batch | ours tiles/s | transformers tiles/s | ours/transformers | matmul limit tiles/s "
-             "| share of limit | image tiles | ours ms | transformers ms | ours/transformers | through TileBatcher ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| {r['batch']} | {r['ours_tiles_s']:.1f} | {r['hf_tiles_s']:.1f} | {r['throughput_ratio']:.2f} "
-             f"| {r['matmul_limit_tiles_s']:.0f} | {r['share_of_limit']:.1%} | {r['image_tiles']} "
-             f"| {r['ours_image_ms']:.2f} | {r['hf_image_ms']:.2f} | {r['latency_ratio']:.2f} "
-             f"| {r['service_image_ms']:.2f} |", "",
-             f"Ratios > 1: ours is faster. Largest output difference {r['max_abs_diff']:.3g} (outputs up to "
-             f"{r['max_abs_value']:.3g}). Ours takes uint8 tiles and normalises them itself; transformers gets "
-             f"pixel values normalised beforehand, on the device. Through TileBatcher: host uint8 tiles in, host "
-             f"embeddings out, as the service runs. Matmul limit: {r['tile_gflop']:.1f} GFLOP per tile at "
-             f"{m['peak_tflops']:g} TFLOP/s."]
+             f"| variant | tiles/s at {r['batch']} | share of limit | / transformers | {r['image_tiles']}-tile image ms "
+             "| transformers / ours | 1 tile ms | through TileBatcher ms | set-up s | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        ours = row["variant"] != "transformers"
+        lines.append(f"| {row['variant']} | {row['tiles_s']:.1f} "
+                     f"| {row['share_of_limit']:.1%} | {row['throughput_ratio']:.2f} | {row['image_ms']:.2f} "
+                     f"| {row['latency_ratio']:.2f} | {row['one_tile_ms']:.2f} | {row['service_image_ms']:.2f} "
+                     f"| {row['setup_s']:.1f} | {row['max_abs_diff']:.3g} |" if ours else
+                     f"| transformers | {row['tiles_s']:.1f} | | 1.00 | {row['image_ms']:.2f} | 1.00 "
+                     f"| {row['one_tile_ms']:.2f} | | | |")
+    lines += ["", f"Ratios > 1: ours is faster. Outputs up to {r['max_abs_value']:.3g}. Ours takes uint8 tiles and "
+              "normalises them itself; transformers gets pixel values normalised beforehand, on the device. Variants: "
+              "eager; graphs = CUDA graphs over tile-count buckets up to the batch; compile = torch.compile (inductor). "
+              "Through "
+              "TileBatcher: host uint8 tiles in, host embeddings out, as the service runs. Matmul limit: "
+              f"{r['tile_gflop']:.1f} GFLOP per tile at {m['peak_tflops']:g} TFLOP/s = "
+              f"{r['matmul_limit_tiles_s']:.0f} tiles/s."]
+    if r["profile"]:
+        lines += ["", "Where the eager batch's device time goes:", "", "```", r["profile"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -172,12 +195,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="tiles per forward pass (64; smoke 4)")
     p.add_argument("--image-tiles", type=int, help="tiles of the latency image (13; smoke 3)")
     p.add_argument("--repeat", type=int, help="measured runs, the median is reported (10; smoke 2)")
+    p.add_argument("--variants", nargs="+", choices=["eager", "graphs", "compile"],
+                   help="the runner's variants to measure (all on CUDA; eager on the CPU)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 TFLOP/s of the device (H200: 790)")
     p.add_argument("--out", help="markdown report, JSON beside it (default bench/results/vision-<device>-<date>.md)")
     args = p.parse_args()
     args.batch = args.batch or (4 if args.smoke else 64)
     args.image_tiles = args.image_tiles or (3 if args.smoke else 13)
     args.repeat = args.repeat or (2 if args.smoke else 10)
+    args.variants = args.variants or (["eager", "graphs", "compile"] if args.device.startswith("cuda") else ["eager"])
     tag = args.device.split(":")[0]
     out = Path(args.out or ROOT / "bench" / "results" / f"vision-{tag}-{datetime.date.today().isoformat()}.md")
     import transformers
@@ -187,7 +213,7 @@ def main() -> None:
                        "dtype": "float32" if args.smoke else "bfloat16", "peak_tflops": args.peak_tflops,
                        "transformers": transformers.__version__,
                        "command": shlex.join(["python", "-m", "bench.vision", *sys.argv[1:]])},
-              "row": run(args)}
+              "result": run(args)}
     save(out, report(result), result)
     print(report(result))
 

@@ -21,7 +21,7 @@ from services.gateway.chat import ChatService, Limits
 from services.gateway.pools import Pools, same_checkpoint
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import ChatCompletionRequest
-from services.vision_encoder.encoder import TileBatcher, load_vision_model
+from services.vision_encoder.encoder import TileBatcher, VisionRunner, load_vision_model
 from services.vision_encoder.server import VisionEncoderServicer
 from tests.conftest import data_url, noise_image
 from tests.test_balancer import FakeDecoder, generate, serve_fake, wait_for
@@ -37,7 +37,7 @@ class VisionPod:
     """The real vision servicer on `addr`, writing to Redis, reporting `fingerprint` as its weights."""
 
     def __init__(self, cfg, model, checkpoint: str, redis_url: str, fingerprint: str):
-        self.batcher = TileBatcher(model, "cpu", max_batch_tiles=16, max_wait_s=0.001)
+        self.batcher = TileBatcher(VisionRunner(model, "cpu", max_batch_tiles=16), max_wait_s=0.001)
         info = pb.ModelInfo(model="tiny", checkpoint=checkpoint, fingerprint=fingerprint, dtype="float32",
                             hidden_size=cfg.text.hidden_size, tokens_per_tile=cfg.tokens_per_tile)
         self.servicer = VisionEncoderServicer(cfg, self.batcher, EmbeddingCache(redis_url, 60), info)

@@ -1,15 +1,17 @@
 """The vision pool: embeddings equal transformers', batching returns each caller its own rows, bad tiles refused."""
 import asyncio
+import threading
 
 import grpc
 import pytest
 import torch
+import torch._dynamo.testing
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common.checkpoint import read_model_config
 from services.common.tensors import from_proto, to_proto
-from services.vision_encoder.encoder import TileBatcher, load_vision_model
+from services.vision_encoder.encoder import TileBatcher, VisionRunner, load_vision_model
 from services.vision_encoder.intern_vit import pixel_shuffle
 from tests.conftest import noise_image
 from tests.reference_preprocess import reference_pixel_values
@@ -47,7 +49,7 @@ def test_concurrent_calls_get_their_own_rows(vision):
     alone = [model(img) for img in images]
 
     async def batched():
-        batcher = TileBatcher(model, "cpu", max_batch_tiles=6, max_wait_s=0.05)
+        batcher = TileBatcher(VisionRunner(model, "cpu", max_batch_tiles=6), max_wait_s=0.05)
         batcher.start()
         return await asyncio.gather(batcher.encode(images[:2]), batcher.encode(images[2:3]),
                                     batcher.encode(images[3:]))
@@ -94,7 +96,7 @@ def test_jobs_of_callers_that_left_are_not_encoded():
         return torch.zeros(tiles.shape[0], 4)
 
     async def scenario():
-        batcher = TileBatcher(model, "cpu", max_batch_tiles=8, max_wait_s=0.01)
+        batcher = TileBatcher(VisionRunner(model, "cpu", max_batch_tiles=8), max_wait_s=0.01)
         gone = asyncio.create_task(batcher.encode([torch.zeros(3, 448, 448, 3, dtype=torch.uint8)]))
         await asyncio.sleep(0)  # queued, the worker not started yet
         gone.cancel()
@@ -104,3 +106,81 @@ def test_jobs_of_callers_that_left_are_not_encoded():
 
     out = asyncio.run(scenario())
     assert seen == [2] and out[0].shape == (2, 4)
+
+
+class GatedRunner:
+    """Stands in for VisionRunner: records launches; each batch's result waits until the test releases it."""
+
+    max_batch_tiles = 2
+
+    def __init__(self):
+        self.launched: list[int] = []
+        self.release: dict[int, threading.Event] = {}
+
+    def launch(self, images):
+        n = sum(img.shape[0] for img in images)
+        if n == 3:
+            raise RuntimeError("launch failed")
+        index = len(self.launched)
+        self.launched.append(n)
+        gate = self.release.setdefault(index, threading.Event())
+
+        def result():
+            gate.wait(5)
+            if n == 1 and images[0][0, 0, 0, 0] == 7:
+                raise RuntimeError("result failed")
+            return [img.reshape(img.shape[0], -1)[:, :4].float() for img in images]
+        return result
+
+
+def test_two_batches_in_flight_and_failures_stay_with_their_batch():
+    runner = GatedRunner()
+    tiles = [torch.full((n, 448, 448, 3), v, dtype=torch.uint8) for n, v in ((2, 1), (2, 2), (2, 3), (1, 7))]
+
+    async def scenario():
+        batcher = TileBatcher(runner, max_wait_s=0)
+        batcher.start()
+        calls = [asyncio.create_task(batcher.encode([t])) for t in tiles[:3]]
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        launched_while_blocked = list(runner.launched)  # two batches launched, the third waits for a slot
+        runner.release.setdefault(0, threading.Event()).set()
+        first = await calls[0]
+        runner.release.setdefault(1, threading.Event()).set()
+        runner.release.setdefault(2, threading.Event()).set()
+        await asyncio.gather(*calls[1:])
+        too_big = asyncio.create_task(batcher.encode([torch.zeros(3, 448, 448, 3, dtype=torch.uint8)]))
+        with pytest.raises(RuntimeError, match="launch failed"):  # one image larger than a batch: runner's call
+            await too_big
+        runner.release.setdefault(3, threading.Event()).set()
+        with pytest.raises(RuntimeError, match="result failed"):
+            await batcher.encode([tiles[3]])
+        runner.release.setdefault(4, threading.Event()).set()
+        after = await batcher.encode([tiles[0][:1]])  # the worker still serves
+        return launched_while_blocked, first, [c.result() for c in calls], after
+
+    launched_while_blocked, first, results, after = asyncio.run(scenario())
+    assert launched_while_blocked == [2, 2]
+    for (out,), t in zip(results, tiles):
+        assert torch.equal(out, t.reshape(t.shape[0], -1)[:, :4].float())
+    assert torch.equal(after[0], torch.ones(1, 4))
+
+
+def test_the_tower_compiles_whole_for_every_batch_size(vision):
+    """torch.compile traces the model in one graph (fullgraph: no break) with a dynamic batch size; aot_eager runs
+    that graph without inductor's code generation (minutes of C++ compiling on this CPU; the GPU bench uses it)."""
+    cfg, model = vision
+    tiles = torch.randint(0, 256, (3, 448, 448, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = VisionRunner(model, "cpu", max_batch_tiles=2, compile=counter)
+    (eager,) = VisionRunner(model, "cpu", max_batch_tiles=2).launch([tiles])()
+    (got,) = compiled.launch([tiles])()  # 2 tiles then 1
+    again = torch.cat(compiled.launch([tiles[:2], tiles[2:]])())  # two images, one batch
+    assert torch.allclose(got, eager, atol=1e-5, rtol=0) and torch.equal(got, again)
+    assert counter.frame_count <= 2  # the first size, then one dynamic graph for all others
+
+
+def test_cuda_graphs_need_a_cuda_device(vision):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        VisionRunner(vision[1], "cpu", max_batch_tiles=4, graph_tiles=4)

@@ -8,7 +8,7 @@ from services.common import settings, weights
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import checkpoint_id
 from services.common.grpc_utils import add_server_tls_args, serve, server_credentials
-from services.vision_encoder.encoder import TileBatcher, load_vision_model
+from services.vision_encoder.encoder import TileBatcher, VisionRunner, load_vision_model
 from services.vision_encoder.server import VisionEncoderServicer
 
 log = logging.getLogger("vision_encoder")
@@ -23,6 +23,10 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
     settings.add(p, "--cache-ttl", "CACHE_TTL_S", 3600, "seconds an image's embeddings stay cached", int)
     settings.add(p, "--max-batch-tiles", "VISION_MAX_BATCH_TILES", 64, "most tiles in one forward pass", int)
+    settings.add(p, "--cuda-graph-tiles", "VISION_CUDA_GRAPH_TILES", 0,
+                 "batches of up to this many tiles replay CUDA graphs captured at start-up (0 = eager)", int)
+    settings.add(p, "--compile", "VISION_COMPILE", "", "a torch.compile backend to run the model through "
+                 "(inductor; empty = eager)")
     settings.add(p, "--max-wait-ms", "VISION_MAX_WAIT_MS", 5.0, "how long a batch waits for more tiles", float)
     settings.add(p, "--max-queued-tiles", "VISION_MAX_QUEUED_TILES", 4096,
                  "tiles that may wait for the GPU; more are refused with RESOURCE_EXHAUSTED (the gateway's 429)", int)
@@ -38,7 +42,8 @@ async def main() -> None:
     info = pb.ModelInfo(model=args.model, checkpoint=checkpoint,
                         fingerprint=weights.weights_fingerprint(model, checkpoint), dtype=str(dtype).removeprefix("torch."), hidden_size=cfg.text.hidden_size,
                         tokens_per_tile=cfg.tokens_per_tile)
-    batcher = TileBatcher(model, args.device, args.max_batch_tiles, args.max_wait_ms / 1000)
+    runner = VisionRunner(model, args.device, args.max_batch_tiles, args.cuda_graph_tiles, args.compile)
+    batcher = TileBatcher(runner, args.max_wait_ms / 1000)
     batcher.start()
     cache = EmbeddingCache(args.redis_url, args.cache_ttl)
     servicer = VisionEncoderServicer(cfg, batcher, cache, info, max_queued_tiles=args.max_queued_tiles)

@@ -6,11 +6,13 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from prometheus_client import Counter, Gauge
 
 from services.common.checkpoint import ModelConfig
+from services.common.cuda_graphs import bucket_sizes, record
 from services.common.weights import TensorReader, load_weights, same_name
 from services.vision_encoder.intern_vit import (InternVisionModel, native_vision_name, original_projector_name,
                                                 original_vision_name)
@@ -33,6 +35,7 @@ def load_vision_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.dt
     with torch.device("meta"):
         model = InternVisionModel(cfg)
     model = model.to(dtype).to_empty(device=device)  # no random init of weights about to be overwritten
+    model.init_pixel_stats()
     reader = TensorReader(path)
     native = cfg.layout == "native"
     load_weights(model.vision_tower, reader, cfg.vision_prefix, native_vision_name if native else original_vision_name)
@@ -64,19 +67,25 @@ class _Job:
 
 
 class Utilization:
-    """Share of the last UTILIZATION_WINDOW_S seconds the tower spent in forward passes (the busy one included)."""
+    """Share of the last UTILIZATION_WINDOW_S seconds the tower had a batch in flight (the current one included);
+    batches in flight together count once."""
 
     def __init__(self):
-        self.spans: deque[tuple[float, float]] = deque()  # (start, end) of recent forward passes
+        self.spans: deque[tuple[float, float]] = deque()  # (start, end) of recent busy periods
         self.busy_since: float | None = None
+        self.in_flight = 0
 
     def begin(self) -> None:
-        self.busy_since = time.monotonic()
+        if not self.in_flight:
+            self.busy_since = time.monotonic()
+        self.in_flight += 1
 
     def end(self) -> None:
-        start, self.busy_since = self.busy_since, None
-        self.spans.append((start, time.monotonic()))
-        BUSY.inc(self.spans[-1][1] - start)
+        self.in_flight -= 1
+        if not self.in_flight:
+            start, self.busy_since = self.busy_since, None
+            self.spans.append((start, time.monotonic()))
+            BUSY.inc(self.spans[-1][1] - start)
 
     def value(self) -> float:
         now = time.monotonic()
@@ -87,15 +96,104 @@ class Utilization:
         return sum(end - max(start, since) for start, end in spans) / UTILIZATION_WINDOW_S
 
 
-class TileBatcher:
-    """Queue in front of the model: one worker forms batches of up to `max_batch_tiles` from concurrent calls."""
+class VisionRunner:
+    """Runs one batch of uint8 tiles through the model; each image's embeddings come back on the host.
 
-    def __init__(self, model: InternVisionModel, device: str, max_batch_tiles: int, max_wait_s: float):
-        self.model, self.device = model, device
-        self.max_batch_tiles, self.max_wait_s = max_batch_tiles, max_wait_s
+    On CUDA, `launch` returns once the work is queued: the tiles are staged in pinned memory and copied on a stream
+    of their own (so the next batch's copy overlaps this batch's forward pass), and the outputs come back through one
+    asynchronous copy into pinned memory, which the function `launch` returns waits for. Batches of up to
+    `graph_tiles` tiles replay CUDA graphs captured at start-up (small batches are paced by kernel launches, not by
+    the GPU); `compile` names a torch.compile backend ("inductor") to run the model through.
+    """
+
+    def __init__(self, model, device: str, max_batch_tiles: int, graph_tiles: int = 0, compile: str = ""):
+        self.device, self.max_batch_tiles = torch.device(device), max_batch_tiles
+        # fullgraph: a graph break fails here rather than running slowly. After a second batch size the batch
+        # dimension becomes dynamic (torch.compile's default): one more graph serves every size above 1.
+        self.forward = torch.compile(model, backend=compile, fullgraph=True) if compile else model
+        self.graph_tiles = min(graph_tiles, max_batch_tiles)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.device.type == "cuda":
+            self.copy_stream = torch.cuda.Stream(self.device)
+            if self.graph_tiles:
+                self._capture(model.cfg.vision.image_size)
+        elif self.graph_tiles:
+            raise ValueError("CUDA graphs need a CUDA device")
+
+    def launch(self, images: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+        """Start the forward pass of `images` (uint8 [n_i, H, W, 3] each); the function returned waits for it and
+        returns each image's rows [n_i * tokens_per_tile, hidden]."""
+        sizes = [img.shape[0] for img in images]
+        if self.device.type != "cuda":
+            out = self.run(torch.cat(images))
+            per_tile = out.shape[0] // sum(sizes)
+            return lambda: list(out.split([n * per_tile for n in sizes]))
+        host = torch.empty((sum(sizes), *images[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+        torch.cat(images, out=host)
+        with torch.cuda.stream(self.copy_stream):
+            tiles = host.to(self.device, non_blocking=True)  # the host allocator keeps `host` until this is done
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        tiles.record_stream(compute)  # allocated on the copy stream, used and freed on this one
+        out = self.run(tiles)
+        back = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        back.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(compute)
+        per_tile = out.shape[0] // sum(sizes)
+
+        def result() -> list[torch.Tensor]:
+            done.synchronize()
+            return list(back.split([n * per_tile for n in sizes]))
+        return result
+
+    def run(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles on the device -> their embeddings on the device."""
+        BATCHES.inc()
+        TILES.inc(tiles.shape[0])
+        if tiles.shape[0] <= self.graph_tiles:
+            return self._replay(tiles)
+        if tiles.shape[0] <= self.max_batch_tiles:
+            return self.forward(tiles)
+        # A single image larger than a batch still runs, in slices of max_batch_tiles.
+        return torch.cat([self.forward(chunk) for chunk in tiles.split(self.max_batch_tiles)])
+
+    def _capture(self, image_size: int) -> None:
+        """Capture the forward pass at bucket sizes up to `graph_tiles`; a batch runs in the smallest bucket that
+        holds it, its tiles copied into the bucket's input (tiles never attend to each other: the spare rows'
+        stale tiles cannot change the real rows' embeddings)."""
+        self.graph_sizes = bucket_sizes(self.graph_tiles)
+        self.static_tiles = torch.zeros((self.graph_tiles, image_size, image_size, 3), dtype=torch.uint8, device=self.device)
+        pool = None
+        for size in reversed(self.graph_sizes):
+            graph, out = record(lambda size=size: self.forward(self.static_tiles[:size]), pool)
+            pool = graph.pool()
+            self.graphs[size] = (graph, out)
+
+    def _replay(self, tiles: torch.Tensor) -> torch.Tensor:
+        n = tiles.shape[0]
+        size = next(s for s in self.graph_sizes if s >= n)
+        graph, out = self.graphs[size]
+        self.static_tiles[:n].copy_(tiles)
+        graph.replay()
+        # A view of the graph's output: read (copied to the host) before the next replay, in stream order.
+        return out[:n * (out.shape[0] // size)]
+
+
+class TileBatcher:
+    """Queue in front of the model: one worker forms batches of up to the runner's `max_batch_tiles` from concurrent
+    calls and keeps `in_flight` of them launched at once (the next one is formed and queued while the GPU runs this
+    one)."""
+
+    def __init__(self, runner: VisionRunner, max_wait_s: float, in_flight: int = 2):
+        self.runner, self.max_wait_s, self.in_flight = runner, max_wait_s, in_flight
+        self.max_batch_tiles = runner.max_batch_tiles
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="vision-forward")  # the device runs one batch at a time
+        # One thread launches (the device takes batches in order), another waits for the results.
+        self.launcher = ThreadPoolExecutor(1, thread_name_prefix="vision-launch")
+        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="vision-finish")
         self.worker: asyncio.Task | None = None
+        self.finishing: set[asyncio.Task] = set()
         self.utilization = Utilization()
         self.queued_tiles = 0  # what QUEUED_TILES shows, for the servicer's bound
         UTILIZATION.set_function(self.utilization.value)
@@ -118,56 +216,72 @@ class TileBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.in_flight)
         carry: _Job | None = None
         while True:
-            batch = [carry or await self.queue.get()]
-            carry = None
-            if batch[0].future.done():  # its caller has gone (cancelled or timed out): skip the work
-                self._queued(-batch[0].tiles.shape[0])
-                continue
-            tiles = batch[0].tiles.shape[0]
-            deadline = loop.time() + self.max_wait_s
-            while tiles < self.max_batch_tiles:
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    break
-                if job.future.done():
-                    self._queued(-job.tiles.shape[0])
-                    continue
-                if tiles + job.tiles.shape[0] > self.max_batch_tiles:
-                    carry = job  # starts the next batch
-                    break
-                batch.append(job)
-                tiles += job.tiles.shape[0]
-            self._queued(-tiles)
+            await slots.acquire()  # taken before the batch is formed: it grows while earlier batches run
+            batch, carry = await self._next_batch(carry)
             for job in batch:
                 job.call.started()
             self.utilization.begin()
             try:
-                outputs = await loop.run_in_executor(self.executor, self._forward, [j.tiles for j in batch])
-            except Exception as e:  # a failed batch fails its callers, not the worker
-                log.exception("vision forward failed")
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(e)
+                result = await loop.run_in_executor(self.launcher, self.runner.launch, [j.tiles for j in batch])
+            except Exception as e:
+                self._done(batch, slots, error=e)
                 continue
-            finally:
-                self.utilization.end()
-            for job, out in zip(batch, outputs):
-                if not job.future.done():
-                    job.future.set_result(out)
+            task = asyncio.create_task(self._finish(batch, result, slots))
+            self.finishing.add(task)
+            task.add_done_callback(self.finishing.discard)
+
+    async def _next_batch(self, carry: _Job | None) -> tuple[list[_Job], _Job | None]:
+        """Jobs for one forward pass (those whose callers have gone are skipped), and the one that starts the next."""
+        loop = asyncio.get_running_loop()
+        while True:
+            first, carry = carry or await self.queue.get(), None
+            if not first.future.done():  # done: its caller has gone (cancelled or timed out)
+                break
+            self._queued(-first.tiles.shape[0])
+        batch, tiles = [first], first.tiles.shape[0]
+        deadline = loop.time() + self.max_wait_s
+        while tiles < self.max_batch_tiles:
+            try:
+                job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+            if job.future.done():
+                self._queued(-job.tiles.shape[0])
+                continue
+            if tiles + job.tiles.shape[0] > self.max_batch_tiles:
+                carry = job  # starts the next batch
+                break
+            batch.append(job)
+            tiles += job.tiles.shape[0]
+        self._queued(-tiles)
+        return batch, carry
+
+    async def _finish(self, batch: list[_Job], result: Callable[[], list[torch.Tensor]],
+                      slots: asyncio.Semaphore) -> None:
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self.finisher, result)
+        except Exception as e:
+            self._done(batch, slots, error=e)
+        else:
+            self._done(batch, slots, outputs=outputs)
+
+    def _done(self, batch: list[_Job], slots: asyncio.Semaphore, outputs: list[torch.Tensor] | None = None,
+              error: Exception | None = None) -> None:
+        """Answer a batch's callers (a failed batch fails its callers, not the worker) and free its slot."""
+        self.utilization.end()
+        slots.release()
+        if error is not None:
+            log.error("vision forward failed", exc_info=error)
+        for i, job in enumerate(batch):
+            if not job.future.done():
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(outputs[i])
 
     def _queued(self, tiles: int) -> None:
         self.queued_tiles += tiles
         QUEUED_TILES.inc(tiles)
-
-    def _forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        tiles = torch.cat(images).to(self.device, non_blocking=True)
-        # A single image larger than a batch still runs, in slices of max_batch_tiles.
-        out = torch.cat([self.model(chunk) for chunk in tiles.split(self.max_batch_tiles)])
-        BATCHES.inc()
-        TILES.inc(tiles.shape[0])
-        per_tile = out.shape[0] // tiles.shape[0]
-        # One device->host copy for the batch (one synchronisation), split on the host into each image's rows.
-        return list(out.cpu().split([img.shape[0] * per_tile for img in images]))

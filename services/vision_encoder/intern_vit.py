@@ -137,15 +137,24 @@ class InternVisionModel(nn.Module):
         self.cfg = cfg
         self.vision_tower = InternViT(v)
         self.projector = Projector(int(v.hidden_size / cfg.downsample_ratio ** 2), cfg.text.hidden_size)
+        # Device tensors made once, not per call: a CUDA graph cannot capture the copy that creates them.
+        self.register_buffer("pixel_mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.init_pixel_stats()
+
+    def init_pixel_stats(self) -> None:
+        """Fill the normalisation constants in float32 (after `to_empty`, which leaves buffers unset, and after
+        `.to(dtype)`, which would round them)."""
+        device = self.pixel_mean.device
+        self.pixel_mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.pixel_std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def normalize(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 [n, H, W, 3] -> normalized [n, 3, H, W] in the model dtype, in the cards' order (float32 first)."""
-        mean = torch.tensor(IMAGENET_MEAN, device=tiles.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=tiles.device).view(1, 3, 1, 1)
-        x = (tiles.permute(0, 3, 1, 2).float().div(255) - mean) / std
+        x = (tiles.permute(0, 3, 1, 2).float().div(255) - self.pixel_mean) / self.pixel_std
         return x.to(self.projector.linear_1.weight.dtype)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: torch.compile fails on it (inference tensors' version counters)
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 tiles [n, H, W, 3] -> embeddings [n * tokens_per_tile, llm_hidden]."""
         x = self.vision_tower(self.normalize(tiles), self.cfg.select_layer)[:, 1:]  # drop CLS

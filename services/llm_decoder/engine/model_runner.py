@@ -6,6 +6,7 @@ one host->device copy. On CUDA, decode-only steps replay CUDA graphs captured fo
 """
 import torch
 
+from services.common.cuda_graphs import bucket_sizes, record
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.context import BatchContext, cpu_decode_rows
 from services.llm_decoder.engine.sampler import SamplingBatch, sample_to_host
@@ -111,7 +112,7 @@ class ModelRunner:
     def capture(self, max_bs: int) -> None:
         """Capture decode steps at a few batch sizes; a batch runs in the smallest graph that holds it, padded rows
         writing their K/V to the spare block and attending to nothing."""
-        self.graph_sizes = sorted({s for s in (1, 2, 4, 8, *range(16, max_bs, 16)) if s < max_bs} | {max_bs})
+        self.graph_sizes = bucket_sizes(max_bs)
         n = max_bs
         self.g_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.g_pos = torch.zeros_like(self.g_ids)
@@ -130,21 +131,11 @@ class ModelRunner:
                 embeds = self.model.embed(self.g_ids[:size])
                 return self.model.logits(self.model(embeds, self.g_pos[:size], ctx))
 
-            graph, out = self._record(forward, pool)
+            graph, out = record(forward, pool)
             pool = graph.pool()
             self.graphs[size] = (graph, out)
         self.graphs = {size: self.graphs[min(s for s in self.graph_sizes if s >= size)]
                        for size in range(1, max_bs + 1)}
-
-    @staticmethod
-    @torch.inference_mode()
-    def _record(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        forward()  # compiles the Triton kernels outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool):
-            out = forward()
-        return graph, out
 
     def _replay(self, b: int, ids, pos, slots, lens, rows) -> torch.Tensor:
         graph, logits = self.graphs[b]
