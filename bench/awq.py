@@ -1,81 +1,229 @@
-"""AWQ W4A16 on the GPU: the Triton kernel against dense fp16 and against the dequantize-per-call path.
+"""AWQ W4A16 on the GPU: the dispatched Triton path against dense fp16 and against dequantize + matmul; and the tuner
+that writes the dispatch table (services/llm_decoder/models/awq_configs.json).
 
-Shapes are the linears of Qwen2.5-3B (the LLM of InternVL2_5-4B-AWQ), group 128, random weights. For each shape and
-token count it checks the kernel against the dequantize path and prints times and ratios against dense fp16 measured
-in the same run.
+Shapes are the linears of Qwen2.5-3B (the LLM of InternVL2_5-4B-AWQ), group 128, random weights. Every result is
+checked against the dequantized weight's matmul within a bound computed from the values (fp32 accumulation, one
+rounding of the output). Times are medians of CUDA-event timings with L2 flushed before each call, as in a model's
+forward, where a layer's weights are long evicted when it runs again.
 
-    python -m bench.awq [--out bench/results/awq-<date>.md]          # on a CUDA machine
-    TRITON_INTERPRET=1 python -m bench.awq --smoke                   # CPU: correctness only, tiny shapes
+    python -m bench.awq [--out bench/results/awq-<date>.md]          # on a CUDA machine: the committed table
+    python -m bench.awq --tune services/llm_decoder/models/awq_configs.json [--out ...]
+                         # sweep a few configs per (shape, token bucket), write this device class's table, then bench
+    TRITON_INTERPRET=1 python -m bench.awq --smoke [--tune /tmp/awq.json]   # CPU: tiny shapes, correctness only
 """
 import argparse
 import datetime
+import json
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
+from bench import save
 from services.llm_decoder.models import awq
-from services.llm_decoder.models.awq_triton import awq_gemm
+from services.llm_decoder.models import awq_triton as at
 
 # (name, in_features K, out_features N) of one Qwen2.5-3B decoder layer, q/k/v and gate/up fused as served.
 SHAPES = [("qkv_proj", 2048, 2560), ("o_proj", 2048, 2048), ("gate_up_proj", 2048, 22016), ("down_proj", 11008, 2048)]
+SMOKE_SHAPES = [("tiny", 512, 264)]
 TOKENS = [1, 16, 64, 512]
+# Token counts the tuner measures; each is the top of its bucket, the last bucket holds every larger count.
+TUNE_M, SMOKE_TUNE_M = [1, 16, 64, 256, 512, 2048], [1, 16, 48, 130]
 GROUP = 128
 
 
-def timed(fn, repeat: int = 50) -> float:
-    """Median milliseconds of `fn` on the GPU."""
-    for _ in range(5):
+def error_bound(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x @ w^T in float64, the largest error a correct kernel can have per element): products of fp16/bf16 values
+    are exact in fp32, a K-term fp32 sum errs by at most K * 2^-24 * sum|x||w| (2^-22 here: tensor cores truncate),
+    and the output's one rounding by half an ulp."""
+    x, w = x.double(), w.double()
+    want = x @ w.t()
+    unit = torch.finfo(out_dtype).eps / 2
+    acc = x.shape[-1] * 2.0 ** -22 * (x.abs() @ w.abs().t())
+    return want, unit * want.abs() + (1 + unit) * acc + 2.0 ** -24
+
+
+def check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str) -> float:
+    """Assert `got` equals x @ w^T within `error_bound`; the largest error as a share of its bound."""
+    want, bound = error_bound(x.reshape(-1, x.shape[-1]), w, got.dtype)
+    err = (got.reshape(want.shape).double() - want).abs()
+    share = (err / bound).max().item()
+    assert got.dtype == x.dtype and share <= 1, f"{what}: max error {err.max().item():.3g} is {share:.2f}x its bound"
+    return share
+
+
+_flush: torch.Tensor | None = None
+
+
+def timed(fn, repeat: int = 30) -> float:
+    """Median milliseconds of `fn` on the GPU, with L2 (60 MB on an H200) flushed before each call."""
+    global _flush
+    if _flush is None:
+        _flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(3):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
+    for start, end in events:
+        _flush.zero_()
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in events)[repeat // 2]
+
+
+def wall_ms(fn) -> float:
+    """One call's wall time (the interpreter on the CPU: the tuner's choice there only exercises the code)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
+    """A few tiles per token range; for each, splits of K around the count that gives every SM a program."""
+    if m == 1:
+        tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (16, 64, 128, 4, 3)]
+    elif m <= 16:
+        tiles = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3)]
+    elif m <= 64:
+        tiles = [(64, 64, 128, 4, 3), (64, 128, 64, 4, 4)]
+    else:
+        tiles = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+    out = []
+    for bm, bn, bk, warps, stages in tiles:
+        programs, k_blocks = triton.cdiv(n, bn) * triton.cdiv(m, bm), k // min(bk, GROUP)
+        split = 1
+        while programs * split < sms and split * 2 <= k_blocks:
+            split *= 2
+        splits = [split // 2, split] if split > 1 else [1]
+        out += [at.Config(block=(bm, bn, bk), split=s, warps=warps, stages=stages) for s in splits]
+    if m >= 64:
+        out.append(at.Config(kernel="dense"))
+    return out
+
+
+def dump_table(raw: dict) -> str:
+    """The table's JSON with one config per line (diffs of a retune read row by row)."""
+    lines = ["{"]
+    for i, (cls, entry) in enumerate(raw.items()):
+        lines += [f"  {json.dumps(cls)}: {{", f'    "source": {json.dumps(entry["source"])},', '    "shapes": [']
+        for j, shape in enumerate(entry["shapes"]):
+            lines.append(f'      {{"n": {shape["n"]}, "k": {shape["k"]}, "configs": [')
+            lines += [f"        {json.dumps(c)}," for c in shape["configs"]]
+            lines[-1] = lines[-1].rstrip(",")
+            lines.append("      ]}" + ("," if j < len(entry["shapes"]) - 1 else ""))
+        lines += ["    ]", "  }" + ("," if i < len(raw) - 1 else "")]
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, smoke: bool,
+         path: Path) -> tuple[dict, list[str]]:
+    """Time every candidate on every (shape, token count), keep the fastest that is correct, write this device
+    class's table into `path` (other classes kept from it, or from the committed table). The table (JSON structure),
+    and the candidates that gave wrong results (a kernel bug, unlike one that does not compile for lack of
+    resources)."""
+    sms = 132 if smoke else torch.cuda.get_device_properties().multi_processor_count  # smoke: an H100's count
+    measure = wall_ms if smoke else timed
+    entries, wrong = [], []
+    start = time.perf_counter()
+    for name, k, n in shapes:
+        q, dense = layers[name]
+        configs = []
+        for m in token_counts:
+            x = torch.randn(m, k, device=dense.device, dtype=torch.float16)
+            timings = []
+            for cfg in candidates(m, n, k, sms):
+                run = lambda cfg=cfg: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg)
+                try:
+                    check(run(), x, dense, f"{name} m={m} {cfg}")
+                except AssertionError as e:
+                    wrong.append(str(e))
+                    print(f"  WRONG {e}", flush=True)
+                    continue
+                except Exception as e:  # e.g. more shared memory than the device has: not a candidate here
+                    print(f"  skipped {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
+                timings.append((measure(run), cfg))
+            if not timings:
+                raise SystemExit(f"no candidate ran correctly for {name} m={m}")
+            ms, best = min(timings, key=lambda t: t[0])
+            print(f"tune {name} m={m}: {best} {ms:.4f} ms (best of {len(timings)}; "
+                  f"{time.perf_counter() - start:.0f} s in)", flush=True)
+            configs.append(best.to_json() | {"max_m": m})
+        configs[-1]["max_m"] = None
+        # A bucket with the same config as the next one adds nothing.
+        configs = [c for c, nxt in zip(configs, configs[1:] + [None])
+                   if nxt is None or {**c, "max_m": 0} != {**nxt, "max_m": 0}]
+        entries.append({"n": n, "k": k, "configs": configs})
+    raw = json.loads((path if path.exists() else at.CONFIGS).read_text())
+    versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    raw[at.device_class(device_name)] = {
+        "source": f"python -m bench.awq --tune on {device_name}, {datetime.date.today()}, {versions}",
+        "shapes": entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_table(raw))
+    print(f"wrote {path}", flush=True)
+    return raw, wrong
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter), no timing")
-    p.add_argument("--out", help="also write the table to this markdown file")
+    p.add_argument("--tune", type=Path, metavar="TABLE", help="tune first, write the table there, bench with it")
+    p.add_argument("--out", type=Path, help="also write the report to this markdown file (and its .json)")
     args = p.parse_args()
     device = "cpu" if args.smoke else "cuda"
-    shapes = [("tiny", 256, 192)] if args.smoke else SHAPES
-    tokens = [1, 17] if args.smoke else TOKENS
+    device_name = "cpu" if args.smoke else torch.cuda.get_device_name()
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     torch.manual_seed(0)
-    rows = ["| linear | K | N | tokens | max abs diff vs dequantize | dense fp16 ms | triton ms | dequantize+matmul ms "
-            "| dense / triton |", "|---|---|---|---|---|---|---|---|---|"]
+    layers = {}
     for name, k, n in shapes:
-        w = torch.randn(n, k, device=device) * 0.02
-        q = {key: t.to(device) for key, t in awq.quantize(w, GROUP).items()}
-        dense = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], GROUP, torch.float16)
+        q = {key: t.to(device) for key, t in awq.quantize(torch.randn(n, k) * 0.02, GROUP).items()}
+        layers[name] = q, awq.dequantize(q["qweight"], q["qzeros"], q["scales"], GROUP, torch.float16)
+    wrong = []
+    if args.tune:
+        raw, wrong = tune(layers, shapes, SMOKE_TUNE_M if args.smoke else TUNE_M, device_name, args.smoke, args.tune)
+    else:
+        raw = json.loads(at.CONFIGS.read_text())
+    table, source = at.parse_table(raw), raw.get(at.device_class(device_name), raw["default"])["source"]
+
+    rows, report = [], ["| linear | K | N | tokens | path | config | error / bound | dense fp16 ms | ours ms "
+                        "| dequantize+matmul ms | dense / ours |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, k, n in shapes:
+        q, dense = layers[name]
+        dense_path = at.Config(kernel="dense")
+        # Smoke: the lowest token count of each bucket of the table, so every config it holds for the shape runs.
+        buckets = at.shape_configs(table, device_name, n, k)
+        tokens = [1] + [c.max_m + 1 for c in buckets[:-1]] if args.smoke else TOKENS
         for m in tokens:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
-            got = awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP)
-            want = F.linear(x.float(), dense.float())
-            diff = (got.float() - want).abs().max().item()
-            assert torch.allclose(got.float(), want, rtol=2e-3, atol=2e-3), f"{name} m={m}: max diff {diff}"
-            if args.smoke:
-                rows.append(f"| {name} | {k} | {n} | {m} | {diff:.2e} | - | - | - | - |")
-                continue
-            t_dense = timed(lambda: F.linear(x, dense))
-            t_triton = timed(lambda: awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP))
-            t_deq = timed(lambda: F.linear(x, awq.dequantize(q["qweight"], q["qzeros"], q["scales"], GROUP,
-                                                              torch.float16)))
-            rows.append(f"| {name} | {k} | {n} | {m} | {diff:.2e} | {t_dense:.3f} | {t_triton:.3f} | {t_deq:.3f} "
-                        f"| {t_dense / t_triton:.2f} |")
-    device_name = "CPU (Triton interpreter, smoke)" if args.smoke else torch.cuda.get_device_name()
-    header = (f"# AWQ W4A16 GEMM\n\ndevice: {device_name}; date: {datetime.date.today()}; torch {torch.__version__}; "
-              f"command: `python -m bench.awq {' '.join(sys.argv[1:])}`\n\n")
-    report = header + "\n".join(rows) + "\n"
-    print(report)
+            cfg = at.select(table, device_name, n, k, m)
+            run = lambda cfg=cfg: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg)
+            share = check(run(), x, dense, f"{name} m={m} {cfg}")
+            row = {"linear": name, "k": k, "n": n, "tokens": m, "path": cfg.path, "config": str(cfg),
+                   "error_share": share}
+            if not args.smoke:
+                row["dense_ms"] = timed(lambda: F.linear(x, dense))
+                row["ours_ms"] = timed(run)
+                row["dequant_ms"] = timed(lambda: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP,
+                                                              config=dense_path))
+                row["dense_over_ours"] = row["dense_ms"] / row["ours_ms"]
+            rows.append(row)
+            times = (" | ".join(f"{row[key]:.3f}" for key in ("dense_ms", "ours_ms", "dequant_ms", "dense_over_ours"))
+                     if not args.smoke else "- | - | - | -")
+            report.append(f"| {name} | {k} | {n} | {m} | {cfg.path} | {cfg} | {share:.2f} | {times} |")
+    header = (f"# AWQ W4A16 GEMM\n\ndevice: {'CPU (Triton interpreter, smoke)' if args.smoke else device_name}; "
+              f"date: {datetime.date.today()}; torch {torch.__version__}; triton {triton.__version__}; "
+              f"command: `python -m bench.awq {' '.join(sys.argv[1:])}`; table: {source}\n\n")
+    markdown = header + "\n".join(report) + "\n"
+    print(markdown)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+        save(args.out, markdown, {"device": device_name, "rows": rows, "wrong_candidates": wrong})
+    if wrong:
+        sys.exit(f"{len(wrong)} tuning candidates gave wrong results (see WRONG above)")
 
 
 if __name__ == "__main__":

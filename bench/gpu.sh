@@ -6,7 +6,9 @@
 #   attention  the Triton paged attention compiled, against SDPA (bf16 and 7B shapes included)
 #   decoder    the engine against transformers' generate at InternLM2.5-7B shapes: 1/16/64 streams, 13-tile TTFT
 #   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image
-#   awq        the AWQ W4A16 Triton kernel against dense fp16
+#   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~2 min), then bench the
+#              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
+#              as services/llm_decoder/models/awq_configs.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -27,8 +29,8 @@ for step in "${steps[@]}"; do
                  --out "$out/decoder-h200-$day.md" ;;
     vision:1) "$py" -m bench.vision --device cpu --smoke --out "$out/vision-smoke-$day.md" ;;
     vision:0) "$py" -m bench.vision --device cuda --out "$out/vision-h200-$day.md" ;;
-    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke ;;
-    awq:0) "$py" -m bench.awq --out "$out/awq-h200-$day.md" ;;
+    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$out/awq_configs-smoke-$day.json" ;;
+    awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md" ;;
     *) echo "unknown step $step (attention, decoder, vision, awq)" >&2; exit 2 ;;
   esac
 done

@@ -1,33 +1,76 @@
-"""The Triton W4A16 kernel equals the dequantize path. Here it runs in Triton's interpreter (CPU); on a GPU the same
-check runs compiled (bench/awq.py)."""
+"""The Triton W4A16 paths equal the dequantize path, the table's configs compile for H100/H200, and the dispatch
+table is well formed. The kernels run in Triton's interpreter (CPU), in a process of their own
+(tests/awq_triton_check.py); on a GPU the same checks run compiled (bench/awq.py)."""
+import json
 import os
 import subprocess
 import sys
-import textwrap
 
+import pytest
+
+from services.llm_decoder.models import awq_triton as at
 from tools.run_local import ROOT
 
-CHECK = textwrap.dedent("""
-    import torch
-    from services.llm_decoder.models import awq
-    from services.llm_decoder.models.awq_triton import awq_gemm
 
-    torch.manual_seed(0)
-    # (tokens, in, out, group): one decode token, a ragged output width, several groups per tile
-    for m, k, n, g in [(1, 128, 64, 64), (5, 256, 136, 128), (33, 128, 64, 32)]:
-        q = awq.quantize(torch.randn(n, k), g)
-        x = torch.randn(m, k).half()
-        got = awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], g)
-        want = torch.nn.functional.linear(x.float(), awq.dequantize(q["qweight"], q["qzeros"], q["scales"], g,
-                                                                    torch.half).float())
-        assert got.shape == (m, n) and got.dtype == torch.half
-        # fp32 accumulation in both; the difference is the fp16 rounding of the output
-        assert torch.allclose(got.float(), want, rtol=2e-3, atol=2e-3), (m, k, n, (got.float() - want).abs().max())
-    print("ok")
-""")
+def _check(case: str, **env) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    out = subprocess.run([sys.executable, "-m", "tests.awq_triton_check", case], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-def test_triton_kernel_equals_dequantized_matmul():
+@pytest.mark.parametrize("case", ["paths", "table", "tune"])
+def test_triton_paths_equal_dequantized_matmul(case):
+    _check(case, TRITON_INTERPRET="1")
+
+
+def test_table_configs_compile_for_h100_h200(tmp_path):
+    _check("compile", TRITON_CACHE_DIR=str(tmp_path))  # a fresh cache: every kernel really compiles
+
+
+def test_committed_table_is_well_formed():
+    raw = json.loads(at.CONFIGS.read_text())
+    assert "default" in raw
+    for cls, entry in raw.items():
+        assert cls == "default" or cls in at.DEVICE_CLASSES, cls
+        assert entry["source"] and entry["shapes"], cls
+    for cls, shapes in at.parse_table(raw).items():
+        for n, k, configs in shapes:
+            bounds = [c.max_m for c in configs]
+            assert bounds[-1] is None and bounds[:-1] == sorted(set(bounds[:-1])), (cls, n, k, bounds)
+            for c in configs:
+                assert c.kernel in ("fused", "dense"), c
+                if c.kernel == "fused":
+                    bm, bn, bk = c.block
+                    assert all(b & (b - 1) == 0 for b in c.block) and bn >= 16 and bk >= 16, c
+                    assert bm == 1 or bm >= 16, c  # tl.dot needs 16 rows; one row is the GEMV
+                    assert bm > 1 or c.max_m == 1, c  # a one-row tile for several tokens rereads the weights
+                    assert c.split >= 1 and c.warps in (1, 2, 4, 8, 16) and c.stages >= 1, c
+
+
+def test_select_takes_the_device_class_nearest_shape_and_bucket():
+    def cfg(max_m, split):
+        return at.Config(block=(16, 64, 64), split=split, max_m=max_m)
+
+    table = {"default": [(2048, 2048, [cfg(16, 1), cfg(None, 2)])],
+             "H100/H200": [(2048, 2048, [cfg(1, 3), cfg(64, 4), at.Config(kernel="dense")]),
+                           (22016, 2048, [cfg(None, 5)])]}
+    assert at.device_class("NVIDIA H100 80GB HBM3") == at.device_class("NVIDIA H200") == "H100/H200"
+    assert at.device_class("NVIDIA A100-SXM4-80GB") == at.device_class("cpu") == "default"
+    assert at.select(table, "NVIDIA A100-SXM4-80GB", 2560, 2048, 16).split == 1
+    assert at.select(table, "NVIDIA A100-SXM4-80GB", 2560, 2048, 17).split == 2
+    h200 = [at.select(table, "NVIDIA H200", 2560, 2048, m) for m in (1, 2, 64, 65, 4096)]
+    assert [c.split for c in h200[:3]] == [3, 4, 4] and h200[3].kernel == h200[4].kernel == "dense"
+    assert at.select(table, "NVIDIA H200", 11008, 2048, 1).split == 5  # nearer 22016 than 2048
+    assert str(h200[0]) == "gemm+split3 16x64x64 w4 s3" and at.Config(block=(1, 64, 64)).path == "gemv"
+
+
+def test_bench_smoke_runs_every_bucket_of_the_table(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "bench.awq", "--smoke", "--out", str(tmp_path / "awq.md")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "awq.json").read_text())["rows"]
+    configs = at.shape_configs(at.parse_table(json.loads(at.CONFIGS.read_text())), "cpu", rows[0]["n"], rows[0]["k"])
+    assert [r["config"] for r in rows] == [str(c) for c in configs]
+    assert all(0 <= r["error_share"] <= 1 for r in rows)

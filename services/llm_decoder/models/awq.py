@@ -76,12 +76,13 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W^T (+ bias) with W kept packed (GPU memory stays at 4 bits per weight)."""
+    """x [..., K] @ W^T (+ bias) with W kept packed (GPU memory stays at 4 bits per weight; large prefills
+    dequantize a transient copy, see awq_triton)."""
     bias = None if bias is None else bias.to(x.dtype)
-    if awq_gemm is not None and x.is_cuda:
+    if awq_gemm is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         out = awq_gemm(x, qweight, qzeros, scales, group_size)
         return out if bias is None else out + bias
-    # No Triton: dequantize per call, still without keeping a dense copy.
+    # No Triton (or fp32 activations): dequantize per call, still without keeping a dense copy.
     return F.linear(x, dequantize(qweight, qzeros, scales, group_size, x.dtype), bias)
 
 

@@ -1,48 +1,237 @@
 """W4A16 GEMM over AWQ-packed weights in Triton: nibbles are unpacked in registers, so weights stream at 4 bits.
 
-out[M, N] = x[M, K] @ W^T with W[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group, n], accumulated in fp32.
+out[M, N] = x[M, K] @ W^T with W[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group, n], each weight rounded to
+x's dtype (as `awq.dequantize` does) and products accumulated in fp32.
+
+`awq_gemm` picks one of three paths per (device, N, K, M) from the committed table awq_configs.json (written by
+`python -m bench.awq --tune` on the GPU; no autotuning at serving time):
+  - fused, BLOCK_M == 1: a GEMV for one token; fp32 products are summed over K once, at the end of the program;
+  - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill);
+  - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills).
+The fused kernel splits K over `split` programs per output tile when the tiles alone would leave SMs idle (skinny
+decode shapes); the last program to finish a tile sums the fp32 partials, so a call is one launch.
 """
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
 
+CONFIGS = Path(__file__).with_name("awq_configs.json")
+# Device classes of the table: a GPU whose name contains one of the strings; any other uses "default".
+DEVICE_CLASSES = {"H100/H200": ("H100", "H200")}
+
 
 @triton.jit
-def _awq_gemm(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N, K, group_size,
-              stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """W^T rows k0..k0+BLOCK_K, columns offs_n, in `dtype`: [BLOCK_K, BLOCK_N]. The rows lie in one group."""
+    w_ok, n_ok = offs_w < N // 8, offs_n < N
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
+    g = k0 // group_size
+    zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+    scales = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+    # Each packed word is read once and repeated 8 times in registers; channel j of a word sits in nibble slot
+    # j // 2 + 4 * (j % 2) (AWQ's order 0, 2, 4, 6, 1, 3, 5, 7).
+    for _ in tl.static_range(3):
+        words = tl.interleave(words, words)
+        zeros = tl.interleave(zeros, zeros)
+    j = tl.arange(0, BLOCK_N) % 8
+    shifts = (j // 2 + (j % 2) * 4) * 4
+    # A nibble v (the mask drops the sign bits an arithmetic shift brings in) or-ed into the bits of fp32 2^23 reads
+    # as 2^23 + v: an integer-to-float conversion (a quarter-rate instruction) for the price of a bitwise or.
+    q = (((words >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+    z = (((zeros >> shifts) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+    # (q - z) * scale is exact in fp32; one rounding to `dtype`, as awq.dequantize rounds.
+    return ((q - z[None, :]) * scales.to(tl.float32)[None, :]).to(dtype)
+
+
+@triton.jit(do_not_specialize=["M"])  # M varies per step: one compiled kernel per config, not per token count
+def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm, stride_om,
+              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              STAGES: tl.constexpr):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    # This program's share of the K blocks, as even as can be (BLOCK_K divides the group: K is whole blocks).
+    k_blocks = K // BLOCK_K
+    kb_lo = pid_k * k_blocks // SPLIT_K
+    kb_hi = (pid_k + 1) * k_blocks // SPLIT_K
+    # GEMV keeps a [BLOCK_K, BLOCK_N] fp32 accumulator and reduces over K once, after the loop.
+    acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Loads run STAGES - 1 blocks ahead (Triton pipelines only loops with a dot unless the loop asks, as here).
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+        k0 = kb * BLOCK_K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_ok[:, None],
+                    other=0.0)
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K, x.dtype)
+        if BLOCK_M == 1:
+            acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32)
+        else:
+            acc = tl.dot(x, w, acc)
+    if BLOCK_M == 1:
+        acc = tl.reshape(tl.sum(acc, 0), (1, BLOCK_N))
+
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Partials go to ws[split, M, N]; the last of the tile's SPLIT_K programs to arrive adds them up in split
+        # order (deterministic), writes the output and resets the tile's counter for the next launch.
+        tl.store(ws_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :], acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before this program's arrival is counted
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # release our partial, acquire the others'
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(ws_ptr + (s * M + offs_m)[:, None] * N + offs_n[None, :], mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr + tile, 0)
+
+
+@triton.jit
+def _awq_dequant(qw_ptr, qz_ptr, sc_ptr, w_ptr, N, group_size, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W^T [K, N] in w's dtype, one [BLOCK_K, BLOCK_N] tile per program."""
+    k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Channel j of a packed word sits in nibble slot j // 2 + 4 * (j % 2) (AWQ's order 0, 2, 4, 6, 1, 3, 5, 7).
-    shifts = ((offs_n % 8) // 2 + (offs_n % 2) * 4) * 4
-    packed_n, mask_m, mask_n = offs_n // 8, offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        mask_kn = mask_k[:, None] & mask_n[None, :]
-        group = offs_k // group_size
-        q = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + packed_n[None, :], mask=mask_kn, other=0)
-        z = tl.load(qzeros_ptr + group[:, None] * (N // 8) + packed_n[None, :], mask=mask_kn, other=0)
-        s = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
-        q = (q >> shifts[None, :]) & 0xF  # the mask drops the sign bits an arithmetic shift brings in
-        z = (z >> shifts[None, :]) & 0xF
-        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
-        acc += tl.dot(x, w)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    offs_w = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K,
+                      w_ptr.dtype.element_ty)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_n < N)[None, :])
 
 
-def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-             group_size: int) -> torch.Tensor:
-    """x [..., K] (fp16/bf16) times the packed weight -> [..., N] in x's dtype."""
+@dataclass(frozen=True)
+class Config:
+    """One row of the table: the path and its launch parameters, for token counts up to max_m."""
+    kernel: str = "fused"        # "fused" (the kernel above) or "dense" (dequantize, then torch's matmul)
+    block: tuple = (16, 64, 64)  # BLOCK_M, BLOCK_N, BLOCK_K; BLOCK_K is cut to a divisor of the group size
+    split: int = 1               # programs sharing one output tile's K
+    warps: int = 4
+    stages: int = 3
+    max_m: int | None = None     # None: every larger M
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Config":
+        return cls(**{**d, "block": tuple(d.get("block", cls.block))})
+
+    def to_json(self) -> dict:
+        if self.kernel == "dense":
+            return {"max_m": self.max_m, "kernel": "dense"}
+        return {"max_m": self.max_m, "kernel": self.kernel, "block": list(self.block), "split": self.split,
+                "warps": self.warps, "stages": self.stages}
+
+    @property
+    def path(self) -> str:
+        """What runs, in words: dense, gemv, gemm, or either with split-k."""
+        if self.kernel == "dense":
+            return "dense"
+        name = "gemv" if self.block[0] == 1 else "gemm"
+        return f"{name}+split{self.split}" if self.split > 1 else name
+
+    def __str__(self) -> str:
+        if self.kernel == "dense":
+            return "dense"
+        return f"{self.path} {'x'.join(map(str, self.block))} w{self.warps} s{self.stages}"
+
+
+def device_class(name: str) -> str:
+    return next((cls for cls, keys in DEVICE_CLASSES.items() if any(k in name for k in keys)), "default")
+
+
+def parse_table(raw: dict) -> dict:
+    """{device class: [(n, k, [Config, ...] by ascending max_m)]} from the JSON table's structure."""
+    return {cls: [(s["n"], s["k"], [Config.from_json(c) for c in s["configs"]]) for s in entry["shapes"]]
+            for cls, entry in raw.items()}
+
+
+def shape_configs(table: dict, device_name: str, n: int, k: int) -> list[Config]:
+    """The device class's (else "default") configs, by M bucket, for the tuned shape nearest (N, K)."""
+    shapes = table.get(device_class(device_name), table["default"])
+    return min(shapes, key=lambda s: abs(math.log(s[0] / n)) + abs(math.log(s[1] / k)))[2]
+
+
+def select(table: dict, device_name: str, n: int, k: int, m: int) -> Config:
+    """The config of the first M bucket that holds m (the last bucket holds every larger m)."""
+    configs = shape_configs(table, device_name, n, k)
+    return next((c for c in configs if c.max_m is None or m <= c.max_m), configs[-1])
+
+
+@functools.cache
+def _committed_table() -> dict:
+    return parse_table(json.loads(CONFIGS.read_text()))
+
+
+@functools.cache
+def pick_config(device_name: str, n: int, k: int, m: int) -> Config:
+    """`select` over the committed table, memoized: serving looks a config up for every linear of every step."""
+    return select(_committed_table(), device_name, n, k, m)
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+_counters: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile, shared by the split-K launches on a device: launches on one
+    stream run in order and each leaves its counters at zero. A larger buffer is added when needed, the old ones
+    kept: a captured CUDA graph may still point at them."""
+    buffers = _counters.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # zeroing would run only at replay
+            raise RuntimeError("awq_gemm: run each shape once before capturing it in a CUDA graph")
+        buffers.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
+
+
+def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, N] in `dtype` (the transpose of awq.dequantize's result, bit for bit)."""
     k, n = qweight.shape[0], scales.shape[1]
-    x2 = x.reshape(-1, k).contiguous()
+    w = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    block_k = math.gcd(32, group_size)
+    _awq_dequant[(k // block_k, triton.cdiv(n, 128))](qweight, qzeros, scales, w, n, group_size, BLOCK_N=128,
+                                                       BLOCK_K=block_k)
+    return w
+
+
+def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+             config: Config | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16) times the packed weight -> [..., N] in x's dtype; `config` overrides the table."""
+    k, n = qweight.shape[0], scales.shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     m = x2.shape[0]
+    if config is None:
+        config = pick_config(_device_name(x.device), n, k, m)
+    if config.kernel == "dense":
+        out = x2 @ dequantize_triton(qweight, qzeros, scales, group_size, x.dtype)
+        return out.reshape(*x.shape[:-1], n)
+    block_m, block_n, block_k = config.block
+    block_k = math.gcd(block_k, group_size)
+    split = max(1, min(config.split, k // block_k))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = 16 if m <= 16 else 64  # decode batches are small: do not waste a 64-row tile on one token
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
-    _awq_gemm[grid](x2, qweight, qzeros, scales, out, m, n, k, group_size, x2.stride(0), out.stride(0),
-                    BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(64, group_size))
+    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+    ws = counters = None  # a single split writes the output directly
+    if split > 1:
+        ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, grid[0] * grid[2])
+    _awq_gemm[grid](x2, qweight, qzeros, scales, out, ws, counters, m, n, k, group_size, x2.stride(0), out.stride(0),
+                    SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=config.stages,
+                    num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)

@@ -1,0 +1,176 @@
+"""The AWQ Triton paths against the dequantized weight's matmul, in Triton's interpreter (run by test_awq_triton.py;
+TRITON_INTERPRET=1 must be set before triton is imported, hence a process of its own):
+
+    TRITON_INTERPRET=1 python -m tests.awq_triton_check paths|table|tune
+    python -m tests.awq_triton_check compile      # not interpreted: compiled for sm_90, no GPU needed
+"""
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton.language as tl
+from triton.runtime import interpreter
+
+from bench import awq as bench
+from services.llm_decoder.models import awq
+from services.llm_decoder.models import awq_triton as at
+
+
+def _bf16_like_the_gpu() -> None:
+    """The interpreter keeps bf16 as raw uint16: its tl.dot multiplies the bit patterns (triton-lang/triton#11584;
+    bf16 is unsupported there) and its fp32 -> bf16 cast truncates where the GPU rounds to nearest even. Both are
+    routed through torch here, which computes them as the GPU does."""
+    builder = interpreter.InterpreterBuilder
+    cast, dot = builder.cast_impl, builder.create_dot
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = torch.from_numpy(np.ascontiguousarray(src.data)).bfloat16().view(torch.int16).numpy()
+            return interpreter.TensorHandle(bits.view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def as_fp32(h):
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        values = torch.from_numpy(np.ascontiguousarray(h.data).view(np.int16)).view(torch.bfloat16).float()
+        return interpreter.TensorHandle(values.numpy(), tl.float32)
+
+    builder.cast_impl = cast_impl
+    builder.create_dot = lambda self, a, b, d, *args: dot(self, as_fp32(a), as_fp32(b), d, *args)
+
+
+def run(cfg: at.Config | None, m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0,
+        lead: tuple = ()) -> float:
+    """awq_gemm (cfg, or the committed table's pick) against x @ dequantize(...)^T; the error's share of its bound."""
+    g = torch.Generator().manual_seed(seed)
+    q = awq.quantize(torch.randn(n, k, generator=g), group)
+    x = torch.randn(*lead, m, k, generator=g).to(dtype)
+    got = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], group, config=cfg)
+    assert got.shape == (*lead, m, n), got.shape
+    w = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype)
+    return bench.check(got, x, w, f"{cfg} m={m} k={k} n={n} group={group} {dtype}")
+
+
+def paths() -> None:
+    """Each path at its edges: one token, M off the block, N a multiple of 8 but not of BLOCK_N, several groups per
+    program, group 64 and 128 (and a BLOCK_K cut to the group), splits that leave a program no K, fp16 and bf16."""
+    f16, b16 = torch.float16, torch.bfloat16
+    cases = [
+        (at.Config(block=(1, 64, 64), split=1), 1, 256, 136, 128, f16),
+        (at.Config(block=(1, 128, 64), split=1), 1, 256, 136, 64, b16),
+        (at.Config(block=(1, 64, 64), split=3), 1, 256, 136, 64, b16),         # 4 K blocks over 3 splits: 1, 1, 2
+        (at.Config(block=(1, 64, 128), split=4), 1, 512, 72, 128, f16),
+        (at.Config(block=(16, 64, 128), split=4), 5, 512, 136, 128, f16),
+        (at.Config(block=(16, 128, 128), split=2), 16, 256, 136, 64, b16),     # BLOCK_K 128 cut to the group's 64
+        (at.Config(block=(32, 64, 64), split=1), 33, 256, 264, 128, f16),
+        (at.Config(block=(64, 128, 64), split=2), 70, 384, 200, 64, b16),
+        (at.Config(block=(128, 256, 64), split=1, warps=8), 130, 256, 264, 128, f16),
+        (at.Config(kernel="dense"), 33, 256, 264, 128, f16),
+        (at.Config(kernel="dense"), 40, 256, 136, 64, b16),
+    ]
+    for cfg, m, k, n, group, dtype in cases:
+        run(cfg, m, k, n, group, dtype)
+    # Leading dimensions pass through; rows of x need not be contiguous (stride(0) != K).
+    run(at.Config(block=(16, 64, 64), split=2), 3, 128, 64, 64, f16, lead=(2,))
+    q = awq.quantize(torch.randn(64, 128), 64)
+    x = torch.randn(4, 192).half()[:, :128]
+    w = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], 64, torch.half)
+    bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, at.Config(block=(16, 64, 64))), x, w,
+                "strided x")
+    # The bias is the caller's (awq_matmul adds it to the kernel's output).
+    bias = torch.randn(64).half()
+    out = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64) + bias
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), rtol=2e-3, atol=2e-3)
+    # Every split-K launch leaves its tile counters at zero for the next one.
+    assert not at._counters[torch.device("cpu")][-1].any()
+    # The dense path's dequantization equals awq.dequantize bit for bit.
+    for dtype in (f16, b16):
+        got = at.dequantize_triton(q["qweight"], q["qzeros"], q["scales"], 64, dtype)
+        assert torch.equal(got.t(), awq.dequantize(q["qweight"], q["qzeros"], q["scales"], 64, dtype)), dtype
+
+
+def table() -> None:
+    """Every config of the committed table, for every device class, at the lowest M of its bucket (not a multiple of
+    BLOCK_M), N two tiles and a ragged 8 wide, K long enough for its split."""
+    raw = json.loads(at.CONFIGS.read_text())
+    seen = set()
+    for cls, shapes in at.parse_table(raw).items():
+        for _, _, configs in shapes:
+            low = 1
+            for cfg in configs:
+                key = (cfg.kernel, cfg.block, cfg.split, low)
+                if key not in seen:
+                    seen.add(key)
+                    bk, bn = (128, 64) if cfg.kernel == "dense" else (min(cfg.block[2], 128), cfg.block[1])
+                    k = max(256, -(-cfg.split * bk // 128) * 128)
+                    run(cfg, low, k, 2 * bn + 8, 128, torch.float16 if len(seen) % 2 else torch.bfloat16)
+                low = (cfg.max_m or low) + 1
+    # Without a config, awq_gemm dispatches through the table (here: the default class).
+    for m in (1, 16, 100, 300):
+        run(None, m, 256, 136, 128, torch.float16)
+
+
+def tune() -> None:
+    """The tuner on a tiny shape with two candidates per token count: it writes a table that parses and dispatches
+    its choice, and keeps the other device classes of the file."""
+    bench.candidates = lambda m, n, k, sms: [at.Config(block=(16, 64, 64), split=2), at.Config(kernel="dense")]
+    k, n = 256, 72
+    q = awq.quantize(torch.randn(n, k), bench.GROUP)
+    layers = {"tiny": (q, awq.dequantize(q["qweight"], q["qzeros"], q["scales"], bench.GROUP, torch.float16))}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "table.json"
+        path.write_text(json.dumps({"default": {"source": "test", "shapes": []},
+                                    "other": {"source": "kept", "shapes": [{"n": 8, "k": 8, "configs": []}]}}))
+        raw, wrong = bench.tune(layers, [("tiny", k, n)], [1, 4], "NVIDIA H200", True, path)
+        assert json.loads(path.read_text()) == raw
+    table = at.parse_table(raw)
+    assert not wrong and raw["other"]["source"] == "kept" and "H100/H200" in raw
+    configs = at.shape_configs(table, "NVIDIA H200", n, k)
+    assert configs[-1].max_m is None and all(c.kernel in ("fused", "dense") for c in configs)
+    run(at.select(table, "NVIDIA H200", n, k, 3), 3, k, n, bench.GROUP, torch.float16)
+
+
+def compile_sm90() -> None:
+    """Every fused config of the committed table (fp16, and bf16 for one-row and split tiles) and the dequantize
+    kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the interpreter cannot catch (types,
+    layouts, resources) fails here rather than on the GPU."""
+    from triton import compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def build(fn, types: dict, constants: dict, **options):
+        # Pointers and sizes 16-aligned, as the launcher finds them at the served shapes.
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in types.items()
+                 if ty.startswith("*") or name in ("N", "K", "group_size", "stride_xm", "stride_om")}
+        signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+        compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+
+    seen = set()
+    for shapes in at.parse_table(json.loads(at.CONFIGS.read_text())).values():
+        for cfg in (c for _, _, configs in shapes for c in configs if c.kernel == "fused"):
+            for dtype in ("fp16", "bf16") if cfg.block[0] == 1 or cfg.split > 1 else ("fp16",):
+                key = (cfg.block, cfg.split, cfg.warps, cfg.stages, dtype)
+                if key in seen:
+                    continue
+                seen.add(key)
+                split = cfg.split > 1
+                types = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16",
+                         "out_ptr": f"*{dtype}", **({"ws_ptr": "*fp32", "count_ptr": "*i32"} if split else {}),
+                         **{name: "i32" for name in ("M", "N", "K", "group_size", "stride_xm", "stride_om")}}
+                constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}), "SPLIT_K": cfg.split,
+                             "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2],
+                             "STAGES": cfg.stages}
+                build(at._awq_gemm, types, constants, num_warps=cfg.warps)
+    for dtype in ("fp16", "bf16"):
+        build(at._awq_dequant, {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": f"*{dtype}",
+                                "N": "i32", "group_size": "i32"}, {"BLOCK_N": 128, "BLOCK_K": 32})
+    assert seen
+
+
+if __name__ == "__main__":
+    _bf16_like_the_gpu()
+    {"paths": paths, "table": table, "tune": tune, "compile": compile_sm90}[sys.argv[1]]()
+    print("ok")
