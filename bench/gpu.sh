@@ -5,7 +5,10 @@
 # Steps, in this order by default (the decoder first: the largest gap):
 #   attention  the Triton paged attention compiled, against SDPA (bf16 and 7B shapes included)
 #   decoder    the engine against transformers' generate at InternLM2.5-7B shapes: 1/16/64 streams, 13-tile TTFT
-#   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image
+#   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image, one
+#              tile; eager, CUDA graphs and torch.compile
+#   vision6b   InternViT-6B (InternVL-Chat-V1-5) the same way, eager and CUDA graphs (not run by default: run it
+#              when the other steps have left the time)
 #   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~2 min), then bench the
 #              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
 #              as services/llm_decoder/models/awq_configs.json
@@ -29,8 +32,12 @@ for step in "${steps[@]}"; do
                  --out "$out/decoder-h200-$day.md" ;;
     vision:1) "$py" -m bench.vision --device cpu --smoke --out "$out/vision-smoke-$day.md" ;;
     vision:0) "$py" -m bench.vision --device cuda --out "$out/vision-h200-$day.md" ;;
+    vision6b:1) "$py" -m bench.vision --device cpu --smoke --family internvl-chat-v1_5 \
+                  --out "$out/vision6b-smoke-$day.md" ;;
+    vision6b:0) "$py" -m bench.vision --device cuda --family internvl-chat-v1_5 --variants eager graphs \
+                  --out "$out/vision6b-h200-$day.md" ;;
     awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$out/awq_configs-smoke-$day.json" ;;
     awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md" ;;
-    *) echo "unknown step $step (attention, decoder, vision, awq)" >&2; exit 2 ;;
+    *) echo "unknown step $step (attention, decoder, vision, awq, vision6b)" >&2; exit 2 ;;
   esac
 done
