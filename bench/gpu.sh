@@ -8,7 +8,8 @@
 #   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image
 #   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~2 min), then bench the
 #              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
-#              as services/llm_decoder/models/awq_configs.json
+#              as services/llm_decoder/models/awq_configs.json. Then, with that table (AWQ_CONFIGS), the whole
+#              InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ against bf16 through the engine, 1 and 16 streams (~1 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -29,8 +30,12 @@ for step in "${steps[@]}"; do
                  --out "$out/decoder-h200-$day.md" ;;
     vision:1) "$py" -m bench.vision --device cpu --smoke --out "$out/vision-smoke-$day.md" ;;
     vision:0) "$py" -m bench.vision --device cuda --out "$out/vision-h200-$day.md" ;;
-    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$out/awq_configs-smoke-$day.json" ;;
-    awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md" ;;
+    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$out/awq_configs-smoke-$day.json"
+           AWQ_CONFIGS="$out/awq_configs-smoke-$day.json" "$py" -m bench.awq_engine --device cpu --smoke \
+             --out "$out/awq-engine-smoke-$day.md" ;;
+    awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md"
+           AWQ_CONFIGS="$out/awq_configs-h200-$day.json" "$py" -m bench.awq_engine --device cuda \
+             --out "$out/awq-engine-h200-$day.md" ;;
     *) echo "unknown step $step (attention, decoder, vision, awq)" >&2; exit 2 ;;
   esac
 done
