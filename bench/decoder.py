@@ -29,7 +29,8 @@ both hold identical weights and greedy outputs can be compared. Measured, each a
     python -m bench.decoder --device cpu --smoke --out /tmp/decoder.md  # tiny shapes, seconds (the test runs this)
 
 The markdown report goes to --out and the same numbers as JSON next to it (--out with .json). The GPU path needs only
-torch and transformers (no gateway, Redis or gRPC imports).
+torch and transformers (no gateway, Redis or gRPC imports). bench/awq_engine.py runs this file's engine models and
+helpers with AWQ linears (--shape qwen2_5_3b, InternVL2_5-4B's LLM, is its default) against bf16, without transformers.
 """
 import argparse
 import asyncio
