@@ -7,9 +7,12 @@ rounding of the output). Times are medians of CUDA-event timings with L2 flushed
 forward, where a layer's weights are long evicted when it runs again.
 
     python -m bench.awq [--out bench/results/awq-<date>.md]          # on a CUDA machine: the committed table
+                                                                     # ($AWQ_CONFIGS: another table file)
     python -m bench.awq --tune services/llm_decoder/models/awq_configs.json [--out ...]
                          # sweep a few configs per (shape, token bucket), write this device class's table, then bench
     TRITON_INTERPRET=1 python -m bench.awq --smoke [--tune /tmp/awq.json]   # CPU: tiny shapes, correctness only
+
+The whole model through the engine, AWQ against bf16: bench/awq_engine.py.
 """
 import argparse
 import datetime
@@ -187,7 +190,7 @@ def main() -> None:
     if args.tune:
         raw, wrong = tune(layers, shapes, SMOKE_TUNE_M if args.smoke else TUNE_M, device_name, args.smoke, args.tune)
     else:
-        raw = json.loads(at.CONFIGS.read_text())
+        raw = json.loads(at.table_path().read_text())  # the committed table, or $AWQ_CONFIGS
     table, source = at.parse_table(raw), raw.get(at.device_class(device_name), raw["default"])["source"]
 
     rows, report = [], ["| linear | K | N | tokens | path | config | error / bound | dense fp16 ms | ours ms "

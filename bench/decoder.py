@@ -29,7 +29,8 @@ both hold identical weights and greedy outputs can be compared. Measured, each a
     python -m bench.decoder --device cpu --smoke --out /tmp/decoder.md  # tiny shapes, seconds (the test runs this)
 
 The markdown report goes to --out and the same numbers as JSON next to it (--out with .json). The GPU path needs only
-torch and transformers (no gateway, Redis or gRPC imports).
+torch and transformers (no gateway, Redis or gRPC imports). bench/awq_engine.py runs this file's engine models and
+helpers with AWQ linears (--shape qwen2_5_3b, InternVL2_5-4B's LLM, is its default) against bf16, without transformers.
 """
 import argparse
 import asyncio
@@ -75,6 +76,7 @@ class Shape:
 SHAPES = {
     "tiny": Shape("qwen2", 64, 2, 4, 2, 128, 1024, 1e-6, 1e6),  # the tiny test checkpoint's LLM (vocab rounded up)
     "qwen2_5_0_5b": Shape("qwen2", 896, 24, 14, 2, 4864, 151674, 1e-6, 1e6),  # InternVL2_5-1B
+    "qwen2_5_3b": Shape("qwen2", 2048, 36, 16, 2, 11008, 151674, 1e-6, 1e6),  # InternVL2_5-4B (and its AWQ)
     # InternVL2_5-8B: dynamic NTK x2 as the checkpoint (identical to plain rope below 32768 positions).
     "internlm2_5_7b": Shape("llama", 4096, 32, 32, 8, 14336, 92553, 1e-5, 1e6, {"rope_type": "dynamic", "factor": 2.0}),
 }
@@ -85,13 +87,14 @@ AGREE_MIN = 16           # fp32 CPU: leading greedy tokens the engine must share
 
 # ---------------------------------------------------------------------------------------------- models and weights
 
-def text_config(shape: Shape) -> TextConfig:
+def text_config(shape: Shape, awq_group_size: int = 0) -> TextConfig:
+    """Untied head, as InternVL checkpoints have; awq_group_size > 0: 4-bit AWQ decoder-layer linears."""
     return TextConfig(family=shape.family, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
                       num_kv_heads=shape.kv_heads, head_dim=shape.hidden // shape.heads,
                       intermediate_size=shape.inter, vocab_size=shape.vocab, rms_norm_eps=shape.rms_eps,
                       rope_theta=shape.rope_theta, rope_scaling=shape.rope_scaling,
                       max_position_embeddings=MAX_POSITIONS, attention_bias=shape.family == "qwen2",
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=False, awq_group_size=awq_group_size)
 
 
 def build_transformers(shape: Shape, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
@@ -132,14 +135,15 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             p.normal_(0.0, 2.0 / p.shape[-1] ** 0.5, generator=g)
 
 
-def build_engine_model(shape: Shape, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """The serving model, allocated (uninitialized) in `dtype` on `device`, as services.llm_decoder.models does."""
+def build_engine_model(shape: Shape, device: str, dtype: torch.dtype, awq_group_size: int = 0) -> LlamaForCausalLM:
+    """The serving model, allocated (uninitialized) in `dtype` on `device`, as services.llm_decoder.models does
+    (AWQ linears keep their int32/fp16 tensors)."""
     cls = Qwen2ForCausalLM if shape.family == "qwen2" else LlamaForCausalLM
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = cls(text_config(shape))
+            model = cls(text_config(shape, awq_group_size))
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device=device)
@@ -178,6 +182,16 @@ def kv_bytes_per_token(shape: Shape, dtype: torch.dtype) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ running
+
+def decode_step_ms(run: dict, new_tokens: int) -> float:
+    """An engine run's decode step time (`run_engine`'s result): after every stream has its first token."""
+    return 1000 * (run["end"] - run["first"]) / max(1, new_tokens - 1)
+
+
+def hbm_fraction(bytes_per_step: int, step_ms: float, bandwidth: float) -> float:
+    """The share of the memory-bandwidth limit a decode step reaches (0 when no time was measured)."""
+    return bytes_per_step / (step_ms / 1000) / bandwidth if step_ms else 0.0
+
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -283,7 +297,7 @@ def throughput(hf, engine, shape: Shape, dtype: torch.dtype, streams: int, args,
            "engine_tokens": e_tokens, "hf_tokens": h_tokens, "engine_s": e["s"], "hf_s": h["s"],
            "engine_tok_s": e_tokens / e["s"], "hf_tok_s": h_tokens / h["s"],
            "engine_prefill_s": e["prefill_s"], "hf_prefill_s": h1_s,
-           "engine_step_ms": 1000 * (e["end"] - e["first"]) / steps,
+           "engine_step_ms": decode_step_ms(e, new),
            "hf_step_ms": 1000 * max(h["s"] - h1_s, 0.0) / steps,
            "agree_min": min(min(a) for a in agree), "agree_stream0": agree[0][0],
            "engine_prefix_cache_hit_tokens": hits,
@@ -296,8 +310,7 @@ def throughput(hf, engine, shape: Shape, dtype: torch.dtype, streams: int, args,
         kv = streams * (args.prompt_len + new // 2) * kv_bytes_per_token(shape, dtype)
         row["bytes_per_step"] = bytes_per_step + kv
         for who in ("engine", "hf"):
-            ms = row[f"{who}_step_ms"]
-            row[f"{who}_hbm_fraction"] = row["bytes_per_step"] / (ms / 1000) / args.hbm_bandwidth if ms else 0.0
+            row[f"{who}_hbm_fraction"] = hbm_fraction(row["bytes_per_step"], row[f"{who}_step_ms"], args.hbm_bandwidth)
     return row
 
 

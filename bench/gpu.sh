@@ -11,7 +11,8 @@
 #              when the other steps have left the time)
 #   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~2 min), then bench the
 #              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
-#              as services/llm_decoder/models/awq_configs.json
+#              as services/llm_decoder/models/awq_configs.json. Then, with that table (AWQ_CONFIGS), the whole
+#              InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ against bf16 through the engine, 1 and 16 streams (~1 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -36,8 +37,12 @@ for step in "${steps[@]}"; do
                   --out "$out/vision6b-smoke-$day.md" ;;
     vision6b:0) "$py" -m bench.vision --device cuda --family internvl-chat-v1_5 --variants eager graphs \
                   --out "$out/vision6b-h200-$day.md" ;;
-    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$out/awq_configs-smoke-$day.json" ;;
-    awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md" ;;
+    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$out/awq_configs-smoke-$day.json"
+           AWQ_CONFIGS="$out/awq_configs-smoke-$day.json" "$py" -m bench.awq_engine --device cpu --smoke \
+             --out "$out/awq-engine-smoke-$day.md" ;;
+    awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md"
+           AWQ_CONFIGS="$out/awq_configs-h200-$day.json" "$py" -m bench.awq_engine --device cuda \
+             --out "$out/awq-engine-h200-$day.md" ;;
     *) echo "unknown step $step (attention, decoder, vision, awq, vision6b)" >&2; exit 2 ;;
   esac
 done

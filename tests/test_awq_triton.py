@@ -74,3 +74,16 @@ def test_bench_smoke_runs_every_bucket_of_the_table(tmp_path):
     configs = at.shape_configs(at.parse_table(json.loads(at.CONFIGS.read_text())), "cpu", rows[0]["n"], rows[0]["k"])
     assert [r["config"] for r in rows] == [str(c) for c in configs]
     assert all(0 <= r["error_share"] <= 1 for r in rows)
+
+
+def test_awq_configs_names_the_table_in_use(tmp_path):
+    """$AWQ_CONFIGS (a table `bench.awq --tune` has just written) replaces the committed table, for serving too."""
+    raw = {"default": {"source": "test", "shapes": [{"n": 2048, "k": 2048, "configs": [
+        {"max_m": None, "kernel": "fused", "block": [16, 32, 32], "split": 7, "warps": 2, "stages": 2}]}]}}
+    (tmp_path / "t.json").write_text(json.dumps(raw))
+    code = ("from services.llm_decoder.models import awq_triton as at; "
+            "print(at.table_path().name, at.pick_config('cpu', 2560, 2048, 1))")
+    for env, want in ((str(tmp_path / "t.json"), "t.json gemm+split7 16x32x32 w2 s2"), ("", "awq_configs.json")):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "AWQ_CONFIGS": env})
+        assert out.returncode == 0 and out.stdout.startswith(want), out.stdout + out.stderr[-2000:]

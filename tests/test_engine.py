@@ -168,6 +168,7 @@ class EagerGraph:
 
 
 def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch):
+    from services.llm_decoder.engine import model_runner
     from services.llm_decoder.engine.model_runner import ModelRunner
 
     def record(forward, pool):
@@ -175,7 +176,7 @@ def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch):
             out = forward()
         return EagerGraph(forward, out), out
 
-    monkeypatch.setattr(ModelRunner, "_record", staticmethod(record))
+    monkeypatch.setattr(model_runner, "record", record)  # capture() records through services.common.cuda_graphs
     prompts = [list(range(10 + i, 30 + 5 * i)) for i in range(11)]  # 11 streams: padded to the 16-row graph
     lengths = [6 + 3 * (i % 4) for i in range(len(prompts))]  # the batch shrinks as streams end: stale pad rows
     eager = [Sequence(str(i), ids, SamplingParams(n)) for i, (ids, n) in enumerate(zip(prompts, lengths))]

@@ -4,7 +4,8 @@ out[M, N] = x[M, K] @ W^T with W[n, k] = (q[k, n] - zero[k // group, n]) * scale
 x's dtype (as `awq.dequantize` does) and products accumulated in fp32.
 
 `awq_gemm` picks one of three paths per (device, N, K, M) from the committed table awq_configs.json (written by
-`python -m bench.awq --tune` on the GPU; no autotuning at serving time):
+`python -m bench.awq --tune` on the GPU; no autotuning at serving time; the environment variable AWQ_CONFIGS names
+another table file to use instead, e.g. one a tuning run just wrote):
   - fused, BLOCK_M == 1: a GEMV for one token; fp32 products are summed over K once, at the end of the program;
   - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill);
   - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills).
@@ -14,6 +15,7 @@ decode shapes); the last program to finish a tile sums the fp32 partials, so a c
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-CONFIGS = Path(__file__).with_name("awq_configs.json")
+CONFIGS = Path(__file__).with_name("awq_configs.json")  # the committed table
 # Device classes of the table: a GPU whose name contains one of the strings; any other uses "default".
 DEVICE_CLASSES = {"H100/H200": ("H100", "H200")}
 
@@ -167,15 +169,21 @@ def select(table: dict, device_name: str, n: int, k: int, m: int) -> Config:
     return next((c for c in configs if c.max_m is None or m <= c.max_m), configs[-1])
 
 
+def table_path() -> Path:
+    """The dispatch table in use: $AWQ_CONFIGS when set, else the committed one."""
+    return Path(os.environ.get("AWQ_CONFIGS") or CONFIGS)
+
+
 @functools.cache
-def _committed_table() -> dict:
-    return parse_table(json.loads(CONFIGS.read_text()))
+def _table() -> dict:
+    return parse_table(json.loads(table_path().read_text()))
 
 
 @functools.cache
 def pick_config(device_name: str, n: int, k: int, m: int) -> Config:
-    """`select` over the committed table, memoized: serving looks a config up for every linear of every step."""
-    return select(_committed_table(), device_name, n, k, m)
+    """`select` over the table in use (read once), memoized: serving looks a config up for every linear of every
+    step."""
+    return select(_table(), device_name, n, k, m)
 
 
 @functools.cache
