@@ -247,3 +247,24 @@ def test_a_poisoned_sequence_ends_with_an_error_and_its_batch_finishes(lm, cfg):
     again = seqs(later)
     run(eng, again)
     assert [s.output_ids for s in again] == [s.output_ids for s in want_later]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 16, 48, 49])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_linear_equals_f_linear_on_either_side_of_the_transposed_window(rows, bias):
+    from services.common.layers import linear
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 3, 96, generator=g)[:, 1]  # a strided input, as a slice of a batch is
+    w, b = torch.randn(200, 96, generator=g), torch.randn(200, generator=g) if bias else None
+    got, want = linear(x, w, b), torch.nn.functional.linear(x, w, b)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_decoder_projections_and_head_take_the_cpu_linear(lm):
+    from services.common.layers import Linear
+
+    layer = lm.model.layers[0]
+    assert all(isinstance(m, Linear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                              layer.mlp.gate_up_proj, layer.mlp.down_proj, lm.lm_head))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.common.layers import shard_offsets
+from services.common.layers import linear, shard_offsets
 
 try:
     from services.llm_decoder.models.awq_triton import awq_gemm
@@ -141,7 +141,7 @@ class AWQLinear(nn.Module):
         if x.is_cuda:
             return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
         # CPU (no fast kernel): dequantize once and keep the dense weight; memory matters less than speed here.
-        return F.linear(x, self.dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return linear(x, self.dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

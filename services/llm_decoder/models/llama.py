@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.checkpoint import TextConfig
-from services.common.layers import FusedLinear, RMSNorm
+from services.common.layers import FusedLinear, Linear, RMSNorm
 from services.llm_decoder.models.awq import AWQLinear
 from services.llm_decoder.engine.context import BatchContext, paged_attention
 
@@ -45,7 +45,7 @@ def linear(cfg: TextConfig, in_features: int, sizes: dict, bias: bool) -> nn.Mod
         return AWQLinear(in_features, sum(sizes.values()), bias, cfg.awq_group_size, sizes if len(sizes) > 1 else None)
     if len(sizes) > 1:
         return FusedLinear(in_features, sizes, bias)
-    return nn.Linear(in_features, sum(sizes.values()), bias=bias)
+    return Linear(in_features, sum(sizes.values()), bias=bias)
 
 
 class Attention(nn.Module):
@@ -106,7 +106,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of every trained position
 
