@@ -7,10 +7,10 @@ def bucket_sizes(largest: int) -> list[int]:
     return sorted({s for s in (1, 2, 4, 8, *range(16, largest, 16)) if s < largest} | {largest})
 
 
-@torch.inference_mode()
 def record(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Run `forward` once outside the capture (it compiles kernels and settles the allocator), then capture it;
-    captures made largest first can share one `pool` (the graphs never run at the same time)."""
+    captures made largest first can share one `pool` (the graphs never run at the same time). Autograd is the
+    caller's to turn off."""
     forward()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -108,9 +108,9 @@ class VisionRunner:
 
     def __init__(self, model, device: str, max_batch_tiles: int, graph_tiles: int = 0, compile: str = ""):
         self.device, self.max_batch_tiles = torch.device(device), max_batch_tiles
-        # fullgraph: a graph break fails here rather than running slowly. After a second batch size the batch
-        # dimension becomes dynamic (torch.compile's default): one more graph serves every size above 1.
+        # fullgraph: a graph break fails here rather than running slowly.
         self.forward = torch.compile(model, backend=compile, fullgraph=True) if compile else model
+        self.compiled = bool(compile)
         self.graph_tiles = min(graph_tiles, max_batch_tiles)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.device.type == "cuda":
@@ -154,9 +154,15 @@ class VisionRunner:
         if tiles.shape[0] <= self.graph_tiles:
             return self._replay(tiles)
         if tiles.shape[0] <= self.max_batch_tiles:
-            return self.forward(tiles)
+            return self._forward(tiles)
         # A single image larger than a batch still runs, in slices of max_batch_tiles.
-        return torch.cat([self.forward(chunk) for chunk in tiles.split(self.max_batch_tiles)])
+        return torch.cat([self._forward(chunk) for chunk in tiles.split(self.max_batch_tiles)])
+
+    def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        if self.compiled and tiles.shape[0] > 1:
+            # One graph for every batch of 2 tiles or more from the first call on (one tile has its own).
+            torch._dynamo.mark_dynamic(tiles, 0)
+        return self.forward(tiles)
 
     def _capture(self, image_size: int) -> None:
         """Capture the forward pass at bucket sizes up to `graph_tiles`; a batch runs in the smallest bucket that
@@ -166,7 +172,7 @@ class VisionRunner:
         self.static_tiles = torch.zeros((self.graph_tiles, image_size, image_size, 3), dtype=torch.uint8, device=self.device)
         pool = None
         for size in reversed(self.graph_sizes):
-            graph, out = record(lambda size=size: self.forward(self.static_tiles[:size]), pool)
+            graph, out = record(lambda size=size: self._forward(self.static_tiles[:size]), pool)
             pool = graph.pool()
             self.graphs[size] = (graph, out)
 

@@ -109,6 +109,7 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- CUDA graphs for decode steps
 
+    @torch.inference_mode()
     def capture(self, max_bs: int) -> None:
         """Capture decode steps at a few batch sizes; a batch runs in the smallest graph that holds it, padded rows
         writing their K/V to the spare block and attending to nothing."""
