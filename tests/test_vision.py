@@ -1,6 +1,7 @@
 """The vision pool: embeddings equal transformers', batching returns each caller its own rows, bad tiles refused."""
 import asyncio
 import threading
+from collections import deque
 
 import grpc
 import pytest
@@ -184,3 +185,21 @@ def test_the_tower_compiles_whole_for_every_batch_size(vision):
 def test_cuda_graphs_need_a_cuda_device(vision):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         VisionRunner(vision[1], "cpu", max_batch_tiles=4, graph_tiles=4)
+
+
+def test_utilization_counts_overlapping_batches_once(monkeypatch):
+    from services.vision_encoder import encoder
+
+    now = [100.0]
+    monkeypatch.setattr(encoder.time, "monotonic", lambda: now[0])
+    u = encoder.Utilization()
+    u.begin()          # batch 1 launched at 100
+    now[0] = 103.0
+    u.begin()          # batch 2 launched while 1 runs
+    now[0] = 106.0
+    u.end()            # batch 1 done: still busy with 2
+    assert u.busy_since == 100.0 and not u.spans
+    now[0] = 109.0
+    u.end()            # batch 2 done at 109: one busy span of 9 s, not 6 + 6
+    now[0] = 110.0
+    assert u.spans == deque([(100.0, 109.0)]) and u.value() == pytest.approx(9.0 / encoder.UTILIZATION_WINDOW_S)
