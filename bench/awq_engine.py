@@ -96,10 +96,9 @@ def dispatch(quant: torch.nn.Module, gpu: str, tokens: list[int]) -> dict:
     path = at.table_path()
     raw = json.loads(path.read_text())
     cls = at.device_class(gpu) if at.device_class(gpu) in raw else "default"
-    table = at.parse_table(raw)
     layers = [(n.rpartition(".")[2], m) for n, m in quant.model.layers[0].named_modules() if isinstance(m, AWQLinear)]
     return {"kernel": "Triton W4A16", "table": f"{path.name}, {cls}: {raw[cls]['source']}",
-            "dispatch": {m: {name: str(at.select(table, gpu, layer.out_features, layer.in_features, m))
+            "dispatch": {m: {name: str(at.pick_config(gpu, layer.out_features, layer.in_features, m))
                              for name, layer in layers} for m in tokens}}
 
 

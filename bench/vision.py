@@ -106,7 +106,8 @@ def run(args) -> dict:
 
     want = hf_fn(args.image_tiles).reshape(-1, cfg.text.hidden_size).float()
     flops = tile_flops(cfg)
-    hf_row = {"variant": "transformers", "tiles_s": args.batch / timed(lambda: hf_fn(args.batch), device, args.repeat),
+    hf_row = {"variant": "transformers",
+              "tiles_s": args.batch / timed(lambda: hf_fn(args.batch), device, args.repeat),
               "image_ms": timed(lambda: hf_fn(args.image_tiles), device, args.repeat) * 1e3,
               "one_tile_ms": timed(lambda: hf_fn(1), device, args.repeat) * 1e3}
     rows = [hf_row]
@@ -192,10 +193,10 @@ def report(result: dict) -> str:
                      f"| transformers | {row['tiles_s']:.1f} | | 1.00 | {row['image_ms']:.2f} | 1.00 "
                      f"| {row['one_tile_ms']:.2f} | | | |")
     lines += ["", f"Ratios > 1: ours is faster. Outputs up to {r['max_abs_value']:.3g}. Ours takes uint8 tiles and "
-              "normalises them itself; transformers gets pixel values normalised beforehand, on the device. Variants: "
-              "eager; graphs = CUDA graphs over tile-count buckets up to the batch; compile = torch.compile (inductor). "
-              "Through "
-              "TileBatcher: host uint8 tiles in, host embeddings out, as the service runs. Matmul limit: "
+              "normalises them itself; transformers gets pixel values normalised beforehand, on the device. "
+              "Variants: eager; graphs = CUDA graphs over tile-count buckets up to the batch; compile = torch.compile "
+              "(inductor). Through TileBatcher: host uint8 tiles in, host embeddings out, as the service runs. "
+              "Matmul limit: "
               f"{r['tile_gflop']:.1f} GFLOP per tile at {m['peak_tflops']:g} TFLOP/s = "
               f"{r['matmul_limit_tiles_s']:.0f} tiles/s."]
     if r["profile"]:

@@ -124,27 +124,28 @@ class VisionRunner:
         """Start the forward pass of `images` (uint8 [n_i, H, W, 3] each); the function returned waits for it and
         returns each image's rows [n_i * tokens_per_tile, hidden]."""
         sizes = [img.shape[0] for img in images]
+        done = None
         if self.device.type != "cuda":
             out = self.run(torch.cat(images))
-            per_tile = out.shape[0] // sum(sizes)
-            return lambda: list(out.split([n * per_tile for n in sizes]))
-        host = torch.empty((sum(sizes), *images[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
-        torch.cat(images, out=host)
-        with torch.cuda.stream(self.copy_stream):
-            tiles = host.to(self.device, non_blocking=True)  # the host allocator keeps `host` until this is done
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(self.copy_stream)
-        tiles.record_stream(compute)  # allocated on the copy stream, used and freed on this one
-        out = self.run(tiles)
-        back = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        back.copy_(out, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(compute)
+        else:
+            host = torch.empty((sum(sizes), *images[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+            torch.cat(images, out=host)
+            with torch.cuda.stream(self.copy_stream):
+                tiles = host.to(self.device, non_blocking=True)  # the host allocator keeps `host` until this is done
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.copy_stream)
+            tiles.record_stream(compute)  # allocated on the copy stream, used and freed on this one
+            rows = self.run(tiles)
+            out = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            out.copy_(rows, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(compute)
         per_tile = out.shape[0] // sum(sizes)
 
         def result() -> list[torch.Tensor]:
-            done.synchronize()
-            return list(back.split([n * per_tile for n in sizes]))
+            if done is not None:
+                done.synchronize()
+            return list(out.split([n * per_tile for n in sizes]))
         return result
 
     def run(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -169,7 +170,8 @@ class VisionRunner:
         holds it, its tiles copied into the bucket's input (tiles never attend to each other: the spare rows'
         stale tiles cannot change the real rows' embeddings)."""
         self.graph_sizes = bucket_sizes(self.graph_tiles)
-        self.static_tiles = torch.zeros((self.graph_tiles, image_size, image_size, 3), dtype=torch.uint8, device=self.device)
+        self.static_tiles = torch.zeros((self.graph_tiles, image_size, image_size, 3), dtype=torch.uint8,
+                                        device=self.device)
         pool = None
         for size in reversed(self.graph_sizes):
             graph, out = record(lambda size=size: self._forward(self.static_tiles[:size]), pool)
