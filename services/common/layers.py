@@ -34,9 +34,9 @@ def shard_offsets(sizes: dict[object, int]) -> dict[object, tuple[int, int]]:
 
 
 # MKL's sgemm copies ("packs") its second operand on every call: for x @ W^T with a few rows, that is the whole weight.
-# As the first operand of W @ x^T the weight is read in place: 1.1-1.7x faster per projection for 8 to 48 rows on this
-# project's x86 CPU (decode steps of a few streams; a 16-stream decode step at 0.5B shapes: 244 -> 200 ms). Fewer rows
-# take MKL's gemv path, which is better still; more rows amortize the packing.
+# As the first operand of W @ x^T the weight is read in place: 0.94-1.76x per projection for 8 to 48 rows on this
+# project's x86 CPU (at least 1.1x for most shapes; a 16-stream decode step at 0.5B shapes: 244 -> 200-220 ms).
+# Below 8 rows it is slower (2 rows: 0.33-0.48x); from ~56 rows the packing pays for itself.
 CPU_TRANSPOSED_ROWS = (8, 48)  # first and last
 
 
