@@ -362,6 +362,31 @@ def test_malformed_json_is_a_400(stack):
     assert r.status_code == 400 and r.json()["error"]["message"]
 
 
+LONE_SURROGATES = [  # JSON text as sent; where the gateway says the bad text is
+    ('{"model": "%s", "messages": [{"role": "user", "content": "caf\\u00e9 \\ud800"}]}' % MODEL, "messages.0.content"),
+    ('{"model": "%s", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}' % MODEL,
+     "messages.0.content.0.text"),
+    ('{"model": "\\ud83d", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    ('{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}' % MODEL, "stop.0"),
+]
+
+
+@pytest.mark.parametrize("body,where", LONE_SURROGATES, ids=[w for _, w in LONE_SURROGATES])
+def test_text_that_is_not_unicode_is_a_400(stack, body, where):
+    """JSON escapes can spell half a UTF-16 surrogate pair: a 400 naming the field, not a 500 from the tokenizer."""
+    r = httpx.post(stack.gateway_url + "/v1/chat/completions", content=body.encode(),
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith(f"{where}: the text is not valid Unicode")
+
+
+def test_an_escaped_surrogate_pair_is_text(stack):
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 2}' % MODEL
+    r = httpx.post(stack.gateway_url + "/v1/chat/completions", content=body.encode(),
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
 def test_openai_client_sees_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])

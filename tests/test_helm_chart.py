@@ -670,8 +670,8 @@ def test_keda_queries_and_thresholds_are_values(render):
     assert not find(objects, "ScaledObject", DECODER)
 
 
-def test_gpu_pools_shut_down_within_their_grace_period(render):
-    for name in (VISION, DECODER):
+def test_every_pod_shuts_down_within_its_grace_period(render):
+    for name in (GATEWAY, VISION, DECODER):
         pod = one(render(), "Deployment", name)["spec"]["template"]["spec"]
         env = env_of(pod["containers"][0])
         budget = float(env["SHUTDOWN_DELAY_S"]["value"]) + float(env["SHUTDOWN_GRACE_S"]["value"])

@@ -127,16 +127,28 @@ async def serve(add_servicer: Callable[[grpc.aio.Server], None], service_name: s
         await health_server.stop(None)
 
 
-async def serve_until_signal(server: grpc.aio.Server, health: health.aio.HealthServicer | None = None) -> None:
-    """Run a started server until SIGINT/SIGTERM. Then: report NOT_SERVING (readiness fails, balancers stop sending),
-    keep serving for SHUTDOWN_DELAY_S while that spreads, stop taking calls and give the ones in flight (streams
-    included) SHUTDOWN_GRACE_S to finish."""
+async def stop_signal() -> None:
+    """Return on the first SIGINT/SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def shutdown_times() -> tuple[float, float]:
+    """(SHUTDOWN_DELAY_S, SHUTDOWN_GRACE_S): how long a stopping service keeps taking new calls while its
+    NOT_SERVING / 503 spreads to balancers, then how long the calls in flight get to finish."""
+    return float(os.environ.get("SHUTDOWN_DELAY_S", "0")), float(os.environ.get("SHUTDOWN_GRACE_S", "30"))
+
+
+async def serve_until_signal(server: grpc.aio.Server, health: health.aio.HealthServicer | None = None) -> None:
+    """Run a started server until SIGINT/SIGTERM. Then: report NOT_SERVING (readiness fails, balancers stop sending),
+    keep serving for SHUTDOWN_DELAY_S while that spreads, stop taking calls and give the ones in flight (streams
+    included) SHUTDOWN_GRACE_S to finish."""
+    await stop_signal()
+    delay, grace = shutdown_times()
     if health is not None:
         await health.enter_graceful_shutdown()
-    await asyncio.sleep(float(os.environ.get("SHUTDOWN_DELAY_S", "0")))
-    await server.stop(float(os.environ.get("SHUTDOWN_GRACE_S", "30")))
+    await asyncio.sleep(delay)
+    await server.stop(grace)

@@ -6,6 +6,7 @@ set, else from the address lists (several `host:port`, or `dns:///name:port` re-
 """
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -21,7 +22,8 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import checkpoint_id, read_model_config, resolve_checkpoint
-from services.common.grpc_utils import add_health, channel_credentials, create_server, set_serving
+from services.common.grpc_utils import (add_health, channel_credentials, create_server, set_serving, shutdown_times,
+                                        stop_signal)
 from services.gateway.auth import read_api_keys
 from services.gateway.balancer import (Balancer, kube_api_client, parse_addresses, pod_namespace, watch_addresses,
                                        watch_endpoint_slices)
@@ -140,6 +142,15 @@ async def check_pools(vision: Balancer, decoder: Balancer, cfg, args, wait_s: fl
     return pools
 
 
+class RestServer(uvicorn.Server):
+    """uvicorn without its own signal handling: it re-raises the signal once it has stopped, which would kill the
+    gateway before its gRPC side drains and its pools close. `main` handles the signals and sets `should_exit`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 def stop_on_failure(task: asyncio.Future) -> None:
     """A background pool check that failed stops the gateway, as it would have at start-up."""
     if not task.cancelled() and task.exception():
@@ -208,10 +219,19 @@ async def main() -> None:
         await grpc_server.start()
         await set_serving(health, "internvl.serving.v1.Gateway")
         log.info("gateway serving %s: REST http://%s:%d, gRPC :%d", name, args.host, args.port, args.grpc_port)
-        # uvicorn owns SIGINT/SIGTERM: when it returns, the gRPC side stops too.
-        await uvicorn.Server(uvicorn.Config(create_app(chat), host=args.host, port=args.port,
-                                            log_level="warning")).serve()
-        await grpc_server.stop(5)
+        delay, grace = shutdown_times()
+        rest = RestServer(uvicorn.Config(create_app(chat), host=args.host, port=args.port, log_level="warning",
+                                         timeout_graceful_shutdown=grace))
+        serving, stopping = asyncio.ensure_future(rest.serve()), asyncio.ensure_future(stop_signal())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        # As the pools do: not ready (REST 503, gRPC NOT_SERVING) but still serving while balancers notice, then no
+        # new requests on either API and the ones in flight (streams included) get the grace period.
+        log.info("stopping: not ready, serving %.0f s more, then %.0f s for the requests in flight", delay, grace)
+        chat.stopping = True
+        await health.enter_graceful_shutdown()
+        await asyncio.sleep(delay)
+        rest.should_exit = True
+        await asyncio.gather(serving, grpc_server.stop(grace))
     await asyncio.gather(vision.close(), decoder.close(), cache.close(), asyncio.to_thread(preprocess.close))
     if kube:
         await kube.close()

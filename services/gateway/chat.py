@@ -79,13 +79,17 @@ class ChatService:
         self.pixels = PixelBudget(limits.max_decode_pixels)
         self.preprocess = preprocess or Preprocessor()  # its workers start on the first image
         self.api_keys = ApiKeys(list(limits.api_keys))
+        self.stopping = False  # set on SIGTERM: not ready, still serving while balancers notice
 
     @property
     def pools(self) -> Pools:
         return self._pools if isinstance(self._pools, Pools) else self._pools.result()  # past `pools_up`
 
     def ready(self) -> bool:
-        """Whether to take traffic: both pools have an endpoint (pools that scale to zero: always, requests wait)."""
+        """Whether to take traffic: not stopping, and both pools have an endpoint (pools that scale to zero: always,
+        requests wait)."""
+        if self.stopping:
+            return False
         if not isinstance(self._pools, Pools):
             return True
         return bool(self._pools.vision.endpoints and self._pools.decoder.endpoints)

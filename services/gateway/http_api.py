@@ -54,6 +54,11 @@ def create_app(chat: ChatService) -> FastAPI:
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code,
                             headers=e.headers)
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        """A fault of this server's still answers in the OpenAI error body (its traceback goes to the log)."""
+        return JSONResponse(ApiError(500, "internal server error", type="internal_error").body(), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse(invalid_request(e.errors()).body(), status_code=400)
@@ -77,10 +82,12 @@ def create_app(chat: ChatService) -> FastAPI:
 
     @app.get("/ready", response_model=Status, responses={503: {"model": Status}})
     async def ready() -> JSONResponse:
-        """Readiness: 503 while a pool has no endpoint, so a Service sends traffic to gateways that can serve it."""
+        """Readiness: 503 while a pool has no endpoint or the gateway is stopping, so a Service sends traffic to
+        gateways that can serve it."""
         if chat.ready():
             return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "a model pool has no ready endpoint"}, status_code=503)
+        why = "stopping" if chat.stopping else "a model pool has no ready endpoint"
+        return JSONResponse({"status": why}, status_code=503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:

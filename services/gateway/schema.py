@@ -76,6 +76,34 @@ IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
 
 
+def _unencodable(value, path: str = "") -> str | None:
+    """The path of the first string in `value` (parsed JSON) that cannot be encoded as UTF-8, else None."""
+    if isinstance(value, str):
+        # isascii() is O(1) in CPython: the common case costs nothing, however long the data URL.
+        return None if value.isascii() or _encodable(value) else path
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        inner = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and not (key.isascii() or _encodable(key)):
+            return path
+        if (where := _unencodable(item, inner)) is not None:
+            return where
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # only the IGNORED fields get this far
 
@@ -115,6 +143,17 @@ class ChatCompletionRequest(BaseModel):
             if value not in UNSUPPORTED[name] if name in UNSUPPORTED else \
                     name not in cls.model_fields and name not in IGNORED:
                 raise ValueError(f"`{name}` is not supported by this server")
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_lone_surrogates(cls, data):
+        """JSON's \\ud800-style escapes can encode half a UTF-16 pair, which no tokenizer, protobuf or UTF-8 answer
+        can carry: refused here, naming the field, instead of failing deep inside."""
+        where = _unencodable(data)
+        if where is not None:
+            raise ValueError(f"{where or 'the request'}: the text is not valid Unicode (a lone surrogate escape such "
+                             "as \\ud800)")
         return data
 
     @model_validator(mode="after")
