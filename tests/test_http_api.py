@@ -1,11 +1,17 @@
-"""The REST app's own error handling, apart from the stack: a fault of the server's answers in the OpenAI error body."""
+"""The REST app's own error handling, apart from the stack: a fault of the server's answers in the OpenAI error body;
+an invalid request is explained by the field the client sent."""
+import math
 from types import SimpleNamespace
 
 import httpx
+import pytest
+from pydantic import ValidationError
 
 from services.gateway.admission import Admission
 from services.gateway.auth import ApiKeys
+from services.gateway.errors import invalid_request
 from services.gateway.http_api import create_app
+from services.gateway.schema import ChatCompletionRequest
 
 
 async def test_an_unexpected_error_is_a_500_in_the_openai_error_body():
@@ -21,3 +27,33 @@ async def test_an_unexpected_error_is_a_500_in_the_openai_error_body():
     assert r.status_code == 500
     assert r.json() == {"error": {"message": "internal server error", "type": "internal_error", "param": None,
                                   "code": None}}
+
+
+def _error(body: dict) -> str:
+    try:
+        ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        return invalid_request(e.errors()).message
+    raise AssertionError("accepted")
+
+
+def _content(content) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": content}]}
+
+
+@pytest.mark.parametrize("body,message", [
+    # The content's branch the client took is the one explained, named as the client wrote it.
+    (_content([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]),
+     "messages.0.content.0: Input tag 'input_audio' found using 'type' does not match any of the expected tags: "
+     "'text', 'image_url', 'video_url'"),
+    (_content([{"type": "image_url", "image_url": {"url": ""}}]),
+     "messages.0.content.0.image_url.url: String should have at least 1 character"),
+    (_content([{"type": "text"}]), "messages.0.content.0.text: Field required"),
+    (_content(5), "messages.0.content: Input should be a string or a list of content parts"),
+    # JSON as Python parses it admits NaN and Infinity.
+    (_content("hi") | {"temperature": math.nan}, "temperature: Input should be a finite number"),
+    (_content([{"type": "video_url", "video_url": {"url": "x", "bound": [0, math.inf]}}]),
+     "messages.0.content.0.video_url.bound.1: Input should be a finite number"),
+])
+def test_invalid_requests_are_explained_by_the_field_the_client_sent(body, message):
+    assert _error(body) == message

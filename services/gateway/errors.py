@@ -34,10 +34,27 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
 
 
 def invalid_request(errors: list[dict]) -> ApiError:
-    """The first of pydantic's validation errors, said plainly, naming the field."""
+    """The first of pydantic's validation errors, said plainly, naming the field as the client wrote it."""
     first = errors[0]
     if first["type"] == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first['ctx']['error']}")
-    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    # A message's content is a string or a list of parts: the error of the branch the client did not take says
+    # nothing useful ("should be a valid string" for a list with a bad part).
+    if first["loc"][-1:] == ("str",) and first["type"] == "string_type" and len(errors) > 1:
+        first = errors[1]
+        if first["type"] == "list_type":
+            first = first | {"msg": "Input should be a string or a list of content parts"}
+    where = ".".join(_field_path(first["loc"]))
     message = first["msg"].removeprefix("Value error, ")
     return bad_request(f"{where}: {message}" if where else message, where or None)
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """pydantic's location less what it adds for unions: the branch ("list[tagged-union[...]]") and a part's tag
+    (`content.0.image_url.image_url.url`: the tag, then the field of the same name)."""
+    path = []
+    for part in map(str, loc):
+        if part == "body" or "[" in part or (part == "str" and path[-1:] == ["content"]) or path[-1:] == [part]:
+            continue
+        path.append(part)
+    return path

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 class _Strict(BaseModel):
     """A part of a request in which an unknown field is refused (400), never silently dropped."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ImageURL(_Strict):
@@ -105,7 +105,7 @@ def _encodable(text: str) -> bool:
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # only the IGNORED fields get this far
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # only the IGNORED fields get this far
 
     model: str
     messages: list[Message] = Field(min_length=1)
