@@ -262,6 +262,23 @@ def test_cpu_linear_equals_f_linear_on_either_side_of_the_transposed_window(rows
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("s_q,s_k", [(1, 40), (40, 40), (30, 40), (21, 40), (20, 40), (5, 40)])
+def test_causal_attention_aligned_to_the_end_of_the_keys(s_q, s_k):
+    """Queries padded to the keys' length (most keys new) or an explicit mask (most keys cached): either way each
+    query sees the cached keys and the new ones up to its own, as softmax over the masked scores does."""
+    from services.common.layers import attention
+
+    g = torch.Generator().manual_seed(s_q)
+    q, k, v = torch.randn(2, s_q, 4, 16, generator=g), torch.randn(2, s_k, 2, 16, generator=g), \
+        torch.randn(2, s_k, 2, 16, generator=g)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, dim=2)) * 0.25
+    visible = torch.ones(s_q, s_k, dtype=torch.bool).tril(diagonal=s_k - s_q)
+    want = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~visible, float("-inf")).softmax(-1),
+                        v.repeat_interleave(2, dim=2))
+    got = attention(q, k, v, 0.25, causal=True)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
 def test_decoder_projections_and_head_take_the_cpu_linear(lm):
     from services.common.layers import Linear
 

@@ -82,9 +82,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     s_q, s_k = q.shape[2], k.shape[2]
-    mask = None
+    mask, pad = None, 0
     if causal and 1 < s_q < s_k:  # aligned to the end of k: SDPA's own is_causal aligns to the start
-        mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and 1 < s_q == s_k, scale=scale,
-                                         enable_gqa=k.shape[1] != q.shape[1])
-    return out.transpose(1, 2)
+        if 2 * s_q > s_k:
+            # Most keys are new (a prompt after a short cached prefix): queries padded at the front to the keys'
+            # length let SDPA's causal kernel skip the masked half; an explicit mask computes every score. On the
+            # CPU at 0.5B shapes, 3,362 queries over 3,522 keys: 255 ms against 596 ms, the same output.
+            pad = s_k - s_q
+            q = F.pad(q, (0, 0, pad, 0))
+        else:
+            mask = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(diagonal=s_k - s_q)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and 1 < s_q and q.shape[2] == s_k,
+                                         scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out[:, :, pad:].transpose(1, 2)
