@@ -4,13 +4,14 @@ Every client mistake (not a video, no video stream, too large, too many frames, 
 `ApiError`. PyAV reads the declared frame size first, with the decoder told to refuse larger frames, because opening
 a container decodes a few frames (FFmpeg's stream probing): a small file declaring a huge picture must cost nothing.
 decord then decodes the chosen frames, as the cards do, so the pixels are theirs.
+
+Both are imported by the first video (in the worker that reads it): ~150 ms and ~55 MB of FFmpeg per process that
+an image-only gateway and each of its preprocessing workers would otherwise carry.
 """
 import hashlib
 import io
 import math
 
-import av
-import decord
 import numpy as np
 from PIL import Image
 
@@ -36,6 +37,8 @@ def probe_video(data: bytes, max_pixels: int) -> tuple[int, int]:
     """(width, height) the video's first video stream declares; refused beyond `max_pixels`."""
     if not data:
         raise bad_request("video data is empty")
+    import av
+
     try:
         # max_pixels makes the probing decoder refuse a larger picture instead of allocating it.
         with av.open(io.BytesIO(data), stream_options=[{"max_pixels": str(max_pixels)}]) as container:
@@ -57,6 +60,8 @@ def video_tiles(data: bytes, num_segments: int, bound: tuple[float, float] | Non
                 max_pixels: int, tile_size: int, use_thumbnail: bool) -> np.ndarray:
     """uint8 [num_segments, tile_size, tile_size, 3]: the chosen frames, each one tile (the cards' max_num=1).
     Call `probe_video` first: it is what keeps huge frames from being decoded."""
+    import decord
+
     try:
         reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
         num_frames, fps = len(reader), reader.get_avg_fps()
