@@ -44,12 +44,15 @@ def noise_png(width: int, height: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def chat(stack: Stack, model: str, image: str, max_num: int, max_tokens: int) -> dict:
-    """One streaming greedy request; time to the first generated token and to the end, and the usage."""
+def chat(stack: Stack, model: str, image: str, max_num: int, max_tokens: int, system: str | None = None) -> dict:
+    """One streaming greedy request; time to the first generated token and to the end, and the usage. A `system`
+    prompt changes the prompt from its first token: nothing of an earlier request's KV cache is reused."""
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "max_num": max_num, "stream": True,
             "stream_options": {"include_usage": True}, "return_token_ids": True,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                       {"type": "text", "text": QUESTION}]}]}
+    if system:
+        body["messages"].insert(0, {"role": "system", "content": system})
     req = urllib.request.Request(stack.gateway_url + "/v1/chat/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     start, first, usage = time.perf_counter(), None, {}
@@ -138,7 +141,9 @@ def run_family(name: str, args, log_dir: Path) -> dict:
                 # Warm-up with another image (no embedding-cache hit), then the measured request.
                 cold = chat(stack, ckpt.name, noise_png(*args.image, seed=1), args.max_num, args.max_tokens)
                 warm = chat(stack, ckpt.name, noise_png(*args.image, seed=2), args.max_num, args.max_tokens)
-                hit = chat(stack, ckpt.name, noise_png(*args.image, seed=2), args.max_num, args.max_tokens)
+                # The embeddings from the cache, the prompt prefilled anew (not the decoder's prefix cache).
+                hit = chat(stack, ckpt.name, noise_png(*args.image, seed=2), args.max_num, args.max_tokens,
+                           system="Answer in one sentence.")
                 row |= {"cold_ms": f"{cold['total_ms']:.0f}", "ttft_ms": f"{warm['ttft_ms']:.0f}",
                         "total_ms": f"{warm['total_ms']:.0f}", "prompt": warm.get("prompt_tokens", "?"),
                         "tokens": warm.get("completion_tokens", "?"), "hit_ttft_ms": f"{hit['ttft_ms']:.0f}",
@@ -182,7 +187,8 @@ def report(rows: list[dict], header: str) -> str:
     lines += ["", f"Service dtype: {', '.join(dtypes) or '?'}. Load s: each service's own log line (weights read "
               "and on the device). Stack ready: start of the processes to the gateway answering. 1st request: the "
               "warm-up (cold) request; TTFT and total: the next one, with another image (no cache hit), streamed; "
-              "cache hit: that image again. Split: the gateway's Server-Timing phases (fetch, preprocess = decode, "
+              "cache hit: that image again, after a system prompt (its embeddings from the cache, the whole prompt "
+              "prefilled: no KV prefix reused). Split: the gateway's Server-Timing phases (fetch, preprocess = decode, "
               "hash and tile, cache look-up, prompt = template and tokenizer, vision = the vision pool's call, "
               "decoder = from the decoder call to its first token).",
               "GPU MiB: nvidia-smi per process after the requests; * = the service's torch reserved memory (nvidia-smi "

@@ -13,6 +13,9 @@
 #              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
 #              as services/llm_decoder/models/awq_configs.json. Then, with that table (AWQ_CONFIGS), the whole
 #              InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ against bf16 through the engine, 1 and 16 streams (~1 min)
+#   stack      InternVL2_5-8B at real shapes through the services with Redis: time to first token on a miss and on
+#              a cache hit, split by phase (bench.families; not run by default). Needs what the machine lacks, as
+#              wheels: run `bash bench/device_wheels.sh` here first and carry `.whl` and `internvl`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -43,6 +46,14 @@ for step in "${steps[@]}"; do
     awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md"
            AWQ_CONFIGS="$out/awq_configs-h200-$day.json" "$py" -m bench.awq_engine --device cuda \
              --out "$out/awq-engine-h200-$day.md" ;;
-    *) echo "unknown step $step (attention, decoder, vision, awq, vision6b)" >&2; exit 2 ;;
+    stack:1) "$py" -m bench.families --size tiny --device cpu --families internvl2_5-8b \
+               --out "$out/families-smoke-$day.md" ;;
+    stack:0) (if [[ -d .whl ]]; then  # in a subshell: the wheels shadow nothing for the other steps
+                "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                  .whl/*.whl
+                export PYTHONPATH=/tmp/site
+              fi
+              "$py" -m bench.families --device cuda --families internvl2_5-8b --out "$out/families-h200-$day.md") ;;
+    *) echo "unknown step $step (attention, decoder, vision, awq, vision6b, stack)" >&2; exit 2 ;;
   esac
 done
