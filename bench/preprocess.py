@@ -9,6 +9,8 @@
    memory (what `Preprocessor.tiles` does); CPU ms of the gateway process and of the worker per transfer.
 3. The pool's scaling: images/s of `Preprocessor.tiles` with 1..N workers (N: the CPUs this process may use, or
    --workers), every image in flight at once; speed-up against 1 worker.
+4. One image alone (what its time to first token sees): wall ms of decode + tiles with its resizes on 1 thread and
+   spread over the N CPUs (what an idle pool gives it), tiles asserted identical.
 
     python -m bench.preprocess                 # report to bench/results/preprocess-cpu-<date>.md (+ .json)
     python -m bench.preprocess --smoke --out /tmp/preprocess.md   # seconds (the test runs this)
@@ -91,6 +93,27 @@ def per_core(sizes: list[tuple[int, int]], reps: int) -> list[dict]:
             g, c = cpu_ms(gateway, data, reps), cpu_ms(cards, data, reps)
             rows.append({"image": f"{width}x{height} {fmt}", "bytes": len(data), "tiles": len(gateway(data)),
                          "gateway_ms": g, "cards_ms": c, "ratio": c / g, "identical": identical(data)})
+    return rows
+
+
+def wall_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def alone(sizes: list[tuple[int, int]], threads: int, reps: int) -> list[dict]:
+    rows = []
+    for width, height in sizes:
+        data = encode(photo(width, height), "JPEG")
+        one, spread = (lambda t=t: image_tiles(data, MAX_PIXELS, 12, True, TILE, t) for t in (1, threads))
+        rows.append({"image": f"{width}x{height} JPEG", "threads": threads, "one_ms": wall_ms(one, reps),
+                     "spread_ms": wall_ms(spread, reps), "identical": np.array_equal(one(), spread())})
+        rows[-1]["speedup"] = rows[-1]["one_ms"] / rows[-1]["spread_ms"]
     return rows
 
 
@@ -178,7 +201,13 @@ def report(result: dict) -> str:
     lines += ["", "## Pool scaling (1920x1080 JPEG, all images in flight at once)", ""]
     lines += table([("workers", "workers", 0), ("images", "images", 0), ("s", "s", 2),
                     ("images_s", "images/s", 1), ("speedup", "speed-up vs 1 worker", 2)], result["scaling"])
-    lines += ["", "Wall time; on a machine shared with other work the speed-up is bounded by the idle cores.", ""]
+    lines += ["", "Wall time; on a machine shared with other work the speed-up is bounded by the idle cores.", "",
+              "## One image alone: its resizes on 1 thread and spread over the CPUs", ""]
+    lines += table([("image", "image", 0), ("threads", "threads", 0), ("one_ms", "1 thread ms", 1),
+                    ("spread_ms", "spread ms", 1), ("speedup", "speed-up", 2), ("identical", "tiles identical", 0)],
+                   result["alone"])
+    lines += ["", "Wall ms of decode + tiles in this process, median; what an image gets when the pool's other "
+              "workers are idle (`Preprocessor.spare_threads`).", ""]
     return "\n".join(lines)
 
 
@@ -210,9 +239,10 @@ def main() -> None:
     result["per_core"] = per_core(sizes, reps)
     result["transfer"] = transfer(max(reps, 5))
     result["scaling"] = asyncio.run(scaling(list(range(1, most + 1)), 2 if args.smoke else 8))
+    result["alone"] = alone(sizes, max(2, args.workers or available_cpus()), reps)
     save(out, report(result), result)
     print(report(result))
-    if not all(row["identical"] for row in result["per_core"]):
+    if not all(row["identical"] for row in result["per_core"] + result["alone"]):
         print("FAIL: tiles differ from the cards'", file=sys.stderr)
         sys.exit(1)
 

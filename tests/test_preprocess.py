@@ -31,9 +31,10 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
 
 @pytest.mark.parametrize("fmt,size,max_num", [("JPEG", (1920, 1080), 12), ("PNG", (800, 600), 12),
                                               ("PNG", (37, 501), 6), ("JPEG", (448, 448), 1)])
-async def test_pool_tiles_equal_the_cards(pool, fmt, size, max_num):
+@pytest.mark.parametrize("threads", [1, 4])
+async def test_pool_tiles_equal_the_cards(pool, fmt, size, max_num, threads):
     data = encoded(noise_image(*size), fmt)
-    tiles = await pool.tiles(image_tiles, data, 1 << 30, max_num, True, 448)
+    tiles = await pool.tiles(image_tiles, data, 1 << 30, max_num, True, 448, threads)
     expected = reference_tiles(Image.open(io.BytesIO(data)), max_num=max_num)
     assert tiles.dtype == np.uint8 and tiles.flags.writeable
     assert np.array_equal(tiles, expected)
@@ -69,6 +70,33 @@ async def test_concurrent_requests_get_their_own_tiles(pool):
     results = await asyncio.gather(*(pool.tiles(image_tiles, d, 1 << 30, 12, True, 448) for d in images))
     for data, tiles in zip(images, results):
         assert np.array_equal(tiles, reference_tiles(Image.open(io.BytesIO(data))))
+
+
+def _tile_after(seconds: float) -> np.ndarray:
+    import time
+    time.sleep(seconds)
+    return np.zeros((1, 2, 2, 3), np.uint8)
+
+
+async def test_an_image_gets_the_threads_of_the_idle_workers():
+    pool = Preprocessor(4)
+    try:
+        assert pool.spare_threads() == 4  # alone: every core
+        held = [asyncio.ensure_future(pool.tiles(_tile_after, 1.0)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert pool.in_flight == 2 and pool.spare_threads() == 1  # a third shares the cores with two in flight
+        held.append(asyncio.ensure_future(pool.tiles(_tile_after, 1.0)))
+        await asyncio.sleep(0)
+        assert pool.spare_threads() == 1
+        held[0].cancel()  # a request that leaves: its worker is busy until its task ends
+        await asyncio.gather(*held[1:])
+        for _ in range(100):  # the cancelled one's worker ends on its own time
+            if not pool.in_flight:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.in_flight == 0 and pool.spare_threads() == 4
+    finally:
+        pool.close()
 
 
 def test_available_cpus_is_the_affinity_or_less():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from services.gateway.tiling import choose_grid, tile_image
+from services.gateway.tiling import choose_grid, resize, tile_image
 from tests.reference_preprocess import (
     IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess, find_closest_aspect_ratio,
     reference_pixel_values, reference_tiles,
@@ -46,15 +46,35 @@ SIZES = [
 ]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("max_num", [1, 6, 12])
 @pytest.mark.parametrize("width,height", SIZES)
-def test_tiles_match_reference(width, height, max_num):
+def test_tiles_match_reference(width, height, max_num, threads):
     image = noise_image(width, height)
-    tiles = tile_image(image, max_num=max_num)
+    tiles = tile_image(image, max_num=max_num, threads=threads)
     expected = reference_tiles(image, max_num=max_num)
     assert tiles.dtype == np.uint8 and tiles.shape[1:] == (448, 448, 3)
     assert tiles.shape == expected.shape
     assert np.array_equal(tiles, expected)
+
+
+def _sizes(count: int, seed: int) -> list[tuple[int, int, int, int]]:
+    """(width, height) -> (new width, new height), every mix of growing, keeping and shrinking each side."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        w, h = rng.randint(1, 700), rng.randint(1, 700)
+        scale = [rng.uniform(0.05, 0.95), 1.0, rng.uniform(1.05, 4.0)]
+        out.append((w, h, max(1, round(w * scale[i % 3])), max(1, round(h * scale[i // 3 % 3]))))
+    return out
+
+
+@pytest.mark.parametrize("width,height,new_width,new_height", _sizes(45, seed=3))
+def test_a_resize_spread_over_threads_equals_pillows(width, height, new_width, new_height):
+    image = noise_image(width, height)
+    want = np.asarray(image.resize((new_width, new_height), Image.Resampling.BICUBIC))
+    for threads in (2, 3, 7):
+        assert np.array_equal(np.asarray(resize(image, (new_width, new_height), threads)), want), threads
 
 
 # Section 3.1 of INTERNVL_REFERENCE.md, plus the tie-rule cases.

@@ -396,7 +396,7 @@ class ChatService:
         """Decode and tile in a worker process, within the budget of decoded pixels in flight."""
         async with self.pixels.hold(image_pixels(data)):
             return await self.preprocess.tiles(image_tiles, data, self.limits.max_image_pixels, max_num,
-                                               self.use_thumbnail, self.tile_size)
+                                               self.use_thumbnail, self.tile_size, self.preprocess.spare_threads())
 
 
 def inline(value: pb.CachedEmbeddings) -> pb.ImageEmbeddings:

@@ -39,10 +39,12 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
-def image_tiles(data: bytes, max_pixels: int, max_num: int, use_thumbnail: bool, tile_size: int) -> np.ndarray:
-    """uint8 [n, tile_size, tile_size, 3]: the encoded image decoded once and tiled as the cards do."""
+def image_tiles(data: bytes, max_pixels: int, max_num: int, use_thumbnail: bool, tile_size: int,
+                threads: int = 1) -> np.ndarray:
+    """uint8 [n, tile_size, tile_size, 3]: the encoded image decoded once and tiled as the cards do (its resizes
+    spread over `threads`)."""
     return tile_image(decode_image(data, max_pixels), max_num=max_num, use_thumbnail=use_thumbnail,
-                      tile_size=tile_size)
+                      tile_size=tile_size, threads=threads)
 
 
 def _to_shared_memory(fn: Callable[..., np.ndarray], *args, **kwargs) -> tuple[str, tuple[int, ...]]:
@@ -96,6 +98,13 @@ class Preprocessor:
     def __init__(self, workers: int | None = None):
         self.workers = workers or available_cpus()
         self._pool: ProcessPoolExecutor | None = None
+        self.in_flight = 0  # `tiles` calls
+
+    def spare_threads(self) -> int:
+        """Threads for the next image's resizes: the cores of the workers that are idle, shared with the calls in
+        flight. One image alone gets every core (its time to first token); a busy pool, one each (no thread
+        overhead where every core already has an image)."""
+        return max(1, self.workers // (self.in_flight + 1))
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -118,11 +127,16 @@ class Preprocessor:
         """`fn`'s uint8 tiles, made in a worker and moved through shared memory."""
         pool = self._executor()
         future = asyncio.wrap_future(pool.submit(_to_shared_memory, fn, *args, **kwargs))
+        self.in_flight += 1
+        future.add_done_callback(self._done)
         try:
             return _take(*await self._result(pool, asyncio.shield(future)))
         except asyncio.CancelledError:  # the request went away: its block is freed once the worker is done
             future.add_done_callback(_free)
             raise
+
+    def _done(self, future: asyncio.Future) -> None:
+        self.in_flight -= 1
 
     async def _result(self, pool: ProcessPoolExecutor, future: asyncio.Future):
         try:

@@ -9,6 +9,7 @@ reproduces that behaviour. Normalisation to float happens downstream.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -72,7 +73,7 @@ def tile_count(width: int, height: int, max_num: int = 12, min_num: int = 1, use
 
 
 def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
-               use_thumbnail: bool = True, tile_size: int = TILE_SIZE) -> np.ndarray:
+               use_thumbnail: bool = True, tile_size: int = TILE_SIZE, threads: int = 1) -> np.ndarray:
     """Cut `image` into InternVL tiles.
 
     Returns a uint8 array `[n_tiles, tile_size, tile_size, 3]` (RGB): the grid tiles in
@@ -80,6 +81,7 @@ def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
     whole image resized to one tile. Non-RGB images are converted with
     `Image.convert("RGB")` as the cards do: alpha is dropped, not blended onto a
     background, and palette / greyscale / CMYK images take PIL's standard conversion.
+    `threads` > 1 spreads each resize over that many threads (`resize`).
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     cols, rows = choose_grid(rgb.width, rgb.height, min_num, max_num, tile_size)
@@ -88,7 +90,7 @@ def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
 
     # One bicubic resize of the whole image to the grid size (not a resize per tile):
     # tiles then share seams exactly as in the reference.
-    grid = np.asarray(rgb.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC))
+    grid = np.asarray(resize(rgb, (cols * tile_size, rows * tile_size), threads))
 
     tiles = np.empty((blocks + with_thumbnail, tile_size, tile_size, 3), dtype=np.uint8)
     for k in range(blocks):
@@ -96,5 +98,62 @@ def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
         tiles[k] = grid[row * tile_size:(row + 1) * tile_size, col * tile_size:(col + 1) * tile_size]
     if with_thumbnail:
         # Resized from the original image, not from the grid, as in the reference.
-        tiles[blocks] = np.asarray(rgb.resize((tile_size, tile_size), Image.Resampling.BICUBIC))
+        tiles[blocks] = np.asarray(resize(rgb, (tile_size, tile_size), threads))
     return tiles
+
+
+def resize(image: Image.Image, size: tuple[int, int], threads: int = 1) -> Image.Image:
+    """`image.resize(size, BICUBIC)`, pixel for pixel, with each of its two passes spread over `threads` threads.
+
+    Pillow resamples in two passes, each line on its own with the same coefficients: the horizontal pass row by row,
+    the vertical one column by column, each result rounded to 8 bits. So a pass cut into bands of rows (columns),
+    each band resized in that direction alone, gives the same pixels, and Pillow releases the GIL while it
+    resamples: one image's resize uses idle cores. The passes run in Pillow's order (pinned): horizontal first,
+    unless the height shrinks by more than twice what the width does. tests/test_tiling.py holds both ways equal.
+    """
+    (width, height), (new_width, new_height) = image.size, size
+    if threads <= 1 or size == image.size:
+        return image.resize(size, Image.Resampling.BICUBIC)
+    passes = [(_horizontal_pass, new_width, width), (_vertical_pass, new_height, height)]
+    if 0 < height - new_height and 2 * (width - new_width) < height - new_height:  # Pillow 13.0's rule
+        passes.reverse()
+    for resample, new, old in passes:
+        if new != old:
+            image = resample(image, new, threads)
+    return image
+
+
+def _horizontal_pass(image: Image.Image, new_width: int, threads: int) -> Image.Image:
+    width, height = image.size
+    out = Image.new(image.mode, (new_width, height))
+
+    def band(rows: tuple[int, int]) -> None:
+        top, bottom = rows
+        out.paste(image.crop((0, top, width, bottom)).resize((new_width, bottom - top), Image.Resampling.BICUBIC),
+                  (0, top))
+
+    list(_pool(threads).map(band, _bands(height, threads)))
+    return out
+
+
+def _vertical_pass(image: Image.Image, new_height: int, threads: int) -> Image.Image:
+    width, height = image.size
+    out = Image.new(image.mode, (width, new_height))
+
+    def band(cols: tuple[int, int]) -> None:
+        left, right = cols
+        out.paste(image.crop((left, 0, right, height)).resize((right - left, new_height), Image.Resampling.BICUBIC),
+                  (left, 0))
+
+    list(_pool(threads).map(band, _bands(width, threads)))
+    return out
+
+
+def _bands(length: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-length // parts)
+    return [(start, min(length, start + step)) for start in range(0, length, step)]
+
+
+@lru_cache(maxsize=None)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="resize")
