@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 pins=$(python3 - <<'PY'
 import re, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-wanted = {"grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "fastapi", "pydantic", "uvicorn", "redis"}
+wanted = {"grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "fastapi", "pydantic", "uvicorn", "redis",
+          "pybase64"}
 print(" ".join(d for d in deps if re.split("[=<>~ ]", d)[0] in wanted))
 PY
 )

@@ -343,7 +343,7 @@ def test_the_gpu_images_install_every_runtime_dependency():
     """pyproject's runtime dependencies, less the gateway's HTTP stack and the builder's protoc, are all in the GPU list."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     runtime = set(parse_requirements("\n".join(project["dependencies"])))
-    gateway_only = {"fastapi", "uvicorn", "httpx", "pydantic", "kubernetes", "decord", "av"}
+    gateway_only = {"fastapi", "uvicorn", "httpx", "pydantic", "kubernetes", "decord", "av", "pybase64"}
     assert runtime - gateway_only - {"grpcio-tools"} <= set(parse_requirements(read("gpu-requirements.txt")))
 
 

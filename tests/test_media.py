@@ -221,6 +221,10 @@ async def test_data_url_oversize():
         await fetch(data_url(PNG), max_bytes=len(PNG) - 1)
     bad_request(excinfo, f"image larger than {len(PNG) - 1} bytes")
     assert await fetch(data_url(PNG), max_bytes=len(PNG)) == PNG
+    # Line breaks make the text longer, not the image: still within the limit.
+    encoded = base64.b64encode(PNG).decode()
+    spaced = "\r\n".join(encoded[i:i + 4] for i in range(0, len(encoded), 4))
+    assert await fetch("data:image/png;base64," + spaced, max_bytes=len(PNG)) == PNG
 
 
 async def test_data_url_non_image_fails_at_decode():
