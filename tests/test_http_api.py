@@ -57,3 +57,23 @@ def _content(content) -> dict:
 ])
 def test_invalid_requests_are_explained_by_the_field_the_client_sent(body, message):
     assert _error(body) == message
+
+
+async def test_a_body_in_many_chunks_reaches_the_app_whole():
+    """The admission middleware gathers the body (checking its size) and hands the app exactly those bytes."""
+    from services.gateway.admission import RestAdmission
+
+    received = []
+
+    async def app(scope, receive, send):
+        received.append(await receive())
+
+    parts = [bytes([i % 251]) * 16384 for i in range(1024)]  # 16 MiB in 16 KiB chunks
+    messages = iter([{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)])
+
+    async def receive():
+        return next(messages)
+
+    await RestAdmission(app, Admission(1), max_body_bytes=1 << 30)(
+        {"type": "http", "path": "/v1/chat/completions"}, receive, None)
+    assert received == [{"type": "http.request", "body": b"".join(parts), "more_body": False}]

@@ -59,15 +59,19 @@ class RestAdmission:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != CHAT_PATH:
             return await self.app(scope, receive, send)
-        body, more = b"", True
+        chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            body += message.get("body", b"")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
             more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
+            if size > self.max_body_bytes:
                 return await refuse(send, ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes"))
+        # Joined once: `body += chunk` copies the whole body per chunk (a 20 MB body in 64 KiB chunks: 1.6 s of
+        # the event loop, against 11 ms).
+        body = b"".join(chunks)
         replayed = False
 
         async def replay():  # the body once, then the client's own messages (e.g. its disconnect)
