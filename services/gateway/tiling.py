@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 TILE_SIZE = 448
+_POOL = ThreadPoolExecutor(thread_name_prefix="resize")  # its threads start as bands need them
 
 
 @lru_cache(maxsize=64)
@@ -132,7 +133,7 @@ def _horizontal_pass(image: Image.Image, new_width: int, threads: int) -> Image.
         out.paste(image.crop((0, top, width, bottom)).resize((new_width, bottom - top), Image.Resampling.BICUBIC),
                   (0, top))
 
-    list(_pool(threads).map(band, _bands(height, threads)))
+    list(_POOL.map(band, _bands(height, threads)))
     return out
 
 
@@ -145,7 +146,7 @@ def _vertical_pass(image: Image.Image, new_height: int, threads: int) -> Image.I
         out.paste(image.crop((left, 0, right, height)).resize((right - left, new_height), Image.Resampling.BICUBIC),
                   (left, 0))
 
-    list(_pool(threads).map(band, _bands(width, threads)))
+    list(_POOL.map(band, _bands(width, threads)))
     return out
 
 
@@ -153,7 +154,3 @@ def _bands(length: int, parts: int) -> list[tuple[int, int]]:
     step = -(-length // parts)
     return [(start, min(length, start + step)) for start in range(0, length, step)]
 
-
-@lru_cache(maxsize=None)
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="resize")
