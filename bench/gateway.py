@@ -206,8 +206,7 @@ def main() -> None:
     key = image_cache_key("ivl:emb", FINGERPRINT, image_hash(data), min(cfg.max_dynamic_patch, 12),
                           cfg.use_thumbnail, cfg.vision.image_size)
     rows = tiles * cfg.tokens_per_tile
-    value = encode_value(FINGERPRINT, tiles, pb.Tensor(dtype="bfloat16", shape=[rows, HIDDEN],
-                                                       data=bytes(rows * HIDDEN * 2)))
+    value = encode_value(FINGERPRINT, tiles, "bfloat16", [rows, HIDDEN], bytes(rows * HIDDEN * 2))
     result = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device(),
                        "command": shlex.join(["python", "-m", "bench.gateway", *sys.argv[1:]]),
                        "image": f"800x600 JPEG, {len(data)} bytes, {tiles} tiles, a data URL",

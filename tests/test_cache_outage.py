@@ -150,9 +150,8 @@ class Throttle:
 
 def big_value() -> bytes:
     """An 8B model's 13-tile image: 3328 x 4096 bf16, 27 MB."""
-    from internvl.serving.v1 import serving_pb2 as pb
     from services.common.cache import encode_value
-    return encode_value("f", 13, pb.Tensor(dtype="bfloat16", shape=[3328, 4096], data=bytes(3328 * 4096 * 2)))
+    return encode_value("f", 13, "bfloat16", [3328, 4096], bytes(3328 * 4096 * 2))
 
 
 async def test_large_values_read_together_do_not_open_the_circuit(redis_url):

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from internvl.serving.v1 import serving_pb2 as pb
-from services.common.cache import decode_value, encode_value, image_cache_key
+from services.common.cache import decode_value, encode_value, image_cache_key, value_rows
 from services.common.checkpoint import read_model_config
 from services.common.weights import TensorReader
-from services.common.tensors import to_proto
+from services.common.tensors import DTYPES, cat_rows, tensor_bytes, to_proto
 from services.llm_decoder.models import load_language_model
 from services.vision_encoder.encoder import load_vision_model
 
@@ -70,20 +70,34 @@ def test_unknown_family_fails_at_start(damaged):
 
 def test_cache_values_from_other_models_or_corrupt_are_misses():
     emb = to_proto(torch.randn(2 * 4, 8))
-    value = encode_value("fp-a", 2, emb)
+    value = encode_value("fp-a", 2, emb.dtype, emb.shape, emb.data)
     assert decode_value(value, "fp-a", tokens_per_tile=4).tiles == 2
     assert decode_value(value, "fp-b", tokens_per_tile=4) is None          # another model
     assert decode_value(value, "fp-a", tokens_per_tile=8) is None          # rows do not match the header
     assert decode_value(value[:-7], "fp-a", tokens_per_tile=4) is None      # truncated
-    short = pb.Tensor(dtype=emb.dtype, shape=emb.shape, data=emb.data[:-2])
-    assert decode_value(encode_value("fp-a", 2, short), "fp-a", tokens_per_tile=4) is None  # rows short of the shape
+    short = encode_value("fp-a", 2, emb.dtype, emb.shape, emb.data[:-2])
+    assert decode_value(short, "fp-a", tokens_per_tile=4) is None  # rows short of the shape
     for rows, width in ((4, 1), (4, 40), (256, 4096), (3328, 4096)):  # every length of varint: the rows' size is right
-        big = pb.Tensor(dtype="bfloat16", shape=[rows, width], data=bytes(rows * width * 2))
-        assert decode_value(encode_value("fp-a", rows // 4, big), "fp-a", tokens_per_tile=4).tiles == rows // 4
-        assert decode_value(encode_value("fp-a", rows // 4, big) + b"\x20\x01", "fp-a", tokens_per_tile=4) is None
+        big = encode_value("fp-a", rows // 4, "bfloat16", [rows, width], bytes(rows * width * 2))
+        assert decode_value(big, "fp-a", tokens_per_tile=4).tiles == rows // 4
+        assert decode_value(big + b"\x20\x01", "fp-a", tokens_per_tile=4) is None
     assert decode_value(b"\xff\x00garbage", "fp-a", tokens_per_tile=4) is None
     keys = {image_cache_key("ns", "fp", "sha", m, True, 448) for m in (6, 12)}
     assert len(keys) == 2
+
+
+@pytest.mark.parametrize("rows,width,dtype", [(1, 1, "float32"), (8, 40, "bfloat16"), (256, 4096, "bfloat16"),
+                                              (3328, 4096, "bfloat16"), (3, 5, "float16")])
+def test_a_cache_value_is_the_message_serialized_and_its_rows_are_read_in_place(rows, width, dtype):
+    """encode_value writes the rows around the fields itself: the bytes equal the protobuf message's serialization,
+    so any protobuf reader parses it; value_rows finds the rows inside without copying them."""
+    t = torch.randn(rows, width).to(DTYPES[dtype])
+    value = encode_value("fp", max(1, rows // 4), dtype, t.shape, tensor_bytes(t))
+    message = pb.CachedEmbeddings(fingerprint="fp", tiles=max(1, rows // 4), embeddings=to_proto(t))
+    assert value == message.SerializeToString()
+    parsed = decode_value(value, "fp", tokens_per_tile=rows // max(1, rows // 4))
+    assert bytes(value_rows(value, parsed)) == parsed.embeddings.data
+    assert torch.equal(cat_rows([(parsed.embeddings, value_rows(value, parsed))]), t)
 
 
 def _rewrite_shards(src, dst, rename, to_bin=False):

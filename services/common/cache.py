@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from typing import Sequence
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -35,8 +36,20 @@ def image_cache_key(namespace: str, fingerprint: str, image_sha256: str, max_num
     return f"{namespace}:" + hashlib.sha256(params.encode()).hexdigest()
 
 
-def encode_value(fingerprint: str, tiles: int, embeddings: pb.Tensor) -> bytes:
-    return pb.CachedEmbeddings(fingerprint=fingerprint, tiles=tiles, embeddings=embeddings).SerializeToString()
+def encode_value(fingerprint: str, tiles: int, dtype: str, shape: Sequence[int], rows) -> bytes:
+    """The value: CachedEmbeddings{fingerprint, tiles, embeddings: Tensor{dtype, shape, data: rows}}, byte for byte
+    as SerializeToString writes it, the rows (any contiguous bytes-like object) copied once. Building the message
+    would copy them three times more (upb copies a bytes field in, and a submessage through a serialization)."""
+    rows = memoryview(rows).cast("B")
+    tensor = pb.Tensor(dtype=dtype, shape=shape).SerializeToString() + _FIELD_3 + _varint(rows.nbytes)
+    header = pb.CachedEmbeddings(fingerprint=fingerprint, tiles=tiles).SerializeToString()
+    return b"".join((header, _FIELD_3, _varint(len(tensor) + rows.nbytes), tensor, rows))
+
+
+def value_rows(data: bytes, value: pb.CachedEmbeddings) -> memoryview:
+    """The rows' bytes in a value that `decode_value` accepted (it checked that they end the value), not copied."""
+    emb = value.embeddings
+    return memoryview(data)[len(data) - emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]:]
 
 
 def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> pb.CachedEmbeddings | None:
@@ -56,15 +69,23 @@ def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> 
     # The rows' length from the value's, not from `emb.data` (a copy of 27 MB): the value must be exactly what
     # encode_value writes for this header and that many bytes of rows.
     rows = emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]
-    tensor = pb.Tensor(dtype=emb.dtype, shape=emb.shape).ByteSize() + 1 + _varint_size(rows) + rows
+    tensor = pb.Tensor(dtype=emb.dtype, shape=emb.shape).ByteSize() + 1 + len(_varint(rows)) + rows
     header = pb.CachedEmbeddings(fingerprint=value.fingerprint, tiles=value.tiles).ByteSize()
-    if len(data) != header + 1 + _varint_size(tensor) + tensor:  # 1: the tag of field 3 (data, embeddings)
+    if len(data) != header + 1 + len(_varint(tensor)) + tensor:  # 1: the tag of field 3 (data, embeddings)
         return None
     return value
 
 
-def _varint_size(n: int) -> int:
-    return max(1, (n.bit_length() + 6) // 7)
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_FIELD_3 = bytes([3 << 3 | 2])  # the tag of field 3, length-delimited: Tensor.data and CachedEmbeddings.embeddings
 
 
 def _claim(key: str) -> str:

@@ -1,4 +1,5 @@
 """The one way tensors travel: `Tensor` messages holding raw row-major bytes."""
+import numpy as np
 import torch
 
 from internvl.serving.v1 import serving_pb2 as pb
@@ -7,11 +8,13 @@ DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "bfloat16": torch.bflo
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def to_proto(t: torch.Tensor) -> pb.Tensor:
-    t = t.detach().contiguous().cpu()
-    # Viewing as bytes keeps bfloat16 intact (numpy has no bfloat16).
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return pb.Tensor(dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), data=data)
+def to_proto(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
+    """`t` as a Tensor message, written into `out` when given (a field of a message being built: assigning a
+    finished message there would copy the bytes again)."""
+    out = pb.Tensor() if out is None else out
+    out.dtype, out.data = DTYPE_NAMES[t.dtype], tensor_bytes(t).tobytes()
+    out.shape[:] = t.shape
+    return out
 
 
 def from_proto(msg: pb.Tensor) -> torch.Tensor:
@@ -27,3 +30,30 @@ def from_proto(msg: pb.Tensor) -> torch.Tensor:
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's row-major bytes on the host, not copied when it is a contiguous CPU tensor (viewed as bytes:
+    numpy has no bfloat16)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data
+
+
+def cat_rows(parts: list[tuple[pb.Tensor, bytes | memoryview]]) -> torch.Tensor:
+    """Tensors given as (header, their bytes: a message's data or a view into a cache value), of one dtype and the
+    same trailing shape, concatenated along the first axis with one copy of the bytes (`from_proto` and `torch.cat`
+    would make three). A wrong dtype, a shape that differs or a byte count that does not fit raise ValueError."""
+    first = parts[0][0]
+    if first.dtype not in DTYPES or any(m.dtype != first.dtype for m, _ in parts):
+        raise ValueError(f"the tensors must share one supported dtype, got {sorted({m.dtype for m, _ in parts})}")
+    if any(list(m.shape[1:]) != list(first.shape[1:]) or len(m.shape) < 1 for m, _ in parts):
+        raise ValueError(f"the tensors must share their trailing shape, got {[list(m.shape) for m, _ in parts]}")
+    out = torch.empty(sum(m.shape[0] for m, _ in parts), *first.shape[1:], dtype=DTYPES[first.dtype])
+    flat, start = out.reshape(-1).view(torch.uint8).numpy(), 0
+    for msg, data in parts:
+        size, expected = len(memoryview(data).cast("B")), out[:msg.shape[0]].numel() * out.element_size()
+        if size != expected:
+            raise ValueError(f"tensor of shape {list(msg.shape)} and dtype {msg.dtype} needs {expected} bytes, got "
+                             f"{size}")
+        flat[start:start + size] = np.frombuffer(data, np.uint8)
+        start += size
+    return out

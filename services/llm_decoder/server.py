@@ -15,9 +15,9 @@ from tokenizers import Tokenizer
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from services.common.cache import EmbeddingCache, decode_value
+from services.common.cache import EmbeddingCache, decode_value, value_rows
 from services.common.settings import log_event
-from services.common.tensors import from_proto
+from services.common.tensors import DTYPES, cat_rows
 from services.llm_decoder.detokenizer import Detokenizer, StopStrings, TextDecoder
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.sampler import Logprobs
@@ -195,9 +195,10 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.info
 
-    async def _image_tensors(self, request: pb.GenerateRequest) -> list[pb.Tensor]:
-        """Each image's rows: inline, or read from the embedding cache by key (all in one round trip). A value that
-        is gone (evicted, expired, Redis down) raises LookupError: the caller sends the rows instead."""
+    async def _image_tensors(self, request: pb.GenerateRequest) -> list[tuple[pb.Tensor, bytes | memoryview]]:
+        """Each image's rows, as (header, bytes): inline, or read from the embedding cache by key (all in one round
+        trip; the bytes a view into the value). A value that is gone (evicted, expired, Redis down) raises
+        LookupError: the caller sends the rows instead."""
         refs = [i for i, img in enumerate(request.images) if not img.HasField("embeddings")]
         if refs and self.cache is None:
             raise ValueError("images by cache_key, but this decoder has no embedding cache (REDIS_URL)")
@@ -208,12 +209,12 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             if not value or value.embeddings.shape[0] != request.images[i].rows:
                 IMAGES.labels("missing").inc()
                 raise LookupError(f"images[{i}]: no usable embeddings under cache key {request.images[i].cache_key}")
-            rows[i] = value.embeddings
+            rows[i] = value.embeddings, value_rows(raw, value)
         IMAGES.labels("cache").inc(len(refs))
         IMAGES.labels("inline").inc(len(request.images) - len(refs))
-        return [rows[i] if i in rows else img.embeddings for i, img in enumerate(request.images)]
+        return [rows[i] if i in rows else (img.embeddings, img.embeddings.data) for i, img in enumerate(request.images)]
 
-    def _sequence(self, request: pb.GenerateRequest, tensors: list[pb.Tensor]) -> Sequence:
+    def _sequence(self, request: pb.GenerateRequest, tensors: list[tuple[pb.Tensor, bytes | memoryview]]) -> Sequence:
         """Check a request against the model and the limits; a bad one raises ValueError with the reason."""
         ids = list(request.token_ids)
         if not ids:
@@ -240,22 +241,22 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
         if request.image_keys and len(request.image_keys) != len(request.images):
             raise ValueError(f"{len(request.image_keys)} image_keys for {len(request.images)} images")
-        images = [self._image(i, t) for i, t in enumerate(tensors)]
+        for i, (msg, _) in enumerate(tensors):
+            self._check_image(i, msg)
         params = SamplingParams(max_tokens=s.max_tokens or room, temperature=s.temperature, top_p=s.top_p or 1.0,
                                 stop_token_ids=frozenset(s.stop_token_ids),
                                 seed=s.seed if s.HasField("seed") else None, top_k=s.top_k, min_p=s.min_p,
                                 repetition_penalty=s.repetition_penalty or 1.0, presence_penalty=s.presence_penalty,
                                 frequency_penalty=s.frequency_penalty,
                                 logprobs=s.logprobs if s.HasField("logprobs") else None)
-        keys = list(request.image_keys) or [img.cache_key or hashlib.blake2b(t.data, digest_size=16).hexdigest()
-                                            for img, t in zip(request.images, tensors)]
+        keys = list(request.image_keys) or [img.cache_key or hashlib.blake2b(data, digest_size=16).hexdigest()
+                                            for img, (_, data) in zip(request.images, tensors)]
         return Sequence(id=uuid.uuid4().hex, prompt_ids=ids, params=params, image_token_id=self.image_token_id,
-                        image_embeds=torch.cat(images).to(self.dtype) if images else None,
-                        image_keys=[(key, t.shape[0]) for key, t in zip(keys, images)])
+                        image_embeds=cat_rows(tensors).to(self.dtype) if tensors else None,
+                        image_keys=[(key, msg.shape[0]) for key, (msg, _) in zip(keys, tensors)])
 
-    def _image(self, index: int, msg: pb.Tensor) -> torch.Tensor:
-        t = from_proto(msg)
-        if t.dim() != 2 or t.shape[1] != self.hidden_size or not t.is_floating_point():
+    def _check_image(self, index: int, msg: pb.Tensor) -> None:
+        floating = msg.dtype in DTYPES and DTYPES[msg.dtype].is_floating_point
+        if len(msg.shape) != 2 or msg.shape[1] != self.hidden_size or not floating:
             raise ValueError(f"images[{index}]: expected float embeddings [rows, {self.hidden_size}], "
                              f"got {msg.dtype} {list(msg.shape)}")
-        return t

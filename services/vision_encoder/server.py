@@ -12,7 +12,7 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common.cache import EmbeddingCache, encode_value
 from services.common.checkpoint import ModelConfig
 from services.common.settings import log_event
-from services.common.tensors import from_proto, to_proto
+from services.common.tensors import DTYPE_NAMES, from_proto, tensor_bytes, to_proto
 from services.vision_encoder.encoder import TileBatcher
 
 log = logging.getLogger("vision_encoder")
@@ -55,9 +55,10 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
             REQUESTS.labels("refused").inc()  # refused at once rather than queued without bound
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.batcher.queued_tiles} tiles are already "
                                 f"queued (limit {self.max_queued_tiles})")
-        embeddings = [to_proto(e) for e in await self.batcher.encode(images)]
-        values = [encode_value(self.info.fingerprint, tiles.shape[0], emb) if img.cache_key else None
-                  for img, tiles, emb in zip(request.images, images, embeddings)]
+        embeddings = await self.batcher.encode(images)
+        values = [encode_value(self.info.fingerprint, tiles.shape[0], DTYPE_NAMES[e.dtype], e.shape, tensor_bytes(e))
+                  if img.cache_key else None for img, tiles, e in zip(request.images, images, embeddings)]
+        stored = set()
         if request.by_reference:
             # The reader (the decoder) takes the rows from the cache: written before the answer; the rows of an
             # image whose write failed travel inline.
@@ -67,16 +68,21 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
             for i in keyed:
                 CACHE_WRITES.labels("written" if i in stored else "failed").inc()
                 CACHE_WRITE_BYTES.inc(len(values[i]) if i in stored else 0)
-            answer = [pb.ImageEmbeddings(cache_key=img.cache_key, rows=e.shape[0]) if i in stored
-                      else pb.ImageEmbeddings(embeddings=e) for i, (img, e) in enumerate(zip(request.images, embeddings))]
         else:
             for img, v in zip(request.images, values):
                 if v:
                     self._write_behind(img.cache_key, v)
-            answer = [pb.ImageEmbeddings(embeddings=e) for e in embeddings]
+        # Built in place: a constructor or `images=[...]` would serialize and parse each image's rows once more.
+        response = pb.EncodeResponse()
+        for i, (img, e) in enumerate(zip(request.images, embeddings)):
+            answer = response.images.add()
+            if i in stored:
+                answer.cache_key, answer.rows = img.cache_key, e.shape[0]
+            else:
+                to_proto(e, answer.embeddings)
         REQUESTS.labels("ok").inc()
         IMAGES.inc(len(images))
-        return pb.EncodeResponse(images=answer)
+        return response
 
     def _write_behind(self, key: str, value: bytes) -> None:
         """Cache writes never delay the answer: they run after it, a bounded number at a time (beyond that the
