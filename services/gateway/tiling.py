@@ -115,38 +115,27 @@ def resize(image: Image.Image, size: tuple[int, int], threads: int = 1) -> Image
     (width, height), (new_width, new_height) = image.size, size
     if threads <= 1 or size == image.size:
         return image.resize(size, Image.Resampling.BICUBIC)
-    passes = [(_horizontal_pass, new_width, width), (_vertical_pass, new_height, height)]
-    if 0 < height - new_height and 2 * (width - new_width) < height - new_height:  # Pillow 13.0's rule
-        passes.reverse()
-    for resample, new, old in passes:
-        if new != old:
-            image = resample(image, new, threads)
+    vertical_first = 0 < height - new_height and 2 * (width - new_width) < height - new_height  # Pillow 13.0's rule
+    for step in ((width, new_height) if vertical_first else (new_width, height), size):
+        if step != image.size:
+            image = _one_pass(image, step, threads)
     return image
 
 
-def _horizontal_pass(image: Image.Image, new_width: int, threads: int) -> Image.Image:
-    width, height = image.size
-    out = Image.new(image.mode, (new_width, height))
+def _one_pass(image: Image.Image, size: tuple[int, int], threads: int) -> Image.Image:
+    """A resize in one direction, the image cut across it: into bands of rows for a new width, of columns for a new
+    height."""
+    (width, height), (new_width, new_height) = image.size, size
+    rows = new_height == height
+    out = Image.new(image.mode, size)
 
-    def band(rows: tuple[int, int]) -> None:
-        top, bottom = rows
-        out.paste(image.crop((0, top, width, bottom)).resize((new_width, bottom - top), Image.Resampling.BICUBIC),
-                  (0, top))
+    def band(span: tuple[int, int]) -> None:
+        start, end = span
+        box, band_size = ((0, start, width, end), (new_width, end - start)) if rows else \
+            ((start, 0, end, height), (end - start, new_height))
+        out.paste(image.crop(box).resize(band_size, Image.Resampling.BICUBIC), box[:2])
 
-    list(_POOL.map(band, _bands(height, threads)))
-    return out
-
-
-def _vertical_pass(image: Image.Image, new_height: int, threads: int) -> Image.Image:
-    width, height = image.size
-    out = Image.new(image.mode, (width, new_height))
-
-    def band(cols: tuple[int, int]) -> None:
-        left, right = cols
-        out.paste(image.crop((left, 0, right, height)).resize((right - left, new_height), Image.Resampling.BICUBIC),
-                  (left, 0))
-
-    list(_POOL.map(band, _bands(width, threads)))
+    list(_POOL.map(band, _bands(height if rows else width, threads)))
     return out
 
 
