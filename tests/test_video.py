@@ -25,18 +25,19 @@ def test_frame_indices_equal_the_cards_get_index(num_frames, fps, num_segments, 
     assert frame_indices(num_frames, fps, num_segments, bound) == expected
 
 
-def decode(data: bytes, num_segments=8, bound=None, max_frames=1000, max_pixels=4096 * 4096) -> np.ndarray:
+def decode(data: bytes, num_segments=8, bound=None, max_frames=1000, max_pixels=4096 * 4096,
+           threads=1) -> np.ndarray:
     probe_video(data, max_pixels)
     return video_tiles(data, num_segments, bound, max_frames=max_frames, max_pixels=max_pixels, tile_size=448,
-                       use_thumbnail=True)
+                       use_thumbnail=True, threads=threads)
 
 
 @pytest.mark.parametrize("container,codec", [("mp4", "libx264"), ("webm", "libvpx-vp9"), ("matroska", "libx264"),
                                              ("matroska", "libvpx-vp9")])
-@pytest.mark.parametrize("bound", [None, (0.6, 2.2)])
-def test_frames_equal_the_cards_load_video(container, codec, bound):
+@pytest.mark.parametrize("bound,threads", [(None, 1), ((0.6, 2.2), 1), ((0.6, 2.2), 3)])
+def test_frames_equal_the_cards_load_video(container, codec, bound, threads):
     data = noise_video(30, 96, 64, seed=5, container=container, codec=codec)
-    tiles = decode(data, num_segments=8, bound=bound)
+    tiles = decode(data, num_segments=8, bound=bound, threads=threads)
     expected, patches = load_video(io.BytesIO(data), bound=bound, max_num=1, num_segments=8)
     assert tiles.shape == (8, 448, 448, 3) and patches == [1] * 8
     normalise = build_transform(448)

@@ -394,7 +394,8 @@ class ChatService:
         async with self.pixels.hold(frames * width * height):
             return await self.preprocess.tiles(video_tiles, data, frames, video.bound,
                                                max_frames=limits.max_video_frames, max_pixels=limits.max_video_pixels,
-                                               tile_size=self.tile_size, use_thumbnail=self.use_thumbnail)
+                                               tile_size=self.tile_size, use_thumbnail=self.use_thumbnail,
+                                               threads=self.preprocess.spare_threads())
 
     async def _decode(self, data: bytes, max_num: int) -> np.ndarray:
         """Decode and tile in a worker process, within the budget of decoded pixels in flight."""
