@@ -64,14 +64,14 @@ def cards(data: bytes) -> torch.Tensor:
     return load_image(io.BytesIO(data), input_size=TILE, max_num=12)
 
 
-def cpu_ms(fn, data: bytes, reps: int) -> float:
-    """Median CPU ms of this process per call (one warm-up call first)."""
-    fn(data)
+def median_ms(fn, reps: int, clock=time.process_time) -> float:
+    """Median ms per call of `fn()` by `clock` (CPU time of this process by default; one warm-up call first)."""
+    fn()
     times = []
     for _ in range(reps):
-        start = time.process_time()
-        fn(data)
-        times.append(time.process_time() - start)
+        start = clock()
+        fn()
+        times.append(clock() - start)
     return 1000 * statistics.median(times)
 
 
@@ -90,20 +90,10 @@ def per_core(sizes: list[tuple[int, int]], reps: int) -> list[dict]:
         image = photo(width, height)
         for fmt in ("JPEG", "PNG"):
             data = encode(image, fmt)
-            g, c = cpu_ms(gateway, data, reps), cpu_ms(cards, data, reps)
+            g, c = median_ms(lambda: gateway(data), reps), median_ms(lambda: cards(data), reps)
             rows.append({"image": f"{width}x{height} {fmt}", "bytes": len(data), "tiles": len(gateway(data)),
                          "gateway_ms": g, "cards_ms": c, "ratio": c / g, "identical": identical(data)})
     return rows
-
-
-def wall_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def alone(sizes: list[tuple[int, int]], threads: int, reps: int) -> list[dict]:
@@ -111,8 +101,10 @@ def alone(sizes: list[tuple[int, int]], threads: int, reps: int) -> list[dict]:
     for width, height in sizes:
         data = encode(photo(width, height), "JPEG")
         one, spread = (lambda t=t: image_tiles(data, MAX_PIXELS, 12, True, TILE, t) for t in (1, threads))
-        rows.append({"image": f"{width}x{height} JPEG", "threads": threads, "one_ms": wall_ms(one, reps),
-                     "spread_ms": wall_ms(spread, reps), "identical": np.array_equal(one(), spread())})
+        rows.append({"image": f"{width}x{height} JPEG", "threads": threads,
+                     "one_ms": median_ms(one, reps, time.perf_counter),
+                     "spread_ms": median_ms(spread, reps, time.perf_counter),
+                     "identical": np.array_equal(one(), spread())})
         rows[-1]["speedup"] = rows[-1]["one_ms"] / rows[-1]["spread_ms"]
     return rows
 
