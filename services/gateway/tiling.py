@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 from PIL import Image
 
 TILE_SIZE = 448
-_POOL = ThreadPoolExecutor(thread_name_prefix="resize")  # its threads start as bands need them
+T, R = TypeVar("T"), TypeVar("R")
 
 
 @lru_cache(maxsize=64)
@@ -135,8 +136,14 @@ def _one_pass(image: Image.Image, size: tuple[int, int], threads: int) -> Image.
             ((start, 0, end, height), (end - start, new_height))
         out.paste(image.crop(box).resize(band_size, Image.Resampling.BICUBIC), box[:2])
 
-    list(_POOL.map(band, _bands(height if rows else width, threads)))
+    in_threads(band, _bands(height if rows else width, threads), threads)
     return out
+
+
+def in_threads(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
+    """[fn(item) for item in items] on `threads` threads: Pillow resamples without the GIL."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="pillow") as pool:
+        return list(pool.map(fn, items))
 
 
 def _bands(length: int, parts: int) -> list[tuple[int, int]]:

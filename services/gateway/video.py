@@ -11,13 +11,12 @@ an image-only gateway and each of its preprocessing workers would otherwise carr
 import hashlib
 import io
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from services.gateway.errors import bad_request
-from services.gateway.tiling import tile_image
+from services.gateway.tiling import in_threads, tile_image
 
 DEFAULT_NUM_SEGMENTS = 8  # the cards' video example
 _WHOLE_VIDEO = (-100_000, 100_000)  # the cards' bound when none is given
@@ -83,13 +82,11 @@ def video_tiles(data: bytes, num_segments: int, bound: tuple[float, float] | Non
         raise bad_request(f"video frames could not be decoded: {_first_line(exc)}") from None
     if frames.shape[1] * frames.shape[2] > max_pixels:  # a stream whose frames grow past what it declared
         raise bad_request(f"video frames are over the limit of {max_pixels} pixels")
+
     def tile(frame: np.ndarray) -> np.ndarray:
         return tile_image(Image.fromarray(frame), max_num=1, use_thumbnail=use_thumbnail, tile_size=tile_size)
 
-    if threads <= 1:
-        return np.concatenate([tile(frame) for frame in frames])
-    with ThreadPoolExecutor(threads, thread_name_prefix="frames") as pool:  # Pillow resizes without the GIL
-        return np.concatenate(list(pool.map(tile, frames)))
+    return np.concatenate([tile(frame) for frame in frames] if threads <= 1 else in_threads(tile, frames, threads))
 
 
 def tile_hash(tile: np.ndarray) -> str:
