@@ -102,8 +102,8 @@ class Preprocessor:
 
     def spare_threads(self) -> int:
         """Threads for the next image's resizes (or video's frames): the cores of the workers that are idle, shared
-        with the calls in flight. One image alone gets every core (its time to first token); a busy pool, one each (no thread
-        overhead where every core already has an image)."""
+        with the calls in flight. One image alone gets every core (its time to first token); a busy pool, one each
+        (no thread overhead where every core already has an image)."""
         return max(1, self.workers // (self.in_flight + 1))
 
     def _executor(self) -> ProcessPoolExecutor:

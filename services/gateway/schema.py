@@ -79,8 +79,7 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
 def _unencodable(value, path: str = "") -> str | None:
     """The path of the first string in `value` (parsed JSON) that cannot be encoded as UTF-8, else None."""
     if isinstance(value, str):
-        # isascii() is O(1) in CPython: the common case costs nothing, however long the data URL.
-        return None if value.isascii() or _encodable(value) else path
+        return None if _utf8(value) else path
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
@@ -88,15 +87,16 @@ def _unencodable(value, path: str = "") -> str | None:
     else:
         return None
     for key, item in items:
-        inner = f"{path}.{key}" if path else str(key)
-        if isinstance(key, str) and not (key.isascii() or _encodable(key)):
+        if isinstance(key, str) and not _utf8(key):
             return path
-        if (where := _unencodable(item, inner)) is not None:
+        if (where := _unencodable(item, f"{path}.{key}" if path else str(key))) is not None:
             return where
     return None
 
 
-def _encodable(text: str) -> bool:
+def _utf8(text: str) -> bool:
+    if text.isascii():  # O(1) in CPython: the common case costs nothing, however long the data URL
+        return True
     try:
         text.encode()
     except UnicodeEncodeError:
