@@ -41,15 +41,12 @@ def encode_value(fingerprint: str, tiles: int, dtype: str, shape: Sequence[int],
     as SerializeToString writes it, the rows (any contiguous bytes-like object) copied once. Building the message
     would copy them three times more (upb copies a bytes field in, and a submessage through a serialization)."""
     rows = memoryview(rows).cast("B")
-    tensor = pb.Tensor(dtype=dtype, shape=shape).SerializeToString() + _FIELD_3 + _varint(rows.nbytes)
-    header = pb.CachedEmbeddings(fingerprint=fingerprint, tiles=tiles).SerializeToString()
-    return b"".join((header, _FIELD_3, _varint(len(tensor) + rows.nbytes), tensor, rows))
+    return b"".join((_head(fingerprint, tiles, dtype, shape, rows.nbytes), rows))
 
 
 def value_rows(data: bytes, value: pb.CachedEmbeddings) -> memoryview:
     """The rows' bytes in a value that `decode_value` accepted (it checked that they end the value), not copied."""
-    emb = value.embeddings
-    return memoryview(data)[len(data) - emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]:]
+    return memoryview(data)[len(data) - _rows_size(value.embeddings):]
 
 
 def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> pb.CachedEmbeddings | None:
@@ -68,12 +65,22 @@ def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> 
         return None
     # The rows' length from the value's, not from `emb.data` (a copy of 27 MB): the value must be exactly what
     # encode_value writes for this header and that many bytes of rows.
-    rows = emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]
-    tensor = pb.Tensor(dtype=emb.dtype, shape=emb.shape).ByteSize() + 1 + len(_varint(rows)) + rows
-    header = pb.CachedEmbeddings(fingerprint=value.fingerprint, tiles=value.tiles).ByteSize()
-    if len(data) != header + 1 + len(_varint(tensor)) + tensor:  # 1: the tag of field 3 (data, embeddings)
+    rows = _rows_size(emb)
+    if len(data) != len(_head(value.fingerprint, value.tiles, emb.dtype, emb.shape, rows)) + rows:
         return None
     return value
+
+
+def _head(fingerprint: str, tiles: int, dtype: str, shape: Sequence[int], rows: int) -> bytes:
+    """A value up to its `rows` bytes of rows, which end it: the fields before them as SerializeToString writes
+    them."""
+    tensor = pb.Tensor(dtype=dtype, shape=shape).SerializeToString() + _FIELD_3 + _varint(rows)
+    header = pb.CachedEmbeddings(fingerprint=fingerprint, tiles=tiles).SerializeToString()
+    return header + _FIELD_3 + _varint(len(tensor) + rows) + tensor
+
+
+def _rows_size(emb: pb.Tensor) -> int:
+    return emb.shape[0] * emb.shape[1] * _ITEMSIZE[emb.dtype]
 
 
 def _varint(n: int) -> bytes:
