@@ -19,17 +19,7 @@ def to_proto(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
 
 def from_proto(msg: pb.Tensor) -> torch.Tensor:
     """Decode a Tensor message; a wrong dtype name or byte count raises ValueError."""
-    if msg.dtype not in DTYPES:
-        raise ValueError(f"unsupported tensor dtype {msg.dtype!r}")
-    dtype, shape = DTYPES[msg.dtype], tuple(msg.shape)
-    expected = dtype.itemsize
-    for d in shape:
-        expected *= d
-    if len(msg.data) != expected:
-        raise ValueError(f"tensor of shape {shape} and dtype {msg.dtype} needs {expected} bytes, got {len(msg.data)}")
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(shape)
+    return cat_rows([(msg, msg.data)])
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -44,7 +34,7 @@ def cat_rows(parts: list[tuple[pb.Tensor, bytes | memoryview]]) -> torch.Tensor:
     would make three). A wrong dtype, a shape that differs or a byte count that does not fit raise ValueError."""
     first = parts[0][0]
     if first.dtype not in DTYPES or any(m.dtype != first.dtype for m, _ in parts):
-        raise ValueError(f"the tensors must share one supported dtype, got {sorted({m.dtype for m, _ in parts})}")
+        raise ValueError(f"tensors need one dtype of {', '.join(DTYPES)}, got {sorted({m.dtype for m, _ in parts})}")
     if any(list(m.shape[1:]) != list(first.shape[1:]) or len(m.shape) < 1 for m, _ in parts):
         raise ValueError(f"the tensors must share their trailing shape, got {[list(m.shape) for m, _ in parts]}")
     out = torch.empty(sum(m.shape[0] for m, _ in parts), *first.shape[1:], dtype=DTYPES[first.dtype])
