@@ -69,8 +69,8 @@ class RestAdmission:
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
                 return await refuse(send, ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes"))
-        # Joined once: `body += chunk` copies the whole body per chunk (a 20 MB body in 64 KiB chunks: 1.6 s of
-        # the event loop, against 11 ms).
+        # Joined once: `body += chunk` copies the whole body per chunk (a 20 MB body in 64 KiB chunks: 1.6-2.7 s of
+        # the event loop, against 15 ms gathered and joined).
         body = b"".join(chunks)
         replayed = False
 
