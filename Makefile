@@ -10,7 +10,7 @@ GRPC_PORT ?= 50050
 
 .PHONY: run test proto tiny-model clean images
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py services/gateway/_resample.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e ".[test]"
@@ -33,7 +33,7 @@ tiny-model: $(VENV)/.installed
 	$(PY) -m tools.make_tiny_checkpoint --out .cache/tiny-internvl2_5
 
 clean:
-	rm -rf internvl .cache .pytest_cache
+	rm -rf internvl .cache .pytest_cache build services/gateway/_resample.*.so
 
 # Container images, one per service (deploy/docker/<name>.Dockerfile; the build context is the repository root).
 IMAGE_PREFIX ?= internvl-serving-

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from services.gateway import tiling
 from services.gateway.tiling import choose_grid, resize, tile_image
 from tests.reference_preprocess import (
     IMAGENET_MEAN, IMAGENET_STD, dynamic_preprocess, find_closest_aspect_ratio,
@@ -69,12 +70,57 @@ def _sizes(count: int, seed: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
-@pytest.mark.parametrize("width,height,new_width,new_height", _sizes(45, seed=3))
-def test_a_resize_spread_over_threads_equals_pillows(width, height, new_width, new_height):
+# The boundaries of Pillow's pass order (vertical first iff the height shrinks by more than twice the width) and of
+# its filter's reach (a 4000-pixel side to 448: 39 taps per output pixel), beside the random mixes.
+EDGES = [(300, 700, 200, 499), (300, 700, 200, 500), (300, 700, 200, 501), (700, 300, 499, 200), (5, 4000, 448, 448),
+         (4000, 5, 448, 448), (4000, 3000, 448, 448), (1, 1, 448, 448), (448, 448, 1, 1), (3, 2, 2, 3)]
+
+
+@pytest.mark.parametrize("width,height,new_width,new_height", _sizes(45, seed=3) + EDGES)
+def test_a_resize_equals_pillows_on_any_number_of_threads(width, height, new_width, new_height):
     image = noise_image(width, height)
     want = np.asarray(image.resize((new_width, new_height), Image.Resampling.BICUBIC))
-    for threads in (2, 3, 7):
-        assert np.array_equal(np.asarray(resize(image, (new_width, new_height), threads)), want), threads
+    for threads in (1, 2, 3, 7):
+        got = resize(np.asarray(image), (new_width, new_height), threads)
+        assert got.dtype == np.uint8 and np.array_equal(got, want), threads
+
+
+def test_the_vectorised_resize_is_built():
+    """Without it every test above compares Pillow with itself: the project's environment must build it."""
+    assert tiling._resample is not None
+
+
+def test_without_the_extension_pillow_resizes(monkeypatch):
+    image = noise_image(301, 97)
+    want = resize(np.asarray(image), (448, 448))
+    monkeypatch.setattr(tiling, "_resample", None)
+    assert np.array_equal(resize(np.asarray(image), (448, 448), threads=3), want)
+    assert np.array_equal(tile_image(image), reference_tiles(image))
+
+
+@pytest.mark.parametrize("args,message", [
+    ((np.zeros((4, 4), np.uint8), np.zeros((4, 2, 3), np.uint8), 0, 4), "shaped"),
+    ((np.zeros((4, 4, 4), np.uint8), np.zeros((4, 2, 3), np.uint8), 0, 4), "shaped"),
+    ((np.zeros((4, 4, 3), np.float32), np.zeros((4, 2, 3), np.uint8), 0, 4), "uint8"),
+    ((np.zeros((4, 8, 3), np.uint8)[:, ::2], np.zeros((4, 2, 3), np.uint8), 0, 4), "contiguous"),
+    ((np.zeros((0, 4, 3), np.uint8), np.zeros((4, 2, 3), np.uint8), 0, 4), "non-empty"),
+    ((np.zeros((4, 4, 3), np.uint8), np.zeros((5, 2, 3), np.uint8), 0, 4), "same height"),
+    ((np.zeros((4, 4, 3), np.uint8), np.zeros((4, 2, 3), np.uint8), 0, 5), "outside"),
+    ((np.zeros((4, 4, 3), np.uint8), np.zeros((4, 2, 3), np.uint8), 3, 2), "outside"),
+    ((np.zeros((4, 4, 3), np.uint8), np.zeros((4, 2, 3), np.uint8), -1, 2), "outside"),
+])
+def test_the_extension_refuses_what_it_cannot_resize(args, message):
+    with pytest.raises((ValueError, BufferError), match=message):
+        tiling._resample.horizontal(*args)
+
+
+def test_the_extension_writes_only_into_a_writable_array():
+    out = np.zeros((2, 4, 3), np.uint8)
+    out.flags.writeable = False
+    with pytest.raises((ValueError, BufferError)):
+        tiling._resample.vertical(np.zeros((4, 4, 3), np.uint8), out, 0, 2)
+    with pytest.raises(ValueError, match="same width"):
+        tiling._resample.vertical(np.zeros((4, 4, 3), np.uint8), np.zeros((2, 5, 3), np.uint8), 0, 2)
 
 
 # Section 3.1 of INTERNVL_REFERENCE.md, plus the tie-rule cases.

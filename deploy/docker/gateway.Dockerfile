@@ -9,7 +9,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-# Binary wheels only: nothing is compiled, so neither stage needs a compiler.
+# Binary wheels only. The one thing compiled is the gateway's own C extension (services/gateway/_resample.c, Pillow's
+# bicubic resize vectorised): gcc lives in this stage only, the final stage gets the built module with services/.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 COPY deploy/docker/gateway-requirements.txt deploy/docker/build-requirements.txt /tmp/req/
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: -r /tmp/req/gateway-requirements.txt \
@@ -17,12 +21,17 @@ RUN python -m venv /opt/venv \
  && python -m venv /opt/codegen \
  && /opt/codegen/bin/pip install --no-cache-dir --only-binary=:all: -r /tmp/req/build-requirements.txt
 
-# The stubs are generated here (grpcio-tools stays in the throw-away /opt/codegen venv), as `make proto` does.
+# The stubs are generated here (grpcio-tools stays in the throw-away /opt/codegen venv), as `make proto` does, and the
+# extension built in place, as `pip install -e .` does: by setup.py alone, with the setuptools a 3.11 venv comes with
+# (build_ext needs none of pyproject.toml's metadata, which that setuptools cannot read), for the final stage's Python.
 WORKDIR /app
 COPY proto/ proto/
 COPY services/ services/
+COPY setup.py ./
 RUN /opt/codegen/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
         proto/internvl/serving/v1/serving.proto \
+ && /opt/codegen/bin/python setup.py -q build_ext --inplace \
+ && /opt/venv/bin/python -c "from services.gateway import _resample" \
  && /opt/venv/bin/python -m compileall -q services internvl
 
 # ---- final: the venv, services/ and internvl/ only -------------------------------------------------------------------

@@ -6,6 +6,7 @@ Tiles come back through shared memory: the worker writes them once, the gateway 
 pool's pipe, and about the same in the gateway (~3 ms either way).
 """
 import asyncio
+import ctypes
 import logging
 import math
 import multiprocessing
@@ -79,16 +80,34 @@ def _ready() -> None:
     """A worker's first task: its imports are done."""
 
 
+def _init_worker(parent: int) -> None:
+    _exit_with(parent)
+    reuse_freed_memory()
+
+
 def _exit_with(parent: int) -> None:
-    """A worker's initializer: exit when the gateway is gone. Killed (SIGKILL, an OOM kill) the gateway cannot shut
-    its pool down, and the workers' shared task queue never reports end-of-file while a sibling holds it open: they
-    would wait forever."""
+    """Exit when the gateway is gone. Killed (SIGKILL, an OOM kill) the gateway cannot shut its pool down, and the
+    workers' shared task queue never reports end-of-file while a sibling holds it open: they would wait forever."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed arrays on the heap for the next image. By default glibc gives each freed block of a few MB back
+    to the kernel, so every image's arrays (decoded pixels, resize passes, tiles) fault their pages in afresh:
+    measured (bench.preprocess, a 2-CPU VM) ~45 -> ~34 ms of CPU per 1920x1080 JPEG. Blocks under 32 MB now come
+    from the heap, which keeps up to 64 MB free. A no-op where the C library is not glibc."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 class Preprocessor:
@@ -111,7 +130,7 @@ class Preprocessor:
             # spawn, not fork: the gateway process runs gRPC threads and an event loop, which a fork would copy
             # in an undefined state.
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_exit_with, initargs=(os.getpid(),))
+                                             initializer=_init_worker, initargs=(os.getpid(),))
         return self._pool
 
     async def start(self) -> None:

@@ -16,6 +16,11 @@ from typing import Callable, Iterable, TypeVar
 import numpy as np
 from PIL import Image
 
+try:
+    from services.gateway import _resample
+except ImportError:  # not built on this platform: Pillow's own (slower) resize, the same pixels
+    _resample = None
+
 TILE_SIZE = 448
 T, R = TypeVar("T"), TypeVar("R")
 
@@ -86,13 +91,14 @@ def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
     `threads` > 1 spreads each resize over that many threads (`resize`).
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
+    pixels = np.asarray(rgb)
     cols, rows = choose_grid(rgb.width, rgb.height, min_num, max_num, tile_size)
     blocks = cols * rows
     with_thumbnail = use_thumbnail and blocks > 1
 
     # One bicubic resize of the whole image to the grid size (not a resize per tile):
     # tiles then share seams exactly as in the reference.
-    grid = np.asarray(resize(rgb, (cols * tile_size, rows * tile_size), threads))
+    grid = resize(pixels, (cols * tile_size, rows * tile_size), threads)
 
     tiles = np.empty((blocks + with_thumbnail, tile_size, tile_size, 3), dtype=np.uint8)
     for k in range(blocks):
@@ -100,48 +106,43 @@ def tile_image(image: Image.Image, max_num: int = 12, min_num: int = 1,
         tiles[k] = grid[row * tile_size:(row + 1) * tile_size, col * tile_size:(col + 1) * tile_size]
     if with_thumbnail:
         # Resized from the original image, not from the grid, as in the reference.
-        tiles[blocks] = np.asarray(resize(rgb, (tile_size, tile_size), threads))
+        tiles[blocks] = resize(pixels, (tile_size, tile_size), threads)
     return tiles
 
 
-def resize(image: Image.Image, size: tuple[int, int], threads: int = 1) -> Image.Image:
-    """`image.resize(size, BICUBIC)`, pixel for pixel, with each of its two passes spread over `threads` threads.
+def resize(pixels: np.ndarray, size: tuple[int, int], threads: int = 1) -> np.ndarray:
+    """`image.resize(size, BICUBIC)` of an RGB image's (height, width, 3) uint8 pixels, pixel for pixel, ~5x faster.
 
-    Pillow resamples in two passes, each line on its own with the same coefficients: the horizontal pass row by row,
-    the vertical one column by column, each result rounded to 8 bits. So a pass cut into bands of rows (columns),
-    each band resized in that direction alone, gives the same pixels, and Pillow releases the GIL while it
-    resamples: one image's resize uses idle cores. The passes run in Pillow's order (pinned): horizontal first,
-    unless the height shrinks by more than twice what the width does. tests/test_tiling.py holds both ways equal.
+    `_resample` (C, built with the package) runs Pillow 13.0's two fixed-point passes with the same coefficients and
+    integer sums, vectorised; without it (a platform where it did not build) this is Pillow's own resize. Each pass's
+    output rows are split over `threads` threads (the GIL is released while they compute). The passes run in
+    Pillow's order, which rounds between them: horizontal first, unless the height shrinks by more than twice what
+    the width does (Resample.c). tests/test_tiling.py holds both ways equal to Pillow.
     """
-    (width, height), (new_width, new_height) = image.size, size
-    if threads <= 1 or size == image.size:
-        return image.resize(size, Image.Resampling.BICUBIC)
-    vertical_first = 0 < height - new_height and 2 * (width - new_width) < height - new_height  # Pillow 13.0's rule
-    for step in ((width, new_height) if vertical_first else (new_width, height), size):
-        if step != image.size:
-            image = _one_pass(image, step, threads)
-    return image
+    if _resample is None:
+        return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
+    (height, width), (new_width, new_height) = pixels.shape[:2], size
+    vertical_first = 0 < height - new_height and 2 * (width - new_width) < height - new_height
+    passes = [(_resample.vertical, (new_height, width)), (_resample.horizontal, (new_height, new_width))] \
+        if vertical_first else [(_resample.horizontal, (height, new_width)), (_resample.vertical, (new_height, new_width))]
+    for run, shape in passes:
+        if shape != pixels.shape[:2]:
+            pixels = _pass(run, pixels, shape, threads)
+    return pixels
 
 
-def _one_pass(image: Image.Image, size: tuple[int, int], threads: int) -> Image.Image:
-    """A resize in one direction, the image cut across it: into bands of rows for a new width, of columns for a new
-    height."""
-    (width, height), (new_width, new_height) = image.size, size
-    rows = new_height == height
-    out = Image.new(image.mode, size)
-
-    def band(span: tuple[int, int]) -> None:
-        start, end = span
-        box, band_size = ((0, start, width, end), (new_width, end - start)) if rows else \
-            ((start, 0, end, height), (end - start, new_height))
-        out.paste(image.crop(box).resize(band_size, Image.Resampling.BICUBIC), box[:2])
-
-    in_threads(band, _bands(height if rows else width, threads), threads)
+def _pass(run: Callable, src: np.ndarray, shape: tuple[int, int], threads: int) -> np.ndarray:
+    """One `_resample` pass into a new (height, width, 3) array, its rows split over `threads` threads."""
+    out = np.empty(shape + (3,), np.uint8)
+    in_threads(lambda rows: run(src, out, *rows), _bands(shape[0], threads), threads)
     return out
 
 
 def in_threads(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
-    """[fn(item) for item in items] on `threads` threads: Pillow resamples without the GIL."""
+    """[fn(item) for item in items], on `threads` threads when more than one: Pillow and `_resample` compute
+    without the GIL."""
+    if threads <= 1:
+        return [fn(item) for item in items]
     with ThreadPoolExecutor(threads, thread_name_prefix="pillow") as pool:
         return list(pool.map(fn, items))
 

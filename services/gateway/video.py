@@ -86,7 +86,7 @@ def video_tiles(data: bytes, num_segments: int, bound: tuple[float, float] | Non
     def tile(frame: np.ndarray) -> np.ndarray:
         return tile_image(Image.fromarray(frame), max_num=1, use_thumbnail=use_thumbnail, tile_size=tile_size)
 
-    return np.concatenate([tile(frame) for frame in frames] if threads <= 1 else in_threads(tile, frames, threads))
+    return np.concatenate(in_threads(tile, frames, threads))
 
 
 def tile_hash(tile: np.ndarray) -> str:
