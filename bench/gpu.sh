@@ -53,6 +53,9 @@ for step in "${steps[@]}"; do
                   .whl/*.whl
                 export PYTHONPATH=/tmp/site
               fi
+              # the gateway's C resize for this Python (the checkout carries none); Pillow's resize if it cannot build
+              "$py" setup.py -q build_ext --inplace \
+                || echo "gpu.sh: services/gateway/_resample.c did not build; the gateway resizes with Pillow" >&2
               "$py" -m bench.families --device cuda --families internvl2_5-8b --out "$out/families-h200-$day.md") ;;
     *) echo "unknown step $step (attention, decoder, vision, awq, vision6b, stack)" >&2; exit 2 ;;
   esac
