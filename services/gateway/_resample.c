@@ -115,25 +115,33 @@ clip8(int32_t sum) {
     return v < 0 ? 0 : v > 255 ? 255 : (uint8_t)v;
 }
 
+/* out[i] = the rounded sum over `count` lines from line `first` (each `stride` bytes after the last) of line[i] times
+ * its coefficient, for i < n: the loop both passes run, inlined into each (n is a constant in the horizontal one). */
+static inline __attribute__((always_inline)) void
+weighted_lines(const uint8_t *lines, size_t stride, int first, int count, const int32_t *k, int n, int32_t *sum,
+               uint8_t *out) {
+    /* int indices: with size_t ones gcc vectorises the horizontal pass's 96-lane loops ~1.4x slower (measured) */
+    for (int i = 0; i < n; i++) {
+        sum[i] = 1 << (PRECISION_BITS - 1);
+    }
+    for (int t = 0; t < count; t++) {
+        const uint8_t *line = lines + (size_t)(first + t) * stride;
+        int32_t kt = k[t];
+        for (int i = 0; i < n; i++) {
+            sum[i] += line[i] * kt;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        out[i] = clip8(sum[i]);
+    }
+}
+
 /* Output rows start..stop: each the weighted sum of whole input rows (`width` bytes each). */
 SIMD_CLONES static void
-vertical_rows(const uint8_t *src, uint8_t *dst, size_t width, const Coeffs *c, int start, int stop, int32_t *sum) {
+vertical_rows(const uint8_t *src, uint8_t *dst, int width, const Coeffs *c, int start, int stop, int32_t *sum) {
     for (int y = start; y < stop; y++) {
-        const int32_t *k = c->coeff + (size_t)y * c->ksize;
-        for (size_t i = 0; i < width; i++) {
-            sum[i] = 1 << (PRECISION_BITS - 1);
-        }
-        for (int t = 0; t < c->count[y]; t++) {
-            const uint8_t *line = src + (size_t)(c->first[y] + t) * width;
-            int32_t kt = k[t];
-            for (size_t i = 0; i < width; i++) {
-                sum[i] += line[i] * kt;
-            }
-        }
-        uint8_t *out = dst + (size_t)y * width;
-        for (size_t i = 0; i < width; i++) {
-            out[i] = clip8(sum[i]);
-        }
+        weighted_lines(src, width, c->first[y], c->count[y], c->coeff + (size_t)y * c->ksize, width, sum,
+                       dst + (size_t)y * width);
     }
 }
 
@@ -163,22 +171,9 @@ horizontal_rows(const uint8_t *src, uint8_t *dst, int in_width, int out_width, c
             }
         }
         for (int x = 0; x < out_width; x++) {
-            const int32_t *k = c->coeff + (size_t)x * c->ksize;
             int32_t sum[LANES];
-            for (int i = 0; i < LANES; i++) {
-                sum[i] = 1 << (PRECISION_BITS - 1);
-            }
-            for (int t = 0; t < c->count[x]; t++) {
-                const uint8_t *column = side + (size_t)(c->first[x] + t) * LANES;
-                int32_t kt = k[t];
-                for (int i = 0; i < LANES; i++) {
-                    sum[i] += column[i] * kt;
-                }
-            }
             uint8_t pixels[LANES + 1] = {0};
-            for (int i = 0; i < LANES; i++) {
-                pixels[i] = clip8(sum[i]);
-            }
+            weighted_lines(side, LANES, c->first[x], c->count[x], c->coeff + (size_t)x * c->ksize, LANES, sum, pixels);
             for (int r = 0; r < rows; r++) {
                 copy_pixel(dst + ((size_t)(y0 + r) * out_width + x) * CHANNELS, pixels + r * CHANNELS, x + 1 < out_width);
             }
@@ -236,7 +231,7 @@ resample(PyObject *args, int is_vertical) {
         } else {
             Py_BEGIN_ALLOW_THREADS;
             if (is_vertical) {
-                vertical_rows(src.buf, dst.buf, (size_t)in_w * CHANNELS, &c, start, stop, scratch);
+                vertical_rows(src.buf, dst.buf, in_w * CHANNELS, &c, start, stop, scratch);
             } else {
                 horizontal_rows(src.buf, dst.buf, in_w, out_w, &c, start, stop, scratch);
             }
