@@ -135,7 +135,7 @@ def transfer(reps: int) -> list[dict]:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(_tiles13).result()
         ways = {"pickled array": lambda: pool.submit(_tiles13).result(),
-                "shared memory": lambda: _take(*pool.submit(_to_shared_memory, _tiles13).result())}
+                "shared memory": lambda: _take(pool.submit(_to_shared_memory, _tiles13).result())}
         for name, way in ways.items():
             way()
             worker, parent = pool.submit(_worker_cpu).result(), time.process_time()

@@ -277,12 +277,15 @@ def test_gpu_pools(render, files):
             budget = values.get(key, {}).get("probes", {}).get("startupBudgetSeconds", 1800)
             startup = c["startupProbe"]
             assert startup["failureThreshold"] * startup["periodSeconds"] == budget
-            shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
-            assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
-            assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
             assert env_of(c)["DEVICE"]["value"] == "cuda"
         else:
             assert not any("gpu" in k for kind in ("requests", "limits") for k in res[kind]), dep["metadata"]["name"]
+        if component(dep) in GPU_POOLS + ("gateway",):
+            # A memory-backed /dev/shm (a container's own is 64 MB): the pools' torch, the gateway's preprocessing
+            # workers' tiles.
+            shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+            assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
         if component(dep) == "gateway":
             for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):
                 assert c[probe]["httpGet"] == {"path": path, "port": "http"}, probe

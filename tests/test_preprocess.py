@@ -2,9 +2,13 @@
 as the same 400s, and a worker that dies fails only the requests it held."""
 import asyncio
 import io
+import errno
 import os
 import resource
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +102,59 @@ async def test_an_image_gets_the_threads_of_the_idle_workers():
         assert pool.in_flight == 0 and pool.spare_threads() == 4
     finally:
         pool.close()
+
+
+def _tiles_with_shm_full(data: bytes) -> np.ndarray:
+    """In a worker: as if /dev/shm had no room (for this worker's life: its pool is the test's own)."""
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    os.posix_fallocate = full
+    return image_tiles(data, 1 << 30, 12, True, 448)
+
+
+async def test_tiles_come_through_the_pipe_when_shared_memory_is_full(caplog):
+    pool = Preprocessor(1)
+    try:
+        data = encoded(noise_image(800, 600), "JPEG")
+        with caplog.at_level("WARNING", "services.gateway.preprocess"):
+            tiles = await pool.tiles(_tiles_with_shm_full, data)
+        assert np.array_equal(tiles, reference_tiles(Image.open(io.BytesIO(data))))
+        assert "/dev/shm is full" in caplog.text
+    finally:
+        pool.close()
+
+
+SMALL_SHM = """
+import asyncio, io, sys
+import numpy as np
+from PIL import Image
+from services.gateway.preprocess import Preprocessor, image_tiles
+from tests.reference_preprocess import reference_tiles
+
+async def main():
+    pool = Preprocessor(1)
+    data = open(sys.argv[1], "rb").read()
+    tiles = await pool.tiles(image_tiles, data, 1 << 30, 12, True, 448)  # 13 tiles, 7.8 MB: more than /dev/shm
+    assert np.array_equal(tiles, reference_tiles(Image.open(io.BytesIO(data))))
+    pool.close()
+    print("ok")
+
+asyncio.run(main())
+"""
+
+
+def test_a_small_dev_shm_does_not_kill_the_workers(tmp_path):
+    """A real 4 MB /dev/shm (a mount namespace of its own): before, the worker writing 7.8 MB of tiles into it died
+    of SIGBUS and the request failed; now they come through the pipe."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("mount namespaces are not permitted here (unshare -m)")
+    (tmp_path / "image.jpg").write_bytes(encoded(noise_image(800, 600), "JPEG"))
+    out = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=4m tmpfs /dev/shm && exec "$@"', "-",
+                          sys.executable, "-c", SMALL_SHM, str(tmp_path / "image.jpg")],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert "/dev/shm is full" in out.stderr
 
 
 def _page_faults_per_image(data: bytes) -> list[int]:

@@ -7,6 +7,8 @@ pool's pipe, and about the same in the gateway (~3 ms either way).
 """
 import asyncio
 import ctypes
+import errno
+import functools
 import logging
 import math
 import multiprocessing
@@ -48,21 +50,32 @@ def image_tiles(data: bytes, max_pixels: int, max_num: int, use_thumbnail: bool,
                       tile_size=tile_size, threads=threads)
 
 
-def _to_shared_memory(fn: Callable[..., np.ndarray], *args, **kwargs) -> tuple[str, tuple[int, ...]]:
-    """In a worker: `fn`'s array, written to a new shared memory block that the gateway unlinks (`_take`)."""
+def _to_shared_memory(fn: Callable[..., np.ndarray], *args, **kwargs) -> tuple[str, tuple[int, ...]] | np.ndarray:
+    """In a worker: `fn`'s array, written to a new shared memory block that the gateway unlinks (`_take`), or the
+    array itself (pickled through the pool's pipe) when /dev/shm has no room for it."""
     array = fn(*args, **kwargs)
     block = shared_memory.SharedMemory(create=True, size=max(1, array.nbytes))
     try:
+        # The block's pages claimed first: a full /dev/shm (a container's is 64 MB unless the pod mounts a larger
+        # one) is then ENOSPC here, not a SIGBUS that kills the worker halfway through writing.
+        os.posix_fallocate(block._fd, 0, block.size)
         np.ndarray(array.shape, array.dtype, block.buf)[...] = array
-    except BaseException:
+    except BaseException as e:
         block.unlink()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return array
         raise
     finally:
         block.close()
     return block.name, array.shape
 
 
-def _take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _take(result: tuple[str, tuple[int, ...]] | np.ndarray) -> np.ndarray:
+    """The array `_to_shared_memory` handed back, its shared memory block freed."""
+    if isinstance(result, np.ndarray):
+        _warn_shm_full()
+        return result
+    name, shape = result
     block = shared_memory.SharedMemory(name=name)
     try:
         return np.ndarray(shape, np.uint8, block.buf).copy()
@@ -71,9 +84,15 @@ def _take(name: str, shape: tuple[int, ...]) -> np.ndarray:
         block.unlink()
 
 
+@functools.cache
+def _warn_shm_full() -> None:
+    log.warning("/dev/shm is full: tiles come back from the preprocessing workers through a pipe (slower); give the "
+                "gateway a larger /dev/shm (the chart's gateway.shmSizeLimit)")
+
+
 def _free(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is None:
-        _take(*future.result())
+        _take(future.result())
 
 
 def _ready() -> None:
@@ -149,7 +168,7 @@ class Preprocessor:
         self.in_flight += 1
         future.add_done_callback(self._done)
         try:
-            return _take(*await self._result(pool, asyncio.shield(future)))
+            return _take(await self._result(pool, asyncio.shield(future)))
         except asyncio.CancelledError:  # the request went away: its block is freed once the worker is done
             future.add_done_callback(_free)
             raise
