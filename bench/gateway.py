@@ -37,6 +37,7 @@ from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from bench import save
 from services.common.cache import encode_value, image_cache_key
+from services.common import settings
 from services.common.checkpoint import checkpoint_id, read_model_config
 from services.common.grpc_utils import create_server
 from services.gateway.media import image_hash
@@ -104,10 +105,11 @@ async def measure(mode: str, model: Path, redis_url: str, body: bytes, args, log
     pool_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     port = free_port()
-    env = {**os.environ, "MODEL": str(model), "VISION_ADDR": f"127.0.0.1:{pool_port}",
-           "DECODER_ADDR": f"127.0.0.1:{pool_port}", "REDIS_URL": redis_url, "GATEWAY_HOST": "127.0.0.1",
-           "GATEWAY_PORT": str(port), "GATEWAY_GRPC_PORT": str(free_port()), "PREPROCESS_WORKERS": "1",
-           "LOG_LEVEL": "WARNING"}
+    # GLIBC_TUNABLES as the image sets it (unless this environment sets its own)
+    env = {"GLIBC_TUNABLES": settings.GLIBC_TUNABLES, **os.environ, "MODEL": str(model),
+           "VISION_ADDR": f"127.0.0.1:{pool_port}", "DECODER_ADDR": f"127.0.0.1:{pool_port}", "REDIS_URL": redis_url,
+           "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port), "GATEWAY_GRPC_PORT": str(free_port()),
+           "PREPROCESS_WORKERS": "1", "LOG_LEVEL": "WARNING"}
     gateway = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=args.log)
     try:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from services.common import settings
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "deploy" / "docker"
 HADOLINT_CONFIG = DOCKER / ".hadolint.yaml"
@@ -169,6 +171,9 @@ def policy_problems(name: str, dockerfile: str, ports: set[int], requirements: s
     env = env_vars(final)
     if env.get("PYTHONUNBUFFERED") != "1":
         problems.append("ENV PYTHONUNBUFFERED=1 missing in the final stage")
+    if env.get("GLIBC_TUNABLES") != settings.GLIBC_TUNABLES:
+        problems.append(f"ENV GLIBC_TUNABLES={env.get('GLIBC_TUNABLES')!r}: the services run with "
+                        f"{settings.GLIBC_TUNABLES!r} (services/common/settings.py)")
     writable = ["HOME", "HF_HOME"] + (["TRITON_CACHE_DIR"] if name in GPU_SERVICES else [])
     for var in writable:
         if not re.match(r"/(tmp|cache)(/|$)", env.get(var, "")):
@@ -428,6 +433,8 @@ MUTATIONS = {
                                             "-r /tmp/req/gateway-requirements.txt torch==2.13.0"), "torch"),
     "gpu list in gateway": ("gateway", replace("gateway-requirements.txt", "gpu-requirements.txt"), "pip -r"),
     "unbuffered missing": ("gateway", replace("PYTHONUNBUFFERED=1", "PYTHONOPTIMIZE=1"), "PYTHONUNBUFFERED"),
+    "allocator tunables missing": ("llm_decoder", replace("    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 \\\n", ""),
+                                   "GLIBC_TUNABLES"),
     "cache on the root fs": ("llm_decoder", replace("HF_HOME=/cache/huggingface", "HF_HOME=/root/.cache/hf"),
                              "HF_HOME"),
     "triton cache on the root fs": ("vision_encoder", replace("TRITON_CACHE_DIR=/cache/triton",

@@ -9,6 +9,7 @@ import time
 
 import psutil
 
+from services.common import settings
 from tests.conftest import noise_image
 from tools.run_local import ROOT, free_port
 
@@ -42,6 +43,9 @@ def test_make_run_serves_the_readme_examples_and_stops_cleanly(tiny_checkpoint, 
         assert f"http://127.0.0.1:{port}" in "".join(lines)
         assert len(psutil.Process(launcher.pid).children()) == 4  # redis, vision encoder, decoder, gateway
         children = psutil.Process(launcher.pid).children(recursive=True)  # the gateway's preprocessing workers too
+        # The allocator set up as in the images (services/common/settings.py): every service and worker.
+        assert {c.environ().get("GLIBC_TUNABLES") for c in children if "redis" not in c.name()} == \
+            {settings.GLIBC_TUNABLES}
         for curl in readme_curls(port):
             out = subprocess.run(["bash", "-c", curl.replace("tiny-internvl2_5", tiny_checkpoint.name)],
                                  capture_output=True, text=True, timeout=60)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from services.common import settings
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / ".cache" / "tiny-internvl2_5"
 
@@ -100,7 +102,8 @@ def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None
             stack.procs["redis"], redis_url = start_redis(log)
         # On the CPU the model services share this machine's cores: each its half, not a thread pool per core each.
         threads = {"CPU_THREADS": str(max(1, (os.cpu_count() or 2) // 2))} if device == "cpu" else {}
-        env = {**os.environ, "MODEL": model, "DEVICE": device, "REDIS_URL": redis_url or "",  # "": no cache
+        env = {"GLIBC_TUNABLES": settings.GLIBC_TUNABLES, **os.environ, "MODEL": model, "DEVICE": device,
+               "REDIS_URL": redis_url or "",  # "": no cache
                **threads,
                # ROOT first, keeping a PYTHONPATH that holds the dependencies (e.g. wheels unpacked elsewhere)
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

@@ -51,6 +51,7 @@ LABEL org.opencontainers.image.title="internvl-serving-gateway" \
 # (HOME, the Hugging Face hub cache with the tokenizer and config) goes there. /cache is created here too so that a
 # plain `docker run` works without the mounts. Weights are never baked in: MODEL names a hub id or a mounted path.
 ENV PATH=/opt/venv/bin:$PATH \
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \

@@ -69,6 +69,7 @@ RUN apt-get update \
 # weights downloaded at start-up when MODEL is a hub id), Triton's and the CUDA driver's JIT caches all live there.
 # Weights are never baked in: MODEL names a hub id or a mounted path.
 ENV PATH=/opt/venv/bin:$PATH \
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
