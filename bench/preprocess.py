@@ -33,9 +33,8 @@ import torch
 from PIL import Image
 
 from bench import save
-from services.gateway.preprocess import (
-    Preprocessor, _take, _to_shared_memory, available_cpus, image_tiles, reuse_freed_memory,
-)
+from services.gateway.malloc import reuse_freed_memory
+from services.gateway.preprocess import Preprocessor, _take, _to_shared_memory, available_cpus, image_tiles
 from tests.reference_preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, reference_tiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,8 +185,8 @@ def report(result: dict) -> str:
     lines += table([("image", "image", 0), ("bytes", "bytes", 0), ("tiles", "tiles", 0),
                     ("gateway_ms", "gateway CPU ms", 1), ("cards_ms", "cards CPU ms", 1),
                     ("ratio", "cards/gateway", 2), ("identical", "tiles identical", 0)], result["per_core"])
-    lines += ["", f"CPU time of this process per image (set up as a preprocessing worker: `reuse_freed_memory`), median of "
-              f"{m['reps']}, torch on one thread; target "
+    lines += ["", "CPU time of this process per image (set up as a preprocessing worker: `reuse_freed_memory`), "
+              f"median of {m['reps']}, torch on one thread; target "
               f"cards/gateway >= {TARGET_RATIO:g}. Identical: uint8 tiles equal the cards' crops, and normalised "
               "they equal load_image's pixel_values bit for bit.", "",
               "## Moving 13 tiles (7.8 MB) from a worker", ""]

@@ -7,8 +7,6 @@ set, else from the address lists (several `host:port`, or `dns:///name:port` re-
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -30,6 +28,7 @@ from services.gateway.balancer import (Balancer, kube_api_client, parse_addresse
 from services.gateway.chat import ChatService, Limits
 from services.gateway.grpc_api import GatewayServicer
 from services.gateway.http_api import create_app
+from services.gateway.malloc import return_large_buffers
 from services.gateway.media import UrlPolicy
 from services.gateway.pools import Pools, same_checkpoint
 from services.gateway.preprocess import Preprocessor
@@ -156,15 +155,6 @@ def stop_on_failure(task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception():
         log.error("stopping: %s", task.exception())
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def return_large_buffers() -> None:
-    """Buffers of 1 MiB and more (decoded images) from mmap, so each goes back to the OS when freed. glibc raises
-    its mmap threshold as large blocks are freed, after which they come from per-thread heaps that keep them: RSS
-    then grows past what MAX_DECODE_PIXELS bounds (3x in tests/test_memory.py)."""
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(lib := ctypes.CDLL(libc), "mallopt"):  # glibc (not musl, not macOS)
-        lib.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no longer raised)
 
 
 async def main() -> None:

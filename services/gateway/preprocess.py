@@ -6,7 +6,6 @@ Tiles come back through shared memory: the worker writes them once, the gateway 
 pool's pipe, and about the same in the gateway (~3 ms either way).
 """
 import asyncio
-import ctypes
 import errno
 import functools
 import logging
@@ -23,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from services.gateway.errors import ApiError
+from services.gateway.malloc import reuse_freed_memory
 from services.gateway.media import decode_image
 from services.gateway.tiling import tile_image
 
@@ -113,20 +113,6 @@ def _exit_with(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-def reuse_freed_memory() -> None:
-    """Keep freed arrays on the heap for the next image. By default glibc gives each freed block of a few MB back
-    to the kernel, so every image's arrays (decoded pixels, resize passes, tiles) fault their pages in afresh:
-    measured (bench.preprocess, a 2-CPU VM) ~45 -> ~34 ms of CPU per 1920x1080 JPEG. Blocks under 32 MB now come
-    from the heap, which keeps up to 64 MB free. A no-op where the C library is not glibc."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 class Preprocessor:

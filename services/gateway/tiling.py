@@ -123,9 +123,9 @@ def resize(pixels: np.ndarray, size: tuple[int, int], threads: int = 1) -> np.nd
         return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
     (height, width), (new_width, new_height) = pixels.shape[:2], size
     vertical_first = 0 < height - new_height and 2 * (width - new_width) < height - new_height
-    passes = [(_resample.vertical, (new_height, width)), (_resample.horizontal, (new_height, new_width))] \
-        if vertical_first else [(_resample.horizontal, (height, new_width)), (_resample.vertical, (new_height, new_width))]
-    for run, shape in passes:
+    first = (_resample.vertical, (new_height, width)) if vertical_first else (_resample.horizontal, (height, new_width))
+    second = (_resample.horizontal if vertical_first else _resample.vertical, (new_height, new_width))
+    for run, shape in (first, second):
         if shape != pixels.shape[:2]:
             pixels = _pass(run, pixels, shape, threads)
     return pixels
