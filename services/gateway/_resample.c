@@ -10,7 +10,7 @@
  *
  * Python API (the GIL is released while it computes, so one image's rows can be split over threads):
  *   horizontal(src, dst, start, stop)   dst[y] = src[y] resized to dst's width, for start <= y < stop
- *   vertical(src, dst, start, stop)     rows start..stop of src resized to dst's height
+ *   vertical(src, dst, start, stop)     dst[y] for start <= y < stop, of src resized to dst's height
  * src and dst: C-contiguous uint8 buffers shaped (height, width, 3), e.g. numpy arrays.
  */
 #define PY_SSIZE_T_CLEAN
@@ -24,7 +24,7 @@
 #define CHANNELS 3
 #define BLOCK 32 /* rows the horizontal pass turns on their side at once: 96 sums, whole vector registers */
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) /* gcc: clones by x86-64 level */
 #define SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SIMD_CLONES
