@@ -7,7 +7,7 @@ import torch
 
 from services.gateway.errors import ApiError
 from services.gateway.video import frame_indices, probe_video, video_tiles
-from tests.conftest import noise_video, solid_video
+from tests.conftest import encode_video, noise_video, solid_video
 from tests.reference_preprocess import build_transform, get_index, load_video
 from PIL import Image
 
@@ -34,7 +34,7 @@ def decode(data: bytes, num_segments=8, bound=None, max_frames=1000, max_pixels=
 
 @pytest.mark.parametrize("container,codec", [("mp4", "libx264"), ("webm", "libvpx-vp9"), ("matroska", "libx264"),
                                              ("matroska", "libvpx-vp9")])
-@pytest.mark.parametrize("bound,threads", [(None, 1), ((0.6, 2.2), 1), ((0.6, 2.2), 3)])
+@pytest.mark.parametrize("bound,threads", [(None, 1), (None, 3), ((0.6, 2.2), 1), ((0.6, 2.2), 3)])
 def test_frames_equal_the_cards_load_video(container, codec, bound, threads):
     data = noise_video(30, 96, 64, seed=5, container=container, codec=codec)
     tiles = decode(data, num_segments=8, bound=bound, threads=threads)
@@ -42,6 +42,16 @@ def test_frames_equal_the_cards_load_video(container, codec, bound, threads):
     assert tiles.shape == (8, 448, 448, 3) and patches == [1] * 8
     normalise = build_transform(448)
     assert torch.equal(torch.stack([normalise(Image.fromarray(t)) for t in tiles]), expected)
+
+
+@pytest.mark.parametrize("codec", ["libx264", "libvpx-vp9"])
+def test_threaded_decoding_gives_the_frames_of_one_thread(codec):
+    """Frames FFmpeg decodes in parallel (a moving picture: every frame predicted from others) equal one thread's."""
+    y, x = np.mgrid[0:360, 0:640]
+    frames = [np.stack([(x + 4 * t) % 256, (y + 2 * t) % 256, ((x + y) // 2 + t) % 256], -1).astype(np.uint8)
+              for t in range(60)]
+    data = encode_video(frames, container="matroska", codec=codec, fps=30)
+    assert np.array_equal(decode(data, threads=4), decode(data, threads=1))
 
 
 def refused(data: bytes, *fragments, **kwargs) -> None:
