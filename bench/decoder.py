@@ -14,7 +14,8 @@ both hold identical weights and greedy outputs can be compared. Measured, each a
    step time, against --hbm-bandwidth.
 2. Time to first token of an image prompt (--ttft-tiles x 256 image-context tokens + ~50 text tokens, random image
    rows as `image_embeds`) on the engine: alone, and added while --ttft-streams other streams decode, with those
-   streams' longest inter-token gap around that prefill (against their median gap before it).
+   streams' longest inter-token gap around that prefill (against their median gap before it); and --ttft-shared
+   questions about one image sent together, until each has its first token, against one alone.
 3. Greedy agreement: how many leading tokens the engine and transformers share. fp32 on the CPU must agree on at
    least the first 16 tokens of the 1-stream case (else exit status 1); elsewhere (bf16) only reported.
 4. --stack (CPU only; on by default with --device cpu): the whole stack (Redis, vision encoder, decoder, gateway)
@@ -353,6 +354,26 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
     alone("ttft-warm")
     alone_s = statistics.median(alone(f"ttft-{i}") for i in range(args.ttft_repeat))
 
+    # Questions about one image sent together (the cards' batch_chat; the gateway encodes the image once): until
+    # every one has its first token, and the prompt tokens the engine computed for them.
+    ids = image_prompt(shape, args.ttft_tiles, args.seed)
+    questions = [new_sequence(f"shared-{i}", ids[:-3] + [7 + i, 8 + i, 9 + i], 1, image_embeds=embeds,
+                              image_token_id=shape.vocab - 1) for i in range(args.ttft_shared)]
+    for seq in questions:
+        seq.image_keys = [("shared-image", rows)]
+    computed = engine.computed_tokens
+    sync(args.device)
+    start = time.perf_counter()
+    for seq in questions:
+        engine.scheduler.add(seq)
+    while not all(seq.num_output for seq in questions):
+        engine.step()
+    sync(args.device)
+    shared_s = time.perf_counter() - start
+    shared_computed = engine.computed_tokens - computed
+    while engine.scheduler.has_work():
+        engine.step()
+
     # Under load: the decode streams make a few tokens first, then the image prompt arrives.
     decode_tokens = args.ttft_decode_tokens
     prompts = random_prompts(args.ttft_streams, args.prompt_len, shape.vocab, args.seed)
@@ -396,6 +417,8 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
             elif a <= first:  # a gap that overlaps [image added, its first token]
                 around.append(b - a)
     return {"tiles": args.ttft_tiles, "prompt_tokens": rows + TEXT_AROUND_IMAGE, "alone_ms": 1000 * alone_s,
+            "shared_questions": args.ttft_shared, "shared_ms": 1000 * shared_s, "shared_vs_alone": shared_s / alone_s,
+            "shared_computed": shared_computed,
             "loaded_ms": 1000 * (first - added), "decode_streams": args.ttft_streams,
             "decode_gap_median_ms": 1000 * statistics.median(before) if before else float("nan"),
             "decode_gap_max_ms": 1000 * max(around) if around else float("nan"),
@@ -521,6 +544,9 @@ TP_COLUMNS = [("streams", "streams", 0), ("engine_tokens", "tokens", 0), ("engin
 HBM_COLUMNS = [("streams", "streams", 0), ("bytes_gb", "GB read / decode step", 3),
                ("engine_step_ms", "engine ms/step", 2), ("engine_hbm_pct", "engine % of HBM limit", 1),
                ("hf_step_ms", "transformers ms/step", 2), ("hf_hbm_pct", "transformers % of HBM limit", 1)]
+SHARED_COLUMNS = [("shared_questions", "questions", 0), ("prompt_tokens", "prompt tokens each", 0),
+                  ("shared_ms", "all first tokens ms", 1), ("alone_ms", "one alone ms", 1),
+                  ("shared_vs_alone", "together / alone", 2), ("shared_computed", "prompt tokens computed", 0)]
 TTFT_COLUMNS = [("tiles", "tiles", 0), ("prompt_tokens", "prompt tokens", 0), ("alone_ms", "TTFT alone ms", 1),
                 ("decode_streams", "decoding streams", 0), ("loaded_ms", "TTFT while decoding ms", 1),
                 ("decode_gap_median_ms", "decode gap before ms (median)", 1),
@@ -562,6 +588,10 @@ def report(result: dict) -> str:
         lines += ["", "Random image rows as image_embeds. While decoding: added after the decode streams' first "
                   "tokens; the max gap is the longest wait between two tokens of a decode stream that overlaps the "
                   "image prefill.", ""]
+        lines += ["### Questions about one image sent together", ""] + table(SHARED_COLUMNS, [t])
+        lines += ["", "Each its own question after the same image (one cache key): the first prefills the image, "
+                  "the others wait for it and take its blocks from the prefix cache (without that wait, each one "
+                  "prefilled the image beside the first).", ""]
     if c := result.get("correctness"):
         lines += ["## Greedy agreement (1 stream)", "",
                   f"{c['agree']} of {c['new_tokens']} leading tokens equal ({c['verdict']}).",
@@ -598,6 +628,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ttft-tiles", type=int, help="image tiles of the TTFT prompt, 256 tokens each (cuda: 13; cpu: 2)")
     p.add_argument("--ttft-streams", type=int, help="streams decoding while the image prompt arrives (cuda: 16)")
     p.add_argument("--ttft-decode-tokens", type=int, help="tokens of each of those streams (default: --new-tokens)")
+    p.add_argument("--ttft-shared", type=int, default=4, help="questions about one image sent together (4)")
     p.add_argument("--ttft-repeat", type=int, help="TTFT-alone measurements, the median is reported (3; smoke: 1)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measured runs per stream count (fresh prompts each); the median run is reported")
@@ -655,8 +686,9 @@ def main() -> None:
     # KV blocks: room for the largest measurement, one spare block per sequence, and a margin.
     image_tokens = args.ttft_tiles * 256 + TEXT_AROUND_IMAGE
     need = max(max(args.streams) * (args.prompt_len + args.new_tokens),
-               args.ttft_streams * (args.prompt_len + args.ttft_decode_tokens) + image_tokens + 1)
-    seqs = max(max(args.streams), args.ttft_streams + 1)
+               args.ttft_streams * (args.prompt_len + args.ttft_decode_tokens) + image_tokens + 1,
+               args.ttft_shared * (image_tokens + 1))
+    seqs = max(max(args.streams), args.ttft_streams + 1, args.ttft_shared)
     num_blocks = -(-need // args.block_size) + seqs + 16
     engine = make_engine(ours, num_blocks, args, dtype)
     bytes_per_step = weight_bytes_per_step(ours)

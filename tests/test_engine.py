@@ -123,6 +123,32 @@ def test_images_share_blocks_only_with_the_same_image(lm, cfg):
     assert ask(img, "img-a") == a and eng.scheduler.cached_tokens - hits >= 256
 
 
+def test_questions_about_one_image_arriving_together_compute_it_once(lm, cfg, reference):
+    """The gateway encodes an image once and sends every question about it at the same moment: the first prefills
+    the image, the others wait that step and take its blocks. A prompt sharing only a little (the text before
+    another image) and an unrelated one behind them start at once."""
+    ids, img = image_prompt(cfg, 6)
+    questions = [ids[:-3] + q for q in ([11, 12, 13], [21, 22, 23], [31, 32, 33])]
+    other_ids, other_img = image_prompt(cfg, 7)
+    other_ids[:7] = ids[:7]  # the same text before a different image: not worth waiting for
+    prompts = [(q, img, "a") for q in questions] + [(other_ids, other_img, "b"), (list(range(40, 70)), None, None)]
+    want = [greedy_reference(reference, cfg, q, rows) for q, rows, _ in prompts]
+    eng = engine(lm)
+    seqs = [Sequence(str(i), q, SamplingParams(NEW), image_embeds=rows, image_token_id=cfg.image_token_id,
+                     image_keys=[(key, rows.shape[0])] if key else []) for i, (q, rows, key) in enumerate(prompts)]
+    for seq in seqs:
+        eng.scheduler.add(seq)
+    eng.step()
+    assert [s.status.name for s in seqs] == ["RUNNING", "WAITING", "WAITING", "RUNNING", "RUNNING"]
+    run(eng, [])
+    assert [s.output_ids for s in seqs] == want
+    # The two that waited took every full block before the image's end from the first: 263 tokens, 16 blocks.
+    assert [s.cached_tokens for s in seqs] == [0, 256, 256, 0, 0]
+    total = sum(len(q) for q, _, _ in prompts)
+    assert eng.computed_tokens == total - 2 * 256 + len(seqs) * (NEW - 1)
+    assert len(eng.blocks.free) == 512
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(lm, cfg):
     params = SamplingParams(16, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
     alone = Sequence("x", list(range(40, 60)), params)

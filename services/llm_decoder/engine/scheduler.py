@@ -1,6 +1,10 @@
 """Continuous batching with chunked prefill: every step runs the running sequences' next tokens (one per decode, a
 chunk of the prompt for a sequence still being prefilled), then admits waiting ones, all within one token budget.
-So a long image prompt is prefilled a chunk per step while the other streams keep decoding."""
+So a long image prompt is prefilled a chunk per step while the other streams keep decoding.
+
+A waiting sequence whose prompt is mostly a prefix that a running one is prefilling right now (several questions
+about one image arrive together: the gateway encodes the image once and sends them at the same moment) waits for
+those blocks and takes them from the prefix cache, instead of computing the same K/V beside it."""
 from collections import deque
 
 from services.llm_decoder.engine.block_manager import BlockManager
@@ -38,9 +42,14 @@ class Scheduler:
                 self.blocks.grow(seq, seq.num_cached + n)
                 batch.append((seq, n))
                 budget -= n
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
             hit = self.blocks.reuse_prefix(seq)
+            if self._being_prefilled(seq):  # after this step those blocks are cached
+                self.blocks.release(seq)
+                deferred.append(self.waiting.popleft())
+                continue
             n = min(len(seq) - seq.num_cached, budget)
             if not self.blocks.can_grow(seq, seq.num_cached + n):  # admission waits for blocks
                 self.blocks.release(seq)
@@ -53,7 +62,23 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # still first in line
         return batch
+
+    def _being_prefilled(self, seq: Sequence) -> bool:
+        """Whether a running sequence is prefilling at least half of what `seq` would compute: the full blocks of
+        its prompt that follow the ones it took from the cache."""
+        size = self.blocks.block_size
+        mine = seq.prompt_hashes(size)[0][len(seq.block_table):(len(seq) - 1) // size]
+        if not mine:
+            return False
+        for other in self.running:
+            if other.num_cached < other.num_prompt:
+                theirs = other.prompt_hashes(size)[1]
+                shared = next((i for i, h in enumerate(mine) if h not in theirs), len(mine))
+                if 2 * shared * size >= len(seq) - seq.num_cached:
+                    return True
+        return False
 
     def preempt(self, seq: Sequence) -> None:
         """Drop a sequence's KV; it goes back to the front of the queue and is prefilled again (its prefix cached

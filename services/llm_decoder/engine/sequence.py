@@ -52,6 +52,7 @@ class Sequence:
     finish_reason: str | None = None
     # With params.logprobs: per output token, (its log-probability, [(id, log-probability) of the top alternatives]).
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    _prompt_hashes: tuple[list[int], frozenset[int]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
@@ -83,6 +84,17 @@ class Sequence:
         if lo == hi:
             return [], None
         return self.image_positions[lo:hi], self.image_embeds[lo:hi]
+
+    def prompt_hashes(self, block_size: int) -> tuple[list[int], frozenset[int]]:
+        """The prefix-cache hash of each full block of the prompt, chained as `BlockManager.register` chains them
+        (in order, and as a set); worked out once."""
+        if self._prompt_hashes is None:
+            hashes, prev = [], 0
+            for index in range(self.num_prompt // block_size):
+                prev = hash(self.block_key(index, block_size, prev))
+                hashes.append(prev)
+            self._prompt_hashes = hashes, frozenset(hashes)
+        return self._prompt_hashes
 
     def block_key(self, index: int, block_size: int, prev: int) -> tuple:
         """What fixes the K/V of a full block: the previous block's hash, its tokens, and for image-context tokens
