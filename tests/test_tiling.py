@@ -71,7 +71,7 @@ def _sizes(count: int, seed: int) -> list[tuple[int, int, int, int]]:
 
 
 # The boundaries of Pillow's pass order (vertical first iff the height shrinks by more than twice the width) and of
-# its filter's reach (a 4000-pixel side to 448: 39 taps per output pixel), beside the random mixes.
+# its filter's reach (a 4000-pixel side to 448: 37 taps per output pixel), beside the random mixes.
 EDGES = [(300, 700, 200, 499), (300, 700, 200, 500), (300, 700, 200, 501), (700, 300, 499, 200), (5, 4000, 448, 448),
          (4000, 5, 448, 448), (4000, 3000, 448, 448), (1, 1, 448, 448), (448, 448, 1, 1), (3, 2, 2, 3)]
 
