@@ -33,7 +33,7 @@ tiny-model: $(VENV)/.installed
 	$(PY) -m tools.make_tiny_checkpoint --out .cache/tiny-internvl2_5
 
 clean:
-	rm -rf internvl .cache .pytest_cache build services/gateway/_resample.*.so
+	rm -rf internvl .cache .pytest_cache
 
 # Container images, one per service (deploy/docker/<name>.Dockerfile; the build context is the repository root).
 IMAGE_PREFIX ?= internvl-serving-
