@@ -5,8 +5,9 @@
    (tests/reference_preprocess.py) on the same encoded image: JPEG and PNG at 1920x1080 and 800x600, generated here.
    Ratio cards / gateway (target >= 2). The tiles are asserted identical: uint8 tiles equal to the cards' crops, and
    normalised as the vision pool does, equal to `load_image` bit for bit (else exit status 1).
-2. Moving 13 tiles (7.8 MB) from a worker to the gateway: a pickled array through the pool's pipe against shared
-   memory (what `Preprocessor.tiles` does); CPU ms of the gateway process and of the worker per transfer.
+2. Moving 13 tiles (7.8 MB) from a worker to the gateway, the ways `Preprocessor` can: a shared memory slot it
+   keeps (what `Preprocessor.tiles` does), a new shared memory block (tiles larger than a slot), a pickled array
+   through the pool's pipe (/dev/shm full); CPU ms of the gateway process and of the worker per transfer.
 3. The pool's scaling: images/s of `Preprocessor.tiles` with 1..N workers (N: the CPUs this process may use, or
    --workers), every image in flight at once; speed-up against 1 worker.
 4. One image alone (what its time to first token sees): wall ms of decode + tiles with its resizes on 1 thread and
@@ -25,7 +26,6 @@ import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from PIL import Image
 
 from bench import save
 from services.gateway.malloc import reuse_freed_memory
-from services.gateway.preprocess import Preprocessor, _take, _to_shared_memory, available_cpus, image_tiles
+from services.gateway.preprocess import SLOT_BYTES, Preprocessor, available_cpus, image_tiles
 from tests.reference_preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image, reference_tiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,21 +128,24 @@ def _worker_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def transfer(reps: int) -> list[dict]:
-    import multiprocessing
+async def transfer(reps: int) -> list[dict]:
+    """13 tiles back from a worker, the ways `Preprocessor` can: a slot it keeps, a new block per call (tiles larger
+    than a slot), a pickled array (/dev/shm full)."""
     rows = []
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_tiles13).result()
-        ways = {"pickled array": lambda: pool.submit(_tiles13).result(),
-                "shared memory": lambda: _take(pool.submit(_to_shared_memory, _tiles13).result())}
-        for name, way in ways.items():
-            way()
-            worker, parent = pool.submit(_worker_cpu).result(), time.process_time()
+    for way, slot_bytes in (("shared memory, a kept slot", SLOT_BYTES), ("shared memory, a new block", 0),
+                            ("pickled array", 0)):
+        pool = Preprocessor(1, slot_bytes)
+        call = (lambda: pool.run(_tiles13)) if way == "pickled array" else (lambda: pool.tiles(_tiles13))
+        try:
+            await call()
+            worker, parent = await pool.run(_worker_cpu), time.process_time()
             for _ in range(reps):
-                assert way().shape == (13, TILE, TILE, 3)
+                assert (await call()).shape == (13, TILE, TILE, 3)
             parent = time.process_time() - parent
-            worker = pool.submit(_worker_cpu).result() - worker
-            rows.append({"way": name, "gateway_ms": 1000 * parent / reps, "worker_ms": 1000 * worker / reps})
+            worker = await pool.run(_worker_cpu) - worker
+        finally:
+            pool.close()
+        rows.append({"way": way, "gateway_ms": 1000 * parent / reps, "worker_ms": 1000 * worker / reps})
     return rows
 
 
@@ -232,7 +235,7 @@ def main() -> None:
                        "command": shlex.join(["python", "-m", "bench.preprocess", *sys.argv[1:]]),
                        "cpus": available_cpus(), "reps": reps}}
     result["per_core"] = per_core(sizes, reps)
-    result["transfer"] = transfer(max(reps, 5))
+    result["transfer"] = asyncio.run(transfer(max(reps, 5)))
     result["scaling"] = asyncio.run(scaling(list(range(1, most + 1)), 2 if args.smoke else 8))
     result["alone"] = alone(sizes, max(2, args.workers or available_cpus()), reps)
     save(out, report(result), result)

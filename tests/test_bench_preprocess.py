@@ -10,5 +10,6 @@ def test_smoke_run_writes_the_ratios(tmp_path):
     assert [r["image"] for r in result["per_core"]] == ["800x600 JPEG", "800x600 PNG"]
     for row in result["per_core"]:
         assert row["identical"] and row["tiles"] == 13 and math.isfinite(row["ratio"]) and row["ratio"] > 0
-    assert {r["way"] for r in result["transfer"]} == {"pickled array", "shared memory"}
+    assert {r["way"] for r in result["transfer"]} == {"shared memory, a kept slot", "shared memory, a new block",
+                                                     "pickled array"}
     assert result["scaling"][0]["workers"] == 1 and result["scaling"][0]["images_s"] > 0

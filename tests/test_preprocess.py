@@ -61,9 +61,11 @@ def _die() -> None:
 async def test_a_dead_worker_is_a_503_and_the_pool_recovers():
     pool = Preprocessor(1)
     try:
+        await pool.tiles(_tile_after, 0)  # a slot in use once
         with pytest.raises(ApiError) as e:
             await pool.run(_die)
         assert e.value.status == 503
+        assert not pool._slots  # a worker being stopped might still write to one: none is used again
         data = encoded(noise_image(800, 600), "JPEG")
         assert (await pool.tiles(image_tiles, data, 1 << 30, 12, True, 448)).shape == (13, 448, 448, 3)
     finally:
@@ -104,6 +106,46 @@ async def test_an_image_gets_the_threads_of_the_idle_workers():
         pool.close()
 
 
+async def test_slots_are_kept_for_the_next_images_and_never_shared():
+    """Tiles come back through a few shared memory blocks the gateway keeps (two per worker at most), each used by
+    one call at a time; tiles larger than a slot take a block of their own."""
+    pool = Preprocessor(2)
+    try:
+        images = [encoded(noise_image(640 + 64 * i, 480, seed=i), "PNG") for i in range(6)]
+        for _ in range(2):
+            results = await asyncio.gather(*(pool.tiles(image_tiles, d, 1 << 30, 12, True, 448) for d in images))
+            for data, tiles in zip(images, results):
+                assert np.array_equal(tiles, reference_tiles(Image.open(io.BytesIO(data))))
+        assert 1 <= len(pool._slots) <= 4 and sorted(pool._free_slots) == sorted(pool._slots)
+        big = encoded(noise_image(800, 600), "JPEG")  # 13 tiles: more than a 12-tile slot
+        small = Preprocessor(1, slot_bytes=12 * 448 * 448 * 3)
+        try:
+            assert np.array_equal(await small.tiles(image_tiles, big, 1 << 30, 12, True, 448),
+                                  reference_tiles(Image.open(io.BytesIO(big))))
+            assert len(small._free_slots) == len(small._slots) == 1
+        finally:
+            small.close()
+    finally:
+        pool.close()
+    assert not pool._slots
+
+
+async def test_a_cancelled_call_gives_its_slot_back_when_its_worker_is_done():
+    pool = Preprocessor(1)
+    try:
+        call = asyncio.ensure_future(pool.tiles(_tile_after, 0.5))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        assert not pool._free_slots  # the worker may still write to it
+        for _ in range(50):
+            if pool._free_slots:
+                break
+            await asyncio.sleep(0.1)
+        assert len(pool._free_slots) == len(pool._slots) == 1
+    finally:
+        pool.close()
+
+
 def _tiles_with_shm_full(data: bytes) -> np.ndarray:
     """In a worker: as if /dev/shm had no room (for this worker's life: its pool is the test's own)."""
     def full(*_):
@@ -114,7 +156,7 @@ def _tiles_with_shm_full(data: bytes) -> np.ndarray:
 
 
 async def test_tiles_come_through_the_pipe_when_shared_memory_is_full(caplog):
-    pool = Preprocessor(1)
+    pool = Preprocessor(1, slot_bytes=0)  # no slot: a block of its own, which has no room
     try:
         data = encoded(noise_image(800, 600), "JPEG")
         with caplog.at_level("WARNING", "services.gateway.preprocess"):

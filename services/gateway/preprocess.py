@@ -1,9 +1,11 @@
 """Decoding and tiling in worker processes: PIL and decord hold the GIL in parts of decoding and resizing, so threads
 of the gateway process would neither use the pod's cores nor leave the event loop alone.
 
-Tiles come back through shared memory: the worker writes them once, the gateway copies them out once. Measured by
-`python -m bench.preprocess` for 13 tiles (7.8 MB): ~5 ms of worker CPU against ~8 ms for a pickled array through the
-pool's pipe, and about the same in the gateway (~3 ms either way).
+Tiles come back through shared memory: the worker writes them once, the gateway copies them out once. The gateway
+keeps a few blocks (slots) for that, each mapped once in it and in every worker that writes to it: a new block per
+image had its pages allocated, zeroed and mapped again each time (13 tiles, 7.8 MB: ~6 ms of the worker's CPU and
+~3 ms of the gateway's on a 2-CPU VM; `python -m bench.preprocess` measures the ways side by side). Tiles larger
+than a slot, or with every slot in use, take a block of their own.
 """
 import asyncio
 import errno
@@ -50,15 +52,25 @@ def image_tiles(data: bytes, max_pixels: int, max_num: int, use_thumbnail: bool,
                       tile_size=tile_size, threads=threads)
 
 
-def _to_shared_memory(fn: Callable[..., np.ndarray], *args, **kwargs) -> tuple[str, tuple[int, ...]] | np.ndarray:
-    """In a worker: `fn`'s array, written to a new shared memory block that the gateway unlinks (`_take`), or the
-    array itself (pickled through the pool's pipe) when /dev/shm has no room for it."""
+SLOT_BYTES = 13 * 448 * 448 * 3  # an image's tiles at the default max_num: 12 and the thumbnail
+_attached: dict[str, shared_memory.SharedMemory] = {}  # in a worker: the gateway's slots it has written to
+
+
+def _to_shared_memory(fn: Callable[..., np.ndarray], slot: str | None, *args,
+                      **kwargs) -> tuple[str | None, tuple[int, ...]] | np.ndarray:
+    """In a worker: `fn`'s array, written to the gateway's `slot` if it fits ((None, shape)), else to a new shared
+    memory block that the gateway unlinks ((its name, shape)), or the array itself (pickled through the pool's pipe)
+    when /dev/shm has no room for it."""
     array = fn(*args, **kwargs)
+    if slot is not None:
+        if slot not in _attached:
+            _attached[slot] = shared_memory.SharedMemory(name=slot)
+        if array.nbytes <= _attached[slot].size:
+            np.ndarray(array.shape, array.dtype, _attached[slot].buf)[...] = array
+            return None, array.shape
     block = shared_memory.SharedMemory(create=True, size=max(1, array.nbytes))
     try:
-        # The block's pages claimed first: a full /dev/shm (a container's is 64 MB unless the pod mounts a larger
-        # one) is then ENOSPC here, not a SIGBUS that kills the worker halfway through writing.
-        os.posix_fallocate(block._fd, 0, block.size)
+        _claim_pages(block)
         np.ndarray(array.shape, array.dtype, block.buf)[...] = array
     except BaseException as e:
         block.unlink()
@@ -70,29 +82,16 @@ def _to_shared_memory(fn: Callable[..., np.ndarray], *args, **kwargs) -> tuple[s
     return block.name, array.shape
 
 
-def _take(result: tuple[str, tuple[int, ...]] | np.ndarray) -> np.ndarray:
-    """The array `_to_shared_memory` handed back, its shared memory block freed."""
-    if isinstance(result, np.ndarray):
-        _warn_shm_full()
-        return result
-    name, shape = result
-    block = shared_memory.SharedMemory(name=name)
-    try:
-        return np.ndarray(shape, np.uint8, block.buf).copy()
-    finally:
-        block.close()
-        block.unlink()
+def _claim_pages(block: shared_memory.SharedMemory) -> None:
+    """A block's pages claimed up front: a full /dev/shm (a container's is 64 MB unless the pod mounts a larger one)
+    is then ENOSPC here, not a SIGBUS that kills the process halfway through writing."""
+    os.posix_fallocate(block._fd, 0, block.size)
 
 
 @functools.cache
 def _warn_shm_full() -> None:
     log.warning("/dev/shm is full: tiles come back from the preprocessing workers through a pipe (slower); give the "
                 "gateway a larger /dev/shm (the chart's gateway.shmSizeLimit)")
-
-
-def _free(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        _take(future.result())
 
 
 def _ready() -> None:
@@ -119,10 +118,13 @@ class Preprocessor:
     """A pool of `workers` processes, started on first use (or by `start`). A worker that dies (killed for memory)
     fails the requests in flight with a 503 and the pool is started afresh for the next ones."""
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, slot_bytes: int = SLOT_BYTES):
         self.workers = workers or available_cpus()
         self._pool: ProcessPoolExecutor | None = None
         self.in_flight = 0  # `tiles` calls
+        self.slot_bytes = slot_bytes  # 0: no slots, a block per call
+        self._slots: dict[str, shared_memory.SharedMemory] = {}
+        self._free_slots: list[str] = []
 
     def spare_threads(self) -> int:
         """Threads for the next image's resizes (or video's frames): the cores of the workers that are idle, shared
@@ -150,14 +152,74 @@ class Preprocessor:
     async def tiles(self, fn: Callable[..., np.ndarray], *args, **kwargs) -> np.ndarray:
         """`fn`'s uint8 tiles, made in a worker and moved through shared memory."""
         pool = self._executor()
-        future = asyncio.wrap_future(pool.submit(_to_shared_memory, fn, *args, **kwargs))
+        slot = self._slot()
+        future = asyncio.wrap_future(pool.submit(_to_shared_memory, fn, slot, *args, **kwargs))
         self.in_flight += 1
         future.add_done_callback(self._done)
         try:
-            return _take(await self._result(pool, asyncio.shield(future)))
-        except asyncio.CancelledError:  # the request went away: its block is freed once the worker is done
-            future.add_done_callback(_free)
+            result = await self._result(pool, asyncio.shield(future))
+        except asyncio.CancelledError:  # the request went away: its slot or block is freed once the worker is done
+            future.add_done_callback(functools.partial(self._discard, slot))
             raise
+        except BaseException:
+            self._give_back(slot)
+            raise
+        return self._take(slot, result)
+
+    def _slot(self) -> str | None:
+        """A free slot's name; a new slot while there are fewer than two per worker; else None."""
+        if self._free_slots:
+            return self._free_slots.pop()
+        if not self.slot_bytes or len(self._slots) >= 2 * self.workers:
+            return None
+        block = shared_memory.SharedMemory(create=True, size=self.slot_bytes)
+        try:
+            _claim_pages(block)
+        except OSError:  # no room in /dev/shm to keep one
+            block.close()
+            block.unlink()
+            return None
+        self._slots[block.name] = block
+        return block.name
+
+    def _take(self, slot: str | None, result: tuple[str | None, tuple[int, ...]] | np.ndarray) -> np.ndarray:
+        """The tiles `_to_shared_memory` handed back; its slot given back, or its block freed."""
+        try:
+            if isinstance(result, np.ndarray):
+                _warn_shm_full()
+                return result
+            name, shape = result
+            if name is None:
+                if slot not in self._slots:  # retired since: a worker died meanwhile
+                    raise _worker_died()
+                return np.ndarray(shape, np.uint8, self._slots[slot].buf).copy()
+            block = shared_memory.SharedMemory(name=name)
+            try:
+                return np.ndarray(shape, np.uint8, block.buf).copy()
+            finally:
+                block.close()
+                block.unlink()
+        finally:
+            self._give_back(slot)
+
+    def _discard(self, slot: str | None, future: asyncio.Future) -> None:
+        """A call whose caller went away, once the worker is done with it."""
+        if future.cancelled() or future.exception() is not None:
+            self._give_back(slot)
+        else:
+            self._take(slot, future.result())
+
+    def _give_back(self, slot: str | None) -> None:
+        if slot in self._slots:
+            self._free_slots.append(slot)
+
+    def _retire_slots(self) -> None:
+        """Slots are not used again once a worker died: one being stopped might still write to any of them."""
+        for block in self._slots.values():
+            block.close()
+            block.unlink()
+        self._slots.clear()
+        self._free_slots.clear()
 
     def _done(self, future: asyncio.Future) -> None:
         self.in_flight -= 1
@@ -170,10 +232,16 @@ class Preprocessor:
                 log.error("a preprocessing worker died; starting the pool afresh")
                 self._pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
-            raise ApiError(503, "the image could not be processed (a preprocessing worker died); retry",
-                           type="service_unavailable") from None
+                self._retire_slots()
+            raise _worker_died() from None
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._retire_slots()
+
+
+def _worker_died() -> ApiError:
+    return ApiError(503, "the image could not be processed (a preprocessing worker died); retry",
+                    type="service_unavailable")
