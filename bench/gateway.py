@@ -36,8 +36,8 @@ from bench.preprocess import device, photo, table
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from bench import save
-from services.common.cache import encode_value, image_cache_key
 from services.common import settings
+from services.common.cache import encode_value, image_cache_key
 from services.common.checkpoint import checkpoint_id, read_model_config
 from services.common.grpc_utils import create_server
 from services.gateway.media import image_hash

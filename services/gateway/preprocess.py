@@ -26,7 +26,7 @@ import numpy as np
 from services.gateway.errors import ApiError
 from services.gateway.malloc import reuse_freed_memory
 from services.gateway.media import decode_image
-from services.gateway.tiling import tile_image
+from services.gateway.tiling import TILE_SIZE, tile_image
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def image_tiles(data: bytes, max_pixels: int, max_num: int, use_thumbnail: bool,
                       tile_size=tile_size, threads=threads)
 
 
-SLOT_BYTES = 13 * 448 * 448 * 3  # an image's tiles at the default max_num: 12 and the thumbnail
+SLOT_BYTES = 13 * TILE_SIZE * TILE_SIZE * 3  # an image's tiles at the default max_num: 12 and the thumbnail
 _attached: dict[str, shared_memory.SharedMemory] = {}  # in a worker: the gateway's slots it has written to
 
 
@@ -86,6 +86,11 @@ def _claim_pages(block: shared_memory.SharedMemory) -> None:
     """A block's pages claimed up front: a full /dev/shm (a container's is 64 MB unless the pod mounts a larger one)
     is then ENOSPC here, not a SIGBUS that kills the process halfway through writing."""
     os.posix_fallocate(block._fd, 0, block.size)
+
+
+def _drop(block: shared_memory.SharedMemory) -> None:
+    block.close()
+    block.unlink()
 
 
 @functools.cache
@@ -176,8 +181,7 @@ class Preprocessor:
         try:
             _claim_pages(block)
         except OSError:  # no room in /dev/shm to keep one
-            block.close()
-            block.unlink()
+            _drop(block)
             return None
         self._slots[block.name] = block
         return block.name
@@ -197,17 +201,18 @@ class Preprocessor:
             try:
                 return np.ndarray(shape, np.uint8, block.buf).copy()
             finally:
-                block.close()
-                block.unlink()
+                _drop(block)
         finally:
             self._give_back(slot)
 
     def _discard(self, slot: str | None, future: asyncio.Future) -> None:
-        """A call whose caller went away, once the worker is done with it."""
-        if future.cancelled() or future.exception() is not None:
-            self._give_back(slot)
-        else:
-            self._take(slot, future.result())
+        """A call whose caller went away, once the worker is done with it: its block freed (nothing copied out), its
+        slot given back."""
+        if not future.cancelled() and future.exception() is None:
+            result = future.result()
+            if isinstance(result, tuple) and result[0] is not None:
+                _drop(shared_memory.SharedMemory(name=result[0]))
+        self._give_back(slot)
 
     def _give_back(self, slot: str | None) -> None:
         if slot in self._slots:
@@ -216,8 +221,7 @@ class Preprocessor:
     def _retire_slots(self) -> None:
         """Slots are not used again once a worker died: one being stopped might still write to any of them."""
         for block in self._slots.values():
-            block.close()
-            block.unlink()
+            _drop(block)
         self._slots.clear()
         self._free_slots.clear()
 
