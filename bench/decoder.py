@@ -366,8 +366,8 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
     start = time.perf_counter()
     for seq in questions:
         engine.scheduler.add(seq)
-    while not all(seq.num_output for seq in questions):
-        engine.step()
+    for seq in questions:
+        until_first_token(seq, engine.step)
     sync(args.device)
     shared_s = time.perf_counter() - start
     shared_computed = engine.computed_tokens - computed
