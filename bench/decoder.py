@@ -529,12 +529,54 @@ def fmt(v, digits: int = 1) -> str:
     return str(v)
 
 
+PROFILE_STEPS = 20
+
+
+def decode_profile(engine: LLMEngine, shape: Shape, streams: int, args, steps: int = PROFILE_STEPS) -> dict:
+    """Where a decode step's time goes: wall time per step, then (under torch.profiler) the device's kernel time
+    per step, kernels per step and the kernels that take most of it. Wall minus kernel time is the host's share
+    that the device waits for (scheduling, input copies, sampling, the read-back). On the CPU: the ops' own time
+    instead of kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = args.device.startswith("cuda")
+    seqs = [new_sequence(f"prof{streams}-{i}", p, 2 * steps + 4)
+            for i, p in enumerate(random_prompts(streams, args.prompt_len, shape.vocab, args.seed))]
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    while not all(s.num_output for s in seqs):  # prefill, then every stream decodes
+        engine.step()
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(args.device)
+    wall_ms = 1000 * (time.perf_counter() - start) / steps
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(args.device)
+    for seq in seqs:
+        engine.scheduler.finish(seq, "abort")
+    kernels = [e for e in prof.events() if e.device_type.name == ("CUDA" if cuda else "CPU")]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time if cuda else e.self_cpu_time_total)  # µs
+    busy_ms = sum(map(sum, by_name.values())) / 1000 / steps
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
+    return {"streams": streams, "wall_ms": wall_ms, "kernel_ms": busy_ms, "host_ms": wall_ms - busy_ms,
+            "kernels": len(kernels) / steps,
+            "top": [{"name": name[:90], "ms_per_step": sum(t) / 1000 / steps, "calls_per_step": len(t) / steps}
+                    for name, t in top]}
+
+
 def table(columns: list[tuple[str, str, int]], rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(k, "-"), d) for k, _, d in columns) + " |" for r in rows]
     return lines
 
 
+PROFILE_COLUMNS = [("streams", "streams", 0), ("wall_ms", "wall ms/step", 2), ("kernel_ms", "kernel ms/step", 2),
+                   ("host_ms", "host ms/step", 2), ("kernels", "kernels/step", 0)]
 TP_COLUMNS = [("streams", "streams", 0), ("engine_tokens", "tokens", 0), ("engine_s", "engine s", 2),
               ("hf_s", "transformers s", 2), ("engine_tok_s", "engine tok/s", 1), ("hf_tok_s", "transformers tok/s", 1),
               ("ratio", "engine/transformers", 2), ("engine_prefill_s", "engine prefill s", 3),
@@ -592,6 +634,14 @@ def report(result: dict) -> str:
         lines += ["", "Each its own question after the same image (one cache key): the first prefills the image, "
                   "the others wait for it and take its blocks from the prefix cache (without that wait, each one "
                   "prefilled the image beside the first).", ""]
+    if prof := result.get("profile"):
+        lines += ["## Where a decode step's time goes (engine)", ""] + table(PROFILE_COLUMNS, prof)
+        lines += ["", f"Wall: {PROFILE_STEPS} decode steps timed alone; kernel time and kernels per step: the same "
+                  "steps under torch.profiler (device time of every kernel, CUDA-graph replays included; on the CPU "
+                  "the ops' own time); host: wall - kernel time, the part the device waits for the host.", ""]
+        for p in prof:
+            lines += [f"Top kernels at {p['streams']} stream(s), ms per step (calls per step):", ""]
+            lines += [f"- {k['ms_per_step']:.3f} ({k['calls_per_step']:.0f}) `{k['name']}`" for k in p["top"]] + [""]
     if c := result.get("correctness"):
         lines += ["## Greedy agreement (1 stream)", "",
                   f"{c['agree']} of {c['new_tokens']} leading tokens equal ({c['verdict']}).",
@@ -640,6 +690,11 @@ def parse_args() -> argparse.Namespace:
                    help="the whole stack on the tiny checkpoint vs transformers (CPU; default on with --device cpu)")
     p.add_argument("--stack-requests", type=int, help="concurrent chat completions (64; smoke: 4)")
     p.add_argument("--stack-max-tokens", type=int, help="max_tokens of each (64; smoke: 16)")
+    p.add_argument("--profile", type=int, nargs="*", default=[],
+                   help="stream counts whose decode steps are profiled (kernel time vs wall, top kernels)")
+    p.add_argument("--trace-compiles", action="store_true",
+                   help="log every Triton kernel compile and torch.compile recompile with the time (a stall that is "
+                   "a compile shows in the log beside the phase it fell in)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="markdown report, the JSON beside it "
                    "(default: bench/results/decoder-<device>-<date>.md)")
@@ -651,13 +706,22 @@ def parse_args() -> argparse.Namespace:
     args.ttft_decode_tokens = args.ttft_decode_tokens or args.new_tokens
     if args.stack is None:
         args.stack = not args.device.startswith("cuda")
-    args.max_running = args.max_running or max(64, *args.streams, args.ttft_streams + 1)
+    args.max_running = args.max_running or max(64, *args.streams, *args.profile, args.ttft_streams + 1)
     if args.new_tokens < 2 or args.ttft_decode_tokens < 2:
         p.error("--new-tokens and --ttft-decode-tokens must be at least 2")
     if not args.out:
         tag = args.device.split(":")[0]
         args.out = str(ROOT / "bench" / "results" / f"decoder-{tag}-{datetime.date.today().isoformat()}.md")
     return args
+
+
+def trace_compiles(log) -> None:
+    torch._logging.set_logs(recompiles=True)
+    import triton
+    try:
+        triton.knobs.runtime.jit_post_compile_hook = lambda **kw: log(f"Triton compiled {str(kw['repr'])[:240]}")
+    except AttributeError:  # Triton without knobs (< 3.4): recompiles only
+        log("this Triton has no compile hook: only torch.compile recompiles are logged")
 
 
 def write(result: dict, out: Path) -> None:
@@ -670,6 +734,8 @@ def main() -> None:
     out = Path(args.out)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(args.seed)
+    if args.trace_compiles:
+        trace_compiles(log)
 
     import transformers
     log(f"building {args.shape} ({args.dtype}) on {args.device}")
@@ -686,9 +752,10 @@ def main() -> None:
     # KV blocks: room for the largest measurement, one spare block per sequence, and a margin.
     image_tokens = args.ttft_tiles * 256 + TEXT_AROUND_IMAGE
     need = max(max(args.streams) * (args.prompt_len + args.new_tokens),
+               max(args.profile, default=0) * (args.prompt_len + 2 * PROFILE_STEPS + 4),
                args.ttft_streams * (args.prompt_len + args.ttft_decode_tokens) + image_tokens + 1,
                args.ttft_shared * (image_tokens + 1))
-    seqs = max(max(args.streams), args.ttft_streams + 1, args.ttft_shared)
+    seqs = max(max(args.streams), *args.profile, args.ttft_streams + 1, args.ttft_shared)
     num_blocks = -(-need // args.block_size) + seqs + 16
     engine = make_engine(ours, num_blocks, args, dtype)
     bytes_per_step = weight_bytes_per_step(ours)
@@ -716,6 +783,10 @@ def main() -> None:
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
+    for streams in args.profile:
+        log(f"profile: decode steps at {streams} streams")
+        result.setdefault("profile", []).append(decode_profile(engine, shape, streams, args))
+        write(result, out)
 
     log(f"TTFT: {args.ttft_tiles}-tile image prompt, alone and with {args.ttft_streams} decoding streams")
     result["ttft"] = ttft(engine, shape, dtype, args)

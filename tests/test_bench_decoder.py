@@ -31,14 +31,19 @@ def test_smoke_run_writes_the_ratios(tmp_path):
 def test_gpu_path_imports_no_stack_dependencies():
     """The H200 machine has no redis, fastapi or gRPC: building the models and the engine must not import them."""
     code = """
-import sys, torch
+import sys
+class Absent:  # as on that machine: importing any of these fails (torch itself tries redis, optionally)
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"redis", "fastapi", "grpc", "httpx", "uvicorn"}:
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Absent())
+import torch
 from bench import decoder as d
 shape = d.SHAPES["tiny"]
 hf = d.build_transformers(shape, "cpu", torch.float32, 0)
 ours = d.build_engine_model(shape, "cpu", torch.float32)
 d.copy_weights(hf, ours)
-loaded = sorted({m.split(".")[0] for m in sys.modules} & {"redis", "fastapi", "grpc", "httpx", "uvicorn", "tools"})
-assert not loaded, loaded
+assert "tools" not in sys.modules
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -33,7 +33,8 @@ def test_embeddings_equal_transformers(vision, reference):
         expected = reference.model.model.get_image_features(
             pixel_values=reference_pixel_values(image, max_num=6), vision_feature_layer=-1,
             vision_feature_select_strategy="default").pooler_output
-    assert torch.allclose(model(tiles), expected.reshape(-1, cfg.text.hidden_size), atol=1e-5, rtol=0)
+    # fp32 summation order (oneDNN picks kernels by CPU): 1.25e-5 off at values near 13.6 on an AVX-512 EPYC
+    assert torch.allclose(model(tiles), expected.reshape(-1, cfg.text.hidden_size), atol=1e-5, rtol=1e-5)
 
 
 def test_pixel_shuffle_v1_is_v2_transposed():

@@ -1,4 +1,6 @@
 """Layers both GPU services' model files share: RMSNorm, fused projections, attention."""
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,19 +11,57 @@ except ImportError:
     flash_attn_func = None
 
 
-class RMSNorm(nn.Module):
+COMPILE_OPTIONS = {"dynamic": True, "fullgraph": True}
+
+
+def on_gpu_compiled(fn):
+    """`fn` compiled by inductor for CUDA inputs, run as written on the CPU.
+
+    For chains of small elementwise ops (norms, residual adds, rotary, activations): compiled, each chain is one
+    kernel, and even inside a CUDA graph every kernel costs a few µs however small. At InternLM2.5-7B shapes on an
+    H200 this took a one-stream decode step from 6.73 to 5.25 ms (bench.decoder, 2026-11-30). TORCHDYNAMO_DISABLE=1
+    runs them eagerly on the GPU too. Token counts are symbolic from the first compile (dynamic=True): one graph
+    for the counts above 1 (two when the first count equals a width, which dynamo then ties to it), one for 1."""
+    compiled = torch.compile(fn, **COMPILE_OPTIONS)
+
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, *args):
+        return (compiled if x.is_cuda else fn)(x, *args)
+    return run
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, as the reference implementations do."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+rms_norm = on_gpu_compiled(_rms_norm)
+
+
+@on_gpu_compiled
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a block's residual add and the next norm in one kernel."""
+    residual = x + residual
+    return _rms_norm(residual, weight, eps), residual
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, as the reference implementations do; given a residual, added to it first (the
+    sum is returned too, as the next residual)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def shard_offsets(sizes: dict[object, int]) -> dict[object, tuple[int, int]]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.common.checkpoint import TextConfig
-from services.common.layers import FusedLinear, Linear, RMSNorm
+from services.common.layers import FusedLinear, Linear, RMSNorm, on_gpu_compiled
 from services.llm_decoder.models.awq import AWQLinear
 from services.llm_decoder.engine.context import BatchContext, paged_attention
 
@@ -32,11 +32,23 @@ def rotary_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype,
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half convention; x [T, heads, d], cos/sin [T, d]."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
+
+
+@on_gpu_compiled
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half convention; q [T, heads, d], k [T, kv_heads, d], cos/sin [T, d]."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+@on_gpu_compiled
+def silu_and_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+    gate, up = gate_up.split(inter, dim=-1)
+    return F.silu(gate) * up
 
 
 def linear(cfg: TextConfig, in_features: int, sizes: dict, bias: bool) -> nn.Module:
@@ -61,8 +73,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                           self.kv_heads * self.head_dim], dim=-1)
-        q = apply_rotary(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        q, k = apply_rotary(q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim), cos, sin)
         out = paged_attention(q, k, v.view(t, self.kv_heads, self.head_dim), self.k_cache, self.v_cache, ctx,
                               self.head_dim ** -0.5)
         return self.o_proj(out.reshape(t, -1))
@@ -76,8 +87,7 @@ class MLP(nn.Module):
         self.down_proj = linear(cfg, self.inter, {None: cfg.hidden_size}, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.inter))
 
 
 class DecoderLayer(nn.Module):
@@ -88,9 +98,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, ctx):
+        """x: the previous block's output, residual: the stream before it (None at the first layer); returns the same
+        pair for the next layer, so each residual add runs fused into the norm after it."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, ctx), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -121,10 +137,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         """embeds [T, D] (image rows already spliced in), positions [T] -> final hidden states [T, D]."""
         cos, sin = self.rotary(positions, ctx, embeds.dtype)
-        x = embeds
+        x, residual = embeds, None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, ctx)
+        return self.model.norm(x, residual)[0]
 
     def rope_is_static(self, max_len: int) -> bool:
         """Whether rotary tables for contexts up to `max_len` come from the precomputed table (dynamic NTK past the

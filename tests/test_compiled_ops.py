@@ -1,0 +1,51 @@
+"""The elementwise chains the GPU runs compiled (`on_gpu_compiled`): dynamo must capture each one whole, for any
+token count, and the captured graph must compute what the eager code does. Checked on the CPU through AOTAutograd
+(the front end inductor compiles from), so a graph break or a shape specialisation fails here, not on the GPU."""
+import pytest
+import torch
+import torch._dynamo
+
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from services.common.layers import COMPILE_OPTIONS, RMSNorm, add_rms_norm, rms_norm
+from services.llm_decoder.models.llama import apply_rotary, silu_and_mul
+
+
+def _inputs(fn, t: int):
+    g = torch.Generator().manual_seed(t)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    if fn is rms_norm:
+        return r(t, 64).bfloat16(), r(64).bfloat16(), 1e-6
+    if fn is add_rms_norm:
+        return r(t, 64).bfloat16(), r(t, 64).bfloat16(), r(64).bfloat16(), 1e-6
+    if fn is apply_rotary:  # q and k as the strided views of a fused qkv projection that the model passes
+        qkv = r(t, 6 * 16)
+        return qkv[:, :64].view(t, 4, 16), qkv[:, 64:80].view(t, 1, 16), r(t, 16), r(t, 16)
+    return r(t, 2 * 48), 48
+
+
+@pytest.mark.parametrize("fn", [rms_norm, add_rms_norm, apply_rotary, silu_and_mul], ids=lambda f: f.__name__)
+def test_captured_whole_once_for_any_token_count(fn):
+    """Compiled as the GPU compiles it: equal to eager, and at most three graphs whatever the token count (the first
+    count, then one symbolic in it, and one token), also when the first count equals a width (64 here: dynamo
+    gives both one symbol, and the next count needs a graph of its own)."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn.__wrapped__, backend=counter, **COMPILE_OPTIONS)
+    for t in (64, 2, 1, 7, 33, 1, 128, 5):
+        got, want = compiled(*_inputs(fn, t)), fn.__wrapped__(*_inputs(fn, t))
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(g, w)
+    assert counter.frame_count <= 3
+
+
+def test_cpu_runs_as_written():
+    """On the CPU nothing is compiled (the tests' and `make run`'s path stays eager)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    norm = RMSNorm(64, 1e-6)
+    x, residual = torch.randn(3, 64), torch.randn(3, 64)
+    h, s = norm(x, residual)
+    assert torch.equal(s, x + residual) and torch.equal(h, norm(x + residual))
+    assert not counters["stats"]["calls_captured"]
