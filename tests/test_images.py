@@ -174,7 +174,8 @@ def policy_problems(name: str, dockerfile: str, ports: set[int], requirements: s
     if env.get("GLIBC_TUNABLES") != settings.GLIBC_TUNABLES:
         problems.append(f"ENV GLIBC_TUNABLES={env.get('GLIBC_TUNABLES')!r}: the services run with "
                         f"{settings.GLIBC_TUNABLES!r} (services/common/settings.py)")
-    writable = ["HOME", "HF_HOME"] + (["TRITON_CACHE_DIR"] if name in GPU_SERVICES else [])
+    # the GPU services' compiler caches (Triton's, inductor's) go to /cache, the volume that can outlive a container
+    writable = ["HOME", "HF_HOME"] + (["TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"] if name in GPU_SERVICES else [])
     for var in writable:
         if not re.match(r"/(tmp|cache)(/|$)", env.get(var, "")):
             problems.append(f"ENV {var}={env.get(var)!r}: must be under /tmp or /cache (read-only root filesystem)")

@@ -76,6 +76,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/cache \
     HF_HOME=/cache/huggingface \
     TRITON_CACHE_DIR=/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     CUDA_CACHE_PATH=/cache/nv
 
 WORKDIR /app
