@@ -86,13 +86,11 @@ def wall_ms(fn) -> float:
 
 
 def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
-    """A few tiles per token range; for each, splits of K from none up to enough programs for a few waves over the
-    SMs (skinny shapes need them to keep enough loads in flight)."""
+    """A few tiles per token range; for each, splits of K around the count that gives every SM a program."""
     if m == 1:
-        tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (1, 128, 128, 8, 3), (1, 256, 64, 8, 3), (16, 64, 128, 4, 3),
-                 (16, 32, 128, 4, 4)]
+        tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (16, 64, 128, 4, 3)]
     elif m <= 16:
-        tiles = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 32, 128, 4, 4), (16, 64, 128, 4, 5)]
+        tiles = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3)]
     elif m <= 64:
         tiles = [(64, 64, 128, 4, 3), (64, 128, 64, 4, 4)]
     else:
@@ -101,9 +99,10 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
     for bm, bn, bk, warps, stages in tiles:
         programs, k_blocks = triton.cdiv(n, bn) * triton.cdiv(m, bm), k // min(bk, GROUP)
         split = 1
-        while split <= k_blocks and (split == 1 or programs * split <= 4 * sms):
-            out.append(at.Config(block=(bm, bn, bk), split=split, warps=warps, stages=stages))
+        while programs * split < sms and split * 2 <= k_blocks:
             split *= 2
+        splits = [split // 2, split] if split > 1 else [1]
+        out += [at.Config(block=(bm, bn, bk), split=s, warps=warps, stages=stages) for s in splits]
     if m >= 64:
         out.append(at.Config(kernel="dense"))
     return out
