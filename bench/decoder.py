@@ -534,8 +534,9 @@ PROFILE_STEPS = 20
 
 def decode_profile(engine: LLMEngine, shape: Shape, streams: int, args, steps: int = PROFILE_STEPS) -> dict:
     """Where a decode step's time goes: wall time per step, then (under torch.profiler) the device's kernel time
-    per step, kernels per step and the kernels that take most of it. Wall minus kernel time is the host's share
-    that the device waits for (scheduling, input copies, sampling, the read-back). On the CPU: the ops' own time
+    per step, kernels per step and the kernels that take most of it. Wall minus kernel time is what the device
+    spends outside kernels: waiting for the host (scheduling, input copies, sampling, the read-back) and the gaps
+    between kernels, inside CUDA graphs too. On the CPU: the ops' own time
     instead of kernel time."""
     from torch.profiler import ProfilerActivity, profile
     cuda = args.device.startswith("cuda")
@@ -563,7 +564,7 @@ def decode_profile(engine: LLMEngine, shape: Shape, streams: int, args, steps: i
         by_name.setdefault(e.name, []).append(e.device_time if cuda else e.self_cpu_time_total)  # µs
     busy_ms = sum(map(sum, by_name.values())) / 1000 / steps
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
-    return {"streams": streams, "wall_ms": wall_ms, "kernel_ms": busy_ms, "host_ms": wall_ms - busy_ms,
+    return {"streams": streams, "wall_ms": wall_ms, "kernel_ms": busy_ms, "outside_kernels_ms": wall_ms - busy_ms,
             "kernels": len(kernels) / steps,
             "top": [{"name": name[:90], "ms_per_step": sum(t) / 1000 / steps, "calls_per_step": len(t) / steps}
                     for name, t in top]}
@@ -576,7 +577,7 @@ def table(columns: list[tuple[str, str, int]], rows: list[dict]) -> list[str]:
 
 
 PROFILE_COLUMNS = [("streams", "streams", 0), ("wall_ms", "wall ms/step", 2), ("kernel_ms", "kernel ms/step", 2),
-                   ("host_ms", "host ms/step", 2), ("kernels", "kernels/step", 0)]
+                   ("outside_kernels_ms", "outside kernels ms/step", 2), ("kernels", "kernels/step", 0)]
 TP_COLUMNS = [("streams", "streams", 0), ("engine_tokens", "tokens", 0), ("engine_s", "engine s", 2),
               ("hf_s", "transformers s", 2), ("engine_tok_s", "engine tok/s", 1), ("hf_tok_s", "transformers tok/s", 1),
               ("ratio", "engine/transformers", 2), ("engine_prefill_s", "engine prefill s", 3),
@@ -638,7 +639,8 @@ def report(result: dict) -> str:
         lines += ["## Where a decode step's time goes (engine)", ""] + table(PROFILE_COLUMNS, prof)
         lines += ["", f"Wall: {PROFILE_STEPS} decode steps timed alone; kernel time and kernels per step: the same "
                   "steps under torch.profiler (device time of every kernel, CUDA-graph replays included; on the CPU "
-                  "the ops' own time); host: wall - kernel time, the part the device waits for the host.", ""]
+                  "the ops' own time); outside kernels: wall - kernel time (the device waiting for the host, and the "
+                  "gaps between kernels).", ""]
         for p in prof:
             lines += [f"Top kernels at {p['streams']} stream(s), ms per step (calls per step):", ""]
             lines += [f"- {k['ms_per_step']:.3f} ({k['calls_per_step']:.0f}) `{k['name']}`" for k in p["top"]] + [""]
