@@ -1,6 +1,9 @@
 """The elementwise chains the GPU runs compiled (`on_gpu_compiled`): dynamo must capture each one whole, for any
 token count, and the captured graph must compute what the eager code does. Checked on the CPU through AOTAutograd
 (the front end inductor compiles from), so a graph break or a shape specialisation fails here, not on the GPU."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch._dynamo
@@ -9,6 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from services.common.layers import COMPILE_OPTIONS, RMSNorm, add_rms_norm, rms_norm
 from services.llm_decoder.models.llama import apply_rotary, silu_and_mul
+from tools.run_local import ROOT
 
 
 def _inputs(fn, t: int):
@@ -40,12 +44,16 @@ def test_captured_whole_once_for_any_token_count(fn):
 
 
 def test_cpu_runs_as_written():
-    """On the CPU nothing is compiled (the tests' and `make run`'s path stays eager)."""
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-    counters.clear()
-    norm = RMSNorm(64, 1e-6)
-    x, residual = torch.randn(3, 64), torch.randn(3, 64)
-    h, s = norm(x, residual)
-    assert torch.equal(s, x + residual) and torch.equal(h, norm(x + residual))
-    assert not counters["stats"]["calls_captured"]
+    """On the CPU nothing is compiled (the tests' and `make run`'s path stays eager), and the model code does not even
+    import dynamo (seconds of start-up for every CPU process)."""
+    code = ("import sys, torch\n"
+            "from services.common.layers import RMSNorm\n"
+            "from services.llm_decoder.models import llama\n"
+            "norm = RMSNorm(64, 1e-6)\n"
+            "x, residual = torch.randn(3, 64), torch.randn(3, 64)\n"
+            "h, s = norm(x, residual)\n"
+            "assert torch.equal(s, x + residual) and torch.equal(h, norm(x + residual))\n"
+            "llama.apply_rotary(x.view(3, 4, 16), residual.view(3, 4, 16), torch.randn(3, 16), torch.randn(3, 16))\n"
+            "assert 'torch._dynamo' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

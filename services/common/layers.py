@@ -22,11 +22,16 @@ def on_gpu_compiled(fn):
     H200 this took a one-stream decode step from 6.73 to 5.25 ms (bench.decoder, 2026-11-30). TORCHDYNAMO_DISABLE=1
     runs them eagerly on the GPU too. Token counts are symbolic from the first compile (dynamic=True): one graph
     for the counts above 1 (two when the first count equals a width, which dynamo then ties to it), one for 1."""
-    compiled = torch.compile(fn, **COMPILE_OPTIONS)
+    compiled = None  # made on the first CUDA call: torch.compile imports dynamo, seconds a CPU process never needs
 
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
-        return (compiled if x.is_cuda else fn)(x, *args)
+        nonlocal compiled
+        if not x.is_cuda:
+            return fn(x, *args)
+        if compiled is None:
+            compiled = torch.compile(fn, **COMPILE_OPTIONS)
+        return compiled(x, *args)
     return run
 
 
