@@ -27,7 +27,7 @@ def on_gpu_compiled(fn):
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
         nonlocal compiled
-        if not x.is_cuda:
+        if not x.is_cuda or torch.compiler.is_compiling():  # the CPU, or inside a model compiled whole (fused there)
             return fn(x, *args)
         if compiled is None:
             compiled = torch.compile(fn, **COMPILE_OPTIONS)
