@@ -12,8 +12,10 @@ from tools.run_local import ROOT
 
 
 def test_smoke_run_writes_the_ratios(tmp_path):
-    text, result = run_bench("decoder", tmp_path / "decoder.md", "--device", "cpu")
-    for heading in ("engine/transformers", "TTFT while decoding ms", "stack/transformers", "Greedy agreement"):
+    text, result = run_bench("decoder", tmp_path / "decoder.md", "--device", "cpu", "--profile", "1",
+                             "--trace-compiles")
+    for heading in ("engine/transformers", "TTFT while decoding ms", "stack/transformers", "Greedy agreement",
+                    "Where a decode step's time goes"):
         assert heading in text
     assert [r["streams"] for r in result["throughput"]] == [1, 2]
     for row in result["throughput"]:
@@ -26,6 +28,8 @@ def test_smoke_run_writes_the_ratios(tmp_path):
     stack = result["stack"]
     assert "error" not in stack, stack
     assert stack["requests"] == 4 and stack["stack_tokens"] > 0 and math.isfinite(stack["ratio"]) and stack["ratio"] > 0
+    (profile,) = result["profile"]
+    assert profile["streams"] == 1 and profile["wall_ms"] > 0 and profile["kernels"] > 0 and profile["top"]
 
 
 def test_gpu_path_imports_no_stack_dependencies():
