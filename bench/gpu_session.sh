@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 [[ -n "${OUT:-}" ]] || { echo "gpu_session.sh: set OUT to the folder that comes back" >&2; exit 2; }
 smoke=()
 if [[ "${1:-}" == "--smoke" ]]; then smoke=(--smoke); shift; fi
+mkdir -p "$OUT"
 results="$(mktemp -d)"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "${PYTHON:-python3}" -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
