@@ -211,6 +211,14 @@ def new_sequence(seq_id: str, prompt: list[int], max_tokens: int, image_embeds: 
                     image_embeds=image_embeds, image_token_id=image_token_id)
 
 
+def until_first_token(engine: LLMEngine, seq: Sequence, step) -> None:
+    """`step()` until `seq` has its first token (an engine that ends it without one is an error, not a hang)."""
+    while not seq.num_output:
+        if not engine.scheduler.has_work():
+            raise RuntimeError(f"the engine finished {seq.id} without a token")
+        step()
+
+
 def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, device: str, tag: str) -> dict:
     """All prompts added at once, stepped to completion. Returns wall time, the time every stream had its first
     token (the prefill), and the outputs."""
@@ -333,18 +341,12 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
         ids = image_prompt(shape, args.ttft_tiles, args.seed)
         return new_sequence(tag, ids, 1, image_embeds=embeds, image_token_id=shape.vocab - 1)
 
-    def until_first_token(seq: Sequence, step) -> None:
-        while not seq.num_output:
-            if not engine.scheduler.has_work():
-                raise RuntimeError(f"the engine finished {seq.id} without a token")
-            step()
-
     def alone(tag: str) -> float:
         seq = image_seq(tag)
         sync(args.device)
         start = time.perf_counter()
         engine.scheduler.add(seq)
-        until_first_token(seq, engine.step)
+        until_first_token(engine, seq, engine.step)
         sync(args.device)
         took = time.perf_counter() - start
         while engine.scheduler.has_work():
@@ -367,7 +369,7 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
     for seq in questions:
         engine.scheduler.add(seq)
     for seq in questions:
-        until_first_token(seq, engine.step)
+        until_first_token(engine, seq, engine.step)
     sync(args.device)
     shared_s = time.perf_counter() - start
     shared_computed = engine.computed_tokens - computed
@@ -397,7 +399,7 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
     sync(args.device)
     added = time.perf_counter()
     engine.scheduler.add(seq)
-    until_first_token(seq, step_and_record)
+    until_first_token(engine, seq, step_and_record)
     sync(args.device)
     first = time.perf_counter()
     # One more token of every decode stream after the image's first token, so the gaps spanning its prefill close.
@@ -536,16 +538,15 @@ def decode_profile(engine: LLMEngine, shape: Shape, streams: int, args, steps: i
     """Where a decode step's time goes: wall time per step, then (under torch.profiler) the device's kernel time
     per step, kernels per step and the kernels that take most of it. Wall minus kernel time is what the device
     spends outside kernels: waiting for the host (scheduling, input copies, sampling, the read-back) and the gaps
-    between kernels, inside CUDA graphs too. On the CPU: the ops' own time
-    instead of kernel time."""
+    between kernels, inside CUDA graphs too. On the CPU: the ops' own time instead of kernel time."""
     from torch.profiler import ProfilerActivity, profile
     cuda = args.device.startswith("cuda")
     seqs = [new_sequence(f"prof{streams}-{i}", p, 2 * steps + 4)
             for i, p in enumerate(random_prompts(streams, args.prompt_len, shape.vocab, args.seed))]
     for seq in seqs:
         engine.scheduler.add(seq)
-    while not all(s.num_output for s in seqs):  # prefill, then every stream decodes
-        engine.step()
+    for seq in seqs:  # prefill, then every stream decodes
+        until_first_token(engine, seq, engine.step)
     sync(args.device)
     start = time.perf_counter()
     for _ in range(steps):

@@ -31,9 +31,10 @@ for step in "${steps[@]}"; do
   case "$step:$smoke" in
     attention:1) TRITON_INTERPRET=1 "$py" -m tests.triton_attention_check cpu ;;
     attention:0) "$py" -m tests.triton_attention_check cuda ;;
-    decoder:1) "$py" -m bench.decoder --device cpu --smoke --no-stack --profile 1 --trace-compiles --out "$out/decoder-smoke-$day.md" ;;
-    decoder:0) "$py" -m bench.decoder --device cuda --shape internlm2_5_7b --dtype bfloat16 --profile 1 64 --trace-compiles \
-                 --out "$out/decoder-h200-$day.md" ;;
+    decoder:1) "$py" -m bench.decoder --device cpu --smoke --no-stack --profile 1 --trace-compiles \
+                 --out "$out/decoder-smoke-$day.md" ;;
+    decoder:0) "$py" -m bench.decoder --device cuda --shape internlm2_5_7b --dtype bfloat16 --profile 1 64 \
+                 --trace-compiles --out "$out/decoder-h200-$day.md" ;;
     vision:1) "$py" -m bench.vision --device cpu --smoke --out "$out/vision-smoke-$day.md" ;;
     vision:0) "$py" -m bench.vision --device cuda --out "$out/vision-h200-$day.md" ;;
     vision6b:1) "$py" -m bench.vision --device cpu --smoke --family internvl-chat-v1_5 \

@@ -14,7 +14,8 @@ if [[ "${1:-}" == "--smoke" ]]; then smoke=(--smoke); shift; fi
 mkdir -p "$OUT"
 results="$(mktemp -d)"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  "${PYTHON:-python3}" -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
+  "${PYTHON:-python3}" -c "import torch, transformers, triton
+print(torch.__version__, transformers.__version__, triton.__version__)"
 } > "$results/env.txt" 2>&1
 cat "$results/env.txt"
 for spec in "$@"; do
