@@ -214,7 +214,7 @@ def new_sequence(seq_id: str, prompt: list[int], max_tokens: int, image_embeds: 
 def until_first_token(engine: LLMEngine, seq: Sequence, step) -> None:
     """`step()` until `seq` has its first token (an engine that ends it without one is an error, not a hang)."""
     while not seq.num_output:
-        if not engine.scheduler.has_work():
+        if not engine.has_work():
             raise RuntimeError(f"the engine finished {seq.id} without a token")
         step()
 
@@ -228,7 +228,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, dev
     for seq in seqs:
         engine.scheduler.add(seq)
     first = None
-    while engine.scheduler.has_work():
+    while engine.has_work():
         engine.step()
         if first is None and all(s.num_output for s in seqs):
             sync(device)
@@ -349,7 +349,7 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
         until_first_token(engine, seq, engine.step)
         sync(args.device)
         took = time.perf_counter() - start
-        while engine.scheduler.has_work():
+        while engine.has_work():
             engine.step()
         return took
 
@@ -373,7 +373,7 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
     sync(args.device)
     shared_s = time.perf_counter() - start
     shared_computed = engine.computed_tokens - computed
-    while engine.scheduler.has_work():
+    while engine.has_work():
         engine.step()
 
     # Under load: the decode streams make a few tokens first, then the image prompt arrives.
@@ -393,7 +393,7 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
     for s in decoders:
         engine.scheduler.add(s)
     lead = min(4, decode_tokens - 1)
-    while engine.scheduler.has_work() and not all(s.num_output >= lead for s in decoders):
+    while engine.has_work() and not all(s.num_output >= lead for s in decoders):
         step_and_record()
     seq = image_seq("ttft-loaded")
     sync(args.device)
@@ -404,11 +404,11 @@ def ttft(engine, shape: Shape, dtype: torch.dtype, args) -> dict:
     first = time.perf_counter()
     # One more token of every decode stream after the image's first token, so the gaps spanning its prefill close.
     marks = {s.id: s.num_output for s in decoders}
-    while engine.scheduler.has_work() and any(s.num_output == marks[s.id] and s.finish_reason is None
+    while engine.has_work() and any(s.num_output == marks[s.id] and s.finish_reason is None
                                               for s in decoders):
         step_and_record()
     outlived = all(s.num_output > marks[s.id] for s in decoders)
-    while engine.scheduler.has_work():
+    while engine.has_work():
         step_and_record()
     before, around = [], []
     for s in decoders:
@@ -541,18 +541,26 @@ def decode_profile(engine: LLMEngine, shape: Shape, streams: int, args, steps: i
     between kernels, inside CUDA graphs too. On the CPU: the ops' own time instead of kernel time."""
     from torch.profiler import ProfilerActivity, profile
     cuda = args.device.startswith("cuda")
-    seqs = [new_sequence(f"prof{streams}-{i}", p, 2 * steps + 4)
+    seqs = [new_sequence(f"prof{streams}-{i}", p, 3 * steps + 4)
             for i, p in enumerate(random_prompts(streams, args.prompt_len, shape.vocab, args.seed))]
     for seq in seqs:
         engine.scheduler.add(seq)
     for seq in seqs:  # prefill, then every stream decodes
         until_first_token(engine, seq, engine.step)
-    sync(args.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync(args.device)
-    wall_ms = 1000 * (time.perf_counter() - start) / steps
+
+    def wall_ms() -> float:
+        sync(args.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(args.device)
+        return 1000 * (time.perf_counter() - start) / steps
+
+    overlap = engine.overlap
+    engine.overlap = not overlap
+    other_ms = wall_ms()  # the other way first, so both are timed on warm caches
+    engine.overlap = overlap
+    wall = wall_ms()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
@@ -565,8 +573,9 @@ def decode_profile(engine: LLMEngine, shape: Shape, streams: int, args, steps: i
         by_name.setdefault(e.name, []).append(e.device_time if cuda else e.self_cpu_time_total)  # µs
     busy_ms = sum(map(sum, by_name.values())) / 1000 / steps
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
-    return {"streams": streams, "wall_ms": wall_ms, "kernel_ms": busy_ms, "outside_kernels_ms": wall_ms - busy_ms,
-            "kernels": len(kernels) / steps,
+    return {"streams": streams, "overlap": overlap, "wall_ms": wall, "kernel_ms": busy_ms,
+            "outside_kernels_ms": wall - busy_ms, "kernels": len(kernels) / steps,
+            "overlap_ms" if not overlap else "no_overlap_ms": other_ms,
             "top": [{"name": name[:90], "ms_per_step": sum(t) / 1000 / steps, "calls_per_step": len(t) / steps}
                     for name, t in top]}
 
@@ -577,8 +586,10 @@ def table(columns: list[tuple[str, str, int]], rows: list[dict]) -> list[str]:
     return lines
 
 
-PROFILE_COLUMNS = [("streams", "streams", 0), ("wall_ms", "wall ms/step", 2), ("kernel_ms", "kernel ms/step", 2),
-                   ("outside_kernels_ms", "outside kernels ms/step", 2), ("kernels", "kernels/step", 0)]
+PROFILE_COLUMNS = [("streams", "streams", 0), ("overlap", "overlap", 0), ("wall_ms", "wall ms/step", 2),
+                   ("kernel_ms", "kernel ms/step", 2), ("outside_kernels_ms", "outside kernels ms/step", 2),
+                   ("kernels", "kernels/step", 0), ("no_overlap_ms", "wall without overlap ms/step", 2),
+                   ("overlap_ms", "wall with overlap ms/step", 2)]
 TP_COLUMNS = [("streams", "streams", 0), ("engine_tokens", "tokens", 0), ("engine_s", "engine s", 2),
               ("hf_s", "transformers s", 2), ("engine_tok_s", "engine tok/s", 1), ("hf_tok_s", "transformers tok/s", 1),
               ("ratio", "engine/transformers", 2), ("engine_prefill_s", "engine prefill s", 3),
@@ -638,10 +649,11 @@ def report(result: dict) -> str:
                   "prefilled the image beside the first).", ""]
     if prof := result.get("profile"):
         lines += ["## Where a decode step's time goes (engine)", ""] + table(PROFILE_COLUMNS, prof)
-        lines += ["", f"Wall: {PROFILE_STEPS} decode steps timed alone; kernel time and kernels per step: the same "
-                  "steps under torch.profiler (device time of every kernel, CUDA-graph replays included; on the CPU "
-                  "the ops' own time); outside kernels: wall - kernel time (the device waiting for the host, and the "
-                  "gaps between kernels).", ""]
+        lines += ["", f"Wall: {PROFILE_STEPS} decode steps timed alone, the engine as configured (overlap: each "
+                  "step queued before the one before it is read back, the default on CUDA); the other way too, "
+                  "timed just before. Kernel time and kernels per step: the same steps under torch.profiler (device "
+                  "time of every kernel, CUDA-graph replays included; on the CPU the ops' own time); outside "
+                  "kernels: wall - kernel time (the device waiting for the host, and the gaps between kernels).", ""]
         for p in prof:
             lines += [f"Top kernels at {p['streams']} stream(s), ms per step (calls per step):", ""]
             lines += [f"- {k['ms_per_step']:.3f} ({k['calls_per_step']:.0f}) `{k['name']}`" for k in p["top"]] + [""]
@@ -755,7 +767,7 @@ def main() -> None:
     # KV blocks: room for the largest measurement, one spare block per sequence, and a margin.
     image_tokens = args.ttft_tiles * 256 + TEXT_AROUND_IMAGE
     need = max(max(args.streams) * (args.prompt_len + args.new_tokens),
-               max(args.profile, default=0) * (args.prompt_len + 2 * PROFILE_STEPS + 4),
+               max(args.profile, default=0) * (args.prompt_len + 3 * PROFILE_STEPS + 4),
                args.ttft_streams * (args.prompt_len + args.ttft_decode_tokens) + image_tokens + 1,
                args.ttft_shared * (image_tokens + 1))
     seqs = max(max(args.streams), *args.profile, args.ttft_streams + 1, args.ttft_shared)

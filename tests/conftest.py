@@ -40,6 +40,13 @@ def lm(cfg, tiny_checkpoint):
     return load_language_model(cfg, tiny_checkpoint, "cpu", torch.float32)
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def overlap(request):
+    """Engine tests run both ways: each step read back at once, and overlapped (a step queued before the one before
+    it is read back, as on CUDA)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """REDIS_URL when set; else a Redis container where Docker runs; else our own redis-server on a free port."""

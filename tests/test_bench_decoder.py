@@ -30,6 +30,7 @@ def test_smoke_run_writes_the_ratios(tmp_path):
     assert stack["requests"] == 4 and stack["stack_tokens"] > 0 and math.isfinite(stack["ratio"]) and stack["ratio"] > 0
     (profile,) = result["profile"]
     assert profile["streams"] == 1 and profile["wall_ms"] > 0 and profile["kernels"] > 0 and profile["top"]
+    assert profile["overlap"] is False and profile["overlap_ms"] > 0  # the CPU default, and the other way timed
 
 
 def test_gpu_path_imports_no_stack_dependencies():

@@ -199,7 +199,7 @@ def test_tied_heads_follow_the_checkpoint(tiny_checkpoint, tmp_path, keep_head):
                        device="cpu", dtype=torch.float32)
     seq = Sequence("s", list(range(5, 25)), SamplingParams(10))
     engine.scheduler.add(seq)
-    while engine.scheduler.has_work():
+    while engine.has_work():
         engine.step()
     reference = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     expected = reference.generate(input_ids=torch.tensor([list(range(5, 25))]), max_new_tokens=10, do_sample=False,

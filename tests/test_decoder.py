@@ -11,13 +11,13 @@ from services.llm_decoder.engine.scheduler import Scheduler
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 
-def run(lm, cfg, seqs, num_blocks=256, block_size=4, max_running=8):
+def run(lm, cfg, seqs, num_blocks=256, block_size=4, max_running=8, *, overlap):
     """Run sequences to completion; returns the engine (for its block manager) and each sequence's tokens."""
     engine = LLMEngine(lm, num_blocks=num_blocks, block_size=block_size, max_batched_tokens=4096,
-                       max_running=max_running, device="cpu", dtype=torch.float32)
+                       max_running=max_running, device="cpu", dtype=torch.float32, overlap=overlap)
     for seq in seqs:
         engine.scheduler.add(seq)
-    while engine.scheduler.has_work():
+    while engine.has_work():
         engine.step()
     return engine, [s.output_ids for s in seqs]
 
@@ -26,51 +26,55 @@ def prompts():
     return [list(range(10 + i, 30 + 3 * i)) for i in range(5)]
 
 
-def test_batched_and_preempted_runs_equal_single_runs(lm, cfg, reference, monkeypatch):
+def test_batched_and_preempted_runs_equal_single_runs(lm, cfg, reference, monkeypatch, overlap):
     singles = []
     for ids in prompts():
         out = reference.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                        eos_token_id=None)
         singles.append(out[0, len(ids):].tolist())
-    batched = run(lm, cfg, [Sequence(str(i), ids, SamplingParams(16)) for i, ids in enumerate(prompts())])[1]
+    batched = run(lm, cfg, [Sequence(str(i), ids, SamplingParams(16)) for i, ids in enumerate(prompts())],
+                  overlap=overlap)[1]
     assert batched == singles
     # 30 blocks of 4 tokens cannot hold all five sequences: the newest are preempted and recomputed.
     preempted = []
     original = Scheduler.preempt
     monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: (preempted.append(seq.id), original(self, seq)))
     engine, squeezed = run(lm, cfg, [Sequence(str(i), ids, SamplingParams(16)) for i, ids in enumerate(prompts())],
-                           num_blocks=30)
+                           num_blocks=30, overlap=overlap)
     assert squeezed == singles
     assert preempted and len(engine.blocks.free) == 30
 
 
-def test_stop_token_ends_with_stop(lm, cfg):
+def test_stop_token_ends_with_stop(lm, cfg, overlap):
     ids = prompts()[0]
-    free_run = run(lm, cfg, [Sequence("a", ids, SamplingParams(12))])[1][0]
+    free_run = run(lm, cfg, [Sequence("a", ids, SamplingParams(12))], overlap=overlap)[1][0]
     stop = free_run[4]
     seq = Sequence("b", ids, SamplingParams(12, stop_token_ids=frozenset({stop})))
-    run(lm, cfg, [seq])
+    run(lm, cfg, [seq], overlap=overlap)
     assert seq.output_ids == free_run[:free_run.index(stop) + 1] and seq.finish_reason == "stop"
 
 
-def test_seeded_sampling_is_reproducible(lm, cfg):
+def test_seeded_sampling_is_reproducible(lm, cfg, overlap):
     def sampled(seed):
         seq = Sequence("s", prompts()[1], SamplingParams(16, temperature=1.0, top_p=0.9, seed=seed))
-        return run(lm, cfg, [seq])[1][0]
+        return run(lm, cfg, [seq], overlap=overlap)[1][0]
     assert sampled(7) == sampled(7)
     assert sampled(7) != sampled(8)
 
 
-def test_abort_frees_blocks(lm, cfg):
+def test_abort_frees_blocks(lm, cfg, overlap):
     engine = LLMEngine(lm, num_blocks=64, block_size=4, max_batched_tokens=4096, max_running=8,
-                       device="cpu", dtype=torch.float32)
+                       device="cpu", dtype=torch.float32, overlap=overlap)
     seq = Sequence("x", prompts()[0], SamplingParams(100))
     engine.scheduler.add(seq)
     engine.step()
     engine.step()
     assert len(engine.blocks.free) < 64
+    tokens = list(seq.token_ids)
     engine.scheduler.finish(seq, "abort")
     assert len(engine.blocks.free) == 64 and not engine.scheduler.has_work()
+    # Overlapped, a step was still in flight: it is read back, its token dropped.
+    assert engine.step() == [] and not engine.has_work() and seq.token_ids == tokens
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +216,10 @@ def test_kv_budget_counts_whole_blocks():
     assert kv_blocks(args, Model(), max_model_len=96, dtype=torch.float32) == 6
 
 
-def test_a_tiny_temperature_is_greedy(lm, cfg):
-    greedy = run(lm, cfg, [Sequence("g", prompts()[2], SamplingParams(12))])[1][0]
-    tiny = run(lm, cfg, [Sequence("t", prompts()[2], SamplingParams(12, temperature=1e-39, seed=0))])[1][0]
+def test_a_tiny_temperature_is_greedy(lm, cfg, overlap):
+    greedy = run(lm, cfg, [Sequence("g", prompts()[2], SamplingParams(12))], overlap=overlap)[1][0]
+    tiny = run(lm, cfg, [Sequence("t", prompts()[2], SamplingParams(12, temperature=1e-39, seed=0))],
+               overlap=overlap)[1][0]
     assert tiny == greedy
 
 
@@ -232,23 +237,23 @@ def test_the_engine_survives_a_failing_step(lm, cfg, monkeypatch):
 
     engine = LLMEngine(lm, num_blocks=64, block_size=4, max_batched_tokens=4096, max_running=8,
                        device="cpu", dtype=torch.float32, on_step=on_step)
-    original = engine.runner.step
-    monkeypatch.setattr(engine.runner, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    original = engine.runner.launch
+    monkeypatch.setattr(engine.runner, "launch", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     engine.start()
     engine.add(Sequence("bad", prompts()[0], SamplingParams(4)))
     assert done.wait(10) and events == [("bad", "error")]
-    monkeypatch.setattr(engine.runner, "step", original)
+    monkeypatch.setattr(engine.runner, "launch", original)
     done.clear()
     engine.add(Sequence("good", prompts()[1], SamplingParams(4)))
     assert done.wait(10) and events[-1] == ("good", "length")
 
 
-def test_logprobs_equal_the_reference_log_softmax(lm, cfg, reference):
+def test_logprobs_equal_the_reference_log_softmax(lm, cfg, reference, overlap):
     """Greedy with logprobs: each token's log-probability and top 5 are transformers' log_softmax of its logits."""
     ids = prompts()[3]
     seq = Sequence("lp", ids, SamplingParams(10, logprobs=5))
     other = Sequence("plain", prompts()[4], SamplingParams(10))  # batched with a row that does not ask
-    run(lm, cfg, [seq, other])
+    run(lm, cfg, [seq, other], overlap=overlap)
     assert len(seq.logprobs) == seq.num_output == 10 and other.logprobs == []
     with torch.no_grad():
         logits = reference.model(input_ids=torch.tensor([seq.token_ids[:-1]])).logits[0, len(ids) - 1:]

@@ -10,9 +10,9 @@ from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 NEW = 10
 
 
-def engine(lm, num_blocks=512, block_size=16, max_batched_tokens=4096, max_running=16):
+def engine(lm, num_blocks=512, block_size=16, max_batched_tokens=4096, max_running=16, *, overlap):
     return LLMEngine(lm, num_blocks=num_blocks, block_size=block_size, max_batched_tokens=max_batched_tokens,
-                     max_running=max_running, device="cpu", dtype=torch.float32)
+                     max_running=max_running, device="cpu", dtype=torch.float32, overlap=overlap)
 
 
 def image_prompt(cfg, seed: int, text_before: int = 7, rows: int = 256):
@@ -44,7 +44,7 @@ def run(eng, seqs, arrivals=None):
     for seq in seqs:
         eng.scheduler.add(seq)
     step = 0
-    while eng.scheduler.has_work() or arrivals:
+    while eng.has_work() or arrivals:
         for seq in arrivals.pop(step, []):
             eng.scheduler.add(seq)
         eng.step()
@@ -52,7 +52,7 @@ def run(eng, seqs, arrivals=None):
     return step
 
 
-def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, cfg, reference, monkeypatch):
+def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, cfg, reference, monkeypatch, overlap):
     """Text and image prompts of different lengths, some arriving while others decode, a token budget of 100 that
     cuts every image prompt into chunks with boundaries inside the image, and a KV pool small enough to preempt."""
     prompts = [(list(range(20 + i, 40 + 7 * i)), None) for i in range(3)] + [image_prompt(cfg, s) for s in (1, 2)]
@@ -62,7 +62,7 @@ def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, 
     monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: (preempted.append(len(self.blocks.blocks)),
                                                                  original(self, seq)))
     for num_blocks, max_batched in [(512, 4096), (512, 100), (40, 100)]:
-        eng = engine(lm, num_blocks=num_blocks, block_size=8, max_batched_tokens=max_batched)
+        eng = engine(lm, overlap=overlap, num_blocks=num_blocks, block_size=8, max_batched_tokens=max_batched)
         seqs = [Sequence(str(i), ids, SamplingParams(NEW), image_embeds=img, image_token_id=cfg.image_token_id)
                 for i, (ids, img) in enumerate(prompts)]
         run(eng, seqs[:2], arrivals={3: seqs[2:4], 6: seqs[4:]})
@@ -72,8 +72,8 @@ def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, 
     assert set(preempted) == {40}  # only the small pool preempted
 
 
-def test_decodes_keep_flowing_while_a_long_prompt_is_prefilled(lm, cfg):
-    eng = engine(lm, max_batched_tokens=64)
+def test_decodes_keep_flowing_while_a_long_prompt_is_prefilled(lm, cfg, overlap):
+    eng = engine(lm, overlap=overlap, max_batched_tokens=64)
     short = Sequence("s", list(range(5, 25)), SamplingParams(40))
     eng.scheduler.add(short)
     eng.step()
@@ -85,9 +85,9 @@ def test_decodes_keep_flowing_while_a_long_prompt_is_prefilled(lm, cfg):
     assert produced == len(long_ids) // 64
 
 
-def test_prefix_cache_reuses_blocks_and_gives_identical_tokens(lm, cfg):
+def test_prefix_cache_reuses_blocks_and_gives_identical_tokens(lm, cfg, overlap):
     system = list(range(30, 90))  # 60 tokens: 3 full blocks of 16
-    eng = engine(lm)
+    eng = engine(lm, overlap=overlap)
     first = Sequence("a", system + [5, 6, 7], SamplingParams(NEW))
     run(eng, [first])
     computed = eng.computed_tokens
@@ -101,14 +101,14 @@ def test_prefix_cache_reuses_blocks_and_gives_identical_tokens(lm, cfg):
     run(eng, [turn2])
     assert eng.scheduler.cached_tokens == 48 + 64
     fresh = Sequence("c", first.token_ids + [8, 9], SamplingParams(NEW))
-    run(engine(lm), [fresh])
+    run(engine(lm, overlap=overlap), [fresh])
     assert turn2.output_ids == fresh.output_ids
 
 
-def test_images_share_blocks_only_with_the_same_image(lm, cfg):
+def test_images_share_blocks_only_with_the_same_image(lm, cfg, overlap):
     ids, img = image_prompt(cfg, 4)
     _, other = image_prompt(cfg, 5)
-    eng = engine(lm)
+    eng = engine(lm, overlap=overlap)
 
     def ask(rows, key):
         seq = Sequence(key, ids, SamplingParams(NEW), image_embeds=rows, image_token_id=cfg.image_token_id,
@@ -123,7 +123,7 @@ def test_images_share_blocks_only_with_the_same_image(lm, cfg):
     assert ask(img, "img-a") == a and eng.scheduler.cached_tokens - hits >= 256
 
 
-def test_questions_about_one_image_arriving_together_compute_it_once(lm, cfg, reference):
+def test_questions_about_one_image_arriving_together_compute_it_once(lm, cfg, reference, overlap):
     """The gateway encodes an image once and sends every question about it at the same moment: the first prefills
     the image, the others wait that step and take its blocks. A prompt sharing only a little (the text before
     another image) and an unrelated one behind them start at once."""
@@ -133,7 +133,7 @@ def test_questions_about_one_image_arriving_together_compute_it_once(lm, cfg, re
     other_ids[:7] = ids[:7]  # the same text before a different image: not worth waiting for
     prompts = [(q, img, "a") for q in questions] + [(other_ids, other_img, "b"), (list(range(40, 70)), None, None)]
     want = [greedy_reference(reference, cfg, q, rows) for q, rows, _ in prompts]
-    eng = engine(lm)
+    eng = engine(lm, overlap=overlap)
     seqs = [Sequence(str(i), q, SamplingParams(NEW), image_embeds=rows, image_token_id=cfg.image_token_id,
                      image_keys=[(key, rows.shape[0])] if key else []) for i, (q, rows, key) in enumerate(prompts)]
     for seq in seqs:
@@ -149,21 +149,21 @@ def test_questions_about_one_image_arriving_together_compute_it_once(lm, cfg, re
     assert len(eng.blocks.free) == 512
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(lm, cfg):
+def test_seeded_sampling_does_not_depend_on_the_batch(lm, cfg, overlap):
     params = SamplingParams(16, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
     alone = Sequence("x", list(range(40, 60)), params)
-    run(engine(lm), [alone])
+    run(engine(lm, overlap=overlap), [alone])
     crowd = [Sequence(str(i), list(range(i, i + 30)), SamplingParams(16, temperature=0.7, seed=i)) for i in range(5)]
     again = Sequence("x", list(range(40, 60)), params)
-    run(engine(lm), crowd[:2] + [again] + crowd[2:])
+    run(engine(lm, overlap=overlap), crowd[:2] + [again] + crowd[2:])
     assert again.output_ids == alone.output_ids
     other = Sequence("y", list(range(40, 60)), SamplingParams(16, temperature=1.0, top_p=0.9, top_k=50, seed=99))
-    run(engine(lm), [other])
+    run(engine(lm, overlap=overlap), [other])
     assert other.output_ids != alone.output_ids
 
 
-def test_cancelling_frees_blocks_at_once_but_keeps_shared_ones(lm, cfg):
-    eng = engine(lm, num_blocks=64)
+def test_cancelling_frees_blocks_at_once_but_keeps_shared_ones(lm, cfg, overlap):
+    eng = engine(lm, overlap=overlap, num_blocks=64)
     shared = list(range(100, 148))  # 3 full blocks
     a = Sequence("a", shared + [1], SamplingParams(100))
     eng.scheduler.add(a)
@@ -177,6 +177,48 @@ def test_cancelling_frees_blocks_at_once_but_keeps_shared_ones(lm, cfg):
     assert all(eng.blocks.blocks[i].ref == 1 for i in b.block_table)  # b's blocks stay
     eng.scheduler.finish(b, "abort")
     assert len(eng.blocks.free) == 64 and all(blk.ref == 0 for blk in eng.blocks.blocks)
+
+
+def test_overlap_queues_each_step_before_reading_back_the_one_before(lm, cfg, monkeypatch):
+    """The point of overlap: the host reads step k's tokens (and schedules, streams) only after step k + 1 is queued,
+    so on CUDA the device never waits for it. Decode inputs then come from the device, never from the host."""
+    from services.llm_decoder.engine.model_runner import ModelRunner
+
+    calls, real_launch, real_finish = [], ModelRunner.launch, ModelRunner.finish
+    monkeypatch.setattr(ModelRunner, "launch", lambda self, batch, prev=None: (
+        calls.append("launch"), real_launch(self, batch, prev))[1])
+    monkeypatch.setattr(ModelRunner, "finish", staticmethod(lambda step: (calls.append("finish"), real_finish(step))[1]))
+    seqs = [Sequence(str(i), list(range(20 + i, 40 + i)), SamplingParams(6)) for i in range(3)]
+    run(engine(lm, overlap=True), seqs)
+    assert calls[:5] == ["launch", "launch", "finish", "launch", "finish"]
+    assert calls.count("launch") == calls.count("finish") == 6  # no step past the last token (max_tokens)
+    assert all(len(s.output_ids) == 6 and s.num_pending == 0 for s in seqs)
+
+
+def test_overlap_equals_sync_with_stops_penalties_logprobs_and_seeds(lm, cfg):
+    """A stop token read back while the next step runs drops that step's token; penalties (which need every token
+    on the host) read the step before back first; log-probabilities and seeded draws arrive with their tokens."""
+    free = Sequence("f", list(range(50, 70)), SamplingParams(12))
+    run(engine(lm, overlap=False), [free])
+    stop = free.output_ids[3]
+
+    def batch():
+        return [Sequence("stop", list(range(50, 70)), SamplingParams(12, stop_token_ids=frozenset({stop}))),
+                Sequence("pen", list(range(30, 52)), SamplingParams(12, repetition_penalty=1.3,
+                                                                     frequency_penalty=0.5)),
+                Sequence("lp", list(range(60, 75)), SamplingParams(12, logprobs=3)),
+                Sequence("seed", list(range(20, 41)), SamplingParams(12, temperature=0.8, top_p=0.9, seed=5)),
+                Sequence("late", list(range(80, 90)), SamplingParams(9))]
+
+    results = []
+    for overlap in (False, True):
+        eng, seqs = engine(lm, overlap=overlap), batch()
+        run(eng, seqs[:4], arrivals={3: seqs[4:]})
+        results.append([(s.output_ids, s.finish_reason, s.logprobs) for s in seqs])
+        assert len(eng.blocks.free) == len(eng.blocks.blocks) and all(s.num_pending == 0 for s in seqs)
+    assert results[0] == results[1]
+    assert results[1][0][:2] == (free.output_ids[:4], "stop")
+    assert len(results[1][2][2]) == 12
 
 
 class EagerGraph:
@@ -193,7 +235,7 @@ class EagerGraph:
         self.out.copy_(self.forward())
 
 
-def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch):
+def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch, overlap):
     from services.llm_decoder.engine import model_runner
     from services.llm_decoder.engine.model_runner import ModelRunner
 
@@ -206,8 +248,8 @@ def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch):
     prompts = [list(range(10 + i, 30 + 5 * i)) for i in range(11)]  # 11 streams: padded to the 16-row graph
     lengths = [6 + 3 * (i % 4) for i in range(len(prompts))]  # the batch shrinks as streams end: stale pad rows
     eager = [Sequence(str(i), ids, SamplingParams(n)) for i, (ids, n) in enumerate(zip(prompts, lengths))]
-    run(engine(lm), eager)
-    graphed_engine = engine(lm, num_blocks=40)  # freed blocks are soon handed out again
+    run(engine(lm, overlap=overlap), eager)
+    graphed_engine = engine(lm, overlap=overlap, num_blocks=40)  # freed blocks are soon handed out again
     graphed_engine.runner.capture(16)
     replays = []
     original = ModelRunner._replay
@@ -218,24 +260,24 @@ def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch):
     assert 7 in replays and 9 in replays  # 7 rows ran in the 8-row graph, 9 in the 16-row one
 
 
-def test_a_sequence_that_breaks_the_step_fails_alone(lm, cfg, monkeypatch):
+def test_a_sequence_that_breaks_the_step_fails_alone(lm, cfg, monkeypatch, overlap):
     """A step fails when one sequence is in it: that one ends with "error", the others go on with the tokens they
     would have had."""
     from services.llm_decoder.engine.model_runner import ModelRunner
 
     prompts = [list(range(10 + i, 30 + 2 * i)) for i in range(4)]
     clean = [Sequence(str(i), ids, SamplingParams(8)) for i, ids in enumerate(prompts)]
-    run(engine(lm), clean)
-    real = ModelRunner.step
+    run(engine(lm, overlap=overlap), clean)
+    real = ModelRunner.launch
 
-    def step(self, batch):
-        if any(seq.id == "2" and seq.num_output >= 3 for seq, _ in batch):
+    def launch(self, batch, prev=None):
+        if any(seq.id == "2" and seq.num_output + seq.num_pending >= 3 for seq, _ in batch):
             raise RuntimeError("this sequence breaks the step")
-        return real(self, batch)
+        return real(self, batch, prev)
 
-    monkeypatch.setattr(ModelRunner, "step", step)
+    monkeypatch.setattr(ModelRunner, "launch", launch)
     seqs = [Sequence(str(i), ids, SamplingParams(8)) for i, ids in enumerate(prompts)]
-    eng = engine(lm)
+    eng = engine(lm, overlap=overlap)
     run(eng, seqs)
     assert [s.finish_reason for s in seqs] == ["length", "length", "error", "length"]
     assert [s.output_ids for i, s in enumerate(seqs) if i != 2] == [s.output_ids for i, s in enumerate(clean) if i != 2]
@@ -243,7 +285,7 @@ def test_a_sequence_that_breaks_the_step_fails_alone(lm, cfg, monkeypatch):
     assert len(eng.blocks.free) == len(eng.blocks.blocks)
 
 
-def test_a_poisoned_sequence_ends_with_an_error_and_its_batch_finishes(lm, cfg):
+def test_a_poisoned_sequence_ends_with_an_error_and_its_batch_finishes(lm, cfg, overlap):
     """An image whose rows are NaN makes its sequence's logits NaN: that sequence ends with "error" (no token from
     NaN logits), the others of its batch get their clean tokens, and its freed KV blocks poison nobody later."""
     texts = [list(range(10 + i, 30 + 2 * i)) for i in range(3)]
@@ -256,12 +298,12 @@ def test_a_poisoned_sequence_ends_with_an_error_and_its_batch_finishes(lm, cfg):
                      image_keys=[(key, rows.shape[0])]) for key, (ids, rows) in (("clean", clean_img),)]
 
     clean = seqs(texts)
-    run(engine(lm), clean)
+    run(engine(lm, overlap=overlap), clean)
     later = [list(range(200 + i, 260 + 3 * i)) for i in range(3)]
     want_later = seqs(later)
-    run(engine(lm), want_later)
+    run(engine(lm, overlap=overlap), want_later)
 
-    eng = engine(lm, num_blocks=64)  # few blocks: the later sequences reuse the poisoned one's
+    eng = engine(lm, overlap=overlap, num_blocks=64)  # few blocks: the later sequences reuse the poisoned one's
     poisoned = Sequence("nan", nan_img[0], SamplingParams(NEW), image_embeds=nan_img[1],
                         image_token_id=cfg.image_token_id, image_keys=[("nan", nan_img[1].shape[0])])
     batch = seqs(texts)

@@ -38,6 +38,9 @@ def parse_args() -> argparse.Namespace:
                  "tokens per step (decodes and prefill chunks together): longer prompts are prefilled in chunks", int)
     settings.add(p, "--max-running", "MAX_RUNNING", 64, "sequences decoded together", int)
     settings.add(p, "--cuda-graphs", "CUDA_GRAPHS", 1, "replay decode steps from CUDA graphs (0 = eager)", int)
+    settings.add(p, "--overlap", "OVERLAP_STEPS", 1,
+                 "on CUDA, queue each step before reading back the one before it, so the host's work per step runs "
+                 "while the GPU computes (0 = off)", int)
     settings.add(p, "--redis-url", "REDIS_URL", None,
                  "Redis of the embedding cache: image embeddings the gateway names by key are read from it (unset = "
                  "they travel inline)")
@@ -80,7 +83,7 @@ async def main() -> None:
     engine = LLMEngine(model, num_blocks=num_blocks, block_size=args.block_size,
                        max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                        device=args.device, dtype=dtype, max_model_len=max_model_len,
-                       cuda_graphs=bool(args.cuda_graphs))
+                       cuda_graphs=bool(args.cuda_graphs), overlap=None if args.overlap else False)
     tokenizer = load_tokenizer(path).backend_tokenizer
     checkpoint = checkpoint_id(path)
     info = pb.ModelInfo(model=args.model, checkpoint=checkpoint,

@@ -65,9 +65,11 @@ class BlockManager:
         return hit
 
     def register(self, seq: Sequence) -> None:
-        """Hash the blocks that are now full and computed, so later prompts can take them."""
+        """Hash the blocks that are now full, computed (or being computed: whoever takes them runs after the step
+        that writes them) and whose tokens are all known (not one still on its way back), so later prompts can take
+        them."""
         prev = seq.block_hashes[-1] if seq.block_hashes else 0
-        for index in range(len(seq.block_hashes), seq.num_cached // self.block_size):
+        for index in range(len(seq.block_hashes), min(seq.num_cached, len(seq.token_ids)) // self.block_size):
             key = seq.block_key(index, self.block_size, prev)
             prev = hash(key)
             block = self.blocks[seq.block_table[index]]
@@ -75,6 +77,14 @@ class BlockManager:
                 block.hash, block.key = prev, key
                 self.cached[prev] = block.id
             seq.block_hashes.append(prev)
+
+    def forget(self, seq: Sequence) -> None:
+        """Take the sequence's blocks out of the prefix cache (its K/V turned out not finite)."""
+        for block_id in seq.block_table:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = block.key = None
 
     def release(self, seq: Sequence) -> None:
         # Last blocks first, so a prefix's head stays cached longest (its tail is useless without it).

@@ -3,14 +3,36 @@
 Host work per step is proportional to the step's new tokens, not to the sequences' lengths: block tables live on the
 device (a running sequence owns a row and only its new blocks are copied), and all of a step's small inputs travel in
 one host->device copy. On CUDA, decode-only steps replay CUDA graphs captured for a few batch sizes.
+
+`launch` never waits for the device and `finish` waits only for its own step, so the engine can queue a step before
+reading back the one before it: the host's work for a step (scheduling, inputs, reading tokens back, streaming them)
+runs while the device computes the next one, whose decode inputs are the previous step's ids, still on the device.
 """
+from dataclasses import dataclass, field
+
 import torch
 
 from services.common.cuda_graphs import bucket_sizes, record
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.context import BatchContext, cpu_decode_rows
-from services.llm_decoder.engine.sampler import SamplingBatch, sample_to_host
+from services.llm_decoder.engine.sampler import (Logprobs, SamplingBatch, read_back, sample_for_host, sample_to_host,
+                                                 to_device)
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
+
+
+@dataclass(eq=False)
+class Launched:
+    """A step queued on the device, its tokens on their way back to the host."""
+    batch: list[tuple[Sequence, int]]
+    sampled: list[Sequence]             # the sequences whose next token it samples, in row order
+    sampling: SamplingBatch | None = None
+    ids: torch.Tensor | None = None     # the sampled ids on the device: the next step's inputs
+    host: torch.Tensor | None = None    # sample_for_host's packed tensor, copied (or being copied) to the host
+    copied: object = None               # CUDA: the event recorded after that copy
+    index: dict = field(init=False)     # sequence -> its row of `ids`
+
+    def __post_init__(self):
+        self.index = {seq: i for i, seq in enumerate(self.sampled)}
 
 
 class ModelRunner:
@@ -29,19 +51,21 @@ class ModelRunner:
             self.capture(max_rows)
 
     @torch.inference_mode()
-    def step(self, batch: list[tuple[Sequence, int]]) -> list[int | None]:
-        """Run `n` new tokens of each sequence; the next token of each one whose known tokens are all computed."""
+    def launch(self, batch: list[tuple[Sequence, int]], prev: "Launched | None" = None) -> "Launched":
+        """Queue a step on the device: `n` new tokens of each sequence, and the next token of each one whose tokens
+        are then all computed, copied back without waiting (`finish` reads them). A sequence's last token may still
+        be `prev`'s, unread (its `num_pending`): it is taken from prev's ids on the device."""
         self._sync_tables([seq for seq, _ in batch])
         bs, ids, positions, slots, cu, lens, rows, last, done = self.block_size, [], [], [], [0], [], [], [], []
-        image_at, image_rows = [], []
+        image_at, image_rows, fill, source = [], [], [], []
         for seq, n in batch:
-            start, end = seq.num_cached, seq.num_cached + n
+            start, end, known = seq.num_cached, seq.num_cached + n, len(seq.token_ids)
             if n == 1:  # decode: plain arithmetic, no tensors
-                ids.append(seq.token_ids[start])
+                ids.append(seq.token_ids[start] if start < known else 0)
                 positions.append(start)
                 slots.append(seq.block_table[start // bs] * bs + start % bs)
             else:
-                ids += seq.token_ids[start:end]
+                ids += seq.token_ids[start:end] + [0] * (end - max(start, known))
                 positions += range(start, end)
                 pos = torch.arange(start, end)
                 slots += (torch.tensor(seq.block_table)[pos // bs] * bs + pos % bs).tolist()
@@ -50,17 +74,21 @@ class ModelRunner:
                     image_at += [p - start + cu[-1] for p in at]
                     image_rows.append(img)
             cu.append(cu[-1] + n)
+            if end > known:  # its last token is prev's, still on the device
+                fill.append(cu[-1] - 1)
+                source.append(prev.index[seq])
             lens.append(end)
             rows.append(seq.row)
             done.append(end == len(seq))  # its next token is sampled in this step
             if done[-1]:
                 last.append(cu[-1] - 1)
-        t, b = len(ids), len(batch)
-        host = torch.tensor(ids + positions + slots + lens + cu + rows + last, dtype=torch.int64)
-        dev = host.to(self.device, non_blocking=True)
+        t, b, f = len(ids), len(batch), len(fill)
+        dev = to_device(ids + positions + slots + lens + cu + rows + last + fill + source, torch.int64, self.device)
         ids_d, pos_d, slots_d = dev[:t], dev[t:2 * t], dev[2 * t:3 * t]
         lens_d, cu_d = dev[3 * t:3 * t + b].int(), dev[3 * t + b:3 * t + 2 * b + 1].int()
-        rows_d, last_d = dev[3 * t + 2 * b + 1:3 * t + 3 * b + 1], dev[3 * t + 3 * b + 1:]
+        rows_d, last_d = dev[3 * t + 2 * b + 1:3 * t + 3 * b + 1], dev[3 * t + 3 * b + 1:len(dev) - 2 * f]
+        if fill:
+            ids_d.index_copy_(0, dev[len(dev) - 2 * f:len(dev) - f], prev.ids.index_select(0, dev[len(dev) - f:]))
 
         max_len = max(lens)
         if t == b and b in self.graphs and self.model.rope_is_static(max_len):
@@ -73,26 +101,40 @@ class ModelRunner:
                 ctx.decode_rows = cpu_decode_rows(ctx, bs)
             embeds = self.model.embed(ids_d)
             if image_rows:
-                embeds[torch.tensor(image_at, device=self.device)] = torch.cat(image_rows).to(embeds)
+                embeds[to_device(image_at, torch.int64, self.device)] = torch.cat(image_rows).to(embeds)
             hidden = self.model(embeds, pos_d, ctx)
             logits = self.model.logits(hidden[last_d])
-        # A step either happens whole or not at all: num_cached moves only once sampling is done too, so a failed
-        # step can be run again.
         sampled = [seq for (seq, _), d in zip(batch, done) if d]
-        chosen = iter([])
+        step = Launched(batch, sampled)
         if sampled:
             params = [s.params for s in sampled]
+            # Penalties need every earlier token on the host: the engine reads back the step before first.
             histories = [(s.prompt_ids, s.output_ids) for s in sampled] \
                 if any(p.uses_penalties for p in params) else None
-            tokens, logprobs = sample_to_host(logits, SamplingBatch.build(
-                params, [s.num_output for s in sampled], histories, logits.shape[-1], self.device))
-            chosen = iter(tokens)
-            for seq, lp in zip(sampled, logprobs):
-                if lp is not None:
-                    seq.logprobs.append(lp)
+            step.sampling = SamplingBatch.build(params, [s.num_output + s.num_pending for s in sampled], histories,
+                                                logits.shape[-1], self.device)
+            step.ids, packed = sample_for_host(logits, step.sampling)
+            step.host = packed.to("cpu", non_blocking=True)
+            if self.device.type == "cuda":
+                step.copied = torch.cuda.Event()
+                step.copied.record()
+        # A step is queued whole or not at all: the sequences move on only once nothing above can raise, so a step
+        # that fails can be run again.
         for seq, n in batch:
             seq.num_cached += n
-        return [next(chosen) if d else None for d in done]
+        for seq in sampled:
+            seq.num_pending += 1
+        return step
+
+    @staticmethod
+    def finish(step: "Launched") -> list[tuple[int, Logprobs | None]]:
+        """Wait for a launched step's tokens: (id, log-probabilities or None) of each sampled sequence, in order; id -1
+        for a sequence whose logits were not finite."""
+        if not step.sampled:
+            return []
+        if step.copied is not None:
+            step.copied.synchronize()
+        return list(zip(*read_back(step.host.tolist(), step.sampling, len(step.sampled))))
 
     def _sync_tables(self, seqs: list[Sequence]) -> None:
         """Copy the block-table entries added since the last step to the sequences' device rows."""
@@ -104,7 +146,7 @@ class ModelRunner:
                 v.append(seq.block_table[i])
             seq.synced_blocks = len(seq.block_table)
         if v:
-            idx = torch.tensor([r, c, v], device=self.device)
+            idx = to_device([r, c, v], torch.int64, self.device)
             self.tables[idx[0], idx[1]] = idx[2].int()
 
     # ---------------------------------------------------------------- CUDA graphs for decode steps

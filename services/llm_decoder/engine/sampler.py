@@ -1,9 +1,9 @@
 """Batched next-token choice on the logits' device: penalties, temperature, top-k, top-p, min-p, seeded draws, and
 the log-probabilities of the rows that ask for them.
 
-The only device->host transfer is the one in `sample_to_host`: every decision that would need a value back from the
-device (which rows are greedy, whether to sort, which rows want log-probabilities) is made on the host in
-SamplingBatch.build.
+The only device->host transfer is the packed tensor of `sample_for_host`: every decision that would need a value back
+from the device (which rows are greedy, whether to sort, which rows want log-probabilities) is made on the host in
+SamplingBatch.build, and host->device copies go through `to_device`, which never waits for the device.
 """
 import random
 from dataclasses import dataclass, field
@@ -16,6 +16,14 @@ from services.llm_decoder.engine.sequence import SamplingParams
 MIN_TEMPERATURE = 1e-5
 
 _MASK64 = (1 << 64) - 1
+
+
+def to_device(data: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without waiting for the work queued there: on CUDA, a copy from
+    pageable memory would wait for the stream (so an overlapped step's host work would wait for the step before it);
+    from pinned memory it is queued like a kernel."""
+    device = torch.device(device)
+    return torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 # (the chosen token's log-probability, [(token id, log-probability), ...] of the most likely tokens, best first)
 Logprobs = tuple[float, list[tuple[int, float]]]
@@ -83,13 +91,13 @@ class SamplingBatch:
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         seeds = [_i64(p.seed if p.seed is not None else random.getrandbits(64)) for p in params]
         # Two host->device copies for all the per-row scalars.
-        f = torch.tensor([[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
-                          [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
-                          [p.frequency_penalty for p in params]], dtype=torch.float32, device=device)
-        n = torch.tensor([seeds, steps, top_k], dtype=torch.int64, device=device)
+        f = to_device([[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
+                       [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
+                       [p.frequency_penalty for p in params]], torch.float32, device)
+        n = to_device([seeds, steps, top_k], torch.int64, device)
         batch = cls(temperature=f[0], top_p=f[1], min_p=f[2], repetition_penalty=f[3], presence_penalty=f[4],
                     frequency_penalty=f[5], seeds=n[0], steps=n[1], top_k=n[2],
-                    sampled_rows=None if len(sampled) == len(params) else torch.tensor(sampled, device=device),
+                    sampled_rows=None if len(sampled) == len(params) else to_device(sampled, torch.int64, device),
                     any_sampled=bool(sampled),
                     use_sort=any(top_k[i] < vocab_size or params[i].top_p < 1 for i in sampled),
                     use_min_p=any(params[i].min_p > 0 for i in sampled),
@@ -97,14 +105,14 @@ class SamplingBatch:
         if histories is not None:
             def where(part: int) -> tuple[torch.Tensor, torch.Tensor]:  # (row, token id) of every token in a part
                 flat = [x for i, h in enumerate(histories) for t in h[part] for x in (i, t)]
-                rc = torch.tensor(flat, dtype=torch.int64, device=device).view(-1, 2)
+                rc = to_device(flat, torch.int64, device).view(-1, 2)
                 return rc[:, 0], rc[:, 1]
             shape = (len(params), vocab_size)
             out = where(1)
             batch.token_counts = torch.zeros(shape, device=device).index_put_(
                 out, torch.ones(len(out[0]), device=device), accumulate=True)
             batch.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=device).index_put_(
-                where(0), torch.tensor(True, device=device))
+                where(0), torch.ones((), dtype=torch.bool, device=device))
         return batch
 
 
@@ -148,8 +156,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch | None) -> torch.Tensor:
     return ids.index_copy(0, rows, chosen)
 
 
-def sample_to_host(logits: torch.Tensor, batch: SamplingBatch | None) -> tuple[list[int], list[Logprobs | None]]:
-    """The chosen ids, and each row's Logprobs if it asked for them (else None), read back in one transfer.
+def sample_for_host(logits: torch.Tensor, batch: SamplingBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen ids [B] on the device, and everything the host reads of this step packed in one device tensor for
+    `read_back` (the ids, -1 for a row whose logits are not finite, the log-probabilities asked for).
 
     Log-probabilities are the model's raw distribution, log_softmax of the logits before penalties, temperature and
     filters (vLLM's default): what the model thinks of a token, whatever the request did to pick it.
@@ -160,17 +169,31 @@ def sample_to_host(logits: torch.Tensor, batch: SamplingBatch | None) -> tuple[l
     # (logits are far from float32's overflow), where isfinite().all() reads the row three times.
     poisoned = ids.masked_fill(~logits.sum(dim=-1, dtype=torch.float32).isfinite(), -1)
     if batch is None or not batch.logprob_rows:
-        return poisoned.tolist(), [None] * len(ids)
-    b, r, k = len(ids), len(batch.logprob_rows), max(n for _, n in batch.logprob_rows)
-    rows = torch.tensor([i for i, _ in batch.logprob_rows], device=logits.device)
+        return ids, poisoned
+    k = max(n for _, n in batch.logprob_rows)
+    rows = to_device([i for i, _ in batch.logprob_rows], torch.int64, logits.device)
     logp = logits[rows].float().log_softmax(dim=-1)
     top = logp.topk(k, dim=-1)  # sorted, most likely first
     chosen = logp.gather(-1, ids[rows, None])
     # float64 holds the ids exactly and the float32 values unchanged: one device->host copy for all of it.
-    host = torch.cat([poisoned.double(), chosen.double().flatten(), top.values.double().flatten(),
-                      top.indices.double().flatten()]).tolist()
+    return ids, torch.cat([poisoned.double(), chosen.double().flatten(), top.values.double().flatten(),
+                           top.indices.double().flatten()])
+
+
+def read_back(host: list, batch: SamplingBatch | None, b: int) -> tuple[list[int], list[Logprobs | None]]:
+    """`sample_for_host`'s packed tensor, as a list on the host -> the ids of the B rows, and each row's Logprobs if
+    it asked for them (else None)."""
+    if batch is None or not batch.logprob_rows:
+        return [int(x) for x in host], [None] * b
+    r, k = len(batch.logprob_rows), max(n for _, n in batch.logprob_rows)
     values, indices = host[b + r:b + r + r * k], host[b + r + r * k:]
     out: list[Logprobs | None] = [None] * b
     for j, (i, n) in enumerate(batch.logprob_rows):
         out[i] = (host[b + j], [(int(indices[j * k + t]), values[j * k + t]) for t in range(n)])
     return [int(x) for x in host[:b]], out
+
+
+def sample_to_host(logits: torch.Tensor, batch: SamplingBatch | None) -> tuple[list[int], list[Logprobs | None]]:
+    """`sample_for_host` and `read_back` at once: the host waits for the device."""
+    ids, packed = sample_for_host(logits, batch)
+    return read_back(packed.tolist(), batch, len(ids))

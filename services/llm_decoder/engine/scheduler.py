@@ -31,7 +31,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted a moment ago for an older sequence
                 continue
             n = min(len(seq) - seq.num_cached, budget)
-            if n == 0:
+            if n == 0 or seq.num_output + seq.num_pending >= seq.params.max_tokens:  # its last token is on the way
                 continue
             # Without room for its tokens, the newest sequence yields its blocks (possibly this one).
             while not self.blocks.can_grow(seq, seq.num_cached + n):
@@ -89,7 +89,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        seq.status, seq.finish_reason = Status.FINISHED, reason
+        seq.status, seq.finish_reason, seq.num_pending = Status.FINISHED, reason, 0  # a token in flight is dropped
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -41,7 +41,8 @@ class Sequence:
     image_embeds: torch.Tensor | None = None   # rows for the image-context positions, in order
     image_token_id: int = -1                    # which prompt tokens take image rows
     image_keys: list[tuple[str, int]] = field(default_factory=list)  # (identity, rows) of each image, in order
-    token_ids: list[int] = field(init=False)    # the prompt, then the output as it is generated
+    token_ids: list[int] = field(init=False)    # the prompt, then the output as it comes back from the device
+    num_pending: int = 0                        # tokens sampled on the device but not read back yet (overlap)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each full block so far
     num_cached: int = 0                         # tokens whose K/V are in the cache
@@ -76,7 +77,8 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        """Its length as the scheduler and the KV cache see it: a pending token takes a position already."""
+        return len(self.token_ids) + self.num_pending
 
     def image_rows(self, start: int, end: int) -> tuple[list[int], torch.Tensor | None]:
         """Prompt positions in [start, end) that take image rows, and those rows."""
