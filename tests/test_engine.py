@@ -353,3 +353,18 @@ def test_decoder_projections_and_head_take_the_cpu_linear(lm):
     layer = lm.model.layers[0]
     assert all(isinstance(m, Linear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                               layer.mlp.gate_up_proj, layer.mlp.down_proj, lm.lm_head))
+
+
+def test_vocabulary_rows_are_padded_to_64_and_sliced_off_the_logits(lm, cfg):
+    """cuBLAS needs 16-byte aligned rows for its fast kernels: the head and embedding hold a multiple of 64 rows (the
+    checkpoint's first, zeros after), and the logits are exactly the vocabulary wide."""
+    vocab = cfg.text.vocab_size
+    assert vocab % 64  # the tiny checkpoint's vocabulary is not aligned: the padding is exercised
+    for weight in (lm.lm_head.weight, lm.model.embed_tokens.weight):
+        assert weight.shape[0] == -(-vocab // 64) * 64 and not weight[vocab:].any()
+    hidden = torch.randn(3, cfg.text.hidden_size)
+    logits = lm.logits(hidden)
+    assert logits.shape == (3, vocab)
+    assert torch.allclose(logits, hidden @ lm.lm_head.weight[:vocab].t(), atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        lm.lm_head.load_shard(lm.lm_head.weight, torch.zeros(vocab + 64, cfg.text.hidden_size), "rows")
