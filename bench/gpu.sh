@@ -4,7 +4,11 @@
 #   bash bench/gpu.sh --smoke [STEP ...]     # the same steps on the CPU, small (Triton in its interpreter)
 # Steps, in this order by default (the decoder first: the largest gap):
 #   attention  the Triton paged attention compiled, against SDPA (bf16 and 7B shapes included)
-#   decoder    the engine against transformers' generate at InternLM2.5-7B shapes: 1/16/64 streams, 13-tile TTFT
+#   gemv       tune the one-token Triton GEMV against cuBLAS on every served projection shape (~1 min); the table
+#              comes back as $out/gemv_configs-*.json (to be committed as services/common/gemv_configs.json), and
+#              the decoder step after it runs with it (GEMV_CONFIGS)
+#   decoder    the engine against transformers' generate at InternLM2.5-7B shapes: 1/16/64 streams, 13-tile TTFT;
+#              the profile times each step with and without overlap
 #   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image, one
 #              tile; eager, CUDA graphs and torch.compile
 #   vision6b   InternViT-6B (InternVL-Chat-V1-5) the same way, eager and CUDA graphs (not run by default: run it
@@ -25,12 +29,17 @@ py="${PYTHON:-python3}"  # the GPU machine has python3 (the one with torch), not
 smoke=0
 if [[ "${1:-}" == "--smoke" ]]; then smoke=1; shift; fi
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(attention decoder vision awq)
+[[ ${#steps[@]} -gt 0 ]] || steps=(attention gemv decoder vision awq)
+gemv_table="$out/gemv_configs-$([[ $smoke == 1 ]] && echo smoke || echo h200)-$day.json"
+[[ -f "$gemv_table" ]] && export GEMV_CONFIGS="$gemv_table"  # tuned by an earlier call of this session
 for step in "${steps[@]}"; do
   echo "== $step"
   case "$step:$smoke" in
     attention:1) TRITON_INTERPRET=1 "$py" -m tests.triton_attention_check cpu ;;
     attention:0) "$py" -m tests.triton_attention_check cuda ;;
+    gemv:1) TRITON_INTERPRET=1 "$py" -m bench.gemv --smoke --tune "$gemv_table" --out "$out/gemv-smoke-$day.md" ;;
+    gemv:0) "$py" -m bench.gemv --tune "$gemv_table" --out "$out/gemv-h200-$day.md"
+            export GEMV_CONFIGS="$gemv_table" ;;
     decoder:1) "$py" -m bench.decoder --device cpu --smoke --no-stack --profile 1 --trace-compiles \
                  --out "$out/decoder-smoke-$day.md" ;;
     decoder:0) "$py" -m bench.decoder --device cuda --shape internlm2_5_7b --dtype bfloat16 --profile 1 64 \
@@ -58,6 +67,6 @@ for step in "${steps[@]}"; do
               "$py" setup.py -q build_ext --inplace \
                 || echo "gpu.sh: services/gateway/_resample.c did not build; the gateway resizes with Pillow" >&2
               "$py" -m bench.families --device cuda --families internvl2_5-8b --out "$out/families-h200-$day.md") ;;
-    *) echo "unknown step $step (attention, decoder, vision, awq, vision6b, stack)" >&2; exit 2 ;;
+    *) echo "unknown step $step (attention, gemv, decoder, vision, awq, vision6b, stack)" >&2; exit 2 ;;
   esac
 done

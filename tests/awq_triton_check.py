@@ -17,6 +17,7 @@ from triton.runtime import interpreter
 from bench import awq as bench
 from services.llm_decoder.models import awq
 from services.llm_decoder.models import awq_triton as at
+from tests.triton_compile import compile_for_sm90
 
 
 def _bf16_like_the_gpu() -> None:
@@ -137,16 +138,8 @@ def compile_sm90() -> None:
     """Every fused config of the committed table (fp16, and bf16 for one-row and split tiles) and the dequantize
     kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the interpreter cannot catch (types,
     layouts, resources) fails here rather than on the GPU."""
-    from triton import compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     def build(fn, types: dict, constants: dict, **options):
-        # Pointers and sizes 16-aligned, as the launcher finds them at the served shapes.
-        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in types.items()
-                 if ty.startswith("*") or name in ("N", "K", "group_size", "stride_xm", "stride_om")}
-        signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
-        compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+        compile_for_sm90(fn, types, constants, ("N", "K", "group_size", "stride_xm", "stride_om"), **options)
 
     seen = set()
     for shapes in at.parse_table(json.loads(at.CONFIGS.read_text())).values():

@@ -86,14 +86,23 @@ CPU_TRANSPOSED_ROWS = (8, 48)  # first and last
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, computed as (W @ x^T)^T for float32 on the CPU when x has rows within CPU_TRANSPOSED_ROWS."""
+    """F.linear; on the GPU one row through the tuned Triton GEMV where the kernel table has the shape
+    (services.common.gemv); on the CPU, float32 as (W @ x^T)^T when x has rows within CPU_TRANSPOSED_ROWS."""
     rows = x.numel() // x.shape[-1]
+    if x.is_cuda and rows == 1 and weight.stride(-1) == 1 and (config := _gemv_config(x.device, *weight.shape)):
+        from services.common.gemv import gemv
+        return gemv(x, weight, bias, config)
     first, last = CPU_TRANSPOSED_ROWS
     if x.device.type != "cpu" or x.dtype != torch.float32 or not first <= rows <= last:
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, x.shape[-1]).t()
     out = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _gemv_config(device: torch.device, n: int, k: int):
+    from services.common.gemv import config_for  # Triton: imported on the GPU only
+    return config_for(device, n, k)
 
 
 class Linear(nn.Linear):

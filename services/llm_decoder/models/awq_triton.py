@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
+from services.common import kernel_tables
+from services.common.kernel_tables import device_class
+
 CONFIGS = Path(__file__).with_name("awq_configs.json")  # the committed table
-# Device classes of the table: a GPU whose name contains one of the strings; any other uses "default".
-DEVICE_CLASSES = {"H100/H200": ("H100", "H200")}
 
 
 @triton.jit
@@ -147,10 +148,6 @@ class Config:
         return f"{self.path} {'x'.join(map(str, self.block))} w{self.warps} s{self.stages}"
 
 
-def device_class(name: str) -> str:
-    return next((cls for cls, keys in DEVICE_CLASSES.items() if any(k in name for k in keys)), "default")
-
-
 def parse_table(raw: dict) -> dict:
     """{device class: [(n, k, [Config, ...] by ascending max_m)]} from the JSON table's structure."""
     return {cls: [(s["n"], s["k"], [Config.from_json(c) for c in s["configs"]]) for s in entry["shapes"]]
@@ -184,11 +181,6 @@ def pick_config(device_name: str, n: int, k: int, m: int) -> Config:
     """`select` over the table in use (read once), memoized: serving looks a config up for every linear of every
     step."""
     return select(_table(), device_name, n, k, m)
-
-
-@functools.cache
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 _counters: dict[torch.device, list[torch.Tensor]] = {}
@@ -226,7 +218,7 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         x2 = x2.contiguous()
     m = x2.shape[0]
     if config is None:
-        config = pick_config(_device_name(x.device), n, k, m)
+        config = pick_config(kernel_tables.device_name(x.device), n, k, m)
     if config.kernel == "dense":
         out = x2 @ dequantize_triton(qweight, qzeros, scales, group_size, x.dtype)
         return out.reshape(*x.shape[:-1], n)

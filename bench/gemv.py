@@ -1,0 +1,137 @@
+"""One token's dense projections on the GPU: the Triton GEMV (services/common/gemv.py) against cuBLAS (F.linear) in
+the same run, and the tuner that writes the kernel table (services/common/gemv_configs.json).
+
+Shapes: every projection of the served LLMs at one token (q/k/v and gate/up fused, the head's rows padded to 64),
+bf16, random weights. Each candidate is checked against float64 within the bound of fp32 accumulation and one output
+rounding (bench.awq.error_bound), and timed as bench.awq times (CUDA events, L2 flushed before each call). A shape
+enters the table only when its best candidate beats cuBLAS by at least MARGIN in this run; the others stay cuBLAS.
+
+    python -m bench.gemv [--out bench/results/gemv-<date>.md]      # on a CUDA machine: the table in use
+    python -m bench.gemv --tune services/common/gemv_configs.json [--out ...]   # sweep, write this class's table
+    TRITON_INTERPRET=1 python -m bench.gemv --smoke [--tune /tmp/gemv.json]  # CPU: tiny shapes, correctness only
+"""
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from bench import save
+from bench.awq import error_bound, timed, wall_ms
+from bench.decoder import SHAPES
+from services.common import gemv as gv
+from services.common.kernel_tables import device_class
+from services.llm_decoder.models.llama import PaddedRows
+
+MARGIN = 0.97  # a shape takes the kernel when it runs in at most this share of cuBLAS's time
+
+
+def served_shapes() -> list[tuple[str, int, int]]:
+    """(name, K, N) of every one-token projection of the served LLMs, once each."""
+    out = {}
+    for model, s in SHAPES.items():
+        if model == "tiny":
+            continue
+        d = s.hidden // s.heads
+        for name, k, n in (("qkv_proj", s.hidden, (s.heads + 2 * s.kv_heads) * d), ("o_proj", s.heads * d, s.hidden),
+                           ("gate_up_proj", s.hidden, 2 * s.inter), ("down_proj", s.inter, s.hidden),
+                           ("lm_head", s.hidden, PaddedRows.padded(s.vocab))):
+            out.setdefault((k, n), f"{model}.{name}")
+    return [(name, k, n) for (k, n), name in out.items()]
+
+
+# Odd sizes: rows that do not fill a tile, K that does not fill a step, and a bias.
+SMOKE_SHAPES = [("tiny", 96, 72), ("tiny_k", 200, 40)]
+
+
+def verify(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
+    """got == x @ w^T (+ bias) within error_bound (the bias adds its own share to the output's rounding)."""
+    want, bound = error_bound(x, w, got.dtype)
+    if bias is not None:
+        want, bound = want + bias.double(), bound + torch.finfo(got.dtype).eps * bias.double().abs()
+    err = (got.double().reshape(want.shape) - want).abs()
+    assert got.dtype == x.dtype and (err <= bound).all(), f"{what}: max error {err.max().item():.3g} over its bound"
+
+
+def candidates(smoke: bool) -> list[gv.Config]:
+    if smoke:
+        return [gv.Config(16, 64, 4, 2), gv.Config(8, 128, 4, 3)]
+    return [gv.Config(bn, bk, warps, stages) for bn in (8, 16, 32) for bk in (256, 512) for warps in (4, 8)
+            for stages in (3, 5)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter), no timing")
+    p.add_argument("--tune", type=Path, metavar="TABLE", help="sweep the candidates, write this device class's table")
+    p.add_argument("--out", type=Path, help="also write the report to this markdown file (and its .json)")
+    args = p.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    device_name = "cpu" if args.smoke else torch.cuda.get_device_name()
+    # The interpreter keeps bf16 as raw bits and truncates where the GPU rounds: the smoke run checks fp16 and fp32.
+    dtypes = [torch.float16, torch.float32] if args.smoke else [torch.bfloat16]
+    measure = wall_ms if args.smoke else timed
+    table = gv.parse_table(json.loads(gv.table_path().read_text()))
+    chosen = table.get(device_class(device_name), {})
+    torch.manual_seed(0)
+    rows, tuned, wrong = [], [], []
+    report = ["| linear | K | N | dtype | cuBLAS ms | cuBLAS TB/s | best kernel | kernel ms | kernel TB/s | "
+              "cuBLAS / kernel | table |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, k, n in SMOKE_SHAPES if args.smoke else served_shapes():
+        for dtype in dtypes:
+            w = (torch.randn(n, k, device=device) * k ** -0.5).to(dtype)
+            bias = torch.randn(n, device=device).to(dtype) if name == "tiny" else None
+            x = torch.randn(1, k, device=device).to(dtype)
+            dense_ms = measure(lambda: F.linear(x, w, bias))
+            timings = []
+            for cfg in candidates(args.smoke) if args.tune or args.smoke else [chosen.get((n, k))]:
+                if cfg is None:
+                    continue
+                run = lambda cfg=cfg: gv.gemv(x, w, bias, cfg)  # noqa: E731
+                try:
+                    verify(run(), x, w, bias, f"{name} {dtype} {cfg}")
+                except AssertionError as e:
+                    wrong.append(str(e))
+                    print(f"  WRONG {e}", flush=True)
+                    continue
+                timings.append((measure(run), cfg))
+            best_ms, best = min(timings, key=lambda t: t[0]) if timings else (float("nan"), None)
+            in_table = best is not None and (best_ms <= MARGIN * dense_ms if args.tune else not args.smoke)
+            if args.tune and in_table:
+                tuned.append({"n": n, "k": k, **vars(best)})
+            gb = (n * k + k + n) * w.element_size() / 1e9
+            row = {"linear": name, "k": k, "n": n, "dtype": str(dtype).removeprefix("torch."), "cublas_ms": dense_ms,
+                   "kernel": str(best) if best else "-", "kernel_ms": best_ms, "in_table": in_table}
+            rows.append(row)
+            report.append(f"| {name} | {k} | {n} | {row['dtype']} | {dense_ms:.4f} | {gb / dense_ms:.2f} | "
+                          f"{row['kernel']} | {best_ms:.4f} | {gb / best_ms:.2f} | {dense_ms / best_ms:.2f} | "
+                          f"{'kernel' if row['in_table'] else 'cuBLAS'} |")
+            print(report[-1], flush=True)
+    source = f"the table in use ({gv.table_path()})"
+    if args.tune:
+        raw = json.loads((args.tune if args.tune.exists() else gv.CONFIGS).read_text())
+        source = (f"python -m bench.gemv --tune on {device_name}, {datetime.date.today()}, torch {torch.__version__}, "
+                  f"triton {triton.__version__}")
+        raw[device_class(device_name)] = {"source": source, "shapes": tuned}
+        args.tune.parent.mkdir(parents=True, exist_ok=True)
+        args.tune.write_text(json.dumps(raw, indent=2) + "\n")
+        print(f"wrote {args.tune}: {len(tuned)} shape(s) take the kernel", flush=True)
+    header = (f"# One-token projections: Triton GEMV vs cuBLAS\n\ndevice: "
+              f"{'CPU (Triton interpreter, smoke)' if args.smoke else device_name}; date: {datetime.date.today()}; "
+              f"torch {torch.__version__}; triton {triton.__version__}; command: `python -m bench.gemv "
+              f"{' '.join(sys.argv[1:])}`; table: {source}\n\nTB/s: weight, input and output bytes / time (the HBM "
+              "limit of an H200: 4.8). table: what serving runs for that shape.\n\n")
+    markdown = header + "\n".join(report) + "\n"
+    print(markdown)
+    if args.out:
+        save(args.out, markdown, {"device": device_name, "rows": rows, "wrong_candidates": wrong})
+    if wrong:
+        sys.exit(f"{len(wrong)} candidates gave wrong results (see WRONG above)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""What the committed kernel tables (AWQ GEMM, dense GEMV) are keyed by: classes of GPUs tuned alike."""
+import functools
+
+import torch
+
+# A GPU whose name contains one of the strings is of that class; any other is "default".
+DEVICE_CLASSES = {"H100/H200": ("H100", "H200")}
+
+
+def device_class(name: str) -> str:
+    return next((cls for cls, keys in DEVICE_CLASSES.items() if any(k in name for k in keys)), "default")
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
