@@ -189,6 +189,24 @@ def decode_step_ms(run: dict, new_tokens: int) -> float:
     return 1000 * (run["end"] - run["first"]) / max(1, new_tokens - 1)
 
 
+def read_bandwidth(device: str, gib: int = 4) -> float:
+    """B/s a plain read of `gib` GiB reaches on this GPU (torch's sum of a bf16 tensor, best of 10): what streaming
+    the weights can reach at best, against the data sheet's figure."""
+    t = torch.ones(gib << 29, dtype=torch.bfloat16, device=device)
+    best = float("inf")
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t.sum(dtype=torch.float32)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000)
+    size = t.numel() * t.element_size()
+    del t
+    torch.cuda.empty_cache()
+    return size / best
+
+
 def hbm_fraction(bytes_per_step: int, step_ms: float, bandwidth: float) -> float:
     """The share of the memory-bandwidth limit a decode step reaches (0 when no time was measured)."""
     return bytes_per_step / (step_ms / 1000) / bandwidth if step_ms else 0.0
@@ -320,6 +338,7 @@ def throughput(hf, engine, shape: Shape, dtype: torch.dtype, streams: int, args,
         row["bytes_per_step"] = bytes_per_step + kv
         for who in ("engine", "hf"):
             row[f"{who}_hbm_fraction"] = hbm_fraction(row["bytes_per_step"], row[f"{who}_step_ms"], args.hbm_bandwidth)
+        row["engine_read_fraction"] = hbm_fraction(row["bytes_per_step"], row["engine_step_ms"], args.read_bandwidth)
     return row
 
 
@@ -598,6 +617,7 @@ TP_COLUMNS = [("streams", "streams", 0), ("engine_tokens", "tokens", 0), ("engin
               ("agree_min", "greedy agreement (min over streams)", 0)]
 HBM_COLUMNS = [("streams", "streams", 0), ("bytes_gb", "GB read / decode step", 3),
                ("engine_step_ms", "engine ms/step", 2), ("engine_hbm_pct", "engine % of HBM limit", 1),
+               ("engine_read_pct", "engine % of measured read bandwidth", 1),
                ("hf_step_ms", "transformers ms/step", 2), ("hf_hbm_pct", "transformers % of HBM limit", 1)]
 SHARED_COLUMNS = [("shared_questions", "questions", 0), ("prompt_tokens", "prompt tokens each", 0),
                   ("shared_ms", "all first tokens ms", 1), ("alone_ms", "one alone ms", 1),
@@ -633,11 +653,14 @@ def report(result: dict) -> str:
             lines += [f"WARNING: the engine's prefix cache served {hit} prompt tokens of the measured runs.", ""]
         if any("bytes_per_step" in r for r in rows):
             hbm = [r | {"bytes_gb": r["bytes_per_step"] / 1e9, "engine_hbm_pct": 100 * r["engine_hbm_fraction"],
+                        "engine_read_pct": 100 * r.get("engine_read_fraction", float("nan")),
                         "hf_hbm_pct": 100 * r["hf_hbm_fraction"]} for r in rows if "bytes_per_step" in r]
             lines += [f"### Fraction of the HBM limit ({m['hbm_bandwidth'] / 1e12:.2f} TB/s)", ""]
             lines += table(HBM_COLUMNS, hbm)
             lines += ["", "Bytes per decode step: every weight but the embedding table, plus the streams' KV cache "
-                      "at mid-generation; / decode step time / the bandwidth.", ""]
+                      "at mid-generation; / decode step time / the bandwidth. Measured read bandwidth: "
+                      f"{m.get('read_bandwidth', float('nan')) / 1e12:.2f} TB/s, torch's sum of a 4 GiB bf16 tensor "
+                      "on this GPU in this run (best of 10): what streaming weights can reach at best.", ""]
     if t := result.get("ttft"):
         lines += ["## Time to first token of an image prompt (engine)", ""] + table(TTFT_COLUMNS, [t])
         lines += ["", "Random image rows as image_embeds. While decoding: added after the decode streams' first "
@@ -753,6 +776,7 @@ def main() -> None:
         trace_compiles(log)
 
     import transformers
+    args.read_bandwidth = read_bandwidth(args.device) if args.device.startswith("cuda") else float("nan")
     log(f"building {args.shape} ({args.dtype}) on {args.device}")
     hf = build_transformers(shape, args.device, dtype, args.seed)
     ours = build_engine_model(shape, args.device, dtype)
@@ -762,7 +786,8 @@ def main() -> None:
                        "device_name": device_name(args.device), "shape": args.shape, "dtype": args.dtype,
                        "command": shlex.join(["python", "-m", "bench.decoder", *sys.argv[1:]]),
                        "transformers": transformers.__version__, "params_m": params / 1e6,
-                       "hbm_bandwidth": args.hbm_bandwidth, "args": vars(args)}}
+                       "hbm_bandwidth": args.hbm_bandwidth, "read_bandwidth": args.read_bandwidth,
+                       "args": vars(args)}}
 
     # KV blocks: room for the largest measurement, one spare block per sequence, and a margin.
     image_tokens = args.ttft_tiles * 256 + TEXT_AROUND_IMAGE
