@@ -14,7 +14,6 @@ forward, where a layer's weights are long evicted when it runs again.
 
 The whole model through the engine, AWQ against bf16: bench/awq_engine.py.
 """
-import argparse
 import datetime
 import json
 import sys
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from bench import save
+from bench import kernel_args, kernel_report
 from services.llm_decoder.models import awq
 from services.llm_decoder.models import awq_triton as at
 
@@ -173,13 +172,7 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter), no timing")
-    p.add_argument("--tune", type=Path, metavar="TABLE", help="tune first, write the table there, bench with it")
-    p.add_argument("--out", type=Path, help="also write the report to this markdown file (and its .json)")
-    args = p.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    device_name = "cpu" if args.smoke else torch.cuda.get_device_name()
+    args, device, device_name = kernel_args(__doc__, "tune first, write the table there, bench with it")
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     torch.manual_seed(0)
     layers = {}
@@ -221,12 +214,7 @@ def main() -> None:
     header = (f"# AWQ W4A16 GEMM\n\ndevice: {'CPU (Triton interpreter, smoke)' if args.smoke else device_name}; "
               f"date: {datetime.date.today()}; torch {torch.__version__}; triton {triton.__version__}; "
               f"command: `python -m bench.awq {' '.join(sys.argv[1:])}`; table: {source}\n\n")
-    markdown = header + "\n".join(report) + "\n"
-    print(markdown)
-    if args.out:
-        save(args.out, markdown, {"device": device_name, "rows": rows, "wrong_candidates": wrong})
-    if wrong:
-        sys.exit(f"{len(wrong)} tuning candidates gave wrong results (see WRONG above)")
+    kernel_report(args.out, header + "\n".join(report) + "\n", {"device": device_name, "rows": rows}, wrong)
 
 
 if __name__ == "__main__":

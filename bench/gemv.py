@@ -10,21 +10,19 @@ enters the table only when its best candidate beats cuBLAS by at least MARGIN in
     python -m bench.gemv --tune services/common/gemv_configs.json [--out ...]   # sweep, write this class's table
     TRITON_INTERPRET=1 python -m bench.gemv --smoke [--tune /tmp/gemv.json]  # CPU: tiny shapes, correctness only
 """
-import argparse
 import datetime
 import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from bench import save
+from bench import kernel_args, kernel_report
 from bench.awq import error_bound, timed, wall_ms
 from bench.decoder import SHAPES
 from services.common import gemv as gv
-from services.common.kernel_tables import device_class
+from services.common.kernel_tables import device_class, table_file
 from services.llm_decoder.models.llama import PaddedRows
 
 MARGIN = 0.97  # a shape takes the kernel when it runs in at most this share of cuBLAS's time
@@ -65,17 +63,12 @@ def candidates(smoke: bool) -> list[gv.Config]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter), no timing")
-    p.add_argument("--tune", type=Path, metavar="TABLE", help="sweep the candidates, write this device class's table")
-    p.add_argument("--out", type=Path, help="also write the report to this markdown file (and its .json)")
-    args = p.parse_args()
-    device = "cpu" if args.smoke else "cuda"
-    device_name = "cpu" if args.smoke else torch.cuda.get_device_name()
+    args, device, device_name = kernel_args(__doc__, "sweep the candidates, write this device class's table")
     # The interpreter keeps bf16 as raw bits and truncates where the GPU rounds: the smoke run checks fp16 and fp32.
     dtypes = [torch.float16, torch.float32] if args.smoke else [torch.bfloat16]
     measure = wall_ms if args.smoke else timed
-    table = gv.parse_table(json.loads(gv.table_path().read_text()))
+    table_path = table_file(gv.CONFIGS, "GEMV_CONFIGS")
+    table = gv.parse_table(json.loads(table_path.read_text()))
     chosen = table.get(device_class(device_name), {})
     torch.manual_seed(0)
     rows, tuned, wrong = [], [], []
@@ -111,7 +104,7 @@ def main() -> None:
                           f"{row['kernel']} | {best_ms:.4f} | {gb / best_ms:.2f} | {dense_ms / best_ms:.2f} | "
                           f"{'kernel' if row['in_table'] else 'cuBLAS'} |")
             print(report[-1], flush=True)
-    source = f"the table in use ({gv.table_path()})"
+    source = f"the table in use ({table_path})"
     if args.tune:
         raw = json.loads((args.tune if args.tune.exists() else gv.CONFIGS).read_text())
         source = (f"python -m bench.gemv --tune on {device_name}, {datetime.date.today()}, torch {torch.__version__}, "
@@ -125,12 +118,7 @@ def main() -> None:
               f"torch {torch.__version__}; triton {triton.__version__}; command: `python -m bench.gemv "
               f"{' '.join(sys.argv[1:])}`; table: {source}\n\nTB/s: weight, input and output bytes / time (the HBM "
               "limit of an H200: 4.8). table: what serving runs for that shape.\n\n")
-    markdown = header + "\n".join(report) + "\n"
-    print(markdown)
-    if args.out:
-        save(args.out, markdown, {"device": device_name, "rows": rows, "wrong_candidates": wrong})
-    if wrong:
-        sys.exit(f"{len(wrong)} candidates gave wrong results (see WRONG above)")
+    kernel_report(args.out, header + "\n".join(report) + "\n", {"device": device_name, "rows": rows}, wrong)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ shape and device stays on cuBLAS. GEMV_CONFIGS names another table file instead 
 """
 import functools
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from services.common.kernel_tables import device_class, device_name
+from services.common.kernel_tables import device_class, device_name, table_file
 
 CONFIGS = Path(__file__).with_name("gemv_configs.json")
 
@@ -74,14 +73,9 @@ def parse_table(raw: dict) -> dict[str, dict[tuple[int, int], Config]]:
             for cls, entry in raw.items()}
 
 
-def table_path() -> Path:
-    """The table in use: $GEMV_CONFIGS when set, else the committed one."""
-    return Path(os.environ.get("GEMV_CONFIGS") or CONFIGS)
-
-
 @functools.cache
 def _table() -> dict:
-    return parse_table(json.loads(table_path().read_text()))
+    return parse_table(json.loads(table_file(CONFIGS, "GEMV_CONFIGS").read_text()))
 
 
 @functools.cache

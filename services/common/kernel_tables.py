@@ -1,5 +1,7 @@
 """What the committed kernel tables (AWQ GEMM, dense GEMV) are keyed by: classes of GPUs tuned alike."""
 import functools
+import os
+from pathlib import Path
 
 import torch
 
@@ -9,6 +11,12 @@ DEVICE_CLASSES = {"H100/H200": ("H100", "H200")}
 
 def device_class(name: str) -> str:
     return next((cls for cls, keys in DEVICE_CLASSES.items() if any(k in name for k in keys)), "default")
+
+
+def table_file(committed: Path, variable: str) -> Path:
+    """The table in use: the file the environment variable names (e.g. one a tuning run just wrote), else the
+    committed one."""
+    return Path(os.environ.get(variable) or committed)
 
 
 @functools.cache

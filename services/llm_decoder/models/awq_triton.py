@@ -15,7 +15,6 @@ decode shapes); the last program to finish a tile sums the fp32 partials, so a c
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,8 +166,7 @@ def select(table: dict, device_name: str, n: int, k: int, m: int) -> Config:
 
 
 def table_path() -> Path:
-    """The dispatch table in use: $AWQ_CONFIGS when set, else the committed one."""
-    return Path(os.environ.get("AWQ_CONFIGS") or CONFIGS)
+    return kernel_tables.table_file(CONFIGS, "AWQ_CONFIGS")
 
 
 @functools.cache
