@@ -101,7 +101,8 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
         while programs * split < sms and split * 2 <= k_blocks:
             split *= 2
         splits = [split // 2, split] if split > 1 else [1]
-        out += [at.Config(block=(bm, bn, bk), split=s, warps=warps, stages=stages) for s in splits]
+        out += [at.Config(block=(bm, bn, bk), split=s, warps=warps, stages=stages, unpack=unpack) for s in splits
+                for unpack in (("interleave", "slots") if bm == 1 else ("interleave",))]
     if m >= 64:
         out.append(at.Config(kernel="dense"))
     return out

@@ -64,6 +64,9 @@ def paths() -> None:
         (at.Config(block=(1, 128, 64), split=1), 1, 256, 136, 64, b16),
         (at.Config(block=(1, 64, 64), split=3), 1, 256, 136, 64, b16),         # 4 K blocks over 3 splits: 1, 1, 2
         (at.Config(block=(1, 64, 128), split=4), 1, 512, 72, 128, f16),
+        (at.Config(block=(1, 64, 64), unpack="slots"), 1, 256, 136, 128, f16),       # slots: words past N masked
+        (at.Config(block=(1, 128, 64), split=3, unpack="slots"), 1, 256, 136, 64, b16),
+        (at.Config(block=(1, 64, 128), split=4, unpack="slots"), 1, 512, 72, 128, f16),
         (at.Config(block=(16, 64, 128), split=4), 5, 512, 136, 128, f16),
         (at.Config(block=(16, 128, 128), split=2), 16, 256, 136, 64, b16),     # BLOCK_K 128 cut to the group's 64
         (at.Config(block=(32, 64, 64), split=1), 33, 256, 264, 128, f16),
@@ -142,10 +145,12 @@ def compile_sm90() -> None:
         compile_for_sm90(fn, types, constants, ("N", "K", "group_size", "stride_xm", "stride_om"), **options)
 
     seen = set()
-    for shapes in at.parse_table(json.loads(at.CONFIGS.read_text())).values():
-        for cfg in (c for _, _, configs in shapes for c in configs if c.kernel == "fused"):
+    tables = at.parse_table(json.loads(at.CONFIGS.read_text())).values()
+    gemvs = [c for c in bench.candidates(1, 2560, 2048, 132) if c.slots]  # candidates the table may not hold yet
+    for configs in [c for shapes in tables for _, _, c in shapes] + [gemvs]:
+        for cfg in (c for c in configs if c.kernel == "fused"):
             for dtype in ("fp16", "bf16") if cfg.block[0] == 1 or cfg.split > 1 else ("fp16",):
-                key = (cfg.block, cfg.split, cfg.warps, cfg.stages, dtype)
+                key = (cfg.block, cfg.split, cfg.warps, cfg.stages, cfg.slots, dtype)
                 if key in seen:
                     continue
                 seen.add(key)
@@ -155,7 +160,7 @@ def compile_sm90() -> None:
                          **{name: "i32" for name in ("M", "N", "K", "group_size", "stride_xm", "stride_om")}}
                 constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}), "SPLIT_K": cfg.split,
                              "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2],
-                             "STAGES": cfg.stages}
+                             "STAGES": cfg.stages, "SLOTS": cfg.slots}
                 build(at._awq_gemm, types, constants, num_warps=cfg.warps)
     for dtype in ("fp16", "bf16"):
         build(at._awq_dequant, {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": f"*{dtype}",

@@ -6,7 +6,8 @@ x's dtype (as `awq.dequantize` does) and products accumulated in fp32.
 `awq_gemm` picks one of three paths per (device, N, K, M) from the committed table awq_configs.json (written by
 `python -m bench.awq --tune` on the GPU; no autotuning at serving time; the environment variable AWQ_CONFIGS names
 another table file to use instead, e.g. one a tuning run just wrote):
-  - fused, BLOCK_M == 1: a GEMV for one token; fp32 products are summed over K once, at the end of the program;
+  - fused, BLOCK_M == 1: a GEMV for one token; fp32 products are summed over K once, at the end of the program
+    (nibbles spread over their columns by interleaving, or unpacked "slots" first: which is faster is the table's);
   - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill);
   - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills).
 The fused kernel splits K over `split` programs per output tile when the tiles alone would leave SMs idle (skinny
@@ -53,33 +54,67 @@ def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLO
     return ((q - z[None, :]) * scales.to(tl.float32)[None, :]).to(dtype)
 
 
+@triton.jit
+def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo, kb_hi, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """One token's sums over K blocks kb_lo..kb_hi for the columns of words offs_w, unpacked nibble slot by nibble
+    slot: the words [BLOCK_K, BLOCK_N // 8] broadcast to [BLOCK_K, 8, BLOCK_N // 8] and shifted per slot, where the
+    interleaved tile repeats each word 8 times along the columns first. Returns the [BLOCK_N] sums and their columns,
+    slot-major (so not in column order)."""
+    slot = tl.arange(0, 8)
+    shifts = slot * 4
+    cols = 8 * offs_w[None, :] + (2 * (slot % 4) + slot // 4)[:, None]  # [8, words]: AWQ's order 0, 2, 4, 6, 1, ...
+    w_ok = offs_w < N // 8
+    acc = tl.zeros((BLOCK_K, 8, BLOCK_N // 8), dtype=tl.float32)
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+        k0 = kb * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k)
+        words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
+        g = k0 // group_size
+        zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+        scales = tl.load(sc_ptr + g * N + cols, mask=w_ok[None, :], other=0.0).to(tl.float32)
+        # The same magic-number conversion and single rounding as _dequant_tile.
+        q = (((words[:, None, :] >> shifts[None, :, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+        z = (((zeros[None, :] >> shifts[:, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+        w = ((q - z[None, :, :]) * scales[None, :, :]).to(x.dtype)
+        acc += x.to(tl.float32)[:, None, None] * w.to(tl.float32)
+    return tl.reshape(tl.sum(acc, 0), (BLOCK_N,)), tl.reshape(cols, (BLOCK_N,))
+
+
 @triton.jit(do_not_specialize=["M"])  # M varies per step: one compiled kernel per config, not per token count
 def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm, stride_om,
               SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              STAGES: tl.constexpr):
+              STAGES: tl.constexpr, SLOTS: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    m_ok = offs_m < M
     # This program's share of the K blocks, as even as can be (BLOCK_K divides the group: K is whole blocks).
     k_blocks = K // BLOCK_K
     kb_lo = pid_k * k_blocks // SPLIT_K
     kb_hi = (pid_k + 1) * k_blocks // SPLIT_K
-    # GEMV keeps a [BLOCK_K, BLOCK_N] fp32 accumulator and reduces over K once, after the loop.
-    acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Loads run STAGES - 1 blocks ahead (Triton pipelines only loops with a dot unless the loop asks, as here).
-    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
-        k0 = kb * BLOCK_K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_ok[:, None],
-                    other=0.0)
-        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K, x.dtype)
+    if SLOTS:  # one token, unpacked slot by slot: the tile's columns come back in slot order, and are stored so
+        y, offs_n = _gemv_by_slot(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo,
+                                  kb_hi, BLOCK_N, BLOCK_K, STAGES)
+        acc = tl.reshape(y, (1, BLOCK_N))
+    else:
+        # GEMV keeps a [BLOCK_K, BLOCK_N] fp32 accumulator and reduces over K once, after the loop.
+        acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Loads run STAGES - 1 blocks ahead (Triton pipelines only loops with a dot unless the loop asks, as here).
+        for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+            k0 = kb * BLOCK_K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :],
+                        mask=m_ok[:, None], other=0.0)
+            w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K, x.dtype)
+            if BLOCK_M == 1:
+                acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32)
+            else:
+                acc = tl.dot(x, w, acc)
         if BLOCK_M == 1:
-            acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32)
-        else:
-            acc = tl.dot(x, w, acc)
-    if BLOCK_M == 1:
-        acc = tl.reshape(tl.sum(acc, 0), (1, BLOCK_N))
+            acc = tl.reshape(tl.sum(acc, 0), (1, BLOCK_N))
+    n_ok = offs_n < N
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
@@ -122,6 +157,7 @@ class Config:
     warps: int = 4
     stages: int = 3
     max_m: int | None = None     # None: every larger M
+    unpack: str = "interleave"   # one-row tiles may unpack "slots" instead (see _gemv_by_slot)
 
     @classmethod
     def from_json(cls, d: dict) -> "Config":
@@ -131,7 +167,11 @@ class Config:
         if self.kernel == "dense":
             return {"max_m": self.max_m, "kernel": "dense"}
         return {"max_m": self.max_m, "kernel": self.kernel, "block": list(self.block), "split": self.split,
-                "warps": self.warps, "stages": self.stages}
+                "warps": self.warps, "stages": self.stages} | ({"unpack": self.unpack} if self.slots else {})
+
+    @property
+    def slots(self) -> bool:
+        return self.unpack == "slots"
 
     @property
     def path(self) -> str:
@@ -144,7 +184,7 @@ class Config:
     def __str__(self) -> str:
         if self.kernel == "dense":
             return "dense"
-        return f"{self.path} {'x'.join(map(str, self.block))} w{self.warps} s{self.stages}"
+        return f"{self.path} {'x'.join(map(str, self.block))} w{self.warps} s{self.stages}" + (" slots" * self.slots)
 
 
 def parse_table(raw: dict) -> dict:
@@ -221,6 +261,8 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         out = x2 @ dequantize_triton(qweight, qzeros, scales, group_size, x.dtype)
         return out.reshape(*x.shape[:-1], n)
     block_m, block_n, block_k = config.block
+    if config.slots and block_m != 1:
+        raise ValueError(f"{config}: unpacking by slot is for one-row tiles")
     block_k = math.gcd(block_k, group_size)
     split = max(1, min(config.split, k // block_k))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -231,5 +273,5 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         counters = _tile_counters(x.device, grid[0] * grid[2])
     _awq_gemm[grid](x2, qweight, qzeros, scales, out, ws, counters, m, n, k, group_size, x2.stride(0), out.stride(0),
                     SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=config.stages,
-                    num_warps=config.warps)
+                    SLOTS=config.slots, num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)
