@@ -368,3 +368,23 @@ def test_vocabulary_rows_are_padded_to_64_and_sliced_off_the_logits(lm, cfg):
     assert torch.allclose(logits, hidden @ lm.lm_head.weight[:vocab].t(), atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):
         lm.lm_head.load_shard(lm.lm_head.weight, torch.zeros(vocab + 64, cfg.text.hidden_size), "rows")
+
+
+def test_warm_up_leaves_no_trace(lm, cfg, overlap):
+    """The start-up warm-up (GPU) runs real steps of every kind, then leaves the engine as new: no sequence, no
+    block held or cached, no counts; what it serves next is what a fresh engine serves."""
+    ids = list(range(30, 75))
+    fresh = Sequence("a", ids, SamplingParams(NEW))
+    run(engine(lm, overlap=overlap), [fresh])
+    eng = engine(lm, overlap=overlap)
+    launched = []
+    original = eng.runner.launch
+    eng.runner.launch = lambda batch, prev=None: (launched.append(batch), original(batch, prev))[1]
+    eng.warm_up(cfg.text.vocab_size)
+    assert any(len(b) > 1 and any(n > 1 for _, n in b) for b in launched)  # a prompt beside decodes
+    assert not eng.has_work() and eng.computed_tokens == eng.scheduler.cached_tokens == 0
+    assert len(eng.blocks.free) == len(eng.blocks.blocks) and not eng.blocks.cached
+    assert all(b.hash is None and b.ref == 0 for b in eng.blocks.blocks)
+    again = Sequence("a", ids, SamplingParams(NEW))
+    run(eng, [again])
+    assert again.output_ids == fresh.output_ids and eng.scheduler.cached_tokens == 0

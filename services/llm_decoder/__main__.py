@@ -84,6 +84,8 @@ async def main() -> None:
                        max_batched_tokens=args.max_batched_tokens, max_running=args.max_running,
                        device=args.device, dtype=dtype, max_model_len=max_model_len,
                        cuda_graphs=bool(args.cuda_graphs), overlap=None if args.overlap else False)
+    if args.device.startswith("cuda"):  # on the CPU nothing compiles on first use
+        engine.warm_up(cfg.text.vocab_size)
     tokenizer = load_tokenizer(path).backend_tokenizer
     checkpoint = checkpoint_id(path)
     info = pb.ModelInfo(model=args.model, checkpoint=checkpoint,

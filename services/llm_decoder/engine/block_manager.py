@@ -86,6 +86,12 @@ class BlockManager:
                 del self.cached[block.hash]
             block.hash = block.key = None
 
+    def clear_cache(self) -> None:
+        """Forget every cached block (the engine's warm-up leaves none)."""
+        for block in self.blocks:
+            block.hash = block.key = None
+        self.cached.clear()
+
     def release(self, seq: Sequence) -> None:
         # Last blocks first, so a prefix's head stays cached longest (its tail is useless without it).
         for block_id in reversed(seq.block_table):

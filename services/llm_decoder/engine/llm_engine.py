@@ -8,7 +8,7 @@ import torch
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.model_runner import Launched, ModelRunner
 from services.llm_decoder.engine.scheduler import Scheduler
-from services.llm_decoder.engine.sequence import Sequence, Status
+from services.llm_decoder.engine.sequence import SamplingParams, Sequence, Status
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,27 @@ class LLMEngine:
                     for seq in failed:
                         self.scheduler.finish(seq, "error")
                     self.on_step([(seq, -1, "error") for seq in failed])
+
+    def warm_up(self, vocab_size: int) -> None:
+        """Before serving (the loop not started): the kinds of steps serving meets, so that no request pays a kernel's
+        first-use compile (Triton compiles a kernel per batch-size class, one sequence or several, and per split
+        count; torch.compile per token-count class): a prompt alone, then prompts of several lengths arriving while
+        others decode, with sampling, penalties and log-probabilities. Leaves no sequence, cached block or count."""
+        size = self.blocks.block_size
+        prompt = lambda i, n: [(7 * i + j) % (vocab_size - 1) + 1 for j in range(n)]  # noqa: E731
+        sampled = [SamplingParams(4), SamplingParams(4, temperature=0.8, top_p=0.9, top_k=20, seed=0),
+                   SamplingParams(4, repetition_penalty=1.1, logprobs=2)]
+        waves = [[Sequence("warm-up-0", prompt(0, 2 * size + 1), SamplingParams(4))],
+                 [Sequence(f"warm-up-{i}", prompt(i, size + 3 * i), p) for i, p in enumerate(sampled, 1)],
+                 [Sequence(f"warm-up-{i}", prompt(i, 5 + i), SamplingParams(2)) for i in (4, 5)]]
+        for wave in waves:
+            for seq in wave:
+                self.scheduler.add(seq)
+            self.step()  # the next wave arrives while this one decodes
+        while self.has_work():
+            self.step()
+        self.blocks.clear_cache()
+        self.computed_tokens = self.scheduler.cached_tokens = 0
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._pending is not None
