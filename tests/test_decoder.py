@@ -263,3 +263,56 @@ def test_logprobs_equal_the_reference_log_softmax(lm, cfg, reference, overlap):
         assert [t for t, _ in top] == want[k].topk(5).indices.tolist()
         assert [v for _, v in top] == pytest.approx(want[k].topk(5).values.tolist(), abs=1e-4)
         assert top[0][0] == token
+
+
+def test_the_servicer_over_an_overlapped_engine_answers_as_over_a_sync_one(lm, cfg, tiny_checkpoint):
+    """The decoder as served on CUDA (steps overlapped), here on the CPU over real gRPC: concurrent streamed and
+    final-only calls, stop strings, log-probabilities and a stop token give what the engine without overlap gives."""
+    import asyncio
+
+    from services.common.tokenizer import load_tokenizer
+    from services.llm_decoder.server import LlmDecoderServicer
+
+    tokenizer = load_tokenizer(tiny_checkpoint).backend_tokenizer
+    free = run(lm, cfg, [Sequence("f", prompts()[2], SamplingParams(12))], overlap=False)[1][0]
+    requests = [pb.GenerateRequest(token_ids=prompts()[i], final_only=i % 2 == 1,
+                                   sampling=pb.SamplingParams(max_tokens=12, logprobs=2 if i == 0 else 0))
+                for i in range(4)]
+    requests.append(pb.GenerateRequest(token_ids=prompts()[2], sampling=pb.SamplingParams(
+        max_tokens=12, stop_token_ids=[free[5]])))
+    requests.append(pb.GenerateRequest(token_ids=prompts()[3], final_only=True, sampling=pb.SamplingParams(
+        max_tokens=12, stop=[tokenizer.decode(run(lm, cfg, [Sequence("s", prompts()[3], SamplingParams(12))],
+                                                  overlap=False)[1][0][4:6])])))
+
+    async def answers(overlap: bool) -> list[tuple]:
+        engine = LLMEngine(lm, num_blocks=256, block_size=4, max_batched_tokens=4096, max_running=8, device="cpu",
+                           dtype=torch.float32, overlap=overlap)
+        servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size,
+                                      cfg.text.hidden_size, 4096, torch.float32, pb.ModelInfo(model="tiny"))
+        engine.start()
+        server = grpc.aio.server()
+        pb_grpc.add_LlmDecoderServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.LlmDecoderStub(channel)
+
+                async def call(request):
+                    out = [r async for r in stub.Generate(request, timeout=60)]
+                    return ([t for r in out for t in r.token_ids], "".join(r.text for r in out),
+                            out[-1].finish_reason, out[-1].usage.completion_tokens,
+                            [(lp.chosen.logprob, [t.token_id for t in lp.top]) for r in out for lp in r.logprobs])
+                return await asyncio.gather(*map(call, requests))
+        finally:
+            await server.stop(None)
+
+    sync_answers, overlapped = asyncio.run(answers(False)), asyncio.run(answers(True))
+    # Log-probabilities to float precision: the steps' batches differ, and with them the sums' order.
+    assert [a[:4] for a in overlapped] == [a[:4] for a in sync_answers]
+    for a, b in zip(overlapped, sync_answers):
+        assert [t for _, t in a[4]] == [t for _, t in b[4]]
+        assert [x for x, _ in a[4]] == pytest.approx([x for x, _ in b[4]], abs=1e-5)
+    assert sync_answers[4][0] == free[:6] and sync_answers[4][2] == "stop"
+    assert sync_answers[5][2] == "stop" and len(sync_answers[5][0]) < 12
+    assert len(sync_answers[0][4]) == 12 and all(a[2] == "length" for a in sync_answers[:4])

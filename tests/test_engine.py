@@ -187,7 +187,8 @@ def test_overlap_queues_each_step_before_reading_back_the_one_before(lm, cfg, mo
     calls, real_launch, real_finish = [], ModelRunner.launch, ModelRunner.finish
     monkeypatch.setattr(ModelRunner, "launch", lambda self, batch, prev=None: (
         calls.append("launch"), real_launch(self, batch, prev))[1])
-    monkeypatch.setattr(ModelRunner, "finish", staticmethod(lambda step: (calls.append("finish"), real_finish(step))[1]))
+    monkeypatch.setattr(ModelRunner, "finish",
+                        staticmethod(lambda step: (calls.append("finish"), real_finish(step))[1]))
     seqs = [Sequence(str(i), list(range(20 + i, 40 + i)), SamplingParams(6)) for i in range(3)]
     run(engine(lm, overlap=True), seqs)
     assert calls[:5] == ["launch", "launch", "finish", "launch", "finish"]
