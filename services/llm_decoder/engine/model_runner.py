@@ -86,9 +86,10 @@ class ModelRunner:
         dev = to_device(ids + positions + slots + lens + cu + rows + last + fill + source, torch.int64, self.device)
         ids_d, pos_d, slots_d = dev[:t], dev[t:2 * t], dev[2 * t:3 * t]
         lens_d, cu_d = dev[3 * t:3 * t + b].int(), dev[3 * t + b:3 * t + 2 * b + 1].int()
-        rows_d, last_d = dev[3 * t + 2 * b + 1:3 * t + 3 * b + 1], dev[3 * t + 3 * b + 1:len(dev) - 2 * f]
+        tail = len(dev) - 2 * f  # where fill and source start
+        rows_d, last_d = dev[3 * t + 2 * b + 1:3 * t + 3 * b + 1], dev[3 * t + 3 * b + 1:tail]
         if fill:
-            ids_d.index_copy_(0, dev[len(dev) - 2 * f:len(dev) - f], prev.ids.index_select(0, dev[len(dev) - f:]))
+            ids_d.index_copy_(0, dev[tail:tail + f], prev.ids.index_select(0, dev[tail + f:]))
 
         max_len = max(lens)
         if t == b and b in self.graphs and self.model.rope_is_static(max_len):
