@@ -183,6 +183,23 @@ def test_the_tower_compiles_whole_for_every_batch_size(vision):
     assert counter.frame_count <= 2  # the first size, then one dynamic graph for all others
 
 
+def test_warm_up_compiles_before_the_first_request(vision):
+    """What the GPU runner does at start-up: after warm_up, no batch size compiles again, and nothing was counted."""
+    from services.vision_encoder import encoder
+
+    cfg, model = vision
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    runner = VisionRunner(model, "cpu", max_batch_tiles=4, compile=counter)
+    batches = encoder.BATCHES._value.get()
+    runner.warm_up(cfg.vision.image_size)
+    assert counter.frame_count == 2 and encoder.BATCHES._value.get() == batches
+    tiles = torch.zeros((3, 448, 448, 3), dtype=torch.uint8)
+    runner.launch([tiles])()
+    runner.launch([tiles[:1]])()
+    assert counter.frame_count == 2
+
+
 def test_cuda_graphs_need_a_cuda_device(vision):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         VisionRunner(vision[1], "cpu", max_batch_tiles=4, graph_tiles=4)
