@@ -124,9 +124,10 @@ def run(args) -> dict:
         row["latency_ratio"] = hf_row["image_ms"] / row["image_ms"]
         row["share_of_limit"] = row["tiles_s"] * flops / (args.peak_tflops * 1e12)
         rows.append(row)
+    eager = VisionRunner(ours, device, args.batch)  # made (and warmed up) outside the profiled batch
     return {"rows": rows, "batch": args.batch, "image_tiles": args.image_tiles, "tile_gflop": flops / 1e9,
             "matmul_limit_tiles_s": args.peak_tflops * 1e12 / flops, "max_abs_value": want.abs().max().item(),
-            "profile": kernel_profile(lambda: VisionRunner(ours, device, args.batch).run(on_device), device)}
+            "profile": kernel_profile(lambda: eager.run(on_device), device)}
 
 
 def measure_variant(variant: str, model, tiles: torch.Tensor, on_device: torch.Tensor, args) -> dict:
