@@ -8,7 +8,8 @@
 #              comes back as $out/gemv_configs-*.json (to be committed as services/common/gemv_configs.json), and
 #              the decoder step after it runs with it (GEMV_CONFIGS)
 #   decoder    the engine against transformers' generate at InternLM2.5-7B shapes: 1/16/64 streams, 13-tile TTFT;
-#              the profile times each step with and without overlap
+#              the profile times each step with and without overlap; then fp32 at 0.5B shapes, whose greedy tokens
+#              must equal transformers' (the bench fails otherwise)
 #   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image, one
 #              tile; eager, CUDA graphs and torch.compile
 #   vision6b   InternViT-6B (InternVL-Chat-V1-5) the same way, eager and CUDA graphs (not run by default: run it
@@ -43,7 +44,11 @@ for step in "${steps[@]}"; do
     decoder:1) "$py" -m bench.decoder --device cpu --smoke --no-stack --profile 1 --trace-compiles \
                  --out "$out/decoder-smoke-$day.md" ;;
     decoder:0) "$py" -m bench.decoder --device cuda --shape internlm2_5_7b --dtype bfloat16 --profile 1 64 \
-                 --trace-compiles --out "$out/decoder-h200-$day.md" ;;
+                 --trace-compiles --out "$out/decoder-h200-$day.md"
+               # fp32 at 0.5B shapes: greedy tokens must equal transformers' (the GPU path's correctness, ~40 s)
+               "$py" -m bench.decoder --device cuda --shape qwen2_5_0_5b --dtype float32 --streams 1 16 \
+                 --new-tokens 32 --prompt-len 64 --ttft-tiles 1 --ttft-streams 1 --ttft-shared 2 --ttft-repeat 1 \
+                 --no-stack --out "$out/decoder-h200-fp32-$day.md" ;;
     vision:1) "$py" -m bench.vision --device cpu --smoke --out "$out/vision-smoke-$day.md" ;;
     vision:0) "$py" -m bench.vision --device cuda --out "$out/vision-h200-$day.md" ;;
     vision6b:1) "$py" -m bench.vision --device cpu --smoke --family internvl-chat-v1_5 \
