@@ -278,6 +278,9 @@ def test_gpu_pools(render, files):
             startup = c["startupProbe"]
             assert startup["failureThreshold"] * startup["periodSeconds"] == budget
             assert env_of(c)["DEVICE"]["value"] == "cuda"
+            if key == "llmDecoder":  # decode steps overlapped with the host's work unless the values say not
+                overlap = values.get(key, {}).get("overlapSteps", True)
+                assert env_of(c)["OVERLAP_STEPS"]["value"] == ("1" if overlap else "0")
         else:
             assert not any("gpu" in k for kind in ("requests", "limits") for k in res[kind]), dep["metadata"]["name"]
         if component(dep) in GPU_POOLS + ("gateway",):
