@@ -8,6 +8,7 @@ one host->device copy. On CUDA, decode-only steps replay CUDA graphs captured fo
 reading back the one before it: the host's work for a step (scheduling, inputs, reading tokens back, streaming them)
 runs while the device computes the next one, whose decode inputs are the previous step's ids, still on the device.
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -102,7 +103,7 @@ class ModelRunner:
                 ctx.decode_rows = cpu_decode_rows(ctx, bs)
             embeds = self.model.embed(ids_d)
             if image_rows:
-                embeds[to_device(image_at, torch.int64, self.device)] = torch.cat(image_rows).to(embeds)
+                embeds[to_device(image_at, torch.int64, self.device)] = self._rows_to_device(image_rows).to(embeds)
             hidden = self.model(embeds, pos_d, ctx)
             logits = self.model.logits(hidden[last_d])
         sampled = [seq for (seq, _), d in zip(batch, done) if d]
@@ -136,6 +137,16 @@ class ModelRunner:
         if step.copied is not None:
             step.copied.synchronize()
         return list(zip(*read_back(step.host.tolist(), step.sampling, len(step.sampled))))
+
+    def _rows_to_device(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """A step's image rows (host tensors) on the device, gathered into pinned memory on CUDA so that the copy
+        (27 MB for a 13-tile image at 8B widths) is queued behind the step before it instead of waiting for it."""
+        if self.device.type != "cuda":
+            return torch.cat(rows).to(self.device)
+        dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))
+        host = torch.empty((sum(r.shape[0] for r in rows), *rows[0].shape[1:]), dtype=dtype, pin_memory=True)
+        torch.cat(rows, out=host)
+        return host.to(self.device, non_blocking=True)  # the host allocator keeps `host` until the copy is done
 
     def _sync_tables(self, seqs: list[Sequence]) -> None:
         """Copy the block-table entries added since the last step to the sequences' device rows."""
