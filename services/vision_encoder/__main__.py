@@ -26,7 +26,7 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--cuda-graph-tiles", "VISION_CUDA_GRAPH_TILES", 0,
                  "batches of up to this many tiles replay CUDA graphs captured at start-up (0 = eager)", int)
     settings.add(p, "--compile", "VISION_COMPILE", "", "a torch.compile backend to run the model through "
-                 "(inductor; empty = eager)")
+                 "(inductor; empty = eager); on the GPU it compiles at start-up, before serving")
     settings.add(p, "--max-wait-ms", "VISION_MAX_WAIT_MS", 5.0, "how long a batch waits for more tiles", float)
     settings.add(p, "--max-queued-tiles", "VISION_MAX_QUEUED_TILES", 4096,
                  "tiles that may wait for the GPU; more are refused with RESOURCE_EXHAUSTED (the gateway's 429)", int)
