@@ -122,15 +122,12 @@ class VisionRunner:
             raise ValueError("CUDA graphs need a CUDA device")
 
     def warm_up(self, image_size: int) -> None:
-        """One tile, then two, through the path serving takes, before serving: torch.compile makes its graphs (one
-        for a single tile, one for every larger batch; tens of seconds each on the GPU) here rather than in the first
-        requests, and the GPU loads its kernels. Not counted in the metrics."""
+        """One tile, then two, before serving: torch.compile makes its graphs (one for a single tile, one for every
+        larger batch; tens of seconds each on the GPU) here rather than in the first requests, and the GPU loads its
+        kernels. Sizes the CUDA graphs hold ran when they were captured. Not counted in the metrics."""
         for n in (1, 2):
-            tiles = torch.zeros((n, image_size, image_size, 3), dtype=torch.uint8, device=self.device)
-            if n <= self.graph_tiles:
-                self._replay(tiles)
-            else:
-                self._forward(tiles)
+            if n > self.graph_tiles:
+                self._forward(torch.zeros((n, image_size, image_size, 3), dtype=torch.uint8, device=self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

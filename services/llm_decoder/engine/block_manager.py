@@ -38,9 +38,8 @@ class BlockManager:
             seq.row = self.free_rows.pop()
         for _ in range(self.blocks_needed(seq, num_tokens)):
             block = self.blocks[self.free.popitem(last=False)[0]]
-            if block.hash is not None and self.cached.get(block.hash) == block.id:
-                del self.cached[block.hash]
-            block.ref, block.hash, block.key = 1, None, None
+            self._uncache(block)
+            block.ref = 1
             seq.block_table.append(block.id)
 
     def reuse_prefix(self, seq: Sequence) -> int:
@@ -81,10 +80,12 @@ class BlockManager:
     def forget(self, seq: Sequence) -> None:
         """Take the sequence's blocks out of the prefix cache (its K/V turned out not finite)."""
         for block_id in seq.block_table:
-            block = self.blocks[block_id]
-            if block.hash is not None and self.cached.get(block.hash) == block_id:
-                del self.cached[block.hash]
-            block.hash = block.key = None
+            self._uncache(self.blocks[block_id])
+
+    def _uncache(self, block: Block) -> None:
+        if block.hash is not None and self.cached.get(block.hash) == block.id:
+            del self.cached[block.hash]
+        block.hash = block.key = None
 
     def clear_cache(self) -> None:
         """Forget every cached block (the engine's warm-up leaves none)."""
