@@ -141,6 +141,9 @@ def compile_sm90() -> None:
     """Every fused config of the committed table (fp16, and bf16 for one-row and split tiles) and the dequantize
     kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the interpreter cannot catch (types,
     layouts, resources) fails here rather than on the GPU."""
+    def math_dtype(dtype: str):  # fp16 scales, as AWQ checkpoints store them
+        return at.math_dtype({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype], torch.float16)
+
     def build(fn, types: dict, constants: dict, **options):
         compile_for_sm90(fn, types, constants, ("N", "K", "group_size", "stride_xm", "stride_om"), **options)
 
@@ -160,11 +163,12 @@ def compile_sm90() -> None:
                          **{name: "i32" for name in ("M", "N", "K", "group_size", "stride_xm", "stride_om")}}
                 constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}), "SPLIT_K": cfg.split,
                              "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2],
-                             "STAGES": cfg.stages, "SLOTS": cfg.slots}
+                             "STAGES": cfg.stages, "SLOTS": cfg.slots, "MATH": math_dtype(dtype)}
                 build(at._awq_gemm, types, constants, num_warps=cfg.warps)
     for dtype in ("fp16", "bf16"):
         build(at._awq_dequant, {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": f"*{dtype}",
-                                "N": "i32", "group_size": "i32"}, {"BLOCK_N": 128, "BLOCK_K": 32})
+                                "N": "i32", "group_size": "i32"},
+              {"BLOCK_N": 128, "BLOCK_K": 32, "MATH": math_dtype(dtype)})
     assert seen
 
 
