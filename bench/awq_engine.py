@@ -6,7 +6,8 @@ uint4, --group-size 128, fp16 scales) into a second model of the same config bui
 dequantized weights are written back into the first. The two are then the same model: equal embedding table, norms,
 unquantized head and biases (rounded through fp16, as AWQ checkpoints store them), and each dense weight is the AWQ
 weight rounded to the model dtype as the W4A16 kernels round it. What differs is the bytes a step reads and the order
-products are summed in.
+products are summed in, and on CUDA the dtype: the AWQ model runs in fp16, as the decoder serves an AWQ checkpoint
+(--awq-dtype; its kernels then dequantize in fp16), the dense one in bf16 (--dtype).
 
 For each stream count (--streams): random prompts of --prompt-len tokens, --new-tokens greedy tokens per stream, EOS
 ignored, both engines on the same prompts after a warm-up; fresh prompts for every run (the prefix cache never serves
@@ -24,7 +25,8 @@ one); --repeat N reports the median run of each. Measured:
 On CUDA the AWQ linears dispatch by the table in use (services/llm_decoder/models/awq_configs.json, or the file
 $AWQ_CONFIGS names, as bench/gpu.sh does with the table it has just tuned); CUDA graphs are on, as the engine serves.
 
-    python -m bench.awq_engine --out bench/results/awq-engine-h200.md      # CUDA: qwen2_5_3b, bf16, 1 and 16 streams
+    python -m bench.awq_engine --out bench/results/awq-engine-h200.md      # CUDA: qwen2_5_3b, bf16 vs AWQ fp16,
+                                                                           # 1 and 16 streams
     AWQ_CONFIGS=/tmp/awq_configs.json python -m bench.awq_engine           # with another dispatch table
     python -m bench.awq_engine --device cpu --smoke --out /tmp/awq-engine.md  # tiny shapes, fp32, seconds (tested)
 
@@ -44,6 +46,7 @@ from bench import save
 from bench.decoder import (ROOT, SHAPES, agreement, build_engine_model, decode_step_ms, device_name, hbm_fraction,
                            kv_bytes_per_token, make_engine, median_run, random_prompts, randomize_, run_engine, sync,
                            table, weight_bytes_per_step)
+from services.common.weights import torch_dtype
 from services.llm_decoder.models import awq
 from services.llm_decoder.models.awq import AWQLinear
 
@@ -146,12 +149,13 @@ def columns(dense: str) -> tuple[list, list]:
 def report(result: dict) -> str:
     m, dense = result["meta"], SHORT[result["meta"]["dtype"]]
     tp_cols, hbm_cols = columns(dense)
-    path = m["awq_path"]
-    lines = [f"# AWQ W4A16 vs {dense} through the engine ({m['shape']}, {m['device']})", "",
+    path, awq_dtype = m["awq_path"], SHORT[m.get("awq_dtype", m["dtype"])]
+    lines = [f"# AWQ W4A16 ({awq_dtype}) vs {dense} through the engine ({m['shape']}, {m['device']})", "",
              f"- date: {m['date']}", f"- device: {m['device_name']}", f"- command: `{m['command']}`",
              f"- weights: random, {m['params_m']:.1f}M parameters; decoder-layer linears quantized to 4 bits, group "
              f"{m['group_size']} (relative RMS change {m['weight_rel_rms']:.3f}); the {dense} model holds the "
-             "dequantized weights, so both are the same model up to summation order",
+             "dequantized weights, so both are the same model up to summation order"
+             + (f" and rounding (AWQ computes in {awq_dtype}, as it is served)" if awq_dtype != dense else ""),
              f"- bytes a decode step reads (weights, embedding table excluded): {dense} "
              f"{m['dense_weight_bytes'] / 1e6:.1f} MB, AWQ {m['awq_weight_bytes'] / 1e6:.1f} MB",
              f"- AWQ linears: {path['kernel']}" + (f"; table {path['table']}" if "table" in path else "")]
@@ -203,6 +207,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(SHAPES), help="default qwen2_5_3b (smoke: tiny)")
     p.add_argument("--dtype", choices=sorted(SHORT), help="of the dense model and the activations (cuda: bfloat16, "
                    "cpu: float32)")
+    p.add_argument("--awq-dtype", choices=sorted(SHORT) + ["auto"], default="auto",
+                   help="of the AWQ model and its activations (auto: as the decoder's --dtype auto serves an AWQ "
+                   "checkpoint, float16 on CUDA, float32 on the CPU)")
     p.add_argument("--group-size", type=int, help="AWQ group size (128; smoke: 32, the tiny checkpoint's)")
     p.add_argument("--streams", type=int, nargs="+", help="stream counts (1 16; smoke: 1 2)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens per stream (128; smoke: 32)")
@@ -232,13 +239,17 @@ def log(msg: str) -> None:
 def main() -> None:
     args = parse_args()
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
+    awq_dtype = torch_dtype(args.awq_dtype, args.device, awq=True)
+    args.awq_dtype = str(awq_dtype).removeprefix("torch.")
+    dtypes = {"dense": dtype, "awq": awq_dtype}
     torch.manual_seed(args.seed)
 
-    log(f"building {args.shape} ({args.dtype}) on {args.device}, quantizing (group {args.group_size})")
+    log(f"building {args.shape} ({args.dtype}; AWQ {args.awq_dtype}) on {args.device}, quantizing (group "
+        f"{args.group_size})")
     start = time.perf_counter()
     dense = build_engine_model(shape, args.device, dtype)
     randomize_(dense, args.seed)
-    quant = build_engine_model(shape, args.device, dtype, args.group_size)
+    quant = build_engine_model(shape, args.device, awq_dtype, args.group_size)
     rel = quantize_into(dense, quant, args.group_size)
     sync(args.device)
     built_s = time.perf_counter() - start
@@ -246,6 +257,7 @@ def main() -> None:
     weight_bytes = {name: weight_bytes_per_step(model) for name, model in models.items()}
     result = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": args.device,
                        "device_name": device_name(args.device), "shape": args.shape, "dtype": args.dtype,
+                       "awq_dtype": args.awq_dtype,
                        "group_size": args.group_size, "weight_rel_rms": rel, "build_s": built_s,
                        "command": shlex.join(["python", "-m", "bench.awq_engine", *sys.argv[1:]]),
                        "params_m": sum(p.numel() for p in dense.parameters()) / 1e6,
@@ -256,15 +268,15 @@ def main() -> None:
     # KV blocks: every stream's prompt and output, one spare block per sequence, and a margin.
     need = max(args.streams) * (args.prompt_len + args.new_tokens)
     num_blocks = -(-need // args.block_size) + max(args.streams) + 16
-    engines = {name: make_engine(model, num_blocks, args, dtype) for name, model in models.items()}
+    engines = {name: make_engine(model, num_blocks, args, dtypes[name]) for name, model in models.items()}
 
     result["throughput"] = []
     for streams in args.streams:
         log(f"throughput: {streams} streams x ({args.prompt_len} + {args.new_tokens}) tokens")
         row = measure(engines, shape.vocab, streams, args)
         if args.device.startswith("cuda"):
-            kv = streams * (args.prompt_len + args.new_tokens // 2) * kv_bytes_per_token(shape, dtype)
             for name in models:
+                kv = streams * (args.prompt_len + args.new_tokens // 2) * kv_bytes_per_token(shape, dtypes[name])
                 row[f"{name}_bytes"] = weight_bytes[name] + kv
                 row[f"{name}_hbm_fraction"] = hbm_fraction(row[f"{name}_bytes"], row[f"{name}_step_ms"],
                                                            args.hbm_bandwidth)
@@ -275,13 +287,14 @@ def main() -> None:
         save(args.out, report(result), result)
 
     rows = result["throughput"]
-    strict = args.device == "cpu" and dtype == torch.float32
+    strict = args.device == "cpu" and dtype == awq_dtype == torch.float32
     identical = all(r["identical"] == r["compared"] for r in rows)
     one = next((r for r in rows if r["streams"] == 1), rows[0])
     verdict = (f"{one['agree_min']} of {args.new_tokens} leading tokens equal at 1 stream; identical streams: "
                f"{sum(r['identical'] for r in rows)} of {sum(r['compared'] for r in rows)}")
     verdict += (f" (fp32 on the CPU, AWQ on its dequantized weight: all required identical: "
-                f"{'pass' if identical else 'FAIL'})" if strict else f" ({args.dtype} on {args.device}: reported only)")
+                f"{'pass' if identical else 'FAIL'})" if strict
+                else f" ({args.dtype} / AWQ {args.awq_dtype} on {args.device}: reported only)")
     result["correctness"] = {"verdict": verdict, "passed": identical or not strict, "dense": one["dense_first_tokens"],
                              "awq": one["awq_first_tokens"]}
     if args.device.startswith("cuda") and one["streams"] == 1:

@@ -17,7 +17,8 @@
 #   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~2 min), then bench the
 #              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
 #              as services/llm_decoder/models/awq_configs.json. Then, with that table (AWQ_CONFIGS), the whole
-#              InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ against bf16 through the engine, 1 and 16 streams (~1 min)
+#              InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ (fp16, as served) against bf16 through the engine, 1
+#              and 16 streams (~1 min)
 #   stack      InternVL2_5-8B at real shapes through the services with Redis: time to first token on a miss and on
 #              a cache hit, split by phase (bench.families; not run by default). Needs what the machine lacks, as
 #              wheels: run `bash bench/device_wheels.sh` here first and carry `.whl` and `internvl`

@@ -220,3 +220,20 @@ def test_weights_fingerprint_tells_checkpoints_with_equal_configs_apart(tiny_che
         cfg = read_model_config(path)
         return weights_fingerprint(load_vision_model(cfg, path, "cpu", torch.float32), checkpoint_id(path))
     assert fingerprint(tiny_checkpoint) == fingerprint(tiny_checkpoint) != fingerprint(other)
+
+
+def test_auto_dtype_serves_an_awq_checkpoint_in_fp16_on_the_gpu(tmp_path):
+    """AWQ checkpoints are fp16 throughout (scales, unquantized parts) and served in fp16, as LMDeploy and vLLM serve
+    them; others in bf16 on the GPU; fp32 on the CPU; an explicit dtype always wins. Only the dtype is resolved here."""
+    import argparse
+    from services.common.weights import open_checkpoint
+    from tools.make_tiny_checkpoint import write_tiny_checkpoint
+    paths = {awq: write_tiny_checkpoint(tmp_path / str(awq), layout="original", awq=awq) for awq in (False, True)}
+
+    def dtype(awq: bool, device: str, name: str = "auto") -> torch.dtype:
+        args = argparse.Namespace(model=str(paths[awq]), device=device, dtype=name, cpu_threads=0)
+        return open_checkpoint(args, parts=("text",))[2]
+
+    assert dtype(True, "cuda") == dtype(True, "cuda:1") == torch.float16
+    assert dtype(False, "cuda") == torch.bfloat16 and dtype(True, "cpu") == dtype(False, "cpu") == torch.float32
+    assert dtype(True, "cuda", "bfloat16") == torch.bfloat16 and dtype(False, "cpu", "float16") == torch.float16

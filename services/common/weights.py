@@ -125,15 +125,22 @@ def weights_fingerprint(module: torch.nn.Module, checkpoint: str) -> str:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     settings.add(parser, "--model", "MODEL", None, "hub id or local checkpoint directory")
     settings.add(parser, "--device", "DEVICE", "cuda" if torch.cuda.is_available() else "cpu", "torch device")
-    settings.add(parser, "--dtype", "DTYPE", "auto", "bfloat16, float16, float32 or auto (bfloat16 on GPU, float32 on CPU)")
+    settings.add(parser, "--dtype", "DTYPE", "auto",
+                 "bfloat16, float16, float32 or auto (on the GPU bfloat16, float16 for AWQ checkpoints; on the CPU "
+                 "float32)")
     settings.add(parser, "--cpu-threads", "CPU_THREADS", 0,
                  "torch's intra-op threads (0 = torch's default, one per core); services sharing a machine's cores "
                  "should split them, or each thread pool spins against the others", int)
 
 
-def torch_dtype(name: str, device: str) -> torch.dtype:
+def torch_dtype(name: str, device: str, awq: bool = False) -> torch.dtype:
+    """The compute dtype `name` means on `device`. An AWQ checkpoint is fp16 throughout (fp16 scales, unquantized
+    parts; LMDeploy, which made InternVL2_5-4B-AWQ, and vLLM serve AWQ in fp16), and its W4A16 kernels dequantize
+    fp16 weights in fp16, with no fp32 round trip (awq_triton.math_dtype)."""
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.float16 if awq else torch.bfloat16
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
@@ -145,4 +152,5 @@ def open_checkpoint(args: argparse.Namespace, parts: tuple[str, ...]) -> tuple[P
     if not args.model:
         raise SystemExit("--model (or MODEL) is required")
     path = resolve_checkpoint(args.model, parts)
-    return path, read_model_config(path), torch_dtype(args.dtype, args.device)
+    cfg = read_model_config(path)
+    return path, cfg, torch_dtype(args.dtype, args.device, awq=bool(cfg.text.awq_group_size))
