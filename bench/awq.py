@@ -38,9 +38,10 @@ GROUP = 128
 
 
 def error_bound(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x @ w^T in float64, the largest error a correct kernel can have per element): products of fp16/bf16 values
-    are exact in fp32, a K-term fp32 sum errs by at most K * 2^-24 * sum|x||w| (2^-22 here: tensor cores truncate),
-    and the output's one rounding by half an ulp."""
+    """(x @ w^T in float64, the largest error a correct kernel can have per element): products round at most once
+    in fp32 (those of two 16-bit values are exact) and a K-term fp32 sum errs by at most K * 2^-24 * sum|x||w|
+    (2^-22 here: tensor cores truncate, and a tile's sums are scaled by their group's scales once more), and the
+    output's one rounding by half an ulp."""
     x, w = x.double(), w.double()
     want = x @ w.t()
     unit = torch.finfo(out_dtype).eps / 2
@@ -48,9 +49,19 @@ def error_bound(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> tup
     return want, unit * want.abs() + (1 + unit) * acc + 2.0 ** -24
 
 
-def check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str) -> float:
-    """Assert `got` equals x @ w^T within `error_bound`; the largest error as a share of its bound."""
-    want, bound = error_bound(x.reshape(-1, x.shape[-1]), w, got.dtype)
+def weight(q: dict, group: int, cfg: at.Config, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] a path computes with for activations of `dtype`: the exact (q - z) * scale (fp32 holds it)
+    for the fused kernels, rounded to `dtype` for the dense path (as awq.dequantize rounds)."""
+    exact = cfg.kernel == "fused"
+    return awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, torch.float32 if exact else dtype)
+
+
+def check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str, w_error: float = 0.0) -> float:
+    """Assert `got` equals x @ w^T within `error_bound`, plus w_error * sum|x||w| where `w` is the kernel's weight
+    with each value off by a relative w_error at most; the largest error as a share of its bound."""
+    x2 = x.reshape(-1, x.shape[-1])
+    want, bound = error_bound(x2, w, got.dtype)
+    bound = bound + w_error * (x2.double().abs() @ w.double().abs().t())
     err = (got.reshape(want.shape).double() - want).abs()
     share = (err / bound).max().item()
     assert got.dtype == x.dtype and share <= 1, f"{what}: max error {err.max().item():.3g} is {share:.2f}x its bound"
@@ -141,7 +152,7 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
             for cfg in candidates(m, n, k, sms):
                 run = lambda cfg=cfg: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg)
                 try:
-                    check(run(), x, dense, f"{name} m={m} {cfg}")
+                    check(run(), x, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}")
                 except AssertionError as e:
                     wrong.append(str(e))
                     print(f"  WRONG {e}", flush=True)
@@ -199,7 +210,7 @@ def main() -> None:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             cfg = at.select(table, device_name, n, k, m)
             run = lambda cfg=cfg: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg)
-            share = check(run(), x, dense, f"{name} m={m} {cfg}")
+            share = check(run(), x, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}")
             row = {"linear": name, "k": k, "n": n, "tokens": m, "path": cfg.path, "config": str(cfg),
                    "error_share": share}
             if not args.smoke:

@@ -7,7 +7,8 @@ dequantized weights are written back into the first. The two are then the same m
 unquantized head and biases (rounded through fp16, as AWQ checkpoints store them), and each dense weight is the AWQ
 weight rounded to the model dtype as the W4A16 kernels round it. What differs is the bytes a step reads and the order
 products are summed in, and on CUDA the dtype: the AWQ model runs in fp16, as the decoder serves an AWQ checkpoint
-(--awq-dtype; its kernels then dequantize in fp16), the dense one in bf16 (--dtype).
+(--awq-dtype), the dense one in bf16 (--dtype); and the fused W4A16 kernels compute with the exact weights, where the
+dense model holds them rounded.
 
 For each stream count (--streams): random prompts of --prompt-len tokens, --new-tokens greedy tokens per stream, EOS
 ignored, both engines on the same prompts after a warm-up; fresh prompts for every run (the prefix cache never serves

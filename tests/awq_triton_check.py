@@ -21,11 +21,12 @@ from tests.triton_compile import compile_for_sm90
 
 
 def _bf16_like_the_gpu() -> None:
-    """The interpreter keeps bf16 as raw uint16: its tl.dot multiplies the bit patterns (triton-lang/triton#11584;
-    bf16 is unsupported there) and its fp32 -> bf16 cast truncates where the GPU rounds to nearest even. Both are
-    routed through torch here, which computes them as the GPU does."""
+    """The interpreter keeps bf16 as raw uint16: its tl.dot and arithmetic work on the bit patterns
+    (triton-lang/triton#11584; bf16 is unsupported there) and its fp32 -> bf16 cast truncates where the GPU rounds
+    to nearest even. These are routed through torch here, which computes them as the GPU does (arithmetic in fp32,
+    rounded back)."""
     builder = interpreter.InterpreterBuilder
-    cast, dot = builder.cast_impl, builder.create_dot
+    cast, dot, sub = builder.cast_impl, builder.create_dot, builder.create_fsub
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
@@ -39,20 +40,32 @@ def _bf16_like_the_gpu() -> None:
         values = torch.from_numpy(np.ascontiguousarray(h.data).view(np.int16)).view(torch.bfloat16).float()
         return interpreter.TensorHandle(values.numpy(), tl.float32)
 
+    def fsub(self, a, b):
+        if a.dtype.scalar != tl.bfloat16:
+            return sub(self, a, b)
+        return cast_impl(self, sub(self, as_fp32(a), as_fp32(b)), tl.bfloat16)
+
     builder.cast_impl = cast_impl
     builder.create_dot = lambda self, a, b, d, *args: dot(self, as_fp32(a), as_fp32(b), d, *args)
+    builder.create_fsub = fsub
 
 
 def run(cfg: at.Config | None, m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0,
         lead: tuple = ()) -> float:
-    """awq_gemm (cfg, or the committed table's pick) against x @ dequantize(...)^T; the error's share of its bound."""
+    """awq_gemm (cfg, or the committed table's pick) against x times the weight its path computes with
+    (bench.weight); the error's share of its bound."""
     g = torch.Generator().manual_seed(seed)
     q = awq.quantize(torch.randn(n, k, generator=g), group)
     x = torch.randn(*lead, m, k, generator=g).to(dtype)
     got = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], group, config=cfg)
     assert got.shape == (*lead, m, n), got.shape
-    w = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype)
-    return bench.check(got, x, w, f"{cfg} m={m} k={k} n={n} group={group} {dtype}")
+    path = cfg or at.pick_config("cpu", n, k, m)
+    what = f"{path} m={m} k={k} n={n} group={group} {dtype}"
+    share = bench.check(got, x, bench.weight(q, group, path, dtype), what)
+    # And so the dequantize path's result, whose weights are rounded to x's dtype, within that rounding.
+    rounded = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype)
+    bench.check(got, x, rounded, f"{what} (dequantize path)", torch.finfo(dtype).eps / 2)
+    return share
 
 
 def paths() -> None:
@@ -81,13 +94,14 @@ def paths() -> None:
     run(at.Config(block=(16, 64, 64), split=2), 3, 128, 64, 64, f16, lead=(2,))
     q = awq.quantize(torch.randn(64, 128), 64)
     x = torch.randn(4, 192).half()[:, :128]
-    w = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], 64, torch.half)
-    bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, at.Config(block=(16, 64, 64))), x, w,
-                "strided x")
+    strided = at.Config(block=(16, 64, 64))
+    bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, strided), x,
+                bench.weight(q, 64, strided, x.dtype), "strided x")
     # The bias is the caller's (awq_matmul adds it to the kernel's output).
     bias = torch.randn(64).half()
     out = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64) + bias
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), rtol=2e-3, atol=2e-3)
+    w = bench.weight(q, 64, at.pick_config("cpu", 64, 128, 4), x.dtype)
+    torch.testing.assert_close(out.double(), x.double() @ w.double().t() + bias.double(), rtol=2e-3, atol=2e-3)
     # Every split-K launch leaves its tile counters at zero for the next one.
     assert not at._counters[torch.device("cpu")][-1].any()
     # The dense path's dequantization equals awq.dequantize bit for bit.
@@ -141,9 +155,6 @@ def compile_sm90() -> None:
     """Every fused config of the committed table (fp16, and bf16 for one-row and split tiles) and the dequantize
     kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the interpreter cannot catch (types,
     layouts, resources) fails here rather than on the GPU."""
-    def math_dtype(dtype: str):  # fp16 scales, as AWQ checkpoints store them
-        return at.math_dtype({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype], torch.float16)
-
     def build(fn, types: dict, constants: dict, **options):
         compile_for_sm90(fn, types, constants, ("N", "K", "group_size", "stride_xm", "stride_om"), **options)
 
@@ -163,12 +174,11 @@ def compile_sm90() -> None:
                          **{name: "i32" for name in ("M", "N", "K", "group_size", "stride_xm", "stride_om")}}
                 constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}), "SPLIT_K": cfg.split,
                              "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2],
-                             "STAGES": cfg.stages, "SLOTS": cfg.slots, "MATH": math_dtype(dtype)}
+                             "STAGES": cfg.stages, "SLOTS": cfg.slots}
                 build(at._awq_gemm, types, constants, num_warps=cfg.warps)
     for dtype in ("fp16", "bf16"):
         build(at._awq_dequant, {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": f"*{dtype}",
-                                "N": "i32", "group_size": "i32"},
-              {"BLOCK_N": 128, "BLOCK_K": 32, "MATH": math_dtype(dtype)})
+                                "N": "i32", "group_size": "i32"}, {"BLOCK_N": 128, "BLOCK_K": 32})
     assert seen
 
 

@@ -135,8 +135,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def torch_dtype(name: str, device: str, awq: bool = False) -> torch.dtype:
     """The compute dtype `name` means on `device`. An AWQ checkpoint is fp16 throughout (fp16 scales, unquantized
-    parts; LMDeploy, which made InternVL2_5-4B-AWQ, and vLLM serve AWQ in fp16), and its W4A16 kernels dequantize
-    fp16 weights in fp16, with no fp32 round trip (awq_triton.math_dtype)."""
+    parts), and LMDeploy, which made InternVL2_5-4B-AWQ, and vLLM serve AWQ in fp16."""
     if name == "auto":
         if not device.startswith("cuda"):
             return torch.float32

@@ -1,7 +1,11 @@
 """W4A16 GEMM over AWQ-packed weights in Triton: nibbles are unpacked in registers, so weights stream at 4 bits.
 
-out[M, N] = x[M, K] @ W^T with W[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group, n], each weight rounded to
-x's dtype (as `awq.dequantize` does) and products accumulated in fp32.
+out[M, N] = x[M, K] @ W^T with W[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group, n], products accumulated
+in fp32. The fused kernels compute with the exact weights: a GEMV multiplies x by (q - z) * scale in fp32, a tl.dot
+tile multiplies x by q - z (small integers, exact in x's dtype) and applies the group's scales to the fp32 sums; so
+no weight is rounded to x's dtype nor converted from fp32 to it (12-24 % fewer sm_90 instructions per loop
+iteration than rounding each weight, the configs of the table in fp16 and bf16). The dense path rounds each weight to
+x's dtype, as `awq.dequantize` does.
 
 `awq_gemm` picks one of three paths per (device, N, K, M) from the committed table awq_configs.json (written by
 `python -m bench.awq --tune` on the GPU; no autotuning at serving time; the environment variable AWQ_CONFIGS names
@@ -30,30 +34,30 @@ CONFIGS = Path(__file__).with_name("awq_configs.json")  # the committed table
 
 
 @triton.jit
-def _nibbles(words, shifts, math: tl.constexpr):
-    """The nibbles at bit offsets `shifts` of `words`, in `math`, each plus a power of two: a nibble v or-ed into the
-    bits of fp32 2^23 (fp16 1024) reads as 2^23 + v (1024 + v): an integer-to-float conversion (a quarter-rate
-    instruction) for the price of a bitwise or. Differences of two are exact. (The mask drops the sign bits an
-    arithmetic shift brings in.)"""
+def _nibbles(words, shifts, dtype: tl.constexpr):
+    """The nibbles at bit offsets `shifts` of `words`, in `dtype` (fp32, fp16 or bf16), each plus a power of two: a
+    nibble v or-ed into the bits of 2^23 (fp32), 1024 (fp16) or 128 (bf16) reads as that number + v, an
+    integer-to-float conversion (a quarter-rate instruction) for the price of a bitwise or. Differences of two are
+    exact. (The mask drops the sign bits an arithmetic shift brings in.)"""
     v = (words >> shifts) & 0xF
-    if math == tl.float16:  # static: one return type per compiled kernel
-        out = (v | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    else:
+    if dtype == tl.float32:  # static: one return type per compiled kernel
         out = (v | 0x4B000000).to(tl.float32, bitcast=True)
+    else:
+        out = (v | (0x6400 if dtype == tl.float16 else 0x4300)).to(tl.int16).to(dtype, bitcast=True)
     return out
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, dtype: tl.constexpr, MATH: tl.constexpr):
-    """W^T rows k0..k0+BLOCK_K, columns offs_n, in `dtype`: [BLOCK_K, BLOCK_N], computed in MATH (`math_dtype`).
-    The rows lie in one group."""
-    w_ok, n_ok = offs_w < N // 8, offs_n < N
+def _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          dtype: tl.constexpr):
+    """q - z of W^T rows k0..k0+BLOCK_K, columns offs_n: [BLOCK_K, BLOCK_N] small integers, exact in `dtype`; and the
+    [BLOCK_N] scales of their group (the rows lie in one)."""
+    w_ok = offs_w < N // 8
     offs_k = k0 + tl.arange(0, BLOCK_K)
     words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
     g = k0 // group_size
     zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
-    scales = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+    scales = tl.load(sc_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
     # Each packed word is read once and repeated 8 times in registers; channel j of a word sits in nibble slot
     # j // 2 + 4 * (j % 2) (AWQ's order 0, 2, 4, 6, 1, 3, 5, 7).
     for _ in tl.static_range(3):
@@ -61,14 +65,12 @@ def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLO
         zeros = tl.interleave(zeros, zeros)
     j = tl.arange(0, BLOCK_N) % 8
     shifts = (j // 2 + (j % 2) * 4) * 4
-    q, z = _nibbles(words, shifts[None, :], MATH), _nibbles(zeros, shifts, MATH)
-    # (q - z) * scale: exact in fp32, then one rounding to `dtype`; in fp16, the product's own rounding.
-    return ((q - z[None, :]) * scales.to(MATH)[None, :]).to(dtype)
+    return _nibbles(words, shifts[None, :], dtype) - _nibbles(zeros, shifts, dtype)[None, :], scales
 
 
 @triton.jit
 def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo, kb_hi, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr, MATH: tl.constexpr):
+                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     """One token's sums over K blocks kb_lo..kb_hi for the columns of words offs_w, unpacked nibble slot by nibble
     slot: the words [BLOCK_K, BLOCK_N // 8] broadcast to [BLOCK_K, 8, BLOCK_N // 8] and shifted per slot, where the
     interleaved tile repeats each word 8 times along the columns first. Returns the [BLOCK_N] sums and their columns,
@@ -85,19 +87,18 @@ def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo, k
         words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
         g = k0 // group_size
         zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
-        scales = tl.load(sc_ptr + g * N + cols, mask=w_ok[None, :], other=0.0).to(MATH)
-        # The same conversion, math and single rounding as _dequant_tile.
-        q = _nibbles(words[:, None, :], shifts[None, :, None], MATH)
-        z = _nibbles(zeros[None, :], shifts[:, None], MATH)
-        w = ((q - z[None, :, :]) * scales[None, :, :]).to(x.dtype)
-        acc += x.to(tl.float32)[:, None, None] * w.to(tl.float32)
+        scales = tl.load(sc_ptr + g * N + cols, mask=w_ok[None, :], other=0.0).to(tl.float32)
+        # Exact weights, as the interleaved GEMV's.
+        q = _nibbles(words[:, None, :], shifts[None, :, None], tl.float32)
+        z = _nibbles(zeros[None, :], shifts[:, None], tl.float32)
+        acc += x.to(tl.float32)[:, None, None] * ((q - z[None, :, :]) * scales[None, :, :])
     return tl.reshape(tl.sum(acc, 0), (BLOCK_N,)), tl.reshape(cols, (BLOCK_N,))
 
 
 @triton.jit(do_not_specialize=["M"])  # M varies per step: one compiled kernel per config, not per token count
 def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm, stride_om,
               SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              STAGES: tl.constexpr, SLOTS: tl.constexpr, MATH: tl.constexpr):
+              STAGES: tl.constexpr, SLOTS: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,7 +110,7 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
     kb_hi = (pid_k + 1) * k_blocks // SPLIT_K
     if SLOTS:  # one token, unpacked slot by slot: the tile's columns come back in slot order, and are stored so
         y, offs_n = _gemv_by_slot(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo,
-                                  kb_hi, BLOCK_N, BLOCK_K, STAGES, MATH)
+                                  kb_hi, BLOCK_N, BLOCK_K, STAGES)
         acc = tl.reshape(y, (1, BLOCK_N))
     else:
         # GEMV keeps a [BLOCK_K, BLOCK_N] fp32 accumulator and reduces over K once, after the loop.
@@ -119,12 +120,15 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
             k0 = kb * BLOCK_K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :],
                         mask=m_ok[:, None], other=0.0)
-            w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K, x.dtype,
-                              MATH)
+            # One token: x times the exact weights (q - z) * scale, in fp32. Tiles: x times q - z (exact in x's
+            # dtype) on the tensor cores, the group's scales applied to the fp32 sums.
+            qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K,
+                               tl.float32 if BLOCK_M == 1 else x.dtype)
+            scales = scales.to(tl.float32)[None, :]
             if BLOCK_M == 1:
-                acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * w.to(tl.float32)
+                acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * (qz * scales)
             else:
-                acc = tl.dot(x, w, acc)
+                acc += tl.dot(x, qz) * scales
         if BLOCK_M == 1:
             acc = tl.reshape(tl.sum(acc, 0), (1, BLOCK_N))
     n_ok = offs_n < N
@@ -150,14 +154,14 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
 
 
 @triton.jit
-def _awq_dequant(qw_ptr, qz_ptr, sc_ptr, w_ptr, N, group_size, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 MATH: tl.constexpr):
-    """W^T [K, N] in w's dtype, one [BLOCK_K, BLOCK_N] tile per program."""
+def _awq_dequant(qw_ptr, qz_ptr, sc_ptr, w_ptr, N, group_size, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W^T [K, N] in w's dtype, one [BLOCK_K, BLOCK_N] tile per program: (q - z) * scale, exact in fp32, rounded
+    once, as awq.dequantize rounds."""
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K,
-                      w_ptr.dtype.element_ty, MATH)
+    qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K, tl.float32)
+    w = (qz * scales.to(tl.float32)[None, :]).to(w_ptr.dtype.element_ty)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_n < N)[None, :])
 
@@ -250,14 +254,6 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buffers[-1]
 
 
-def math_dtype(dtype: torch.dtype, scales: torch.dtype):
-    """What the kernels dequantize in for weights of `dtype`: fp16 for fp16 weights with fp16 scales (an AWQ
-    checkpoint served in fp16, as `--dtype auto` serves one), since (q - z) is then a small exact integer whose
-    product with the scale rounds once, as awq.dequantize's does, and no weight goes through fp32; fp32 otherwise,
-    rounded to `dtype` at the end."""
-    return tl.float16 if dtype == scales == torch.float16 else tl.float32
-
-
 def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """W^T [K, N] in `dtype` (the transpose of awq.dequantize's result, bit for bit)."""
@@ -265,7 +261,7 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     w = torch.empty(k, n, dtype=dtype, device=qweight.device)
     block_k = math.gcd(32, group_size)
     _awq_dequant[(k // block_k, triton.cdiv(n, 128))](qweight, qzeros, scales, w, n, group_size, BLOCK_N=128,
-                                                       BLOCK_K=block_k, MATH=math_dtype(dtype, scales.dtype))
+                                                       BLOCK_K=block_k)
     return w
 
 
@@ -295,5 +291,5 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         counters = _tile_counters(x.device, grid[0] * grid[2])
     _awq_gemm[grid](x2, qweight, qzeros, scales, out, ws, counters, m, n, k, group_size, x2.stride(0), out.stride(0),
                     SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=config.stages,
-                    SLOTS=config.slots, MATH=math_dtype(x.dtype, scales.dtype), num_warps=config.warps)
+                    SLOTS=config.slots, num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)
