@@ -110,10 +110,10 @@ def run(args) -> dict:
               "tiles_s": args.batch / timed(lambda: hf_fn(args.batch), device, args.repeat),
               "image_ms": timed(lambda: hf_fn(args.image_tiles), device, args.repeat) * 1e3,
               "one_tile_ms": timed(lambda: hf_fn(1), device, args.repeat) * 1e3}
-    rows = [hf_row]
+    rows, runners = [hf_row], {}
     for variant in args.variants:
         try:
-            row = measure_variant(variant, ours, tiles, on_device, args)
+            row, runners[variant] = measure_variant(variant, ours, tiles, on_device, args)
         except Exception as e:  # a variant that fails on this device is reported; the others still run
             if args.smoke:
                 raise
@@ -124,15 +124,18 @@ def run(args) -> dict:
         row["latency_ratio"] = hf_row["image_ms"] / row["image_ms"]
         row["share_of_limit"] = row["tiles_s"] * flops / (args.peak_tflops * 1e12)
         rows.append(row)
-    eager = VisionRunner(ours, device, args.batch)  # made (and warmed up) outside the profiled batch
+    # Eager's kernels say what each op costs; compiled ones, what the service runs by default (inductor's fusions).
+    profiles = {variant: kernel_profile(lambda: runners[variant].run(on_device), device)
+                for variant in ("eager", "compile") if variant in runners}
     return {"rows": rows, "batch": args.batch, "image_tiles": args.image_tiles, "tile_gflop": flops / 1e9,
             "matmul_limit_tiles_s": args.peak_tflops * 1e12 / flops, "max_abs_value": want.abs().max().item(),
-            "profile": kernel_profile(lambda: eager.run(on_device), device)}
+            "profiles": {variant: text for variant, text in profiles.items() if text}}
 
 
-def measure_variant(variant: str, model, tiles: torch.Tensor, on_device: torch.Tensor, args) -> dict:
+def measure_variant(variant: str, model, tiles: torch.Tensor, on_device: torch.Tensor,
+                    args) -> tuple[dict, VisionRunner]:
     """Set-up time (capture, compilation), tiles/s at the batch, latency of the image and of one tile, the same image
-    through TileBatcher, and the image's embeddings."""
+    through TileBatcher, and the image's embeddings; and the runner (warm, for a kernel profile)."""
     device, image = args.device, on_device[:args.image_tiles]
     start = time.perf_counter()
     runner = VisionRunner(model, device, args.batch, graph_tiles=args.batch if variant == "graphs" else 0,
@@ -145,7 +148,7 @@ def measure_variant(variant: str, model, tiles: torch.Tensor, on_device: torch.T
             "image_ms": timed(lambda: runner.run(image), device, args.repeat) * 1e3,
             "one_tile_ms": timed(lambda: runner.run(on_device[:1]), device, args.repeat) * 1e3,
             "service_image_ms": asyncio.run(through_batcher(runner, tiles[:args.image_tiles], args.repeat)) * 1e3,
-            "output": runner.run(image)}
+            "output": runner.run(image)}, runner
 
 
 async def through_batcher(runner: VisionRunner, image: torch.Tensor, repeat: int) -> float:
@@ -163,7 +166,7 @@ async def through_batcher(runner: VisionRunner, image: torch.Tensor, repeat: int
 
 
 def kernel_profile(fn, device: str, top: int = 12) -> str:
-    """The eager batch's most expensive operators on the device (where a GPU run says the time goes)."""
+    """A batch's most expensive kernels on the device (where a GPU run says the time goes)."""
     if not device.startswith("cuda"):
         return ""
     from torch.profiler import ProfilerActivity, profile
@@ -171,7 +174,7 @@ def kernel_profile(fn, device: str, top: int = 12) -> str:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync(device)
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=90)
 
 
 def report(result: dict) -> str:
@@ -200,8 +203,8 @@ def report(result: dict) -> str:
               "Matmul limit: "
               f"{r['tile_gflop']:.1f} GFLOP per tile at {m['peak_tflops']:g} TFLOP/s = "
               f"{r['matmul_limit_tiles_s']:.0f} tiles/s."]
-    if r["profile"]:
-        lines += ["", "Where the eager batch's device time goes:", "", "```", r["profile"], "```"]
+    for variant, text in r["profiles"].items():
+        lines += ["", f"Where the {variant} batch's device time goes:", "", "```", text, "```"]
     return "\n".join(lines) + "\n"
 
 
