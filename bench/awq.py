@@ -98,7 +98,9 @@ def wall_ms(fn) -> float:
 def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
     """A few tiles per token range; for each, splits of K around the count that gives every SM a program."""
     if m == 1:
-        tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (16, 64, 128, 4, 3)]
+        # Wide one-token tiles read a k row's words as 128- and 256-byte runs (a 64-column tile reads 32 bytes of
+        # each row): longer runs for the memory system, for the same registers (fewer rows per step).
+        tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (1, 256, 32, 4, 3), (1, 512, 16, 4, 3), (16, 64, 128, 4, 3)]
     elif m <= 16:
         tiles = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3)]
     elif m <= 64:

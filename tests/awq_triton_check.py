@@ -80,6 +80,8 @@ def paths() -> None:
         (at.Config(block=(1, 64, 64), unpack="slots"), 1, 256, 136, 128, f16),       # slots: words past N masked
         (at.Config(block=(1, 128, 64), split=3, unpack="slots"), 1, 256, 136, 64, b16),
         (at.Config(block=(1, 64, 128), split=4, unpack="slots"), 1, 512, 72, 128, f16),
+        (at.Config(block=(1, 512, 16), split=3), 1, 256, 136, 64, b16),      # wide tiles: most columns masked
+        (at.Config(block=(1, 256, 32), unpack="slots"), 1, 256, 264, 128, f16),
         (at.Config(block=(16, 64, 128), split=4), 5, 512, 136, 128, f16),
         (at.Config(block=(16, 128, 128), split=2), 16, 256, 136, 64, b16),     # BLOCK_K 128 cut to the group's 64
         (at.Config(block=(32, 64, 64), split=1), 33, 256, 264, 128, f16),
@@ -160,7 +162,7 @@ def compile_sm90() -> None:
 
     seen = set()
     tables = at.parse_table(json.loads(at.CONFIGS.read_text())).values()
-    gemvs = [c for c in bench.candidates(1, 2560, 2048, 132) if c.slots]  # candidates the table may not hold yet
+    gemvs = bench.candidates(1, 2560, 2048, 132)  # one-token candidates the table may not hold yet
     for configs in [c for shapes in tables for _, _, c in shapes] + [gemvs]:
         for cfg in (c for c in configs if c.kernel == "fused"):
             for dtype in ("fp16", "bf16") if cfg.block[0] == 1 or cfg.split > 1 else ("fp16",):
