@@ -5,7 +5,7 @@ on the device (bench.decoder's spread). Every linear of its decoder layers is qu
 uint4, --group-size 128, fp16 scales) into a second model of the same config built with AWQ linears, and the
 dequantized weights are written back into the first. The two are then the same model: equal embedding table, norms,
 unquantized head and biases (rounded through fp16, as AWQ checkpoints store them), and each dense weight is the AWQ
-weight rounded to the model dtype as the W4A16 kernels round it. What differs is the bytes a step reads and the order
+weight rounded once to the model dtype (awq.dequantize's rounding). What differs is the bytes a step reads and the order
 products are summed in, and on CUDA the dtype: the AWQ model runs in fp16, as the decoder serves an AWQ checkpoint
 (--awq-dtype), the dense one in bf16 (--dtype); and the fused W4A16 kernels compute with the exact weights, where the
 dense model holds them rounded.
@@ -72,7 +72,7 @@ def quantize_into(dense: torch.nn.Module, quant: torch.nn.Module, group_size: in
         deq = awq.dequantize(packed["qweight"], packed["qzeros"], packed["scales"], group_size, torch.float32)
         err += (deq - src.weight.float()).square().sum().item()
         norm += src.weight.float().square().sum().item()
-        src.weight.copy_(deq)  # one rounding from the exact fp32 value: what dequantize(..., dtype) and the kernels do
+        src.weight.copy_(deq)  # one rounding from the exact fp32 value, as dequantize(..., dtype) rounds
         if layer.bias is not None:
             layer.bias.copy_(src.bias)
             src.bias.copy_(layer.bias)
