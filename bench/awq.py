@@ -56,12 +56,16 @@ def weight(q: dict, group: int, cfg: at.Config, dtype: torch.dtype) -> torch.Ten
     return awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, torch.float32 if exact else dtype)
 
 
-def check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str, w_error: float = 0.0) -> float:
-    """Assert `got` equals x @ w^T within `error_bound`, plus w_error * sum|x||w| where `w` is the kernel's weight
-    with each value off by a relative w_error at most; the largest error as a share of its bound."""
+def check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str, w_error: float = 0.0,
+          bias: torch.Tensor | None = None) -> float:
+    """Assert `got` equals x @ w^T (+ bias) within `error_bound`, plus w_error * sum|x||w| where `w` is the kernel's
+    weight with each value off by a relative w_error at most (a bias adds its own share to the output's rounding);
+    the largest error as a share of its bound."""
     x2 = x.reshape(-1, x.shape[-1])
     want, bound = error_bound(x2, w, got.dtype)
     bound = bound + w_error * (x2.double().abs() @ w.double().abs().t())
+    if bias is not None:
+        want, bound = want + bias.double(), bound + torch.finfo(got.dtype).eps * bias.double().abs()
     err = (got.reshape(want.shape).double() - want).abs()
     share = (err / bound).max().item()
     assert got.dtype == x.dtype and share <= 1, f"{what}: max error {err.max().item():.3g} is {share:.2f}x its bound"

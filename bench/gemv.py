@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 
 from bench import kernel_args, kernel_report
-from bench.awq import error_bound, timed, wall_ms
+from bench.awq import check, timed, wall_ms
 from bench.decoder import SHAPES
 from services.common import gemv as gv
 from services.common.kernel_tables import device_class, table_file
@@ -44,15 +44,6 @@ def served_shapes() -> list[tuple[str, int, int]]:
 
 # Odd sizes: rows that do not fill a tile, K that does not fill a step, and a bias.
 SMOKE_SHAPES = [("tiny", 96, 72), ("tiny_k", 200, 40)]
-
-
-def verify(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
-    """got == x @ w^T (+ bias) within error_bound (the bias adds its own share to the output's rounding)."""
-    want, bound = error_bound(x, w, got.dtype)
-    if bias is not None:
-        want, bound = want + bias.double(), bound + torch.finfo(got.dtype).eps * bias.double().abs()
-    err = (got.double().reshape(want.shape) - want).abs()
-    assert got.dtype == x.dtype and (err <= bound).all(), f"{what}: max error {err.max().item():.3g} over its bound"
 
 
 def candidates(smoke: bool) -> list[gv.Config]:
@@ -87,7 +78,7 @@ def main() -> None:
                     continue
                 run = lambda cfg=cfg: gv.gemv(x, w, bias, cfg)  # noqa: E731
                 try:
-                    verify(run(), x, w, bias, f"{name} {dtype} {cfg}")
+                    check(run(), x, w, f"{name} {dtype} {cfg}", bias=bias)
                 except AssertionError as e:
                     wrong.append(str(e))
                     print(f"  WRONG {e}", flush=True)

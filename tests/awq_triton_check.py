@@ -51,20 +51,21 @@ def _bf16_like_the_gpu() -> None:
 
 
 def run(cfg: at.Config | None, m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0,
-        lead: tuple = ()) -> float:
-    """awq_gemm (cfg, or the committed table's pick) against x times the weight its path computes with
-    (bench.weight); the error's share of its bound."""
+        lead: tuple = (), bias: bool = False) -> float:
+    """awq_gemm (cfg, or the committed table's pick; with an fp16 bias, as AWQ checkpoints store it) against x
+    times the weight its path computes with (bench.weight); the error's share of its bound."""
     g = torch.Generator().manual_seed(seed)
     q = awq.quantize(torch.randn(n, k, generator=g), group)
     x = torch.randn(*lead, m, k, generator=g).to(dtype)
-    got = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], group, config=cfg)
+    b = torch.randn(n, generator=g).half() if bias else None
+    got = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], group, config=cfg, bias=b)
     assert got.shape == (*lead, m, n), got.shape
     path = cfg or at.pick_config("cpu", n, k, m)
-    what = f"{path} m={m} k={k} n={n} group={group} {dtype}"
-    share = bench.check(got, x, bench.weight(q, group, path, dtype), what)
+    what = f"{path} m={m} k={k} n={n} group={group} {dtype}" + " bias" * bias
+    share = bench.check(got, x, bench.weight(q, group, path, dtype), what, bias=b)
     # And so the dequantize path's result, whose weights are rounded to x's dtype, within that rounding.
     rounded = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype)
-    bench.check(got, x, rounded, f"{what} (dequantize path)", torch.finfo(dtype).eps / 2)
+    bench.check(got, x, rounded, f"{what} (dequantize path)", torch.finfo(dtype).eps / 2, bias=b)
     return share
 
 
@@ -99,11 +100,11 @@ def paths() -> None:
     strided = at.Config(block=(16, 64, 64))
     bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, strided), x,
                 bench.weight(q, 64, strided, x.dtype), "strided x")
-    # The bias is the caller's (awq_matmul adds it to the kernel's output).
-    bias = torch.randn(64).half()
-    out = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64) + bias
-    w = bench.weight(q, 64, at.pick_config("cpu", 64, 128, 4), x.dtype)
-    torch.testing.assert_close(out.double(), x.double() @ w.double().t() + bias.double(), rtol=2e-3, atol=2e-3)
+    # A bias is added in every path's epilogue (split or not, one row, slots, tiles, dense), in either dtype.
+    for i, cfg in enumerate([at.Config(block=(1, 128, 64), split=3), at.Config(block=(1, 64, 64), unpack="slots"),
+                             at.Config(block=(16, 64, 128), split=4), at.Config(block=(32, 64, 64)),
+                             at.Config(kernel="dense")]):
+        run(cfg, 1 if cfg.block[0] == 1 else 20, 256, 136, 64, (f16, b16)[i % 2], bias=True)
     # Every split-K launch leaves its tile counters at zero for the next one.
     assert not at._counters[torch.device("cpu")][-1].any()
     # The dense path's dequantization equals awq.dequantize bit for bit.
@@ -154,9 +155,9 @@ def tune() -> None:
 
 
 def compile_sm90() -> None:
-    """Every fused config of the committed table (fp16, and bf16 for one-row and split tiles) and the dequantize
-    kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the interpreter cannot catch (types,
-    layouts, resources) fails here rather than on the GPU."""
+    """Every fused config of the committed table (fp16 with a bias, and bf16 for one-row and split tiles) and the
+    dequantize kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the interpreter cannot catch
+    (types, layouts, resources) fails here rather than on the GPU."""
     def build(fn, types: dict, constants: dict, **options):
         compile_for_sm90(fn, types, constants, ("N", "K", "group_size", "stride_xm", "stride_om"), **options)
 
@@ -171,10 +172,13 @@ def compile_sm90() -> None:
                     continue
                 seen.add(key)
                 split = cfg.split > 1
+                bias = dtype == "fp16"  # fp16 with a bias (Qwen2's q/k/v), bf16 without
                 types = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16",
+                         **({"b_ptr": "*fp16"} if bias else {}),
                          "out_ptr": f"*{dtype}", **({"ws_ptr": "*fp32", "count_ptr": "*i32"} if split else {}),
                          **{name: "i32" for name in ("M", "N", "K", "group_size", "stride_xm", "stride_om")}}
-                constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}), "SPLIT_K": cfg.split,
+                constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}),
+                             **({} if bias else {"b_ptr": None}), "HAS_BIAS": bias, "SPLIT_K": cfg.split,
                              "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2],
                              "STAGES": cfg.stages, "SLOTS": cfg.slots}
                 build(at._awq_gemm, types, constants, num_warps=cfg.warps)

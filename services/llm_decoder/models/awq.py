@@ -78,11 +78,10 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) with W kept packed (GPU memory stays at 4 bits per weight; large prefills
     dequantize a transient copy, see awq_triton)."""
-    bias = None if bias is None else bias.to(x.dtype)
     if awq_gemm is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        out = awq_gemm(x, qweight, qzeros, scales, group_size)
-        return out if bias is None else out + bias
+        return awq_gemm(x, qweight, qzeros, scales, group_size, bias=bias)  # the bias added in the kernel
     # No Triton (or fp32 activations): dequantize per call, still without keeping a dense copy.
+    bias = None if bias is None else bias.to(x.dtype)
     return F.linear(x, dequantize(qweight, qzeros, scales, group_size, x.dtype), bias)
 
 

@@ -96,9 +96,9 @@ def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo, k
 
 
 @triton.jit(do_not_specialize=["M"])  # M varies per step: one compiled kernel per config, not per token count
-def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm, stride_om,
-              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              STAGES: tl.constexpr, SLOTS: tl.constexpr):
+def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm,
+              stride_om, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              STAGES: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,11 +132,13 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
         if BLOCK_M == 1:
             acc = tl.reshape(tl.sum(acc, 0), (1, BLOCK_N))
     n_ok = offs_n < N
+    # The bias (q/k/v of Qwen2) is added in fp32 before the output's one rounding: no kernel of its own per call.
+    bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :] if HAS_BIAS else 0.0
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, (acc + bias).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # Partials go to ws[split, M, N]; the last of the tile's SPLIT_K programs to arrive adds them up in split
         # order (deterministic), writes the output and resets the tile's counter for the next launch.
@@ -149,7 +151,7 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
             for s in range(SPLIT_K):
                 total += tl.load(ws_ptr + (s * M + offs_m)[:, None] * N + offs_n[None, :], mask=mask, other=0.0,
                                  cache_modifier=".cg")
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptrs, (total + bias).to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
@@ -266,8 +268,9 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-             config: Config | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16) times the packed weight -> [..., N] in x's dtype; `config` overrides the table."""
+             config: Config | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (fp16/bf16) times the packed weight, plus `bias` [N] if given -> [..., N] in x's dtype; `config`
+    overrides the table."""
     k, n = qweight.shape[0], scales.shape[1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -276,7 +279,8 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     if config is None:
         config = pick_config(kernel_tables.device_name(x.device), n, k, m)
     if config.kernel == "dense":
-        out = x2 @ dequantize_triton(qweight, qzeros, scales, group_size, x.dtype)
+        w = dequantize_triton(qweight, qzeros, scales, group_size, x.dtype)
+        out = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.reshape(*x.shape[:-1], n)
     block_m, block_n, block_k = config.block
     if config.slots and block_m != 1:
@@ -289,7 +293,7 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     if split > 1:
         ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         counters = _tile_counters(x.device, grid[0] * grid[2])
-    _awq_gemm[grid](x2, qweight, qzeros, scales, out, ws, counters, m, n, k, group_size, x2.stride(0), out.stride(0),
-                    SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=config.stages,
-                    SLOTS=config.slots, num_warps=config.warps)
+    _awq_gemm[grid](x2, qweight, qzeros, scales, bias, out, ws, counters, m, n, k, group_size, x2.stride(0),
+                    out.stride(0), SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                    STAGES=config.stages, SLOTS=config.slots, HAS_BIAS=bias is not None, num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)
