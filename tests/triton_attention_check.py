@@ -1,14 +1,17 @@
 """The Triton paged attention against per-sequence SDPA over the gathered context.
 
 `python -m tests.triton_attention_check cuda` runs it compiled on a GPU (bf16 and real 7B shapes too);
-tests/test_triton_attention.py runs it on the CPU in Triton's interpreter.
+tests/test_triton_attention.py runs it on the CPU in Triton's interpreter, and compiled for sm_90 without a GPU
+(`python -m tests.triton_attention_check compile`).
 """
 import sys
 
 import torch
 import torch.nn.functional as F
+import triton
 
-from services.llm_decoder.engine.triton_attention import paged_attention
+from services.llm_decoder.engine.triton_attention import _attn, _merge, paged_attention
+from tests.triton_compile import compile_for_sm90
 
 
 
@@ -90,5 +93,32 @@ def main(device: str) -> None:
     print("ok")
 
 
+def compile_sm90() -> None:
+    """Both kernels as the served models launch them (paged_attention's tiles), compiled for sm_90 (H100/H200):
+    decode (split or not) and prefill tiles of InternLM2.5-7B (32 heads over 8, d 128, bf16) and Qwen2.5-0.5B (14 over
+    2, d 64), and the fp32 one at 0.5B shapes in IEEE precision."""
+    strides = ("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh",
+               "stride_ot", "stride_oh", "stride_os")  # num_seqs and stride_bt: not specialized (see _attn)
+    for heads, kv_heads, d, dtype in ((32, 8, 128, "bf16"), (14, 2, 64, "bf16"), (14, 2, 64, "fp32")):
+        group = heads // kv_heads
+        for decode, splits in ((True, 16), (True, 1), (False, 1)):
+            block_m = max(16 if decode else 64, triton.next_power_of_2(group))
+            part = "fp32" if splits > 1 else dtype
+            types = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{part}",
+                     "m_ptr": f"*{part}", "l_ptr": f"*{part}", "cu_q_ptr": "*i32", "ctx_ptr": "*i32", "bt_ptr": "*i32",
+                     "qk_scale": "fp32", "num_seqs": "i32", "stride_bt": "i32", **{name: "i32" for name in strides}}
+            constants = {"GROUP": group, "BLOCK_Q": block_m // group, "BLOCK_M": block_m, "BLOCK_N": 64, "PAGE": 16,
+                         "HEAD_DIM": d, "HEAD_PAD": triton.next_power_of_2(d), "SPLITS": splits,
+                         "PRECISION": "ieee" if dtype == "fp32" else None}
+            compile_for_sm90(_attn, types, constants, strides, num_warps=4, num_stages=2)
+            if splits > 1:
+                compile_for_sm90(_merge, {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+                                          "out_ptr": f"*{dtype}", "stride_ot": "i32", "stride_oh": "i32"},
+                                 {"SPLITS": splits, "HEAD_DIM": d, "HEAD_PAD": triton.next_power_of_2(d)},
+                                 ("stride_ot", "stride_oh"))
+    print("ok")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    mode = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    compile_sm90() if mode == "compile" else main(mode)

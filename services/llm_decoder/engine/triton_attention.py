@@ -11,7 +11,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The number of sequences and the block tables' row stride (the step's widest table) change from step to step:
+# specialized (Triton's default for integers: == 1, divisible by 16), each new value class would compile the kernel
+# again on first use, a stall of the whole batch in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _attn(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_scale, num_seqs,
           stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
           stride_ot, stride_oh, stride_os, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
