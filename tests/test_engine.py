@@ -383,6 +383,7 @@ def test_warm_up_leaves_no_trace(lm, cfg, overlap):
     eng.runner.launch = lambda batch, prev=None: (launched.append(batch), original(batch, prev))[1]
     eng.warm_up(cfg.text.vocab_size)
     assert any(len(b) > 1 and any(n > 1 for _, n in b) for b in launched)  # a prompt beside decodes
+    assert max(sum(n for _, n in b) for b in launched) == 512  # a step past AWQ's fused sizes
     assert not eng.has_work() and eng.computed_tokens == eng.scheduler.cached_tokens == 0
     assert len(eng.blocks.free) == len(eng.blocks.blocks) and not eng.blocks.cached
     assert all(b.hash is None and b.ref == 0 for b in eng.blocks.blocks)

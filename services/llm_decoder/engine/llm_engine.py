@@ -81,13 +81,17 @@ class LLMEngine:
     def warm_up(self, vocab_size: int) -> None:
         """Before serving (the loop not started): the kinds of steps serving meets, so that no request pays a kernel's
         first-use compile (Triton compiles a kernel per batch-size class, one sequence or several, and per split
-        count; torch.compile per token-count class): a prompt alone, then prompts of several lengths arriving while
-        others decode, with sampling, penalties and log-probabilities. Leaves no sequence, cached block or count."""
+        count; torch.compile per token-count class): a long prompt alone (up to 512 tokens: steps that large take
+        other kernels, e.g. AWQ dequantizes its weights above 256 tokens), then prompts of several lengths arriving
+        while others decode, with sampling, penalties and log-probabilities. Leaves no sequence, cached block or
+        count."""
         size = self.blocks.block_size
         prompt = lambda i, n: [(7 * i + j) % (vocab_size - 1) + 1 for j in range(n)]  # noqa: E731
+        room = (min(self.runner.max_blocks, len(self.blocks.blocks) // 2) - 1) * size
+        longest = max(2 * size + 1, min(512, self.scheduler.max_batched_tokens, room))
         sampled = [SamplingParams(4), SamplingParams(4, temperature=0.8, top_p=0.9, top_k=20, seed=0),
                    SamplingParams(4, repetition_penalty=1.1, logprobs=2)]
-        waves = [[Sequence("warm-up-0", prompt(0, 2 * size + 1), SamplingParams(4))],
+        waves = [[Sequence("warm-up-0", prompt(0, longest), SamplingParams(4))],
                  [Sequence(f"warm-up-{i}", prompt(i, size + 3 * i), p) for i, p in enumerate(sampled, 1)],
                  [Sequence(f"warm-up-{i}", prompt(i, 5 + i), SamplingParams(2)) for i in (4, 5)]]
         for wave in waves:
