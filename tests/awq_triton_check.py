@@ -17,7 +17,7 @@ from triton.runtime import interpreter
 from bench import awq as bench
 from services.llm_decoder.models import awq
 from services.llm_decoder.models import awq_triton as at
-from tests.triton_compile import compile_for_sm90
+from bench.sass import compile_awq, compile_for_sm90
 
 
 def _bf16_like_the_gpu() -> None:
@@ -158,9 +158,6 @@ def compile_sm90() -> None:
     """Every fused config of the committed table (fp16 with a bias, and bf16 for one-row and split tiles) and the
     dequantize kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the interpreter cannot catch
     (types, layouts, resources) fails here rather than on the GPU."""
-    def build(fn, types: dict, constants: dict, **options):
-        compile_for_sm90(fn, types, constants, ("N", "K", "group_size", "stride_xm", "stride_om"), **options)
-
     seen = set()
     tables = at.parse_table(json.loads(at.CONFIGS.read_text())).values()
     gemvs = bench.candidates(1, 2560, 2048, 132)  # one-token candidates the table may not hold yet
@@ -168,25 +165,14 @@ def compile_sm90() -> None:
         for cfg in (c for c in configs if c.kernel == "fused"):
             for dtype in ("fp16", "bf16") if cfg.block[0] == 1 or cfg.split > 1 else ("fp16",):
                 key = (cfg.block, cfg.split, cfg.warps, cfg.stages, cfg.slots, dtype)
-                if key in seen:
-                    continue
-                seen.add(key)
-                split = cfg.split > 1
-                bias = dtype == "fp16"  # fp16 with a bias (Qwen2's q/k/v), bf16 without
-                types = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16",
-                         **({"b_ptr": "*fp16"} if bias else {}),
-                         "out_ptr": f"*{dtype}", **({"ws_ptr": "*fp32", "count_ptr": "*i32"} if split else {}),
-                         **{name: "i32" for name in ("M", "N", "K", "group_size", "stride_xm", "stride_om")}}
-                constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}),
-                             **({} if bias else {"b_ptr": None}), "HAS_BIAS": bias, "SPLIT_K": cfg.split,
-                             "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2],
-                             "STAGES": cfg.stages, "SLOTS": cfg.slots}
-                build(at._awq_gemm, types, constants, num_warps=cfg.warps)
+                if key not in seen:
+                    seen.add(key)
+                    compile_awq(at._awq_gemm, cfg, dtype, bias=dtype == "fp16")
     for dtype in ("fp16", "bf16"):
-        build(at._awq_dequant, {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": f"*{dtype}",
-                                "N": "i32", "group_size": "i32"}, {"BLOCK_N": 128, "BLOCK_K": 32})
+        compile_for_sm90(at._awq_dequant, {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": f"*{dtype}",
+                                           "N": "i32", "group_size": "i32"}, {"BLOCK_N": 128, "BLOCK_K": 32},
+                         ("N", "group_size"))
     assert seen
-
 
 if __name__ == "__main__":
     _bf16_like_the_gpu()

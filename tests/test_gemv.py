@@ -26,7 +26,7 @@ def test_kernel_equals_the_float64_product_in_the_interpreter(tmp_path):
 
 def test_gpu_candidates_compile_for_sm90(tmp_path, monkeypatch):
     from bench.gemv import candidates
-    from tests.triton_compile import compile_for_sm90
+    from bench.sass import compile_for_sm90
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a fresh cache: every kernel really compiles
     configs = set(candidates(smoke=False)) | {c for shapes in gv._table().values() for c in shapes.values()}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 
 from services.llm_decoder.engine.triton_attention import _attn, _merge, paged_attention
-from tests.triton_compile import compile_for_sm90
+from bench.sass import compile_for_sm90
 
 
 
