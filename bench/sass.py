@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import triton
 
-from bench import save
+from bench import kernel_report
 from bench.awq import candidates
 from services.llm_decoder.models import awq_triton as at
+from tools.run_local import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 KERNELS = "services/llm_decoder/models/awq_triton.py"
 NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 CONVERSIONS = ("F2F", "F2FP")  # between float formats (the loop's I2F/F2I divide by the group size)
@@ -133,10 +133,7 @@ def main() -> None:
               f"torch {torch.__version__}; command: `python -m bench.sass {' '.join(sys.argv[1:])}`"
               + (f"; base: {args.base}" if args.base else "") + "\n\nInstructions of the K loop (one iteration) and "
               "the float-format conversions among them; fp16 with a bias, bf16 without.\n\n")
-    markdown = header + "\n".join(report) + "\n"
-    print(markdown)
-    if args.out:
-        save(args.out, markdown, {"base": args.base, "rows": rows})
+    kernel_report(args.out, header + "\n".join(report) + "\n", {"base": args.base, "rows": rows}, [])
 
 
 if __name__ == "__main__":

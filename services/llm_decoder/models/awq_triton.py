@@ -51,13 +51,13 @@ def _nibbles(words, shifts, dtype: tl.constexpr):
 def _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           dtype: tl.constexpr):
     """q - z of W^T rows k0..k0+BLOCK_K, columns offs_n: [BLOCK_K, BLOCK_N] small integers, exact in `dtype`; and the
-    [BLOCK_N] scales of their group (the rows lie in one)."""
+    [BLOCK_N] scales of their group in fp32 (the rows lie in one)."""
     w_ok = offs_w < N // 8
     offs_k = k0 + tl.arange(0, BLOCK_K)
     words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
     g = k0 // group_size
     zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
-    scales = tl.load(sc_ptr + g * N + offs_n, mask=offs_n < N, other=0.0)
+    scales = tl.load(sc_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     # Each packed word is read once and repeated 8 times in registers; channel j of a word sits in nibble slot
     # j // 2 + 4 * (j % 2) (AWQ's order 0, 2, 4, 6, 1, 3, 5, 7).
     for _ in tl.static_range(3):
@@ -124,11 +124,10 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
             # dtype) on the tensor cores, the group's scales applied to the fp32 sums.
             qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K,
                                tl.float32 if BLOCK_M == 1 else x.dtype)
-            scales = scales.to(tl.float32)[None, :]
             if BLOCK_M == 1:
-                acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * (qz * scales)
+                acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * (qz * scales[None, :])
             else:
-                acc += tl.dot(x, qz) * scales
+                acc += tl.dot(x, qz) * scales[None, :]
         if BLOCK_M == 1:
             acc = tl.reshape(tl.sum(acc, 0), (1, BLOCK_N))
     n_ok = offs_n < N
@@ -163,7 +162,7 @@ def _awq_dequant(qw_ptr, qz_ptr, sc_ptr, w_ptr, N, group_size, BLOCK_N: tl.const
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K, tl.float32)
-    w = (qz * scales.to(tl.float32)[None, :]).to(w_ptr.dtype.element_ty)
+    w = (qz * scales[None, :]).to(w_ptr.dtype.element_ty)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_n < N)[None, :])
 
