@@ -3,8 +3,9 @@ that writes the dispatch table (services/llm_decoder/models/awq_configs.json).
 
 Shapes are the linears of Qwen2.5-3B (the LLM of InternVL2_5-4B-AWQ), group 128, random weights. Every result is
 checked against the dequantized weight's matmul within a bound computed from the values (fp32 accumulation, one
-rounding of the output). Times are medians of CUDA-event timings with L2 flushed before each call, as in a model's
-forward, where a layer's weights are long evicted when it runs again.
+rounding of the output). Times are per call, calls back to back in a CUDA graph as in a decode step, each reading its
+weights from HBM (copies cycled through, more than L2 holds), as in a model's forward, where a layer's weights are
+long evicted when it runs again (`timed`).
 
     python -m bench.awq [--out bench/results/awq-<date>.md]          # on a CUDA machine: the committed table
                                                                      # ($AWQ_CONFIGS: another table file)
@@ -16,6 +17,7 @@ The whole model through the engine, AWQ against bf16: bench/awq_engine.py.
 """
 import datetime
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 import triton
 
 from bench import kernel_args, kernel_report
+from services.common.cuda_graphs import record
 from services.llm_decoder.models import awq
 from services.llm_decoder.models import awq_triton as at
 
@@ -72,39 +75,61 @@ def check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str, w_erro
     return share
 
 
-_flush: torch.Tensor | None = None
+COLD_BYTES = 256 << 20  # several times any GPU's L2 (50 MB on an H100/H200)
+GRAPH_CALLS = 24        # calls per timed graph, at least
 
 
-def timed(fn, repeat: int = 30) -> float:
-    """Median milliseconds of `fn` on the GPU, with L2 (60 MB on an H200) flushed before each call."""
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    for _ in range(3):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
-    for start, end in events:
-        _flush.zero_()
+def rotation(tensors: tuple, cold: bool = True) -> list[tuple]:
+    """`tensors` (a layer's weights) and copies of them, enough that calls cycling through the copies read more than
+    COLD_BYTES between two uses of one: each call finds its weights in HBM, as in a model's forward, where a layer's
+    weights are long evicted when it runs again. cold=False: the tensors alone (the CPU's smoke runs)."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    copies = max(2, -(-COLD_BYTES // nbytes)) if cold else 1
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(copies - 1)]
+
+
+def timed(calls: list, repeat: int = 7) -> float:
+    """Milliseconds per call on the GPU: `calls` (one per copy of the weights, see `rotation`) cycled GRAPH_CALLS
+    times or more back to back in a CUDA graph, as a decode step runs its kernels (no host time between them); the
+    median over `repeat` replays. (Single calls between CUDA events after a 256 MB memset, the earlier way, gave
+    dense projections of 8-10 MB 10 us on an H200, where reading them takes ~2 us: they timed more than the kernel,
+    the memset's dirty lines in L2 among it; and their noise picked the wrong path for o_proj at 512 tokens.)"""
+    n = max(GRAPH_CALLS, len(calls))
+    graph, _ = record(lambda: [calls[i % len(calls)]() for i in range(n)], None)  # warm-up and capture
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in events)[repeat // 2]
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return statistics.median(times)
 
 
-def wall_ms(fn) -> float:
+def wall_ms(calls: list) -> float:
     """One call's wall time (the interpreter on the CPU: the tuner's choice there only exercises the code)."""
     start = time.perf_counter()
-    fn()
+    calls[0]()
     return (time.perf_counter() - start) * 1e3
 
 
+# Splits of K may multiply a skinny shape's programs up to this many per SM: a few tokens' tile is bound by the latency
+# of its program's K loop (gate_up_proj at one token: 344 programs of 16 steps, under 3 per SM of an H200), so more
+# and shorter loops keep more loads and more unpacking in flight.
+SKINNY_PROGRAMS_PER_SM = 16
+
+
 def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
-    """A few tiles per token range; for each, splits of K around the count that gives every SM a program."""
+    """A few tiles per token range; for each, splits of K: up to SKINNY_PROGRAMS_PER_SM programs per SM for a few
+    tokens, around the count that gives every SM a program for more. (The split is a runtime argument: the splits
+    of a tile share one compiled kernel.)"""
     if m == 1:
         # Wide one-token tiles read a k row's words as 128- and 256-byte runs (a 64-column tile reads 32 bytes of
         # each row): longer runs for the memory system, for the same registers (fewer rows per step).
-        tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (1, 256, 32, 4, 3), (1, 512, 16, 4, 3), (16, 64, 128, 4, 3)]
+        tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (1, 256, 32, 4, 3), (1, 512, 16, 4, 3), (1, 256, 64, 8, 3),
+                 (16, 64, 128, 4, 3)]
     elif m <= 16:
         tiles = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3)]
     elif m <= 64:
@@ -114,10 +139,15 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
     out = []
     for bm, bn, bk, warps, stages in tiles:
         programs, k_blocks = triton.cdiv(n, bn) * triton.cdiv(m, bm), k // min(bk, GROUP)
-        split = 1
-        while programs * split < sms and split * 2 <= k_blocks:
-            split *= 2
-        splits = [split // 2, split] if split > 1 else [1]
+        if m <= 16:
+            splits = [1]
+            while splits[-1] * 2 <= k_blocks and programs * splits[-1] * 2 <= SKINNY_PROGRAMS_PER_SM * sms:
+                splits.append(splits[-1] * 2)
+        else:
+            split = 1
+            while programs * split < sms and split * 2 <= k_blocks:
+                split *= 2
+            splits = [split // 2, split] if split > 1 else [1]
         out += [at.Config(block=(bm, bn, bk), split=s, warps=warps, stages=stages, unpack=unpack) for s in splits
                 for unpack in (("interleave", "slots") if bm == 1 else ("interleave",))]
     if m >= 64:
@@ -151,14 +181,15 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
     start = time.perf_counter()
     for name, k, n in shapes:
         q, dense = layers[name]
+        packed = rotation((q["qweight"], q["qzeros"], q["scales"]), cold=not smoke)
         configs = []
         for m in token_counts:
             x = torch.randn(m, k, device=dense.device, dtype=torch.float16)
             timings = []
             for cfg in candidates(m, n, k, sms):
-                run = lambda cfg=cfg: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg)
+                calls = [lambda c=c, cfg=cfg: at.awq_gemm(x, *c, GROUP, config=cfg) for c in packed]
                 try:
-                    check(run(), x, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}")
+                    check(calls[0](), x, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}")
                 except AssertionError as e:
                     wrong.append(str(e))
                     print(f"  WRONG {e}", flush=True)
@@ -166,7 +197,7 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
                 except Exception as e:  # e.g. more shared memory than the device has: not a candidate here
                     print(f"  skipped {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
-                timings.append((measure(run), cfg))
+                timings.append((measure(calls), cfg))
             if not timings:
                 raise SystemExit(f"no candidate ran correctly for {name} m={m}")
             ms, best = min(timings, key=lambda t: t[0])
@@ -209,6 +240,8 @@ def main() -> None:
     for name, k, n in shapes:
         q, dense = layers[name]
         dense_path = at.Config(kernel="dense")
+        if not args.smoke:
+            packed, dense_copies = rotation((q["qweight"], q["qzeros"], q["scales"])), rotation((dense,))
         # Smoke: the lowest token count of each bucket of the table, so every config it holds for the shape runs.
         buckets = at.shape_configs(table, device_name, n, k)
         tokens = [1] + [c.max_m + 1 for c in buckets[:-1]] if args.smoke else TOKENS
@@ -220,10 +253,9 @@ def main() -> None:
             row = {"linear": name, "k": k, "n": n, "tokens": m, "path": cfg.path, "config": str(cfg),
                    "error_share": share}
             if not args.smoke:
-                row["dense_ms"] = timed(lambda: F.linear(x, dense))
-                row["ours_ms"] = timed(run)
-                row["dequant_ms"] = timed(lambda: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP,
-                                                              config=dense_path))
+                row["dense_ms"] = timed([lambda c=c: F.linear(x, *c) for c in dense_copies])
+                row["ours_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=cfg) for c in packed])
+                row["dequant_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=dense_path) for c in packed])
                 row["dense_over_ours"] = row["dense_ms"] / row["ours_ms"]
             rows.append(row)
             times = (" | ".join(f"{row[key]:.3f}" for key in ("dense_ms", "ours_ms", "dequant_ms", "dense_over_ours"))

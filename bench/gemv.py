@@ -3,7 +3,7 @@ the same run, and the tuner that writes the kernel table (services/common/gemv_c
 
 Shapes: every projection of the served LLMs at one token (q/k/v and gate/up fused, the head's rows padded to 64),
 bf16, random weights. Each candidate is checked against float64 within the bound of fp32 accumulation and one output
-rounding (bench.awq.error_bound), and timed as bench.awq times (CUDA events, L2 flushed before each call). A shape
+rounding (bench.awq.error_bound), and timed as bench.awq times (back to back in a CUDA graph, weights from HBM). A shape
 enters the table only when its best candidate beats cuBLAS by at least MARGIN in this run; the others stay cuBLAS.
 
     python -m bench.gemv [--out bench/results/gemv-<date>.md]      # on a CUDA machine: the table in use
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 
 from bench import kernel_args, kernel_report
-from bench.awq import check, timed, wall_ms
+from bench.awq import check, rotation, timed, wall_ms
 from bench.decoder import SHAPES
 from services.common import gemv as gv
 from services.common.kernel_tables import device_class, table_file
@@ -71,19 +71,20 @@ def main() -> None:
             w = (torch.randn(n, k, device=device) * k ** -0.5).to(dtype)
             bias = torch.randn(n, device=device).to(dtype) if name == "tiny" else None
             x = torch.randn(1, k, device=device).to(dtype)
-            dense_ms = measure(lambda: F.linear(x, w, bias))
+            weights = rotation((w,), cold=not args.smoke)
+            dense_ms = measure([lambda c=c: F.linear(x, *c, bias) for c in weights])
             timings = []
             for cfg in candidates(args.smoke) if args.tune or args.smoke else [chosen.get((n, k))]:
                 if cfg is None:
                     continue
-                run = lambda cfg=cfg: gv.gemv(x, w, bias, cfg)  # noqa: E731
+                calls = [lambda c=c, cfg=cfg: gv.gemv(x, *c, bias, cfg) for c in weights]
                 try:
-                    check(run(), x, w, f"{name} {dtype} {cfg}", bias=bias)
+                    check(calls[0](), x, w, f"{name} {dtype} {cfg}", bias=bias)
                 except AssertionError as e:
                     wrong.append(str(e))
                     print(f"  WRONG {e}", flush=True)
                     continue
-                timings.append((measure(run), cfg))
+                timings.append((measure(calls), cfg))
             best_ms, best = min(timings, key=lambda t: t[0]) if timings else (float("nan"), None)
             in_table = best is not None and (best_ms <= MARGIN * dense_ms if args.tune else not args.smoke)
             if args.tune and in_table:

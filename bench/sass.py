@@ -55,9 +55,13 @@ def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool):
     types = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "out_ptr": f"*{dtype}",
              **({"b_ptr": "*fp16"} if bias else {}), **({"ws_ptr": "*fp32", "count_ptr": "*i32"} if split else {}),
              **{name: "i32" for name in INTS}}
-    constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}), "SPLIT_K": cfg.split,
+    constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}),
                  "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2], "STAGES": cfg.stages,
                  "SLOTS": cfg.slots}
+    if "SPLIT_K" in fn.arg_names:  # revisions before the split became a runtime argument
+        constants["SPLIT_K"] = cfg.split
+    else:
+        types["split_k"], constants["SPLIT"] = "i32", split
     if "HAS_BIAS" in fn.arg_names:
         constants |= {"HAS_BIAS": bias, **({} if bias else {"b_ptr": None})}
     return compile_for_sm90(fn, types, constants, INTS[1:], num_warps=cfg.warps)
@@ -101,7 +105,7 @@ def configs(smoke: bool) -> list[at.Config]:
     if smoke:
         return [at.Config(block=(1, 128, 64), split=8), at.Config(block=(16, 64, 128), split=2)]
     table = [c for shapes in at._table().values() for _, _, cs in shapes for c in cs if c.kernel == "fused"]
-    return list({str(c): c for c in table + candidates(1, 2560, 2048, 132)}.values())  # once each, any bucket
+    return list({c.compiled: c for c in table + candidates(1, 2560, 2048, 132)}.values())  # each kernel once
 
 
 def main() -> None:

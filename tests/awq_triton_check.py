@@ -164,7 +164,7 @@ def compile_sm90() -> None:
     for configs in [c for shapes in tables for _, _, c in shapes] + [gemvs]:
         for cfg in (c for c in configs if c.kernel == "fused"):
             for dtype in ("fp16", "bf16") if cfg.block[0] == 1 or cfg.split > 1 else ("fp16",):
-                key = (cfg.block, cfg.split, cfg.warps, cfg.stages, cfg.slots, dtype)
+                key = (cfg.compiled, dtype)
                 if key not in seen:
                     seen.add(key)
                     compile_awq(at._awq_gemm, cfg, dtype, bias=dtype == "fp16")

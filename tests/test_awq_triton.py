@@ -88,3 +88,33 @@ def test_awq_configs_names_the_table_in_use(tmp_path):
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "AWQ_CONFIGS": env})
         assert out.returncode == 0 and out.stdout.startswith(want), out.stdout + out.stderr[-2000:]
+
+
+def test_timing_rotation_reads_each_copy_cold(monkeypatch):
+    """bench.awq times calls cycling through copies of the weights that together exceed COLD_BYTES, so no call
+    finds its weights in L2; each copy is a copy (its own storage, the same values)."""
+    import torch
+
+    from bench import awq as bench
+    monkeypatch.setattr(bench, "COLD_BYTES", 10_000)
+    w, s = torch.randn(40, 20), torch.randn(5)  # 3,220 bytes: 4 copies pass 10,000
+    copies = bench.rotation((w, s))
+    assert len(copies) == 4 and copies[0][0] is w
+    assert len({c[0].data_ptr() for c in copies}) == 4 and all(torch.equal(c[0], w) and torch.equal(c[1], s)
+                                                                 for c in copies)
+    assert len(bench.rotation((torch.randn(4000, 20),))) == 2  # at least two, however large
+    assert bench.rotation((w, s), cold=False) == [(w, s)]
+
+
+def test_skinny_candidates_split_up_to_many_programs_per_sm():
+    """A few tokens' candidates split K up to SKINNY_PROGRAMS_PER_SM programs per SM (gate_up_proj at one token has
+    344 64-column tiles for an H200's 132 SMs), never into more parts than K has blocks."""
+    from bench import awq as bench
+    sms, k, n = 132, 2048, 22016
+    for m in (1, 16):
+        cands = bench.candidates(m, n, k, sms)
+        for c in cands:
+            programs = -(-n // c.block[1]) * -(-m // c.block[0])
+            assert c.split <= k // min(c.block[2], bench.GROUP)
+            assert c.split == 1 or programs * c.split <= bench.SKINNY_PROGRAMS_PER_SM * sms
+        assert max(c.split for c in cands if c.block[1] == 64) == 4  # 344 x 4 programs, 10.4 per SM

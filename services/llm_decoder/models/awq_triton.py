@@ -95,10 +95,12 @@ def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo, k
     return tl.reshape(tl.sum(acc, 0), (BLOCK_N,)), tl.reshape(cols, (BLOCK_N,))
 
 
-@triton.jit(do_not_specialize=["M"])  # M varies per step: one compiled kernel per config, not per token count
+# M varies per step and split_k per shape: one compiled kernel per tile config, not per token count or split (the
+# tuner tries many splits of each tile).
+@triton.jit(do_not_specialize=["M", "split_k"])
 def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm,
-              stride_om, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              STAGES: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr):
+              stride_om, split_k, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,8 +108,8 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
     m_ok = offs_m < M
     # This program's share of the K blocks, as even as can be (BLOCK_K divides the group: K is whole blocks).
     k_blocks = K // BLOCK_K
-    kb_lo = pid_k * k_blocks // SPLIT_K
-    kb_hi = (pid_k + 1) * k_blocks // SPLIT_K
+    kb_lo = pid_k * k_blocks // split_k
+    kb_hi = (pid_k + 1) * k_blocks // split_k
     if SLOTS:  # one token, unpacked slot by slot: the tile's columns come back in slot order, and are stored so
         y, offs_n = _gemv_by_slot(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo,
                                   kb_hi, BLOCK_N, BLOCK_K, STAGES)
@@ -136,18 +138,18 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         tl.store(out_ptrs, (acc + bias).to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        # Partials go to ws[split, M, N]; the last of the tile's SPLIT_K programs to arrive adds them up in split
+        # Partials go to ws[split, M, N]; the last of the tile's split_k programs to arrive adds them up in split
         # order (deterministic), writes the output and resets the tile's counter for the next launch.
         tl.store(ws_ptr + (pid_k * M + offs_m)[:, None] * N + offs_n[None, :], acc, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before this program's arrival is counted
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # release our partial, acquire the others'
-        if arrived == SPLIT_K - 1:
+        if arrived == split_k - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):
+            for s in range(split_k):
                 total += tl.load(ws_ptr + (s * M + offs_m)[:, None] * N + offs_n[None, :], mask=mask, other=0.0,
                                  cache_modifier=".cg")
             tl.store(out_ptrs, (total + bias).to(out_ptr.dtype.element_ty), mask=mask)
@@ -191,6 +193,11 @@ class Config:
     @property
     def slots(self) -> bool:
         return self.unpack == "slots"
+
+    @property
+    def compiled(self) -> tuple:
+        """What selects the fused kernel's compiled variant: the split's count is a runtime argument, not a part."""
+        return self.block, self.split > 1, self.warps, self.stages, self.slots
 
     @property
     def path(self) -> str:
@@ -293,6 +300,6 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         counters = _tile_counters(x.device, grid[0] * grid[2])
     _awq_gemm[grid](x2, qweight, qzeros, scales, bias, out, ws, counters, m, n, k, group_size, x2.stride(0),
-                    out.stride(0), SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                    out.stride(0), split, SPLIT=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                     STAGES=config.stages, SLOTS=config.slots, HAS_BIAS=bias is not None, num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)
