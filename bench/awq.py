@@ -236,7 +236,7 @@ def main() -> None:
     table, source = at.parse_table(raw), raw.get(at.device_class(device_name), raw["default"])["source"]
 
     rows, report = [], ["| linear | K | N | tokens | path | config | error / bound | dense fp16 ms | ours ms "
-                        "| dequantize+matmul ms | dense / ours |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                        "| dequantize+matmul ms | dense / ours | ours TB/s |", "|---" * 12 + "|"]
     for name, k, n in shapes:
         q, dense = layers[name]
         dense_path = at.Config(kernel="dense")
@@ -257,9 +257,13 @@ def main() -> None:
                 row["ours_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=cfg) for c in packed])
                 row["dequant_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=dense_path) for c in packed])
                 row["dense_over_ours"] = row["dense_ms"] / row["ours_ms"]
+                # What the memory bound is about: the packed weight, its zeros and scales, x and the output.
+                nbytes = sum(t.numel() * t.element_size() for t in (*packed[0], x)) + m * n * x.element_size()
+                row["ours_tb_s"] = nbytes / row["ours_ms"] / 1e9
             rows.append(row)
-            times = (" | ".join(f"{row[key]:.3f}" for key in ("dense_ms", "ours_ms", "dequant_ms", "dense_over_ours"))
-                     if not args.smoke else "- | - | - | -")
+            times = (" | ".join(f"{row[key]:.4f}" for key in ("dense_ms", "ours_ms", "dequant_ms"))
+                     + f" | {row['dense_over_ours']:.2f} | {row['ours_tb_s']:.2f}" if not args.smoke
+                     else "- | - | - | - | -")
             report.append(f"| {name} | {k} | {n} | {m} | {cfg.path} | {cfg} | {share:.2f} | {times} |")
     header = (f"# AWQ W4A16 GEMM\n\ndevice: {'CPU (Triton interpreter, smoke)' if args.smoke else device_name}; "
               f"date: {datetime.date.today()}; torch {torch.__version__}; triton {triton.__version__}; "
