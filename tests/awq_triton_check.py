@@ -15,9 +15,10 @@ import triton.language as tl
 from triton.runtime import interpreter
 
 from bench import awq as bench
+from bench.sass import compile_awq, compile_for_sm90
+from services.common import cuda_graphs
 from services.llm_decoder.models import awq
 from services.llm_decoder.models import awq_triton as at
-from bench.sass import compile_awq, compile_for_sm90
 
 
 def _bf16_like_the_gpu() -> None:
@@ -106,7 +107,7 @@ def paths() -> None:
                              at.Config(kernel="dense")]):
         run(cfg, 1 if cfg.block[0] == 1 else 20, 256, 136, 64, (f16, b16)[i % 2], bias=True)
     # Every split-K launch leaves its tile counters at zero for the next one.
-    assert not at._counters[torch.device("cpu")][-1].any()
+    assert not cuda_graphs._counters[torch.device("cpu")][-1].any()
     # The dense path's dequantization equals awq.dequantize bit for bit.
     for dtype in (f16, b16):
         got = at.dequantize_triton(q["qweight"], q["qzeros"], q["scales"], 64, dtype)

@@ -4,20 +4,23 @@ Sequence b's new tokens are q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]; its context_le
 written) live in the cache blocks block_tables[b]. Causal attention aligned to the end of the context, fp32 online
 softmax. A program owns one KV head and a tile of BLOCK_Q query tokens x the GROUP query heads sharing that KV head, so
 each K/V tile is read once per KV head and decode gets its 16-row tl.dot from the head group. Long decode at small batch
-splits the keys over programs (flash-decoding) and merges the partial softmaxes in a second kernel.
+splits the keys over programs (flash-decoding); the last split of a tile to finish merges the partial softmaxes (no
+second kernel: at one stream that was one more launch per layer).
 """
 import torch
 import triton
 import triton.language as tl
+
+from services.common.cuda_graphs import arrival_counters
 
 
 # The number of sequences and the block tables' row stride (the step's widest table) change from step to step:
 # specialized (Triton's default for integers: == 1, divisible by 16), each new value class would compile the kernel
 # again on first use, a stall of the whole batch in the middle of serving.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
-def _attn(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_scale, num_seqs,
-          stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-          stride_ot, stride_oh, stride_os, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, m_ptr, l_ptr, count_ptr, cu_q_ptr, ctx_ptr, bt_ptr, qk_scale,
+          num_seqs, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+          stride_ot, stride_oh, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
           SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     pid, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -79,32 +82,37 @@ def _attn(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, cu_q_ptr, ctx_ptr, bt_ptr,
         m_i = m_new
 
     row = (q_start + tok).to(tl.int64)
-    o_ptrs = out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    o_ptrs = out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     o_mask = row_ok[:, None] & d_ok[None, :]
     if SPLITS == 1:
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # context_len 0 (padding) gives zeros, not NaN
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:  # unnormalised partial plus its running max and sum, merged by _merge
-        tl.store(o_ptrs, acc, mask=o_mask)
-        ml = (row * tl.num_programs(1) * GROUP + head) * SPLITS + split
-        tl.store(m_ptr + ml, m_i, mask=row_ok)
-        tl.store(l_ptr + ml, l_i, mask=row_ok)
-
-
-@triton.jit
-def _merge(part_ptr, m_ptr, l_ptr, out_ptr, stride_ot, stride_oh, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-           HEAD_PAD: tl.constexpr):
-    t, h, H = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.num_programs(1)
-    offs_s, offs_d = tl.arange(0, SPLITS), tl.arange(0, HEAD_PAD)
-    ml = (t * H + h) * SPLITS + offs_s
-    m, l_s = tl.load(m_ptr + ml), tl.load(l_ptr + ml)
-    m_max = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits (m = -inf) weigh 0
-    d_ok = offs_d < HEAD_DIM
-    part = tl.load(part_ptr + ml[:, None] * HEAD_DIM + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-    l_sum = tl.sum(w * l_s, 0)
-    o = tl.sum(part * w[:, None], 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        # The unnormalised partial, its running max and sum go to part[row, head, split] and m/l; the last of the
+        # tile's splits to arrive merges them in split order (deterministic), then resets the tile's counter.
+        ml = (row * tl.num_programs(1) * GROUP + head) * SPLITS  # split 0 of each row
+        p_ptrs = part_ptr + (ml[:, None] + split) * HEAD_DIM + offs_d[None, :]
+        tl.store(p_ptrs, acc, mask=o_mask)
+        tl.store(m_ptr + ml + split, m_i, mask=row_ok)
+        tl.store(l_ptr + ml + split, l_i, mask=row_ok)
+        tl.debug_barrier()  # every thread's partial is written before this program's arrival is counted
+        tile = pid * tl.num_programs(1) + kvh
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:  # release ours, acquire the others'
+            m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            for j in range(SPLITS):
+                m_max = tl.maximum(m_max, tl.load(m_ptr + ml + j, mask=row_ok, other=float("-inf"),
+                                                  cache_modifier=".cg"))
+            m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty splits (m = -inf) weigh 0
+            l_sum = tl.zeros((BLOCK_M,), tl.float32)
+            acc = tl.zeros((BLOCK_M, HEAD_PAD), tl.float32)
+            for j in range(SPLITS):
+                w = tl.exp2(tl.load(m_ptr + ml + j, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_safe)
+                l_sum += w * tl.load(l_ptr + ml + j, mask=row_ok, other=0.0, cache_modifier=".cg")
+                acc += w[:, None] * tl.load(part_ptr + (ml[:, None] + j) * HEAD_DIM + offs_d[None, :], mask=o_mask,
+                                            other=0.0, cache_modifier=".cg")
+            acc = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+            tl.atomic_xchg(count_ptr + tile, 0)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -133,20 +141,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if splits < 1 or splits & (splits - 1):
             raise ValueError(f"num_splits must be a power of two, got {splits}")
     out = torch.empty_like(q)
+    grid = (T // block_q + B, h_kv, splits)
+    part = m = l_s = counters = None  # one split writes the output directly
     if splits > 1:
         part = torch.empty(T, H, splits, d, device=q.device, dtype=torch.float32)
         m = torch.empty(T, H, splits, device=q.device, dtype=torch.float32)
         l_s = torch.empty_like(m)
-        dst = (part, m, l_s, part.stride(0), part.stride(1), part.stride(2))
-    else:
-        dst = (out, out, out, out.stride(0), out.stride(1), 0)
-    head_pad = triton.next_power_of_2(d)
-    grid = (T // block_q + B, h_kv, splits)
-    _attn[grid](q, k_cache, v_cache, dst[0], dst[1], dst[2], cu_seqlens_q, context_lens, block_tables,
+        counters = arrival_counters(q.device, grid[0] * grid[1])
+    _attn[grid](q, k_cache, v_cache, out, part, m, l_s, counters, cu_seqlens_q, context_lens, block_tables,
                 scale * 1.4426950408889634, B, q.stride(0), q.stride(1), *k_cache.stride()[:3],
-                *v_cache.stride()[:3], block_tables.stride(0), *dst[3:], GROUP=group, BLOCK_Q=block_q,
-                BLOCK_M=block_m, BLOCK_N=64, PAGE=page, HEAD_DIM=d, HEAD_PAD=head_pad, SPLITS=splits,
+                *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1), GROUP=group,
+                BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64, PAGE=page, HEAD_DIM=d,
+                HEAD_PAD=triton.next_power_of_2(d), SPLITS=splits,
                 PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2)
-    if splits > 1:
-        _merge[(T, H)](part, m, l_s, out, out.stride(0), out.stride(1), SPLITS=splits, HEAD_DIM=d, HEAD_PAD=head_pad)
     return out

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from services.common import kernel_tables
+from services.common.cuda_graphs import arrival_counters
 from services.common.kernel_tables import device_class
 
 CONFIGS = Path(__file__).with_name("awq_configs.json")  # the committed table
@@ -247,21 +248,6 @@ def pick_config(device_name: str, n: int, k: int, m: int) -> Config:
     return select(_table(), device_name, n, k, m)
 
 
-_counters: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one per output tile, shared by the split-K launches on a device: launches on one
-    stream run in order and each leaves its counters at zero. A larger buffer is added when needed, the old ones
-    kept: a captured CUDA graph may still point at them."""
-    buffers = _counters.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # zeroing would run only at replay
-            raise RuntimeError("awq_gemm: run each shape once before capturing it in a CUDA graph")
-        buffers.append(torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """W^T [K, N] in `dtype` (the transpose of awq.dequantize's result, bit for bit)."""
@@ -298,7 +284,7 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     ws = counters = None  # a single split writes the output directly
     if split > 1:
         ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-        counters = _tile_counters(x.device, grid[0] * grid[2])
+        counters = arrival_counters(x.device, grid[0] * grid[2])
     _awq_gemm[grid](x2, qweight, qzeros, scales, bias, out, ws, counters, m, n, k, group_size, x2.stride(0),
                     out.stride(0), split, SPLIT=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                     STAGES=config.stages, SLOTS=config.slots, HAS_BIAS=bias is not None, num_warps=config.warps)
