@@ -2,7 +2,8 @@
 the same run, and the tuner that writes the kernel table (services/common/gemv_configs.json).
 
 Shapes: every projection of the served LLMs at one token (q/k/v and gate/up fused, the head's rows padded to 64),
-bf16, random weights. Each candidate is checked against float64 within the bound of fp32 accumulation and one output
+bf16, random weights; the down projection gated as served (the kernel computes silu(gate) * up from the gate/up
+output; cuBLAS gets it from the compiled silu_and_mul kernel, timed with it). Each candidate is checked against float64 within the bound of fp32 accumulation and one output
 rounding (bench.awq.error_bound), and timed as bench.awq times (back to back in a CUDA graph, weights from HBM). A shape
 enters the table only when its best candidate beats cuBLAS by at least MARGIN in this run; the others stay cuBLAS.
 
@@ -23,13 +24,15 @@ from bench.awq import check, rotation, timed, wall_ms
 from bench.decoder import SHAPES
 from services.common import gemv as gv
 from services.common.kernel_tables import device_class, table_file
+from services.common.layers import silu_and_mul
 from services.llm_decoder.models.llama import PaddedRows
 
 MARGIN = 0.97  # a shape takes the kernel when it runs in at most this share of cuBLAS's time
 
 
-def served_shapes() -> list[tuple[str, int, int]]:
-    """(name, K, N) of every one-token projection of the served LLMs, once each."""
+def served_shapes() -> list[tuple[str, int, int, bool]]:
+    """(name, K, N, gated) of every one-token projection of the served LLMs, once each; gated: the down projection,
+    whose input is silu_and_mul of the gate/up projection's output (the GEMV computes it, cuBLAS needs its kernel)."""
     out = {}
     for model, s in SHAPES.items():
         if model == "tiny":
@@ -39,11 +42,11 @@ def served_shapes() -> list[tuple[str, int, int]]:
                            ("gate_up_proj", s.hidden, 2 * s.inter), ("down_proj", s.inter, s.hidden),
                            ("lm_head", s.hidden, PaddedRows.padded(s.vocab))):
             out.setdefault((k, n), f"{model}.{name}")
-    return [(name, k, n) for (k, n), name in out.items()]
+    return [(name, k, n, name.endswith("down_proj")) for (k, n), name in out.items()]
 
 
-# Odd sizes: rows that do not fill a tile, K that does not fill a step, and a bias.
-SMOKE_SHAPES = [("tiny", 96, 72), ("tiny_k", 200, 40)]
+# Odd sizes: rows that do not fill a tile, K that does not fill a step, a bias, and a gated input.
+SMOKE_SHAPES = [("tiny", 96, 72, False), ("tiny_k", 200, 40, False), ("tiny_down", 72, 40, True)]
 
 
 def candidates(smoke: bool) -> list[gv.Config]:
@@ -66,20 +69,23 @@ def main() -> None:
     rows, tuned, wrong = [], [], []
     report = ["| linear | K | N | dtype | cuBLAS ms | cuBLAS TB/s | best kernel | kernel ms | kernel TB/s | "
               "cuBLAS / kernel | table |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, k, n in SMOKE_SHAPES if args.smoke else served_shapes():
+    for name, k, n, gated in SMOKE_SHAPES if args.smoke else served_shapes():
         for dtype in dtypes:
             w = (torch.randn(n, k, device=device) * k ** -0.5).to(dtype)
             bias = torch.randn(n, device=device).to(dtype) if name == "tiny" else None
-            x = torch.randn(1, k, device=device).to(dtype)
+            x = torch.randn(1, 2 * k if gated else k, device=device).to(dtype)
             weights = rotation((w,), cold=not args.smoke)
-            dense_ms = measure([lambda c=c: F.linear(x, *c, bias) for c in weights])
+            # cuBLAS as served: a gated input through its own (compiled) silu_and_mul kernel first.
+            dense_ms = measure([lambda c=c: F.linear(silu_and_mul(x) if gated else x, *c, bias) for c in weights])
             timings = []
             for cfg in candidates(args.smoke) if args.tune or args.smoke else [chosen.get((n, k))]:
                 if cfg is None:
                     continue
-                calls = [lambda c=c, cfg=cfg: gv.gemv(x, *c, bias, cfg) for c in weights]
+                calls = [lambda c=c, cfg=cfg: gv.gemv(x, *c, bias, cfg, gated) for c in weights]
                 try:
-                    check(calls[0](), x, w, f"{name} {dtype} {cfg}", bias=bias)
+                    # Gated, the kernel rounds silu(gate) * up once: within two roundings of silu_and_mul's input.
+                    check(calls[0](), silu_and_mul(x) if gated else x, w, f"{name} {dtype} {cfg}",
+                          2 * torch.finfo(dtype).eps if gated else 0.0, bias)
                 except AssertionError as e:
                     wrong.append(str(e))
                     print(f"  WRONG {e}", flush=True)
@@ -90,10 +96,11 @@ def main() -> None:
             if args.tune and in_table:
                 tuned.append({"n": n, "k": k, **vars(best)})
             gb = (n * k + k + n) * w.element_size() / 1e9
-            row = {"linear": name, "k": k, "n": n, "dtype": str(dtype).removeprefix("torch."), "cublas_ms": dense_ms,
-                   "kernel": str(best) if best else "-", "kernel_ms": best_ms, "in_table": in_table}
+            row = {"linear": name + " (gated)" * gated, "k": k, "n": n, "dtype": str(dtype).removeprefix("torch."),
+                   "cublas_ms": dense_ms, "kernel": str(best) if best else "-", "kernel_ms": best_ms,
+                   "in_table": in_table}
             rows.append(row)
-            report.append(f"| {name} | {k} | {n} | {row['dtype']} | {dense_ms:.4f} | {gb / dense_ms:.2f} | "
+            report.append(f"| {row['linear']} | {k} | {n} | {row['dtype']} | {dense_ms:.4f} | {gb / dense_ms:.2f} | "
                           f"{row['kernel']} | {best_ms:.4f} | {gb / best_ms:.2f} | {dense_ms / best_ms:.2f} | "
                           f"{'kernel' if row['in_table'] else 'cuBLAS'} |")
             print(report[-1], flush=True)

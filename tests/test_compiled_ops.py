@@ -11,8 +11,8 @@ import torch._dynamo
 
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from services.common.layers import COMPILE_OPTIONS, RMSNorm, add_rms_norm, rms_norm
-from services.llm_decoder.models.llama import rotary_and_cache, silu_and_mul
+from services.common.layers import COMPILE_OPTIONS, RMSNorm, add_rms_norm, rms_norm, silu_and_mul
+from services.llm_decoder.models.llama import rotary_and_cache
 from tools.run_local import ROOT
 
 
@@ -29,7 +29,7 @@ def _inputs(fn, t: int):
         slots = torch.randperm(12 * t, generator=g)[:t]
         return (qkv[:, :64].view(t, 4, 16), qkv[:, 64:80].view(t, 1, 16), qkv[:, 80:].view(t, 1, 16), r(t, 16),
                 r(t, 16), k_cache, v_cache, slots)
-    return r(t, 2 * 48), 48
+    return (r(t, 2 * 48),)
 
 
 @pytest.mark.parametrize("fn", [rms_norm, add_rms_norm, rotary_and_cache, silu_and_mul], ids=lambda f: f.__name__)

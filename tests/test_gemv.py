@@ -19,7 +19,7 @@ def test_kernel_equals_the_float64_product_in_the_interpreter(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "report.json").read_text())
-    assert not result["wrong_candidates"] and len(result["rows"]) == 4
+    assert not result["wrong_candidates"] and len(result["rows"]) == 6
     assert all(row["kernel"] != "-" for row in result["rows"])  # every shape ran a checked candidate
     assert gv.parse_table(json.loads(table.read_text()))["default"] == {}  # interpreter timings choose nothing
 
@@ -31,10 +31,11 @@ def test_gpu_candidates_compile_for_sm90(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a fresh cache: every kernel really compiles
     configs = set(candidates(smoke=False)) | {c for shapes in gv._table().values() for c in shapes.values()}
     for cfg in configs:
-        for has_bias in (False, True) if cfg == min(configs, key=str) else (False,):  # the bias is one branch
+        for has_bias, gated in ((False, False), (True, False), (False, True)) if cfg == min(configs, key=str) \
+                else ((False, False), (False, True)):  # the bias is one branch; a gated input, a loop of its own
             types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32",
                      "stride_wn": "i32", **({"b_ptr": "*bf16"} if has_bias else {})}
-            constants = {"HAS_BIAS": has_bias, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+            constants = {"HAS_BIAS": has_bias, "GATED": gated, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                          "STAGES": cfg.stages, **({} if has_bias else {"b_ptr": None})}
             compile_for_sm90(gv._gemv, types, constants, ("N", "K", "stride_wn"), num_warps=cfg.warps)
 

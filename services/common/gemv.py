@@ -24,8 +24,8 @@ CONFIGS = Path(__file__).with_name("gemv_configs.json")
 
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
@@ -34,6 +34,10 @@ def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, eviction_policy="evict_last")  # every program reads x
+        if GATED:  # x_ptr holds [gate | up] of 2K: the input is silu(gate) * up, rounded once, as silu_and_mul's
+            up = tl.load(x_ptr + K + offs_k, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            gate = x.to(tl.float32)
+            x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty)
         w = tl.load(rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                     eviction_policy="evict_first")  # each weight is read once
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
@@ -54,16 +58,18 @@ class Config:
         return f"{self.block_n}x{self.block_k} w{self.warps} s{self.stages}"
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
-    """x [..., K] holding one row, weight [N, K] (last dim contiguous) -> [..., N] in x's dtype."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config,
+         gated: bool = False) -> torch.Tensor:
+    """x [..., K] holding one row, weight [N, K] (last dim contiguous) -> [..., N] in x's dtype; gated: x is
+    [..., 2K] = [gate | up] and the product is of silu(gate) * up (layers.silu_and_mul)."""
     n, k = weight.shape
-    xv = x.reshape(k)
+    xv = x.reshape(2 * k if gated else k)
     if xv.stride(0) != 1:
         xv = xv.contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     _gemv[(triton.cdiv(n, config.block_n),)](xv, weight, bias, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
-                                             BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages,
-                                             num_warps=config.warps)
+                                             GATED=gated, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                                             STAGES=config.stages, num_warps=config.warps)
     return out.view(*x.shape[:-1], n)
 
 

@@ -54,6 +54,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return _rms_norm(residual, weight, eps), residual
 
 
+@on_gpu_compiled
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x = [gate | up] (halves of the last dimension): a GLU MLP's activation."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, as the reference implementations do; given a residual, added to it first (the
     sum is returned too, as the next residual)."""
@@ -85,13 +92,17 @@ def shard_offsets(sizes: dict[object, int]) -> dict[object, tuple[int, int]]:
 CPU_TRANSPOSED_ROWS = (8, 48)  # first and last
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; on the GPU one row through the tuned Triton GEMV where the kernel table has the shape
-    (services.common.gemv); on the CPU, float32 as (W @ x^T)^T when x has rows within CPU_TRANSPOSED_ROWS."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gated: bool = False) -> torch.Tensor:
+    """F.linear, of silu_and_mul(x) when `gated` (a GLU MLP's down projection); on the GPU one row through the tuned
+    Triton GEMV where the kernel table has the shape (services.common.gemv; it gates x itself, so the activation is no
+    kernel of its own); on the CPU, float32 as (W @ x^T)^T when x has rows within CPU_TRANSPOSED_ROWS."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and rows == 1 and weight.stride(-1) == 1 and (config := _gemv_config(x.device, *weight.shape)):
         from services.common.gemv import gemv
-        return gemv(x, weight, bias, config)
+        return gemv(x, weight, bias, config, gated)
+    if gated:
+        x = silu_and_mul(x)
     first, last = CPU_TRANSPOSED_ROWS
     if x.device.type != "cpu" or x.dtype != torch.float32 or not first <= rows <= last:
         return F.linear(x, weight, bias)
@@ -106,10 +117,10 @@ def _gemv_config(device: torch.device, n: int, k: int):
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `linear`."""
+    """nn.Linear through `linear` (`gated`: of silu_and_mul(x))."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, gated)
 
 
 class FusedLinear(Linear):

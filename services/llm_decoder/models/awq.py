@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.common.layers import linear, shard_offsets
+from services.common.layers import linear, shard_offsets, silu_and_mul
 
 try:
     from services.llm_decoder.models.awq_triton import awq_gemm
@@ -136,7 +136,10 @@ class AWQLinear(nn.Module):
             self._dense_key = key
         return self._dense
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """x [..., in_features] (gated: [..., 2 * in_features], of which silu_and_mul is the input)."""
+        if gated:
+            x = silu_and_mul(x)
         if x.is_cuda:
             return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
         # CPU (no fast kernel): dequantize once and keep the dense weight; memory matters less than speed here.

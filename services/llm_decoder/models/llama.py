@@ -5,7 +5,6 @@ Family files subclass `LlamaForCausalLM` and only say how their checkpoints name
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from services.common.checkpoint import TextConfig
@@ -51,12 +50,6 @@ def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     return q, k
 
 
-@on_gpu_compiled
-def silu_and_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
-    gate, up = gate_up.split(inter, dim=-1)
-    return F.silu(gate) * up
-
-
 def linear(cfg: TextConfig, in_features: int, sizes: dict, bias: bool) -> nn.Module:
     """A projection, fused when it has several shards, 4-bit AWQ when the checkpoint is quantized."""
     if cfg.awq_group_size:
@@ -89,12 +82,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = linear(cfg, cfg.hidden_size, {"gate": self.inter, "up": self.inter}, bias=False)
-        self.down_proj = linear(cfg, self.inter, {None: cfg.hidden_size}, bias=False)
+        inter = cfg.intermediate_size
+        self.gate_up_proj = linear(cfg, cfg.hidden_size, {"gate": inter, "up": inter}, bias=False)
+        self.down_proj = linear(cfg, inter, {None: cfg.hidden_size}, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.inter))
+        return self.down_proj(self.gate_up_proj(x), gated=True)  # of silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
