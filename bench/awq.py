@@ -1,7 +1,8 @@
 """AWQ W4A16 on the GPU: the dispatched Triton path against dense fp16 and against dequantize + matmul; and the tuner
 that writes the dispatch table (services/llm_decoder/models/awq_configs.json).
 
-Shapes are the linears of Qwen2.5-3B (the LLM of InternVL2_5-4B-AWQ), group 128, random weights. Every result is
+Shapes are the linears of Qwen2.5-3B (the LLM of InternVL2_5-4B-AWQ), group 128, random weights, the down projection
+gated as served (it takes [gate | up] and computes silu(gate) * up as it loads them). Every result is
 checked against the dequantized weight's matmul within a bound computed from the values (fp32 accumulation, one
 rounding of the output). Times are per call, calls back to back in a CUDA graph as in a decode step, each reading its
 weights from HBM (copies cycled through, more than L2 holds), as in a model's forward, where a layer's weights are
@@ -28,6 +29,7 @@ import triton
 
 from bench import kernel_args, kernel_report
 from services.common.cuda_graphs import record
+from services.common.layers import silu_and_mul
 from services.llm_decoder.models import awq
 from services.llm_decoder.models import awq_triton as at
 
@@ -35,6 +37,7 @@ from services.llm_decoder.models import awq_triton as at
 SHAPES = [("qkv_proj", 2048, 2560), ("o_proj", 2048, 2048), ("gate_up_proj", 2048, 22016), ("down_proj", 11008, 2048)]
 SMOKE_SHAPES = [("tiny", 512, 264)]
 TOKENS = [1, 16, 64, 512]
+GATED = {"down_proj"}  # as served, the down projection takes [gate | up] and gates it itself
 # Token counts the tuner measures; each is the top of its bucket, the last bucket holds every larger count.
 TUNE_M, SMOKE_TUNE_M = [1, 16, 64, 256, 512, 2048], [1, 16, 48, 130]
 GROUP = 128
@@ -50,6 +53,15 @@ def error_bound(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> tup
     unit = torch.finfo(out_dtype).eps / 2
     acc = x.shape[-1] * 2.0 ** -22 * (x.abs() @ w.abs().t())
     return want, unit * want.abs() + (1 + unit) * acc + 2.0 ** -24
+
+
+def inputs(name: str, m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    """(x as the linear takes it, its input, the relative error the two may differ by, gated): a gated linear takes
+    [gate | up] of 2K and multiplies silu(gate) * up, which the kernels round once and silu_and_mul may round twice
+    (eagerly, on the CPU)."""
+    gated = name in GATED
+    x = torch.randn(m, 2 * k if gated else k, device=device, dtype=torch.float16)
+    return x, silu_and_mul(x) if gated else x, 2 * torch.finfo(x.dtype).eps if gated else 0.0, gated
 
 
 def weight(q: dict, group: int, cfg: at.Config, dtype: torch.dtype) -> torch.Tensor:
@@ -184,12 +196,12 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
         packed = rotation((q["qweight"], q["qzeros"], q["scales"]), cold=not smoke)
         configs = []
         for m in token_counts:
-            x = torch.randn(m, k, device=dense.device, dtype=torch.float16)
+            x, x_in, x_error, gated = inputs(name, m, k, dense.device)
             timings = []
             for cfg in candidates(m, n, k, sms):
-                calls = [lambda c=c, cfg=cfg: at.awq_gemm(x, *c, GROUP, config=cfg) for c in packed]
+                calls = [lambda c=c, cfg=cfg: at.awq_gemm(x, *c, GROUP, config=cfg, gated=gated) for c in packed]
                 try:
-                    check(calls[0](), x, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}")
+                    check(calls[0](), x_in, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}", x_error)
                 except AssertionError as e:
                     wrong.append(str(e))
                     print(f"  WRONG {e}", flush=True)
@@ -246,16 +258,20 @@ def main() -> None:
         buckets = at.shape_configs(table, device_name, n, k)
         tokens = [1] + [c.max_m + 1 for c in buckets[:-1]] if args.smoke else TOKENS
         for m in tokens:
-            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            x, x_in, x_error, gated = inputs(name, m, k, device)
             cfg = at.select(table, device_name, n, k, m)
-            run = lambda cfg=cfg: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg)
-            share = check(run(), x, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}")
-            row = {"linear": name, "k": k, "n": n, "tokens": m, "path": cfg.path, "config": str(cfg),
+            run = lambda cfg=cfg: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg, gated=gated)
+            share = check(run(), x_in, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}", x_error)
+            row = {"linear": name + " (gated)" * gated, "k": k, "n": n, "tokens": m, "path": cfg.path, "config": str(cfg),
                    "error_share": share}
             if not args.smoke:
-                row["dense_ms"] = timed([lambda c=c: F.linear(x, *c) for c in dense_copies])
-                row["ours_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=cfg) for c in packed])
-                row["dequant_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=dense_path) for c in packed])
+                # Dense as served: a gated input through the compiled silu_and_mul kernel first.
+                row["dense_ms"] = timed([lambda c=c: F.linear(silu_and_mul(x) if gated else x, *c)
+                                         for c in dense_copies])
+                row["ours_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=cfg, gated=gated)
+                                        for c in packed])
+                row["dequant_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=dense_path, gated=gated)
+                                           for c in packed])
                 row["dense_over_ours"] = row["dense_ms"] / row["ours_ms"]
                 # What the memory bound is about: the packed weight, its zeros and scales, x and the output.
                 nbytes = sum(t.numel() * t.element_size() for t in (*packed[0], x)) + m * n * x.element_size()
@@ -264,7 +280,7 @@ def main() -> None:
             times = (" | ".join(f"{row[key]:.4f}" for key in ("dense_ms", "ours_ms", "dequant_ms"))
                      + f" | {row['dense_over_ours']:.2f} | {row['ours_tb_s']:.2f}" if not args.smoke
                      else "- | - | - | - | -")
-            report.append(f"| {name} | {k} | {n} | {m} | {cfg.path} | {cfg} | {share:.2f} | {times} |")
+            report.append(f"| {row['linear']} | {k} | {n} | {m} | {cfg.path} | {cfg} | {share:.2f} | {times} |")
     header = (f"# AWQ W4A16 GEMM\n\ndevice: {'CPU (Triton interpreter, smoke)' if args.smoke else device_name}; "
               f"date: {datetime.date.today()}; torch {torch.__version__}; triton {triton.__version__}; "
               f"command: `python -m bench.awq {' '.join(sys.argv[1:])}`; table: {source}\n\n")

@@ -48,9 +48,9 @@ def compile_for_sm90(fn, types: dict, constants: dict, aligned: tuple[str, ...] 
     return compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool):
+def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool, gated: bool = False):
     """The fused AWQ kernel `fn` for `cfg` with `dtype` ("fp16"/"bf16") activations and fp16 scales, as awq_gemm
-    launches it (a revision whose kernel takes no bias gets none)."""
+    launches it (a revision whose kernel takes no bias, or no gated input, gets none)."""
     split, bias = cfg.split > 1, bias and "b_ptr" in fn.arg_names
     types = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "out_ptr": f"*{dtype}",
              **({"b_ptr": "*fp16"} if bias else {}), **({"ws_ptr": "*fp32", "count_ptr": "*i32"} if split else {}),
@@ -64,6 +64,8 @@ def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool):
         types["split_k"], constants["SPLIT"] = "i32", split
     if "HAS_BIAS" in fn.arg_names:
         constants |= {"HAS_BIAS": bias, **({} if bias else {"b_ptr": None})}
+    if "GATED" in fn.arg_names:
+        constants["GATED"] = gated
     return compile_for_sm90(fn, types, constants, INTS[1:], num_warps=cfg.warps)
 
 

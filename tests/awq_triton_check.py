@@ -17,6 +17,7 @@ from triton.runtime import interpreter
 from bench import awq as bench
 from bench.sass import compile_awq, compile_for_sm90
 from services.common import cuda_graphs
+from services.common.layers import silu_and_mul
 from services.llm_decoder.models import awq
 from services.llm_decoder.models import awq_triton as at
 
@@ -52,21 +53,23 @@ def _bf16_like_the_gpu() -> None:
 
 
 def run(cfg: at.Config | None, m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0,
-        lead: tuple = (), bias: bool = False) -> float:
-    """awq_gemm (cfg, or the committed table's pick; with an fp16 bias, as AWQ checkpoints store it) against x
-    times the weight its path computes with (bench.weight); the error's share of its bound."""
+        lead: tuple = (), bias: bool = False, gated: bool = False) -> float:
+    """awq_gemm (cfg, or the committed table's pick; with an fp16 bias, as AWQ checkpoints store it; gated: x is
+    [gate | up]) against its input times the weight its path computes with (bench.weight); the error's share of its
+    bound. A gated input is silu_and_mul's, within two roundings (eager silu_and_mul rounds twice, the kernels once)."""
     g = torch.Generator().manual_seed(seed)
     q = awq.quantize(torch.randn(n, k, generator=g), group)
-    x = torch.randn(*lead, m, k, generator=g).to(dtype)
+    x = torch.randn(*lead, m, 2 * k if gated else k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).half() if bias else None
-    got = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], group, config=cfg, bias=b)
+    got = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], group, config=cfg, bias=b, gated=gated)
     assert got.shape == (*lead, m, n), got.shape
     path = cfg or at.pick_config("cpu", n, k, m)
-    what = f"{path} m={m} k={k} n={n} group={group} {dtype}" + " bias" * bias
-    share = bench.check(got, x, bench.weight(q, group, path, dtype), what, bias=b)
+    what = f"{path} m={m} k={k} n={n} group={group} {dtype}" + " bias" * bias + " gated" * gated
+    x_in, x_error = (silu_and_mul(x), 2 * torch.finfo(dtype).eps) if gated else (x, 0.0)
+    share = bench.check(got, x_in, bench.weight(q, group, path, dtype), what, x_error, bias=b)
     # And so the dequantize path's result, whose weights are rounded to x's dtype, within that rounding.
     rounded = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype)
-    bench.check(got, x, rounded, f"{what} (dequantize path)", torch.finfo(dtype).eps / 2, bias=b)
+    bench.check(got, x_in, rounded, f"{what} (dequantize path)", torch.finfo(dtype).eps / 2 + x_error, bias=b)
     return share
 
 
@@ -106,6 +109,11 @@ def paths() -> None:
                              at.Config(block=(16, 64, 128), split=4), at.Config(block=(32, 64, 64)),
                              at.Config(kernel="dense")]):
         run(cfg, 1 if cfg.block[0] == 1 else 20, 256, 136, 64, (f16, b16)[i % 2], bias=True)
+    # A gated input ([gate | up], the down projection's) in every path, in either dtype.
+    for i, cfg in enumerate([at.Config(block=(1, 128, 64), split=3), at.Config(block=(1, 64, 64), unpack="slots"),
+                             at.Config(block=(16, 64, 128), split=4), at.Config(block=(32, 64, 64)),
+                             at.Config(kernel="dense")]):
+        run(cfg, 1 if cfg.block[0] == 1 else 20, 256, 136, 64, (b16, f16)[i % 2], lead=(1,) * (i % 2), gated=True)
     # Every split-K launch leaves its tile counters at zero for the next one.
     assert not cuda_graphs._counters[torch.device("cpu")][-1].any()
     # The dense path's dequantization equals awq.dequantize bit for bit.
@@ -156,19 +164,21 @@ def tune() -> None:
 
 
 def compile_sm90() -> None:
-    """Every fused config of the committed table (fp16 with a bias, and bf16 for one-row and split tiles) and the
-    dequantize kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the interpreter cannot catch
-    (types, layouts, resources) fails here rather than on the GPU."""
+    """Every fused config of the committed table (fp16 with a bias, fp16 gated, and bf16 for one-row and split
+    tiles) and the dequantize kernel, compiled for sm_90 (H100/H200) by Triton's compiler and ptxas: what the
+    interpreter cannot catch (types, layouts, resources) fails here rather than on the GPU."""
     seen = set()
     tables = at.parse_table(json.loads(at.CONFIGS.read_text())).values()
     gemvs = bench.candidates(1, 2560, 2048, 132)  # one-token candidates the table may not hold yet
     for configs in [c for shapes in tables for _, _, c in shapes] + [gemvs]:
         for cfg in (c for c in configs if c.kernel == "fused"):
-            for dtype in ("fp16", "bf16") if cfg.block[0] == 1 or cfg.split > 1 else ("fp16",):
-                key = (cfg.compiled, dtype)
+            # (dtype, bias, gated): q/k/v's bias, the down projection's gated input, bf16 activations
+            variants = [("fp16", True, False), ("fp16", False, True)]
+            for dtype, bias, gated in variants + [("bf16", False, False)] * (cfg.block[0] == 1 or cfg.split > 1):
+                key = (cfg.compiled, dtype, bias, gated)
                 if key not in seen:
                     seen.add(key)
-                    compile_awq(at._awq_gemm, cfg, dtype, bias=dtype == "fp16")
+                    compile_awq(at._awq_gemm, cfg, dtype, bias, gated)
     for dtype in ("fp16", "bf16"):
         compile_for_sm90(at._awq_dequant, {"qw_ptr": "*i32", "qz_ptr": "*i32", "sc_ptr": "*fp16", "w_ptr": f"*{dtype}",
                                            "N": "i32", "group_size": "i32"}, {"BLOCK_N": 128, "BLOCK_K": 32},

@@ -24,6 +24,20 @@ CONFIGS = Path(__file__).with_name("gemv_configs.json")
 
 
 @triton.jit
+def load_input(ptrs, mask, up_offset, GATED: tl.constexpr):
+    """A projection's input at `ptrs`, read by every program (kept in L2). GATED: the values are a GLU MLP's
+    [gate | up], up `up_offset` elements further, and the input is silu(gate) * up, rounded once to their dtype as
+    the compiled layers.silu_and_mul rounds: the activation needs no kernel of its own. (mask None: all in bounds.)"""
+    other = None if mask is None else 0.0
+    x = tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_last")
+    if GATED:
+        gate = x.to(tl.float32)
+        up = tl.load(ptrs + up_offset, mask=mask, other=other, eviction_policy="evict_last").to(tl.float32)
+        x = (gate * tl.sigmoid(gate) * up).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -33,11 +47,7 @@ def _gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr,
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, eviction_policy="evict_last")  # every program reads x
-        if GATED:  # x_ptr holds [gate | up] of 2K: the input is silu(gate) * up, rounded once, as silu_and_mul's
-            up = tl.load(x_ptr + K + offs_k, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            gate = x.to(tl.float32)
-            x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty)
+        x = load_input(x_ptr + offs_k, k_ok, K, GATED)  # gated: x_ptr holds [gate | up] of 2K
         w = tl.load(rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                     eviction_policy="evict_first")  # each weight is read once
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]

@@ -75,12 +75,13 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+               group_size: int, bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) with W kept packed (GPU memory stays at 4 bits per weight; large prefills
-    dequantize a transient copy, see awq_triton)."""
+    dequantize a transient copy, see awq_triton); gated: of silu_and_mul(x)."""
     if awq_gemm is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        return awq_gemm(x, qweight, qzeros, scales, group_size, bias=bias)  # the bias added in the kernel
+        return awq_gemm(x, qweight, qzeros, scales, group_size, bias=bias, gated=gated)  # bias, gating in the kernel
     # No Triton (or fp32 activations): dequantize per call, still without keeping a dense copy.
+    x = silu_and_mul(x) if gated else x
     bias = None if bias is None else bias.to(x.dtype)
     return F.linear(x, dequantize(qweight, qzeros, scales, group_size, x.dtype), bias)
 
@@ -138,12 +139,10 @@ class AWQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """x [..., in_features] (gated: [..., 2 * in_features], of which silu_and_mul is the input)."""
-        if gated:
-            x = silu_and_mul(x)
         if x.is_cuda:
-            return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+            return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias, gated)
         # CPU (no fast kernel): dequantize once and keep the dense weight; memory matters less than speed here.
-        return linear(x, self.dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return linear(x, self.dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype), gated)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -29,6 +29,8 @@ import triton.language as tl
 
 from services.common import kernel_tables
 from services.common.cuda_graphs import arrival_counters
+from services.common.gemv import load_input
+from services.common.layers import silu_and_mul
 from services.common.kernel_tables import device_class
 
 CONFIGS = Path(__file__).with_name("awq_configs.json")  # the committed table
@@ -70,8 +72,8 @@ def _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N: tl
 
 
 @triton.jit
-def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo, kb_hi, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_lo, kb_hi, GATED: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     """One token's sums over K blocks kb_lo..kb_hi for the columns of words offs_w, unpacked nibble slot by nibble
     slot: the words [BLOCK_K, BLOCK_N // 8] broadcast to [BLOCK_K, 8, BLOCK_N // 8] and shifted per slot, where the
     interleaved tile repeats each word 8 times along the columns first. Returns the [BLOCK_N] sums and their columns,
@@ -84,7 +86,7 @@ def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo, k
     for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
         k0 = kb * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_k)
+        x = load_input(x_ptr + offs_k, None, K, GATED)
         words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
         g = k0 // group_size
         zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
@@ -101,7 +103,8 @@ def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo, k
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm,
               stride_om, split_k, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr):
+              BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+              GATED: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,8 +115,8 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
     kb_lo = pid_k * k_blocks // split_k
     kb_hi = (pid_k + 1) * k_blocks // split_k
     if SLOTS:  # one token, unpacked slot by slot: the tile's columns come back in slot order, and are stored so
-        y, offs_n = _gemv_by_slot(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, group_size, kb_lo,
-                                  kb_hi, BLOCK_N, BLOCK_K, STAGES)
+        y, offs_n = _gemv_by_slot(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size,
+                                  kb_lo, kb_hi, GATED, BLOCK_N, BLOCK_K, STAGES)
         acc = tl.reshape(y, (1, BLOCK_N))
     else:
         # GEMV keeps a [BLOCK_K, BLOCK_N] fp32 accumulator and reduces over K once, after the loop.
@@ -121,8 +124,8 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
         # Loads run STAGES - 1 blocks ahead (Triton pipelines only loops with a dot unless the loop asks, as here).
         for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
             k0 = kb * BLOCK_K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :],
-                        mask=m_ok[:, None], other=0.0)
+            x = load_input(x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :], m_ok[:, None],
+                           K, GATED)  # gated: rows of [gate | up], 2K long
             # One token: x times the exact weights (q - z) * scale, in fp32. Tiles: x times q - z (exact in x's
             # dtype) on the tensor cores, the group's scales applied to the fp32 sums.
             qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K,
@@ -260,17 +263,19 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-             config: Config | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (fp16/bf16) times the packed weight, plus `bias` [N] if given -> [..., N] in x's dtype; `config`
-    overrides the table."""
+             config: Config | None = None, bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x [..., K] (fp16/bf16) times the packed weight, plus `bias` [N] if given -> [..., N] in x's dtype; gated: x is
+    [..., 2K] = [gate | up], and the product is of silu(gate) * up (the fused kernels compute it as they load x);
+    `config` overrides the table."""
     k, n = qweight.shape[0], scales.shape[1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, 2 * k if gated else k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     if config is None:
         config = pick_config(kernel_tables.device_name(x.device), n, k, m)
     if config.kernel == "dense":
+        x2 = silu_and_mul(x2) if gated else x2
         w = dequantize_triton(qweight, qzeros, scales, group_size, x.dtype)
         out = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.reshape(*x.shape[:-1], n)
@@ -287,5 +292,6 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         counters = arrival_counters(x.device, grid[0] * grid[2])
     _awq_gemm[grid](x2, qweight, qzeros, scales, bias, out, ws, counters, m, n, k, group_size, x2.stride(0),
                     out.stride(0), split, SPLIT=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                    STAGES=config.stages, SLOTS=config.slots, HAS_BIAS=bias is not None, num_warps=config.warps)
+                    STAGES=config.stages, SLOTS=config.slots, HAS_BIAS=bias is not None, GATED=gated,
+                    num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)
