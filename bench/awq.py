@@ -190,6 +190,10 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
     sms = 132 if smoke else torch.cuda.get_device_properties().multi_processor_count  # smoke: an H100's count
     measure = wall_ms if smoke else timed
     entries, wrong = [], []
+    raw = json.loads((path if path.exists() else at.CONFIGS).read_text())
+    versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    source = f"python -m bench.awq --tune on {device_name}, {datetime.date.today()}, {versions}"
+    path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for name, k, n in shapes:
         q, dense = layers[name]
@@ -221,13 +225,9 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
         configs = [c for c, nxt in zip(configs, configs[1:] + [None])
                    if nxt is None or {**c, "max_m": 0} != {**nxt, "max_m": 0}]
         entries.append({"n": n, "k": k, "configs": configs})
-    raw = json.loads((path if path.exists() else at.CONFIGS).read_text())
-    versions = f"torch {torch.__version__}, triton {triton.__version__}"
-    raw[at.device_class(device_name)] = {
-        "source": f"python -m bench.awq --tune on {device_name}, {datetime.date.today()}, {versions}",
-        "shapes": entries}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_table(raw))
+        # After every shape: a run cut short by its time limit keeps what it tuned.
+        raw[at.device_class(device_name)] = {"source": source, "shapes": entries}
+        path.write_text(dump_table(raw))
     print(f"wrote {path}", flush=True)
     return raw, wrong
 

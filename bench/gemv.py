@@ -69,6 +69,12 @@ def main() -> None:
     rows, tuned, wrong = [], [], []
     report = ["| linear | K | N | dtype | cuBLAS ms | cuBLAS TB/s | best kernel | kernel ms | kernel TB/s | "
               "cuBLAS / kernel | table |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    source = f"the table in use ({table_path})"
+    if args.tune:
+        source = (f"python -m bench.gemv --tune on {device_name}, {datetime.date.today()}, torch {torch.__version__}, "
+                  f"triton {triton.__version__}")
+        raw = json.loads((args.tune if args.tune.exists() else gv.CONFIGS).read_text())  # other classes kept
+        args.tune.parent.mkdir(parents=True, exist_ok=True)
     for name, k, n, gated in SMOKE_SHAPES if args.smoke else served_shapes():
         for dtype in dtypes:
             w = (torch.randn(n, k, device=device) * k ** -0.5).to(dtype)
@@ -104,14 +110,10 @@ def main() -> None:
                           f"{row['kernel']} | {best_ms:.4f} | {gb / best_ms:.2f} | {dense_ms / best_ms:.2f} | "
                           f"{'kernel' if row['in_table'] else 'cuBLAS'} |")
             print(report[-1], flush=True)
-    source = f"the table in use ({table_path})"
+        if args.tune:  # after every shape: a run cut short by its time limit keeps what it tuned
+            raw[device_class(device_name)] = {"source": source, "shapes": tuned}
+            args.tune.write_text(json.dumps(raw, indent=2) + "\n")
     if args.tune:
-        raw = json.loads((args.tune if args.tune.exists() else gv.CONFIGS).read_text())
-        source = (f"python -m bench.gemv --tune on {device_name}, {datetime.date.today()}, torch {torch.__version__}, "
-                  f"triton {triton.__version__}")
-        raw[device_class(device_name)] = {"source": source, "shapes": tuned}
-        args.tune.parent.mkdir(parents=True, exist_ok=True)
-        args.tune.write_text(json.dumps(raw, indent=2) + "\n")
         print(f"wrote {args.tune}: {len(tuned)} shape(s) take the kernel", flush=True)
     header = (f"# One-token projections: Triton GEMV vs cuBLAS\n\ndevice: "
               f"{'CPU (Triton interpreter, smoke)' if args.smoke else device_name}; date: {datetime.date.today()}; "
