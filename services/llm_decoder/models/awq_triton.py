@@ -15,7 +15,8 @@ another table file to use instead, e.g. one a tuning run just wrote):
   - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill);
   - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills).
 The fused kernel splits K over `split` programs per output tile when the tiles alone would leave SMs idle (skinny
-decode shapes); the last program to finish a tile sums the fp32 partials, so a call is one launch.
+decode shapes); the last program to finish a tile sums the fp32 partials, so a call is one launch. A gated call (a GLU
+MLP's down projection) passes [gate | up], and the fused kernels compute silu(gate) * up as they load it.
 """
 import functools
 import json
@@ -30,8 +31,8 @@ import triton.language as tl
 from services.common import kernel_tables
 from services.common.cuda_graphs import arrival_counters
 from services.common.gemv import load_input
-from services.common.layers import silu_and_mul
 from services.common.kernel_tables import device_class
+from services.common.layers import silu_and_mul
 
 CONFIGS = Path(__file__).with_name("awq_configs.json")  # the committed table
 
