@@ -260,10 +260,10 @@ def main() -> None:
         for m in tokens:
             x, x_in, x_error, gated = inputs(name, m, k, device)
             cfg = at.select(table, device_name, n, k, m)
-            run = lambda cfg=cfg: at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg, gated=gated)
-            share = check(run(), x_in, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}", x_error)
-            row = {"linear": name + " (gated)" * gated, "k": k, "n": n, "tokens": m, "path": cfg.path, "config": str(cfg),
-                   "error_share": share}
+            out = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg, gated=gated)
+            share = check(out, x_in, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}", x_error)
+            row = {"linear": name + " (gated)" * gated, "k": k, "n": n, "tokens": m, "path": cfg.path,
+                   "config": str(cfg), "error_share": share}
             if not args.smoke:
                 # Dense as served: a gated input through the compiled silu_and_mul kernel first.
                 row["dense_ms"] = timed([lambda c=c: F.linear(silu_and_mul(x) if gated else x, *c)

@@ -3,9 +3,10 @@ the same run, and the tuner that writes the kernel table (services/common/gemv_c
 
 Shapes: every projection of the served LLMs at one token (q/k/v and gate/up fused, the head's rows padded to 64),
 bf16, random weights; the down projection gated as served (the kernel computes silu(gate) * up from the gate/up
-output; cuBLAS gets it from the compiled silu_and_mul kernel, timed with it). Each candidate is checked against float64 within the bound of fp32 accumulation and one output
-rounding (bench.awq.error_bound), and timed as bench.awq times (back to back in a CUDA graph, weights from HBM). A shape
-enters the table only when its best candidate beats cuBLAS by at least MARGIN in this run; the others stay cuBLAS.
+output; cuBLAS gets it from the compiled silu_and_mul kernel, timed with it). Each candidate is checked against
+float64 within the bound of fp32 accumulation and one output rounding (bench.awq.error_bound), and timed as bench.awq
+times (back to back in a CUDA graph, weights from HBM). A shape enters the table only when its best candidate beats
+cuBLAS by at least MARGIN in this run; the others stay cuBLAS.
 
     python -m bench.gemv [--out bench/results/gemv-<date>.md]      # on a CUDA machine: the table in use
     python -m bench.gemv --tune services/common/gemv_configs.json [--out ...]   # sweep, write this class's table

@@ -11,7 +11,7 @@ import torch._dynamo
 
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from services.common.layers import COMPILE_OPTIONS, RMSNorm, add_rms_norm, rms_norm, silu_and_mul
+from services.common.layers import COMPILE_OPTIONS, add_rms_norm, rms_norm, silu_and_mul
 from services.llm_decoder.models.llama import rotary_and_cache
 from tools.run_local import ROOT
 

@@ -11,7 +11,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from internvl.serving.v1 import serving_pb2 as pb
-from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from tests.conftest import (IMAGE_HOST, data_url, noise_image, noise_video, png_bytes, solid_video,
                             video_data_url)
 from tests.reference_preprocess import load_video, reference_pixel_values

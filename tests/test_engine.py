@@ -28,7 +28,7 @@ def greedy_reference(reference, cfg, ids, image=None, new=NEW):
         embeds = model.get_input_embeddings()(torch.tensor([ids]))
         if image is not None:
             embeds[0, torch.tensor(ids) == cfg.image_token_id] = image
-        tokens, past = [], None
+        tokens = []
         out = model.model.language_model(inputs_embeds=embeds, use_cache=True)
         for _ in range(new):
             logits = model.lm_head(out.last_hidden_state[:, -1])

@@ -111,7 +111,8 @@ def compile_sm90() -> None:
                      "qk_scale": "fp32", "num_seqs": "i32", "stride_bt": "i32", **{name: "i32" for name in strides}}
             constants = {"GROUP": group, "BLOCK_Q": block_m // group, "BLOCK_M": block_m, "BLOCK_N": 64, "PAGE": 16,
                          "HEAD_DIM": d, "HEAD_PAD": triton.next_power_of_2(d), "SPLITS": splits,
-                         "PRECISION": "ieee" if dtype == "fp32" else None, **({} if splits > 1 else dict.fromkeys(split))}
+                         "PRECISION": "ieee" if dtype == "fp32" else None,
+                         **({} if splits > 1 else dict.fromkeys(split))}
             compile_for_sm90(_attn, types, constants, strides, num_warps=4, num_stages=2)
     print("ok")
 
