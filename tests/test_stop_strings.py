@@ -1,5 +1,5 @@
 """Stop strings over a stream of text deltas: the answer ends before the first one, whatever the split."""
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from services.llm_decoder.detokenizer import StopStrings
@@ -23,9 +23,16 @@ def run(stop: list[str], deltas: list[str]) -> tuple[str, bool, list[str]]:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text("abc", min_size=1, max_size=4), min_size=1, max_size=3),
        st.lists(st.text("abcd", max_size=5), max_size=8))
+@example(stop=["b", "aba"], deltas=["a", "b", "a"])  # "aba" starts first but would complete after "b" stopped it
 def test_the_answer_ends_before_the_first_stop_string(stop, deltas):
-    text = "".join(deltas)
-    hits = [i for i in (text.find(x) for x in stop) if i >= 0]
+    # Generation ends with the first delta after which the text holds a stop string; the answer is the text before
+    # the earliest one it holds then (one that would complete only later never comes).
+    text, hits = "", []
+    for delta in deltas:
+        text += delta
+        hits = [i for i in (text.find(x) for x in stop) if i >= 0]
+        if hits:
+            break
     out, stopped, _ = run(stop, deltas)
     assert (out, stopped) == ((text[:min(hits)], True) if hits else (text, False))
 
