@@ -62,6 +62,8 @@ def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool, gated: bool = False)
         constants["SPLIT_K"] = cfg.split
     else:
         types["split_k"], constants["SPLIT"] = "i32", split
+    if "nibble_mask" in fn.arg_names:
+        types["nibble_mask"] = "i32"
     if "HAS_BIAS" in fn.arg_names:
         constants |= {"HAS_BIAS": bias, **({} if bias else {"b_ptr": None})}
     if "GATED" in fn.arg_names:

@@ -38,22 +38,27 @@ CONFIGS = Path(__file__).with_name("awq_configs.json")  # the committed table
 
 
 @triton.jit
-def _nibbles(words, shifts, dtype: tl.constexpr):
+def _nibbles(words, shifts, dtype: tl.constexpr, nibble_mask):
     """The nibbles at bit offsets `shifts` of `words`, in `dtype` (fp32, fp16 or bf16), each plus a power of two: a
     nibble v or-ed into the bits of 2^23 (fp32), 1024 (fp16) or 128 (bf16) reads as that number + v, an
     integer-to-float conversion (a quarter-rate instruction) for the price of a bitwise or. Differences of two are
-    exact. (The mask drops the sign bits an arithmetic shift brings in.)"""
-    v = (words >> shifts) & 0xF
+    exact. (The mask drops the sign bits an arithmetic shift brings in.)
+
+    nibble_mask is 0xF given at run time, for fp32: with a constant, LLVM makes shift-and-mask a bit-field extract,
+    which ptxas lowers to a shift and a zero-extension before the or (three instructions a nibble); with the mask in
+    a register the and-or is one LOP3 (one-token tiles' loops 4-12 % shorter on sm_90, `bench.sass`). The 16-bit
+    path keeps the constant: its tl.dot tiles unpack two nibbles an instruction with it (17 % longer without)."""
     if dtype == tl.float32:  # static: one return type per compiled kernel
-        out = (v | 0x4B000000).to(tl.float32, bitcast=True)
+        out = (((words >> shifts) & nibble_mask) | 0x4B000000).to(tl.float32, bitcast=True)
     else:
+        v = (words >> shifts) & 0xF
         out = (v | (0x6400 if dtype == tl.float16 else 0x4300)).to(tl.int16).to(dtype, bitcast=True)
     return out
 
 
 @triton.jit
-def _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          dtype: tl.constexpr):
+def _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, nibble_mask, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, dtype: tl.constexpr):
     """q - z of W^T rows k0..k0+BLOCK_K, columns offs_n: [BLOCK_K, BLOCK_N] small integers, exact in `dtype`; and the
     [BLOCK_N] scales of their group in fp32 (the rows lie in one)."""
     w_ok = offs_w < N // 8
@@ -69,12 +74,13 @@ def _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N: tl
         zeros = tl.interleave(zeros, zeros)
     j = tl.arange(0, BLOCK_N) % 8
     shifts = (j // 2 + (j % 2) * 4) * 4
-    return _nibbles(words, shifts[None, :], dtype) - _nibbles(zeros, shifts, dtype)[None, :], scales
+    return (_nibbles(words, shifts[None, :], dtype, nibble_mask)
+            - _nibbles(zeros, shifts, dtype, nibble_mask)[None, :]), scales
 
 
 @triton.jit
-def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_lo, kb_hi, GATED: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_lo, kb_hi, nibble_mask,
+                  GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     """One token's sums over K blocks kb_lo..kb_hi for the columns of words offs_w, unpacked nibble slot by nibble
     slot: the words [BLOCK_K, BLOCK_N // 8] broadcast to [BLOCK_K, 8, BLOCK_N // 8] and shifted per slot, where the
     interleaved tile repeats each word 8 times along the columns first. Returns the [BLOCK_N] sums and their columns,
@@ -93,17 +99,17 @@ def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_lo
         zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
         scales = tl.load(sc_ptr + g * N + cols, mask=w_ok[None, :], other=0.0).to(tl.float32)
         # Exact weights, as the interleaved GEMV's.
-        q = _nibbles(words[:, None, :], shifts[None, :, None], tl.float32)
-        z = _nibbles(zeros[None, :], shifts[:, None], tl.float32)
+        q = _nibbles(words[:, None, :], shifts[None, :, None], tl.float32, nibble_mask)
+        z = _nibbles(zeros[None, :], shifts[:, None], tl.float32, nibble_mask)
         acc += x.to(tl.float32)[:, None, None] * ((q - z[None, :, :]) * scales[None, :, :])
     return tl.reshape(tl.sum(acc, 0), (BLOCK_N,)), tl.reshape(cols, (BLOCK_N,))
 
 
 # M varies per step and split_k per shape: one compiled kernel per tile config, not per token count or split (the
-# tuner tries many splits of each tile).
-@triton.jit(do_not_specialize=["M", "split_k"])
+# tuner tries many splits of each tile); nibble_mask must stay a run-time value (see _nibbles).
+@triton.jit(do_not_specialize=["M", "split_k", "nibble_mask"])
 def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm,
-              stride_om, split_k, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              stride_om, split_k, nibble_mask, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
               GATED: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -117,7 +123,7 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
     kb_hi = (pid_k + 1) * k_blocks // split_k
     if SLOTS:  # one token, unpacked slot by slot: the tile's columns come back in slot order, and are stored so
         y, offs_n = _gemv_by_slot(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size,
-                                  kb_lo, kb_hi, GATED, BLOCK_N, BLOCK_K, STAGES)
+                                  kb_lo, kb_hi, nibble_mask, GATED, BLOCK_N, BLOCK_K, STAGES)
         acc = tl.reshape(y, (1, BLOCK_N))
     else:
         # GEMV keeps a [BLOCK_K, BLOCK_N] fp32 accumulator and reduces over K once, after the loop.
@@ -129,8 +135,8 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
                            K, GATED)  # gated: rows of [gate | up], 2K long
             # One token: x times the exact weights (q - z) * scale, in fp32. Tiles: x times q - z (exact in x's
             # dtype) on the tensor cores, the group's scales applied to the fp32 sums.
-            qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K,
-                               tl.float32 if BLOCK_M == 1 else x.dtype)
+            qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, nibble_mask, BLOCK_N,
+                               BLOCK_K, tl.float32 if BLOCK_M == 1 else x.dtype)
             if BLOCK_M == 1:
                 acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * (qz * scales[None, :])
             else:
@@ -168,7 +174,7 @@ def _awq_dequant(qw_ptr, qz_ptr, sc_ptr, w_ptr, N, group_size, BLOCK_N: tl.const
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_N, BLOCK_K, tl.float32)
+    qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, 0xF, BLOCK_N, BLOCK_K, tl.float32)
     w = (qz * scales[None, :]).to(w_ptr.dtype.element_ty)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_n < N)[None, :])
@@ -292,7 +298,7 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
         counters = arrival_counters(x.device, grid[0] * grid[2])
     _awq_gemm[grid](x2, qweight, qzeros, scales, bias, out, ws, counters, m, n, k, group_size, x2.stride(0),
-                    out.stride(0), split, SPLIT=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                    out.stride(0), split, 0xF, SPLIT=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                     STAGES=config.stages, SLOTS=config.slots, HAS_BIAS=bias is not None, GATED=gated,
                     num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)
