@@ -139,9 +139,11 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
     of a tile share one compiled kernel.)"""
     if m == 1:
         # Wide one-token tiles read a k row's words as 128- and 256-byte runs (a 64-column tile reads 32 bytes of
-        # each row): longer runs for the memory system, for the same registers (fewer rows per step).
+        # each row): longer runs for the memory system, for the same registers (fewer rows per step). Single-stage
+        # ones load straight into registers, no cp.async through shared memory: shorter loops on sm_90 (1x64x64
+        # slots 421 -> 315 instructions, 1x128x64 458 -> 428) and 0.5-2 KB of shared memory, room for more programs.
         tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (1, 256, 32, 4, 3), (1, 512, 16, 4, 3), (1, 256, 64, 8, 3),
-                 (16, 64, 128, 4, 3)]
+                 (1, 64, 64, 4, 1), (1, 128, 64, 4, 1), (1, 256, 32, 4, 1), (16, 64, 128, 4, 3)]
     elif m <= 16:
         tiles = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3)]
     elif m <= 64:

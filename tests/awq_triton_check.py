@@ -87,6 +87,8 @@ def paths() -> None:
         (at.Config(block=(1, 64, 128), split=4, unpack="slots"), 1, 512, 72, 128, f16),
         (at.Config(block=(1, 512, 16), split=3), 1, 256, 136, 64, b16),      # wide tiles: most columns masked
         (at.Config(block=(1, 256, 32), unpack="slots"), 1, 256, 264, 128, f16),
+        (at.Config(block=(1, 64, 64), stages=1, unpack="slots"), 1, 256, 136, 128, f16),  # single stage
+        (at.Config(block=(1, 128, 64), split=2, stages=1), 1, 256, 136, 64, b16),
         (at.Config(block=(16, 64, 128), split=4), 5, 512, 136, 128, f16),
         (at.Config(block=(16, 128, 128), split=2), 16, 256, 136, 64, b16),     # BLOCK_K 128 cut to the group's 64
         (at.Config(block=(32, 64, 64), split=1), 33, 256, 264, 128, f16),
