@@ -21,3 +21,15 @@ def test_fused_loops_convert_no_weight_and_the_base_compiles_beside(tmp_path):
     assert {(r["config"].split()[0], r["dtype"]) for r in rows} == {(p, d) for p in ("gemv+split8", "gemm+split2")
                                                                    for d in ("fp16", "bf16")}
     assert all(r["loop"] > 100 and r["conversions"] == 0 and r["base_loop"] == r["loop"] for r in rows)
+
+
+def test_one_token_loops_extract_nibbles_without_a_bit_field_extract(tmp_path, monkeypatch):
+    """The fp32 unpacking takes its 0xF mask at run time, so ptxas emits a shift and one LOP3 per nibble; with a
+    constant, LLVM's bit-field extract costs a zero-extension (SGXT) more per nibble (60 in a 1x128x64 loop)."""
+    from bench.sass import compile_awq, loop_counts
+    from services.llm_decoder.models import awq_triton as at
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    for cfg in (at.Config(block=(1, 128, 64), split=4), at.Config(block=(1, 256, 32), stages=1)):
+        ops = loop_counts(compile_awq(at._awq_gemm, cfg, "bf16", bias=False).asm["cubin"])
+        assert sum(ops.values()) > 100 and ops["SGXT"] == 0, (str(cfg), ops.most_common(6))
