@@ -55,13 +55,18 @@ def error_bound(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> tup
     return want, unit * want.abs() + (1 + unit) * acc + 2.0 ** -24
 
 
-def inputs(name: str, m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-    """(x as the linear takes it, its input, the relative error the two may differ by, gated): a gated linear takes
-    [gate | up] of 2K and multiplies silu(gate) * up, which the kernels round once and silu_and_mul may round twice
+def linear_input(x: torch.Tensor, gated: bool) -> tuple[torch.Tensor, float]:
+    """(the input a linear multiplies for x, the relative error a kernel's own may differ from it by): a gated linear
+    takes [gate | up] and multiplies silu(gate) * up, which the kernels round once and silu_and_mul may round twice
     (eagerly, on the CPU)."""
+    return (silu_and_mul(x), 2 * torch.finfo(x.dtype).eps) if gated else (x, 0.0)
+
+
+def inputs(name: str, m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+    """(x as the linear `name` takes it, its input and that input's error (`linear_input`), gated)."""
     gated = name in GATED
     x = torch.randn(m, 2 * k if gated else k, device=device, dtype=torch.float16)
-    return x, silu_and_mul(x) if gated else x, 2 * torch.finfo(x.dtype).eps if gated else 0.0, gated
+    return x, *linear_input(x, gated), gated
 
 
 def weight(q: dict, group: int, cfg: at.Config, dtype: torch.dtype) -> torch.Tensor:

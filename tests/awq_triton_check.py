@@ -17,7 +17,6 @@ from triton.runtime import interpreter
 from bench import awq as bench
 from bench.sass import compile_awq, compile_for_sm90
 from services.common import cuda_graphs
-from services.common.layers import silu_and_mul
 from services.llm_decoder.models import awq
 from services.llm_decoder.models import awq_triton as at
 
@@ -65,7 +64,7 @@ def run(cfg: at.Config | None, m: int, k: int, n: int, group: int, dtype: torch.
     assert got.shape == (*lead, m, n), got.shape
     path = cfg or at.pick_config("cpu", n, k, m)
     what = f"{path} m={m} k={k} n={n} group={group} {dtype}" + " bias" * bias + " gated" * gated
-    x_in, x_error = (silu_and_mul(x), 2 * torch.finfo(dtype).eps) if gated else (x, 0.0)
+    x_in, x_error = bench.linear_input(x, gated)
     share = bench.check(got, x_in, bench.weight(q, group, path, dtype), what, x_error, bias=b)
     # And so the dequantize path's result, whose weights are rounded to x's dtype, within that rounding.
     rounded = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype)
@@ -106,16 +105,14 @@ def paths() -> None:
     strided = at.Config(block=(16, 64, 64))
     bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, strided), x,
                 bench.weight(q, 64, strided, x.dtype), "strided x")
-    # A bias is added in every path's epilogue (split or not, one row, slots, tiles, dense), in either dtype.
-    for i, cfg in enumerate([at.Config(block=(1, 128, 64), split=3), at.Config(block=(1, 64, 64), unpack="slots"),
-                             at.Config(block=(16, 64, 128), split=4), at.Config(block=(32, 64, 64)),
-                             at.Config(kernel="dense")]):
-        run(cfg, 1 if cfg.block[0] == 1 else 20, 256, 136, 64, (f16, b16)[i % 2], bias=True)
-    # A gated input ([gate | up], the down projection's) in every path, in either dtype.
-    for i, cfg in enumerate([at.Config(block=(1, 128, 64), split=3), at.Config(block=(1, 64, 64), unpack="slots"),
-                             at.Config(block=(16, 64, 128), split=4), at.Config(block=(32, 64, 64)),
-                             at.Config(kernel="dense")]):
-        run(cfg, 1 if cfg.block[0] == 1 else 20, 256, 136, 64, (b16, f16)[i % 2], lead=(1,) * (i % 2), gated=True)
+    # A bias is added in every path's epilogue, and a gated input ([gate | up], the down projection's) is gated in
+    # every path (split or not, one row, slots, tiles, dense), in either dtype.
+    every_path = [at.Config(block=(1, 128, 64), split=3), at.Config(block=(1, 64, 64), unpack="slots"),
+                  at.Config(block=(16, 64, 128), split=4), at.Config(block=(32, 64, 64)), at.Config(kernel="dense")]
+    for i, cfg in enumerate(every_path):
+        m = 1 if cfg.block[0] == 1 else 20
+        run(cfg, m, 256, 136, 64, (f16, b16)[i % 2], bias=True)
+        run(cfg, m, 256, 136, 64, (b16, f16)[i % 2], lead=(1,) * (i % 2), gated=True)
     # Every split-K launch leaves its tile counters at zero for the next one.
     assert not cuda_graphs._counters[torch.device("cpu")][-1].any()
     # The dense path's dequantization equals awq.dequantize bit for bit.
@@ -186,6 +183,7 @@ def compile_sm90() -> None:
                                            "N": "i32", "group_size": "i32"}, {"BLOCK_N": 128, "BLOCK_K": 32},
                          ("N", "group_size"))
     assert seen
+
 
 if __name__ == "__main__":
     _bf16_like_the_gpu()
