@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -97,7 +98,11 @@ def test_a_cache_value_is_the_message_serialized_and_its_rows_are_read_in_place(
     assert value == message.SerializeToString()
     parsed = decode_value(value, "fp", tokens_per_tile=rows // max(1, rows // 4))
     assert bytes(value_rows(value, parsed)) == parsed.embeddings.data
-    assert torch.equal(cat_rows([(parsed.embeddings, value_rows(value, parsed))]), t)
+    assert torch.equal(cat_rows([(parsed.embeddings, value_rows(value, parsed))]), t)  # bytes: copied
+    read = bytearray(value)  # as a value read from the cache: a buffer of its own, viewed
+    rows_read = cat_rows([(parsed.embeddings, value_rows(read, parsed))])
+    view = np.frombuffer(value_rows(read, parsed), np.uint8)
+    assert torch.equal(rows_read, t) and rows_read.data_ptr() == view.ctypes.data
 
 
 def _rewrite_shards(src, dst, rename, to_bin=False):

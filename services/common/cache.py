@@ -7,8 +7,10 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import Sequence
+from collections import deque
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -23,10 +25,17 @@ log = logging.getLogger(__name__)
 # Byte widths of tensors.DTYPES, written out because the gateway reads cache values without torch.
 _ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
 TIMEOUT_S = 1.0  # a command's (a hung Redis must cost little)
-# A read of values may take TIMEOUT_S plus 1 s per this many bytes the process reads meanwhile (its own,
-# those in flight, those of reads that start before it ends): a healthy Redis and a loaded gateway move hundreds of
-# MB/s, so only a Redis that stalls mid-value meets the deadline.
-BULK_READ_BYTES_PER_S = 25e6
+# A read or write of values may take TIMEOUT_S plus 1 s per this many bytes the process moves meanwhile (its own,
+# those in flight, those of transfers that start before it ends): a healthy Redis and a loaded gateway move hundreds
+# of MB/s, so only a Redis that stalls mid-value meets the deadline.
+VALUE_BYTES_PER_S = 25e6
+IDLE_VALUE_CONNECTIONS = 8  # kept open for the next transfer; more are closed when done
+Alloc = Callable[[int], Any]  # n -> a writable buffer of n bytes (bytearray, a numpy or torch array, ...)
+
+
+def host_buffer(n: int) -> np.ndarray:
+    """Memory for a value, not initialised (a bytearray is zeroed first: one more pass over 27 MB)."""
+    return np.empty(n, np.uint8)
 
 
 def image_cache_key(namespace: str, fingerprint: str, image_sha256: str, max_num: int, use_thumbnail: bool,
@@ -36,12 +45,18 @@ def image_cache_key(namespace: str, fingerprint: str, image_sha256: str, max_num
     return f"{namespace}:" + hashlib.sha256(params.encode()).hexdigest()
 
 
-def encode_value(fingerprint: str, tiles: int, dtype: str, shape: Sequence[int], rows) -> bytes:
-    """The value: CachedEmbeddings{fingerprint, tiles, embeddings: Tensor{dtype, shape, data: rows}}, byte for byte
-    as SerializeToString writes it, the rows (any contiguous bytes-like object) copied once. Building the message
-    would copy them three times more (upb copies a bytes field in, and a submessage through a serialization)."""
+def value_parts(fingerprint: str, tiles: int, dtype: str, shape: Sequence[int], rows) -> tuple[bytes, memoryview]:
+    """The value, CachedEmbeddings{fingerprint, tiles, embeddings: Tensor{dtype, shape, data: rows}} byte for byte as
+    SerializeToString writes it, in two parts: the fields before the rows, and the rows (any contiguous bytes-like
+    object), not copied (`EmbeddingCache.put` sends them as they are). Building the message would copy them four
+    times (upb copies a bytes field in, and a submessage through a serialization)."""
     rows = memoryview(rows).cast("B")
-    return b"".join((_head(fingerprint, tiles, dtype, shape, rows.nbytes), rows))
+    return _head(fingerprint, tiles, dtype, shape, rows.nbytes), rows
+
+
+def encode_value(fingerprint: str, tiles: int, dtype: str, shape: Sequence[int], rows) -> bytes:
+    """The value in one piece (the rows copied once)."""
+    return b"".join(value_parts(fingerprint, tiles, dtype, shape, rows))
 
 
 def value_rows(data: bytes, value: pb.CachedEmbeddings) -> memoryview:
@@ -109,6 +124,160 @@ end
 """
 
 
+class _ValueConnection(asyncio.BufferedProtocol):
+    """A connection that moves values of many MB: a GET's reply goes from the socket straight into a buffer of the
+    caller's, a SET sends the value's parts as they are. redis-py opens it (TCP, TLS or a Unix socket, with the AUTH,
+    HELLO and SELECT its URL asks for), then hands over its transport. redis-py's reply parser copies a 27 MB value
+    four times, after asyncio's StreamReader has grown a buffer to hold it (realloc after realloc), and its SET
+    joins the value to the command: a decoder's read and a vision pool's write of 27 MB took 2.7x and 2.6x as long
+    through redis-py on a 2-CPU VM (bench/results/cache-cpu-epyc-2026-11-30.md)."""
+
+    def __init__(self, conn: redis.Connection, transport: asyncio.Transport):
+        self.conn, self.transport = conn, transport  # conn closes the socket (disconnect)
+        self.replies: deque[tuple[asyncio.Future, Alloc]] = deque()  # awaited, in the order the commands went
+        self.line = bytearray()  # the first line of the reply being read, so far
+        self.body: memoryview | None = None  # a bulk reply's buffer, `filled` bytes of it in
+        self.filled = self.skip = 0  # skip: bytes still to drop (the CRLF after a bulk reply)
+        self.scratch = memoryview(bytearray(1 << 16))  # what arrives outside a bulk reply's body
+        self.lost: Exception | None = None
+        transport.set_protocol(self)
+
+    @classmethod
+    async def open(cls, pool: redis.ConnectionPool) -> "_ValueConnection":
+        conn = pool.make_connection()
+        await conn.connect()
+        return cls(conn, conn._writer.transport)  # the one private attribute: redis-py shows no transport
+
+    async def close(self) -> None:
+        await self.conn.disconnect(nowait=True)
+
+    async def run(self, commands: list[tuple[tuple, Alloc | None]]) -> list:
+        """Send commands (their arguments: str, or bytes-like, or a tuple of bytes-like parts sent as one argument)
+        pipelined, and return their replies: None, an int, bytes (a simple string), or a memoryview of the buffer
+        `alloc` (default: host_buffer) gave for a bulk reply. A Redis error reply raises ResponseError."""
+        replies = []
+        for args, alloc in commands:
+            for piece in _command(args):
+                self.transport.write(piece)
+            replies.append(asyncio.get_running_loop().create_future())
+            self.replies.append((replies[-1], alloc))
+        if self.lost:
+            raise self.lost
+        return await asyncio.gather(*replies)  # which also takes the errors of replies after a failed one
+
+    # asyncio.BufferedProtocol
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.body[self.filled:] if self.body is not None else self.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.body is not None:  # straight into the body
+            self.filled += nbytes
+            if self.filled == len(self.body):
+                self._bulk_done()
+            return
+        try:
+            self._parse(self.scratch[:nbytes])
+        except (ValueError, redis.RedisError) as e:  # the stream makes no sense: nothing more can be read
+            self.transport.abort()
+            self.connection_lost(redis.ConnectionError(f"unexpected reply from Redis: {e}"))
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            self.lost = exc if isinstance(exc, redis.ConnectionError) else \
+                redis.ConnectionError(f"Redis closed the connection ({exc or 'end of stream'})")
+        while self.replies:
+            future, _ = self.replies.popleft()
+            if not future.done():
+                future.set_exception(self.lost)
+
+    def _parse(self, data: memoryview) -> None:
+        while data:
+            if self.skip:
+                drop = min(self.skip, len(data))
+                if bytes(data[:drop]) != b"\r\n"[2 - self.skip:2 - self.skip + drop]:
+                    raise ValueError("a bulk reply does not end with CRLF")
+                self.skip -= drop
+                data = data[drop:]
+            elif self.body is not None:  # a body's start, in the chunk that ended its first line
+                n = min(len(self.body) - self.filled, len(data))
+                self.body[self.filled:self.filled + n] = data[:n]
+                self.filled += n
+                data = data[n:]
+                if self.filled == len(self.body):
+                    self._bulk_done()
+            else:
+                end = bytes(data[:1024]).find(b"\n")
+                if end < 0:
+                    self.line += data
+                    if len(self.line) > 1024:
+                        raise ValueError("a reply's first line is over 1 KB")
+                    return
+                self.line += data[:end + 1]
+                data = data[end + 1:]
+                line, self.line = bytes(self.line), bytearray()
+                self._reply(line)
+
+    def _reply(self, line: bytes) -> None:
+        if not line.endswith(b"\r\n") or not self.replies:
+            raise ValueError(repr(line[:64]))
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"$" and rest != b"-1":
+            size = int(rest)
+            if size < 0:
+                raise ValueError(repr(line))
+            alloc = self.replies[0][1]
+            self.body = memoryview((alloc or host_buffer)(size)).cast("B")
+            if len(self.body) != size:
+                raise ValueError(f"a buffer of {len(self.body)} bytes for a value of {size}")
+            self.filled = 0
+            if size == 0:
+                self._bulk_done()
+            return
+        if kind in (b"$", b"_"):  # $-1: RESP2's null, _: RESP3's
+            value = None
+        elif kind == b"+":
+            value = rest
+        elif kind == b":":
+            value = int(rest)
+        elif kind == b"-":
+            value = redis.ResponseError(rest.decode(errors="replace"))
+        else:
+            raise ValueError(repr(line[:64]))
+        future, _ = self.replies.popleft()
+        if not future.done():  # cancelled: the caller went away, the reply is read all the same
+            if isinstance(value, Exception):
+                future.set_exception(value)
+            else:
+                future.set_result(value)
+
+    def _bulk_done(self) -> None:
+        future, _ = self.replies.popleft()
+        body, self.body, self.skip = self.body, None, 2
+        if not future.done():
+            future.set_result(body)
+
+
+def _command(args: tuple) -> list:
+    """A command in RESP, as pieces to write: an argument given as a tuple of parts is sent as their concatenation
+    (a value's fields and its rows). Parts over 64 KB (rows) are pieces of their own, not copied; the rest is joined
+    (a write per piece may be a send each)."""
+    out, small = [], [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts = [p.encode() if isinstance(p, str) else p for p in (arg if isinstance(arg, tuple) else (arg,))]
+        small.append(b"$%d\r\n" % sum(memoryview(p).nbytes for p in parts))
+        for part in parts:
+            if memoryview(part).nbytes > 1 << 16:
+                out += [b"".join(small), part]
+                small = []
+            else:
+                small.append(part)
+        small.append(b"\r\n")
+    return out + [b"".join(small)]
+
+
 class EmbeddingCache:
     """Async Redis access with short timeouts; never raises to the caller. After a failure the cache is skipped for
     `cooldown_s` (a circuit breaker), so an outage costs one timeout, not one per request; then it is tried again."""
@@ -120,11 +289,13 @@ class EmbeddingCache:
         retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
         self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
                                            retry=retry) if url else None
-        # Values (27 MB for an 8B model's image) are read on their own connections under a deadline that grows with
-        # the bytes being read (redis-py's socket timeout bounds a whole response, however large).
-        self.bulk = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT_S, retry=retry) if url else None
-        self._reading = 0  # bytes of values being read now
-        self._reads: set[asyncio.Timeout] = set()  # their deadlines
+        # Values (27 MB for an 8B model's image) move on connections of their own (_ValueConnection) under a
+        # deadline that grows with the bytes being moved (a socket timeout would bound a whole response, however
+        # large). This pool only makes them, with the URL's address, TLS and credentials.
+        self.values = redis.ConnectionPool.from_url(url, socket_connect_timeout=TIMEOUT_S) if url else None
+        self._idle: list[_ValueConnection] = []
+        self._moving = 0  # bytes of values being moved now
+        self._transfers: set[asyncio.Timeout] = set()  # their deadlines
         self.open_until = 0.0  # monotonic time before which Redis is not tried
         UP.set(1 if self.client else 0)
 
@@ -138,31 +309,57 @@ class EmbeddingCache:
         self.open_until = time.monotonic() + self.cooldown_s
         log.warning("redis %s failed, serving without the cache for %.0fs: %s", what, self.cooldown_s, e)
 
-    async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        """The values (None: absent). Their sizes first, under the short timeout (a hung Redis costs no more than
-        for any command); then the values present, under a deadline for the bytes this process is reading."""
+    async def get_many(self, keys: list[str]) -> list[memoryview | None]:
+        """The values (None: absent), each read into a host_buffer of its own. Their sizes first, under the short
+        timeout (a hung Redis costs no more than for any command); then the values present, under a deadline for the
+        bytes this process moves."""
         sizes = await self.sizes(keys)
         present = [key for key, size in zip(keys, sizes) if size]
         if not present or not self.usable():  # usable: the circuit may have opened while the sizes came
             return [None] * len(keys)
-        total = sum(sizes)
-        for other in self._reads:  # they share the pipe with this read from now on
-            if not other.expired():
-                other.reschedule(other.when() + total / BULK_READ_BYTES_PER_S)
-        self._reading += total
-        deadline = asyncio.timeout(TIMEOUT_S + self._reading / BULK_READ_BYTES_PER_S)
-        self._reads.add(deadline)
         try:
-            async with deadline:
-                values = iter(await self.bulk.mget(present))
+            values = iter(await self._transfer(sum(sizes), [(("GET", key), None) for key in present]))
         except (redis.RedisError, OSError) as e:  # TimeoutError is an OSError
             self._failed("read", e)
             return [None] * len(keys)
-        finally:
-            self._reads.discard(deadline)
-            self._reading -= total
         UP.set(1)
         return [next(values) if size else None for size in sizes]
+
+    async def _transfer(self, size: int, commands: list) -> list:
+        """Run commands that move `size` bytes of values on a value connection, under a deadline of TIMEOUT_S plus
+        the time the bytes this process moves meanwhile take at VALUE_BYTES_PER_S. An idle connection that fails
+        is replaced once (after Redis restarts, each fails once: "closed by server")."""
+        for other in self._transfers:  # they share the pipe with this transfer from now on
+            if not other.expired():
+                other.reschedule(other.when() + size / VALUE_BYTES_PER_S)
+        self._moving += size
+        deadline = asyncio.timeout(TIMEOUT_S + self._moving / VALUE_BYTES_PER_S)
+        self._transfers.add(deadline)
+        try:
+            async with deadline:
+                if self._idle:
+                    try:
+                        return await self._run(self._idle.pop(), commands)
+                    except redis.ConnectionError:  # Redis restarted since it was used, so did the other idle ones
+                        while self._idle:
+                            await self._idle.pop().close()
+                return await self._run(await _ValueConnection.open(self.values), commands)
+        finally:
+            self._transfers.discard(deadline)
+            self._moving -= size
+
+    async def _run(self, conn: _ValueConnection, commands: list) -> list:
+        """The commands' replies; the connection is kept for the next transfer only if it is in a known state."""
+        try:
+            replies = await conn.run(commands)
+        except BaseException:  # an error, a timeout, a cancelled caller: replies may be left unread
+            await conn.close()
+            raise
+        if len(self._idle) < IDLE_VALUE_CONNECTIONS:
+            self._idle.append(conn)
+        else:
+            await conn.close()
+        return replies
 
     async def sizes(self, keys: list[str]) -> list[int]:
         """Each value's size in bytes (0: absent), in one round trip: whether the cache holds an image's embeddings,
@@ -185,12 +382,14 @@ class EmbeddingCache:
         UP.set(1)
         return results
 
-    async def put(self, key: str, value: bytes) -> bool:
-        """Whether the value was stored."""
+    async def put(self, key: str, *parts) -> bool:
+        """Store a value given as its parts (bytes-like; stored as their concatenation, sent without copying them:
+        see value_parts), under the deadline of a transfer of its size. Whether it was stored."""
         if not self.usable():
             return False
+        expiry = ("EX", str(self.ttl_s)) if self.ttl_s else ()
         try:
-            await self.client.set(key, value, ex=self.ttl_s)
+            await self._transfer(sum(memoryview(p).nbytes for p in parts), [(("SET", key, parts, *expiry), None)])
         except (redis.RedisError, OSError) as e:
             self._failed("write", e)
             return False
@@ -222,4 +421,6 @@ class EmbeddingCache:
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
-            await self.bulk.aclose()
+            while self._idle:
+                await self._idle.pop().close()
+            await self.values.aclose()

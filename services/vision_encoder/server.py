@@ -9,7 +9,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from services.common.cache import EmbeddingCache, encode_value
+from services.common.cache import EmbeddingCache, value_parts
 from services.common.checkpoint import ModelConfig
 from services.common.settings import log_event
 from services.common.tensors import DTYPE_NAMES, from_proto, tensor_bytes, to_proto
@@ -56,18 +56,18 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.batcher.queued_tiles} tiles are already "
                                 f"queued (limit {self.max_queued_tiles})")
         embeddings = await self.batcher.encode(images)
-        values = [encode_value(self.info.fingerprint, tiles.shape[0], DTYPE_NAMES[e.dtype], e.shape, tensor_bytes(e))
+        values = [value_parts(self.info.fingerprint, tiles.shape[0], DTYPE_NAMES[e.dtype], e.shape, tensor_bytes(e))
                   if img.cache_key else None for img, tiles, e in zip(request.images, images, embeddings)]
         stored = set()
         if request.by_reference:
             # The reader (the decoder) takes the rows from the cache: written before the answer; the rows of an
             # image whose write failed travel inline.
             keyed = [i for i, v in enumerate(values) if v]
-            written = await asyncio.gather(*(self.cache.put(request.images[i].cache_key, values[i]) for i in keyed))
+            written = await asyncio.gather(*(self.cache.put(request.images[i].cache_key, *values[i]) for i in keyed))
             stored = {i for i, ok in zip(keyed, written) if ok}
             for i in keyed:
                 CACHE_WRITES.labels("written" if i in stored else "failed").inc()
-                CACHE_WRITE_BYTES.inc(len(values[i]) if i in stored else 0)
+                CACHE_WRITE_BYTES.inc(sum(map(len, values[i])) if i in stored else 0)
         else:
             for img, v in zip(request.images, values):
                 if v:
@@ -84,17 +84,17 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
         IMAGES.inc(len(images))
         return response
 
-    def _write_behind(self, key: str, value: bytes) -> None:
+    def _write_behind(self, key: str, value: tuple[bytes, memoryview]) -> None:
         """Cache writes never delay the answer: they run after it, a bounded number at a time (beyond that the
         value is not cached rather than queued)."""
         if len(self._writes) >= self.max_pending_writes:
             CACHE_WRITES.labels("dropped").inc()
             return
-        task = asyncio.create_task(self.cache.put(key, value))
+        task = asyncio.create_task(self.cache.put(key, *value))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         CACHE_WRITES.labels("written").inc()
-        CACHE_WRITE_BYTES.inc(len(value))
+        CACHE_WRITE_BYTES.inc(sum(map(len, value)))
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return self.info
@@ -105,3 +105,4 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
             raise ValueError(f"images[{index}]: tiles must be uint8 [n>=1, {size}, {size}, 3], "
                              f"got {msg.dtype} {list(msg.shape)}")
         return from_proto(msg)
+
