@@ -167,7 +167,7 @@ COLUMNS = [("family", "family"), ("layout", "layout"), ("ckpt_gib", "ckpt GiB"),
 
 def split_text(split: dict[str, float]) -> str:
     """The gateway's Server-Timing phases, in the order a request meets them."""
-    order = ["fetch", "preprocess", "cache", "prompt", "vision", "decoder"]
+    order = ["fetch", "preprocess", "cache", "prompt", "vision", "store", "read", "decoder"]
     return " ".join(f"{k} {split[k]:.0f}" for k in sorted(split, key=lambda k: order.index(k) if k in order else 99))
 
 
@@ -190,7 +190,8 @@ def report(rows: list[dict], header: str) -> str:
               "cache hit: that image again, after a system prompt (its embeddings from the cache, the whole prompt "
               "prefilled: no KV prefix reused). Split: the gateway's Server-Timing phases (fetch, preprocess = decode, "
               "hash and tile, cache look-up, prompt = template and tokenizer, vision = the vision pool's call, "
-              "decoder = from the decoder call to its first token).",
+              "store = of which the vision pool wrote the embeddings to Redis, read = the decoder reading them, "
+              "decoder = the rest of the decoder call to its first token: mostly prefill).",
               "GPU MiB: nvidia-smi per process after the requests; * = the service's torch reserved memory (nvidia-smi "
               "did not list its PID), without the CUDA context."]
     return "\n".join(lines) + "\n"

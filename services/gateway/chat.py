@@ -143,7 +143,7 @@ class ChatService:
             raise bad_request(f"the prompt has {len(token_ids)} tokens (images included); the model's context is "
                               f"{self.pools.max_model_len}", "messages")
         with phases("vision"):
-            await self._encode_misses(resolved, request_id, by_reference)
+            await self._encode_misses(resolved, request_id, by_reference, phases)
         sampling = pb.SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens or 0,
                                      temperature=req.temperature, top_p=req.top_p,
                                      stop_token_ids=sorted(set(req.stop_token_ids) | set(
@@ -283,7 +283,8 @@ class ChatService:
             img.tiles = img.pixels.shape[0]
         return resolved
 
-    async def _encode_misses(self, images: list[_Image], request_id: str, by_reference: bool) -> None:
+    async def _encode_misses(self, images: list[_Image], request_id: str, by_reference: bool,
+                             phases: Phases) -> None:
         """One Encode call for the images the cache did not have (the vision pool caches them). Single flight: an
         image that another request (or this one, twice) is encoding right now is awaited, not encoded again."""
         loop = asyncio.get_running_loop()
@@ -298,7 +299,7 @@ class ChatService:
                 futures[img.key] = self._encoding[flight]
         if owned:
             try:
-                for img, out in zip(owned, await self._obtain(owned, request_id, by_reference)):
+                for img, out in zip(owned, await self._obtain(owned, request_id, by_reference, phases)):
                     futures[img.key].set_result(out)
             except BaseException as e:  # the requests waiting on these images fail with this one
                 error = upstream_error("vision encoder", e) if isinstance(e, grpc.aio.AioRpcError) else \
@@ -317,7 +318,8 @@ class ChatService:
             if img.embeddings is None:
                 img.embeddings = await futures[img.key]
 
-    async def _obtain(self, images: list[_Image], request_id: str, by_reference: bool) -> list[pb.ImageEmbeddings]:
+    async def _obtain(self, images: list[_Image], request_id: str, by_reference: bool,
+                      phases: Phases) -> list[pb.ImageEmbeddings]:
         """Embeddings of images no request of this gateway is encoding: stored since this request looked (an
         encoding that ended in between), from another gateway that is encoding them (it holds the image's claim in
         Redis: wait for the value it stores), else from one Encode call here."""
@@ -336,6 +338,7 @@ class ChatService:
                     tiles.dtype, tiles.data = "uint8", img.pixels.tobytes()
                     tiles.shape[:] = img.pixels.shape
                 response = await self.pools.vision.unary("Encode", request, timeout=self.limits.vision_timeout_s)
+                phases.split("vision", "store", response.store_s)
                 found.update((img.key, out) for img, out in zip(encode, response.images))
         finally:
             # By reference the value was stored before the answer; otherwise it is written just after it: the

@@ -64,7 +64,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 sent = time.perf_counter()
                 async for i, r in self.chat.generate(generate, chat_request):
                     if ttft is None:  # a final-only answer says when its first token came
-                        phases.add("decoder", r.first_token_s or time.perf_counter() - sent)
+                        phases.decoder(r.first_token_s or time.perf_counter() - sent, r.embeddings_s)
                         ttft = round(sent - start + phases.seconds["decoder"], 4)
                         TTFT.labels("grpc").observe(ttft)
                     if r.finish_reason:

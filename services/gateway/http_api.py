@@ -108,7 +108,7 @@ def create_app(chat: ChatService) -> FastAPI:
         if req.stream:
             # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
             first = await anext(stream)
-            phases.add("decoder", time.perf_counter() - sent)
+            phases.decoder(time.perf_counter() - sent, first[1].embeddings_s)
             state["ttft_s"] = round(time.perf_counter() - start, 4)
             TTFT.labels("rest").observe(state["ttft_s"])
             return StreamingResponse(_sse(first, stream, completion_id, created, req, state),
@@ -124,8 +124,9 @@ def create_app(chat: ChatService) -> FastAPI:
                 return Response(status_code=499)
         answers = collect.result()
         # The prompt's preparation + the decoder's wait for the first token of the first choice to have one.
-        phases.add("decoder", min(a.first_token_s for a in answers))
-        state["ttft_s"] = round(sent - start + min(a.first_token_s for a in answers), 4)
+        first = min(answers, key=lambda a: a.first_token_s)
+        phases.decoder(first.first_token_s, first.embeddings_s)
+        state["ttft_s"] = round(sent - start + first.first_token_s, 4)
         TTFT.labels("rest").observe(state["ttft_s"])
         usage = total_usage([a.usage for a in answers])
         state.update(_usage_fields(usage))
@@ -151,6 +152,7 @@ class _Answer:
     finish: str = ""
     usage: pb.Usage | None = None
     first_token_s: float = 0.0
+    embeddings_s: float = 0.0
 
 
 async def _collect(responses: AsyncIterator[tuple[int, pb.GenerateResponse]], n: int) -> list[_Answer]:
@@ -161,7 +163,8 @@ async def _collect(responses: AsyncIterator[tuple[int, pb.GenerateResponse]], n:
         a.token_ids += r.token_ids
         a.logprobs += r.logprobs
         if r.finish_reason:
-            a.finish, a.usage, a.first_token_s = r.finish_reason, r.usage, r.first_token_s
+            a.finish, a.usage, a.first_token_s, a.embeddings_s = r.finish_reason, r.usage, r.first_token_s, \
+                r.embeddings_s
     return answers
 
 

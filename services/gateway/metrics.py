@@ -30,8 +30,9 @@ POOL_MISMATCHES = Counter("gateway_pool_mismatch_total", "Endpoints refused for 
 
 
 class Phases:
-    """Where a request's time before its first token goes (seconds per phase: fetch, preprocess, cache, vision,
-    prompt, decoder), for its access line and its Server-Timing header."""
+    """Where a request's time before its first token goes (seconds per phase: fetch, preprocess, cache, prompt,
+    vision, store (the vision pool writing the embeddings to the cache), read (the decoder reading them), decoder),
+    for its access line and its Server-Timing header."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -46,6 +47,18 @@ class Phases:
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def split(self, name: str, part: str, seconds: float) -> None:
+        """`seconds` of phase `name` were its `part` (a pool's own report of a step inside its call)."""
+        if seconds > 0:
+            self.add(name, -seconds)
+            self.add(part, seconds)
+
+    def decoder(self, seconds: float, read_s: float) -> None:
+        """The decoder's call, from sending it to its first tokens, of which it spent `read_s` reading the images'
+        embeddings (its first message's embeddings_s)."""
+        self.add("decoder", seconds)
+        self.split("decoder", "read", read_s)
 
     def server_timing(self) -> str:
         return ", ".join(f"{name};dur={s * 1e3:.1f}" for name, s in self.seconds.items())

@@ -68,7 +68,7 @@ class EngineCollector:
 class _Stream:
     """A Generate call's end of the engine's output."""
     final_only: bool
-    start: float = field(default_factory=time.perf_counter)
+    start: float  # when the call arrived
     first: float | None = None  # when its first token came out of the engine
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
@@ -105,18 +105,21 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         if self.engine.num_waiting() >= self.max_waiting:  # refused at once rather than queued without bound
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{self.max_waiting} requests are already waiting for this decoder")
+        arrival = time.perf_counter()
         try:
-            seq = self._sequence(request, await self._image_tensors(request))
+            tensors = await self._image_tensors(request)
+            read_s = time.perf_counter() - arrival
+            seq = self._sequence(request, tensors)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except LookupError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         self.loop = asyncio.get_running_loop()
         # A final-only call wakes once, at the end, unless stop strings must be looked for as the text grows.
-        stream = self.streams[seq.id] = _Stream(request.final_only and not request.sampling.stop)
+        stream = self.streams[seq.id] = _Stream(request.final_only and not request.sampling.stop, arrival)
         queue, detok, stops = stream.queue, self.text.stream(), StopStrings(list(request.sampling.stop))
         model, delivered, last = self.info.model, 0, stream.start
-        answer = pb.GenerateResponse()  # a final-only call's one message, gathered
+        answer = pb.GenerateResponse(embeddings_s=read_s)  # a final-only call's one message, gathered
         RUNNING.inc()
         reason = None
         try:

@@ -58,12 +58,14 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
         embeddings = await self.batcher.encode(images)
         values = [value_parts(self.info.fingerprint, tiles.shape[0], DTYPE_NAMES[e.dtype], e.shape, tensor_bytes(e))
                   if img.cache_key else None for img, tiles, e in zip(request.images, images, embeddings)]
-        stored = set()
+        stored, response = set(), pb.EncodeResponse()
         if request.by_reference:
             # The reader (the decoder) takes the rows from the cache: written before the answer; the rows of an
             # image whose write failed travel inline.
             keyed = [i for i, v in enumerate(values) if v]
+            start = time.perf_counter()
             written = await asyncio.gather(*(self.cache.put(request.images[i].cache_key, *values[i]) for i in keyed))
+            response.store_s = time.perf_counter() - start
             stored = {i for i, ok in zip(keyed, written) if ok}
             for i in keyed:
                 CACHE_WRITES.labels("written" if i in stored else "failed").inc()
@@ -73,7 +75,6 @@ class VisionEncoderServicer(pb_grpc.VisionEncoderServicer):
                 if v:
                     self._write_behind(img.cache_key, v)
         # Built in place: a constructor or `images=[...]` would serialize and parse each image's rows once more.
-        response = pb.EncodeResponse()
         for i, (img, e) in enumerate(zip(request.images, embeddings)):
             answer = response.images.add()
             if i in stored:
