@@ -105,12 +105,13 @@ async def test_a_restarted_redis_is_used_again_at_once():
 
 
 class Throttle:
-    """A TCP proxy to Redis that moves Redis's answers at `rate` bytes/s over all its connections together (a busy
-    link or a loaded process), and stops them for good past `budget` bytes (a Redis that stalls mid-value)."""
+    """A TCP proxy to Redis that moves Redis's answers (or the commands to it: `commands`) at `rate` bytes/s over all
+    its connections together (a busy link or a loaded process), and stops them for good past `budget` bytes (a Redis
+    that stalls mid-value)."""
 
-    def __init__(self, redis_url: str, rate: float, budget: float = float("inf")):
+    def __init__(self, redis_url: str, rate: float, budget: float = float("inf"), commands: bool = False):
         host, port = redis_url.split("//")[1].split("/")[0].rsplit(":", 1)
-        self.upstream, self.rate, self.budget = (host, int(port)), rate, budget
+        self.upstream, self.rate, self.budget, self.commands = (host, int(port)), rate, budget, commands
         self.moved, self.free_at, self.lock = 0, 0.0, threading.Lock()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -122,12 +123,12 @@ class Throttle:
         while True:
             client = self.sock.accept()[0]
             server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, self.commands), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, not self.commands), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, answers: bool):
+    def _pipe(self, src: socket.socket, dst: socket.socket, throttled: bool):
         while data := src.recv(1 << 16):
-            if answers:
+            if throttled:
                 with self.lock:
                     if self.moved + len(data) > self.budget:
                         return  # both sockets stay open: the reader waits for bytes that never come
@@ -165,6 +166,35 @@ async def test_large_values_read_together_do_not_open_the_circuit(redis_url):
     finally:
         await cache.close()
         store.delete(*keys)
+
+
+async def test_large_values_written_over_a_slow_link_do_not_open_the_circuit(redis_url):
+    """The vision pool's write of a 27 MB value over a link that moves 20 MB/s: ~1.4 s, past the 1 s a command may
+    take (redis-py's own timeout failed such a write and opened the circuit), yet stored and not counted as an
+    outage; past the growing deadline (a link that stops) it fails in bounded time."""
+    import redis as sync_redis
+
+    from services.common.cache import TIMEOUT_S, VALUE_BYTES_PER_S
+
+    value = big_value()
+    errors = REGISTRY.get_sample_value("embedding_cache_errors_total")
+    cache = EmbeddingCache(Throttle(redis_url, rate=20e6, commands=True).url, ttl_s=60)
+    try:
+        start = time.monotonic()
+        assert await cache.put("slow-write-test", value)
+        assert time.monotonic() - start > 1.2
+        assert cache.usable() and REGISTRY.get_sample_value("embedding_cache_errors_total") == errors
+        assert sync_redis.Redis.from_url(redis_url).strlen("slow-write-test") == len(value)
+    finally:
+        await cache.close()
+    stalled = EmbeddingCache(Throttle(redis_url, rate=1e9, budget=1e6, commands=True).url, ttl_s=60)
+    try:
+        start = time.monotonic()
+        assert not await stalled.put("stalled-write-test", value)
+        waited, bound = time.monotonic() - start, TIMEOUT_S + len(value) / VALUE_BYTES_PER_S
+        assert bound - 0.1 < waited < bound + 1.0 and not stalled.usable()
+    finally:
+        await stalled.close()
 
 
 async def test_a_redis_that_stalls_mid_value_costs_a_bounded_wait(redis_url):
