@@ -168,6 +168,38 @@ def test_two_batches_in_flight_and_failures_stay_with_their_batch():
     assert torch.equal(after[0], torch.ones(1, 4))
 
 
+def test_only_a_busy_device_makes_a_batch_wait_for_more_tiles():
+    """The wait for more tiles (VISION_MAX_WAIT_MS, 1 s here) applies while another batch runs, when this one would
+    wait for the device anyway: a lone call on an idle device is launched at once; calls arriving while a batch runs
+    are gathered into one."""
+    runner = GatedRunner()
+    runner.max_batch_tiles = 8
+    tiles = [torch.full((1, 448, 448, 3), v, dtype=torch.uint8) for v in (1, 2, 4)]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        batcher = TileBatcher(runner, max_wait_s=1.0)
+        batcher.start()
+        start = loop.time()
+        calls = [asyncio.create_task(batcher.encode([tiles[0]]))]
+        while not runner.launched:
+            await asyncio.sleep(0.005)
+        idle_wait = loop.time() - start
+        calls.append(asyncio.create_task(batcher.encode([tiles[1]])))  # while the first batch runs
+        await asyncio.sleep(0.1)
+        calls.append(asyncio.create_task(batcher.encode([tiles[2]])))
+        while len(runner.launched) < 2:
+            await asyncio.sleep(0.005)
+        for event in (runner.release.setdefault(i, threading.Event()) for i in (0, 1)):
+            event.set()
+        return idle_wait, [(await c)[0] for c in calls]
+
+    idle_wait, results = asyncio.run(scenario())
+    assert idle_wait < 0.5 and runner.launched == [1, 2]
+    for out, t in zip(results, tiles):
+        assert torch.equal(out, t.reshape(1, -1)[:, :4].float())
+
+
 def test_the_tower_compiles_whole_for_every_batch_size(vision):
     """torch.compile traces the model in one graph (fullgraph: no break) with a dynamic batch size; aot_eager runs
     that graph without inductor's code generation (minutes of C++ compiling on this CPU; the GPU bench uses it)."""

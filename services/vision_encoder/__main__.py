@@ -27,7 +27,8 @@ def parse_args() -> argparse.Namespace:
                  "batches of up to this many tiles replay CUDA graphs captured at start-up (0 = eager)", int)
     settings.add(p, "--compile", "VISION_COMPILE", "", "a torch.compile backend to run the model through "
                  "(inductor; empty = eager); on the GPU it compiles at start-up, before serving")
-    settings.add(p, "--max-wait-ms", "VISION_MAX_WAIT_MS", 5.0, "how long a batch waits for more tiles", float)
+    settings.add(p, "--max-wait-ms", "VISION_MAX_WAIT_MS", 5.0,
+                 "how long a batch waits for more tiles while another batch runs (none on an idle device)", float)
     settings.add(p, "--max-queued-tiles", "VISION_MAX_QUEUED_TILES", 4096,
                  "tiles that may wait for the GPU; more are refused with RESOURCE_EXHAUSTED (the gateway's 429)", int)
     return p.parse_args()

@@ -261,12 +261,17 @@ class TileBatcher:
                 break
             self._queued(-first.tiles.shape[0])
         batch, tiles = [first], first.tiles.shape[0]
-        deadline = loop.time() + self.max_wait_s
+        # Waiting for more tiles pays only while another batch has the device (this one would wait for it anyway);
+        # on an idle device it would only delay this one. What is queued already joins in either case.
+        deadline = loop.time() + (self.max_wait_s if self.utilization.in_flight else 0.0)
         while tiles < self.max_batch_tiles:
-            try:
-                job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                break
+            if self.queue.empty():
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
+                except TimeoutError:
+                    break
+            else:
+                job = self.queue.get_nowait()
             if job.future.done():
                 self._queued(-job.tiles.shape[0])
                 continue
