@@ -8,7 +8,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import redis.asyncio as redis
@@ -30,7 +30,6 @@ TIMEOUT_S = 1.0  # a command's (a hung Redis must cost little)
 # of MB/s, so only a Redis that stalls mid-value meets the deadline.
 VALUE_BYTES_PER_S = 25e6
 IDLE_VALUE_CONNECTIONS = 8  # kept open for the next transfer; more are closed when done
-Alloc = Callable[[int], Any]  # n -> a writable buffer of n bytes (bytearray, a numpy or torch array, ...)
 
 
 def host_buffer(n: int) -> np.ndarray:
@@ -125,16 +124,16 @@ end
 
 
 class _ValueConnection(asyncio.BufferedProtocol):
-    """A connection that moves values of many MB: a GET's reply goes from the socket straight into a buffer of the
-    caller's, a SET sends the value's parts as they are. redis-py opens it (TCP, TLS or a Unix socket, with the AUTH,
-    HELLO and SELECT its URL asks for), then hands over its transport. redis-py's reply parser copies a 27 MB value
-    four times, after asyncio's StreamReader has grown a buffer to hold it (realloc after realloc), and its SET
-    joins the value to the command: a decoder's read and a vision pool's write of 27 MB took 2.7x and 2.6x as long
-    through redis-py on a 2-CPU VM (bench/results/cache-cpu-epyc-2026-11-30.md)."""
+    """A connection that moves values of many MB: a GET's reply goes from the socket straight into a host_buffer,
+    which the caller gets; a SET sends the value's parts as they are. redis-py opens it (TCP, TLS or a Unix socket,
+    with the AUTH, HELLO and SELECT its URL asks for), then hands over its transport. redis-py's reply parser copies
+    a 27 MB value four times, after asyncio's StreamReader has grown a buffer to hold it (realloc after realloc),
+    and its SET joins the value to the command: a decoder's read and a vision pool's write of 27 MB took 2.7x and
+    2.6x as long through redis-py on a 2-CPU VM (bench/results/cache-cpu-epyc-2026-11-30.md)."""
 
     def __init__(self, conn: redis.Connection, transport: asyncio.Transport):
         self.conn, self.transport = conn, transport  # conn closes the socket (disconnect)
-        self.replies: deque[tuple[asyncio.Future, Alloc]] = deque()  # awaited, in the order the commands went
+        self.replies: deque[asyncio.Future] = deque()  # awaited, in the order the commands went
         self.line = bytearray()  # the first line of the reply being read, so far
         self.body: memoryview | None = None  # a bulk reply's buffer, `filled` bytes of it in
         self.filled = self.skip = 0  # skip: bytes still to drop (the CRLF after a bulk reply)
@@ -151,16 +150,16 @@ class _ValueConnection(asyncio.BufferedProtocol):
     async def close(self) -> None:
         await self.conn.disconnect(nowait=True)
 
-    async def run(self, commands: list[tuple[tuple, Alloc | None]]) -> list:
+    async def run(self, commands: list[tuple]) -> list:
         """Send commands (their arguments: str, or bytes-like, or a tuple of bytes-like parts sent as one argument)
-        pipelined, and return their replies: None, an int, bytes (a simple string), or a memoryview of the buffer
-        `alloc` (default: host_buffer) gave for a bulk reply. A Redis error reply raises ResponseError."""
+        pipelined, and return their replies: None, an int, bytes (a simple string), or a memoryview of the
+        host_buffer a bulk reply was read into. A Redis error reply raises ResponseError."""
         replies = []
-        for args, alloc in commands:
+        for args in commands:
             for piece in _command(args):
                 self.transport.write(piece)
             replies.append(asyncio.get_running_loop().create_future())
-            self.replies.append((replies[-1], alloc))
+            self.replies.append(replies[-1])
         if self.lost:
             raise self.lost
         return await asyncio.gather(*replies)  # which also takes the errors of replies after a failed one
@@ -189,8 +188,7 @@ class _ValueConnection(asyncio.BufferedProtocol):
             self.lost = exc if isinstance(exc, redis.ConnectionError) else \
                 redis.ConnectionError(f"Redis closed the connection ({exc or 'end of stream'})")
         while self.replies:
-            future, _ = self.replies.popleft()
-            if not future.done():
+            if not (future := self.replies.popleft()).done():
                 future.set_exception(self.lost)
 
     def _parse(self, data: memoryview) -> None:
@@ -228,11 +226,7 @@ class _ValueConnection(asyncio.BufferedProtocol):
             size = int(rest)
             if size < 0:
                 raise ValueError(repr(line))
-            alloc = self.replies[0][1]
-            self.body = memoryview((alloc or host_buffer)(size)).cast("B")
-            if len(self.body) != size:
-                raise ValueError(f"a buffer of {len(self.body)} bytes for a value of {size}")
-            self.filled = 0
+            self.body, self.filled = memoryview(host_buffer(size)), 0
             if size == 0:
                 self._bulk_done()
             return
@@ -246,7 +240,7 @@ class _ValueConnection(asyncio.BufferedProtocol):
             value = redis.ResponseError(rest.decode(errors="replace"))
         else:
             raise ValueError(repr(line[:64]))
-        future, _ = self.replies.popleft()
+        future = self.replies.popleft()
         if not future.done():  # cancelled: the caller went away, the reply is read all the same
             if isinstance(value, Exception):
                 future.set_exception(value)
@@ -254,7 +248,7 @@ class _ValueConnection(asyncio.BufferedProtocol):
                 future.set_result(value)
 
     def _bulk_done(self) -> None:
-        future, _ = self.replies.popleft()
+        future = self.replies.popleft()
         body, self.body, self.skip = self.body, None, 2
         if not future.done():
             future.set_result(body)
@@ -318,7 +312,7 @@ class EmbeddingCache:
         if not present or not self.usable():  # usable: the circuit may have opened while the sizes came
             return [None] * len(keys)
         try:
-            values = iter(await self._transfer(sum(sizes), [(("GET", key), None) for key in present]))
+            values = iter(await self._transfer(sum(sizes), [("GET", key) for key in present]))
         except (redis.RedisError, OSError) as e:  # TimeoutError is an OSError
             self._failed("read", e)
             return [None] * len(keys)
@@ -389,7 +383,7 @@ class EmbeddingCache:
             return False
         expiry = ("EX", str(self.ttl_s)) if self.ttl_s else ()
         try:
-            await self._transfer(sum(memoryview(p).nbytes for p in parts), [(("SET", key, parts, *expiry), None)])
+            await self._transfer(sum(memoryview(p).nbytes for p in parts), [("SET", key, parts, *expiry)])
         except (redis.RedisError, OSError) as e:
             self._failed("write", e)
             return False
