@@ -1,5 +1,6 @@
 """The whole stack as real processes (gateway, vision encoder, LLM decoder, redis-server) against the reference."""
 import json
+import re
 import time
 import urllib.request
 import uuid
@@ -11,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from internvl.serving.v1 import serving_pb2 as pb
+from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from tests.conftest import (IMAGE_HOST, data_url, noise_image, noise_video, png_bytes, solid_video,
                             video_data_url)
 from tests.reference_preprocess import load_video, reference_pixel_values
@@ -603,7 +605,9 @@ def test_server_timing_splits_the_time_to_first_token(stack):
     """Where a request's time before its first token went, in its Server-Timing header (streamed or not) and its
     access line: fetching, preprocessing and looking up images, the prompt, the vision pool (and of that, its write
     of the embeddings to Redis), the decoder (and of that, its read of them). A cache hit has no write; the phases
-    add up to less than the whole answer took."""
+    add up to less than the whole answer took, and in the access line (REST and gRPC) to no more than its time to
+    first token."""
+    ids = []
     for stream in (False, True):
         image = {"type": "image_url", "image_url": {"url": data_url(noise_image(240, 160, seed=7070 + stream))}}
         body = {"model": MODEL, "max_tokens": 2, "stream": stream, "messages": [{"role": "user", "content": [image]}]}
@@ -617,9 +621,19 @@ def test_server_timing_splits_the_time_to_first_token(stack):
                 (set() if hit else {"store"}), (stream, hit, phases)
             assert all(ms >= 0 for ms in phases.values()) and sum(phases.values()) < answer_ms
             assert phases["read"] > 0 and (hit or phases["store"] > 0)
-    deadline = time.monotonic() + 10  # the access line of a stream is written once its last event has gone
-    while not (access := [line for line in stack.log_path.read_text().splitlines()
-                          if "gateway.access" in line and r.headers["x-request-id"] in line]):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert all(f"{name}_s=" in access[0] for name in ("fetch", "vision", "decoder"))
+            ids.append(r.headers["x-request-id"])
+    image = pb.ContentPart(image_bytes=png_bytes(noise_image(240, 160, seed=7072)))
+    chat = pb.ChatRequest(model=MODEL, max_tokens=2, messages=[pb.ChatMessage(role="user", content=[image])])
+    with grpc.insecure_channel(stack.gateway_grpc) as channel:
+        list(pb_grpc.GatewayStub(channel).ChatStream(chat, metadata=[("x-request-id", "timing-grpc")]))
+    ids.append("timing-grpc")
+    for rid in ids:  # each access line: its phases, which add up to no more than its time to first token
+        deadline = time.monotonic() + 10  # the access line of a stream is written once its last event has gone
+        while not (access := [line for line in stack.log_path.read_text().splitlines()
+                              if "gateway.access" in line and f"request_id={rid}" in line]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        fields = dict(re.findall(r"(\w+)=(\S+)", access[0]))
+        phases = {k: float(v) for k, v in fields.items() if k.endswith("_s") and k not in ("ttft_s", "duration_s")}
+        assert {"fetch_s", "vision_s", "decoder_s", "read_s"} <= set(phases), access[0]
+        assert float(fields["ttft_s"]) >= sum(phases.values()) - 0.0005, access[0]

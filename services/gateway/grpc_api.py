@@ -64,8 +64,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                 sent = time.perf_counter()
                 async for i, r in self.chat.generate(generate, chat_request):
                     if ttft is None:  # a final-only answer says when its first token came
-                        phases.decoder(r.first_token_s or time.perf_counter() - sent, r.embeddings_s)
-                        ttft = round(sent - start + phases.seconds["decoder"], 4)
+                        first_s = r.first_token_s or time.perf_counter() - sent
+                        phases.decoder(first_s, r.embeddings_s)
+                        ttft = round(sent - start + first_s, 4)
                         TTFT.labels("grpc").observe(ttft)
                     if r.finish_reason:
                         usages.append(r.usage)
