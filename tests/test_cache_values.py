@@ -191,3 +191,22 @@ async def test_values_move_over_every_kind_of_url(tmp_path):
             proc.wait()
     assert tried[:3] == ["redis", "redis", "unix"] and (len(tried) == 4 or not shutil.which("openssl"))
 
+
+
+async def test_value_connections_are_kept_for_the_next_transfers(redis_url):
+    """Opening a value connection costs a connect and a handshake: transfers one after another use one."""
+    opened, open_ = [], _ValueConnection.open
+
+    async def counted(pool):
+        opened.append(pool)
+        return await open_(pool)
+
+    cache = EmbeddingCache(redis_url, ttl_s=60)
+    try:
+        with mock.patch.object(_ValueConnection, "open", counted):
+            for i in range(5):
+                assert await cache.put(f"kept-test-{i}", b"v%d" % i)
+                assert await cache.get_many([f"kept-test-{i}", "absent"]) == [b"v%d" % i, None]
+        assert len(opened) == 1 and len(cache._idle) == 1
+    finally:
+        await cache.close()
