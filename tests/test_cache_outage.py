@@ -4,10 +4,11 @@ import asyncio
 import socket
 import threading
 import time
+from unittest import mock
 
 from prometheus_client import REGISTRY
 
-from services.common.cache import EmbeddingCache
+from services.common.cache import EmbeddingCache, _ValueConnection
 
 
 class Silent:
@@ -171,7 +172,8 @@ async def test_large_values_read_together_do_not_open_the_circuit(redis_url):
 async def test_large_values_written_over_a_slow_link_do_not_open_the_circuit(redis_url):
     """The vision pool's write of a 27 MB value over a link that moves 20 MB/s: ~1.4 s, past the 1 s a command may
     take (redis-py's own timeout failed such a write and opened the circuit), yet stored and not counted as an
-    outage; past the growing deadline (a link that stops) it fails in bounded time."""
+    outage; past the growing deadline (a link that stops) it fails in bounded time, and drops what it had left to
+    send."""
     import redis as sync_redis
 
     from services.common.cache import TIMEOUT_S, VALUE_BYTES_PER_S
@@ -188,11 +190,21 @@ async def test_large_values_written_over_a_slow_link_do_not_open_the_circuit(red
     finally:
         await cache.close()
     stalled = EmbeddingCache(Throttle(redis_url, rate=1e9, budget=1e6, commands=True).url, ttl_s=60)
+    opened, open_ = [], _ValueConnection.open
+
+    async def kept(pool):
+        opened.append(await open_(pool))
+        return opened[-1]
+
     try:
         start = time.monotonic()
-        assert not await stalled.put("stalled-write-test", value)
+        with mock.patch.object(_ValueConnection, "open", kept):
+            assert not await stalled.put("stalled-write-test", value)
         waited, bound = time.monotonic() - start, TIMEOUT_S + len(value) / VALUE_BYTES_PER_S
         assert bound - 0.1 < waited < bound + 1.0 and not stalled.usable()
+        # The value still to send is dropped with the connection, not kept for a Redis that may never take it.
+        [conn] = opened
+        assert conn.transport.is_closing() and conn.transport.get_write_buffer_size() == 0
     finally:
         await stalled.close()
 

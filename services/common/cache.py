@@ -150,6 +150,9 @@ class _ValueConnection(asyncio.BufferedProtocol):
         return cls(conn, conn._writer.transport)  # the one private attribute: redis-py shows no transport
 
     async def close(self) -> None:
+        # abort, not close: close would keep what is still to send (27 MB of a value) until a Redis that stalled
+        # takes it, however long that is
+        self.transport.abort()
         await self.conn.disconnect(nowait=True)
 
     async def run(self, commands: list[tuple]) -> list:
