@@ -111,7 +111,6 @@ def main() -> None:
     repeat = 3 if args.smoke else args.repeat
     proc, url = start_redis()
     try:
-        time.sleep(0.2)
         rows = []
         for name, (n, width) in (SMOKE_SHAPES if args.smoke else SHAPES).items():
             rows.append({"name": name, **asyncio.run(measure(url, n, width, repeat))})

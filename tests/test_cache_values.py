@@ -5,7 +5,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import time
 from unittest import mock
 
 import numpy as np
@@ -16,20 +15,20 @@ from hypothesis import given, settings, strategies as st
 from prometheus_client import REGISTRY
 
 from services.common.cache import EmbeddingCache, _command, _ValueConnection, decode_value, value_parts, value_rows
-from tools.run_local import free_port
+from tools.run_local import free_port, wait_for_redis
 
 
 class FakeTransport:
     """What _ValueConnection needs of a transport; bytes from the 'server' are fed by `feed`."""
 
     def __init__(self):
-        self.written, self.aborted, self.protocol = [], False, None
+        self.aborted, self.protocol = False, None
 
     def set_protocol(self, protocol):
         self.protocol = protocol
 
     def write(self, data):
-        self.written.append(bytes(data))
+        pass
 
     def is_closing(self):
         return self.aborted
@@ -132,18 +131,8 @@ def start(tmp_path, *args: str) -> subprocess.Popen:
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_up(url: str) -> None:
-    for _ in range(200):
-        try:
-            sync_redis.Redis.from_url(url).ping()
-            return
-        except sync_redis.ConnectionError:
-            time.sleep(0.05)
-    raise AssertionError(f"no Redis at {url}")
-
-
 def servers(tmp_path):
-    """(URL, a sync client for the same server and database) for each way a URL reaches Redis."""
+    """(a redis-server, or None: the one before; a URL to it) for each way a URL reaches Redis."""
     port = free_port()
     yield start(tmp_path, "--port", str(port), "--requirepass", "s3cret"), \
         f"redis://:s3cret@127.0.0.1:{port}/3"
@@ -169,7 +158,7 @@ async def test_values_move_over_every_kind_of_url(tmp_path):
     try:
         for proc, url in servers(tmp_path):
             procs += [proc] if proc else []
-            wait_up(url)
+            wait_for_redis(url, procs[-1])
             cache = EmbeddingCache(url, ttl_s=60)
             errors = REGISTRY.get_sample_value("embedding_cache_errors_total")
             try:

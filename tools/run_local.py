@@ -79,15 +79,22 @@ def start_redis(log: IO | None = None, port: int = 0) -> tuple[subprocess.Popen,
          "--loglevel", "warning"],
         stdout=log, stderr=subprocess.STDOUT)
     url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:  # redis-server takes a moment to listen
+    wait_for_redis(url, proc)
+    return proc, url
+
+
+def wait_for_redis(url: str, proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Until the redis-server `proc` answers at `url` (it takes a moment to listen); one that exits or stays silent
+    is killed and ends the run."""
+    deadline = time.monotonic() + timeout_s
+    while True:
         try:
             redis.Redis.from_url(url).ping()
-            return proc, url
+            return
         except redis.ConnectionError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise SystemExit(f"redis-server on port {port} did not start (exit code {proc.wait()})")
+                raise SystemExit(f"redis-server at {url} did not start (exit code {proc.wait()})")
             time.sleep(0.05)
 
 

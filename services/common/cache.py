@@ -175,9 +175,7 @@ class _ValueConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.body is not None:  # straight into the body
-            self.filled += nbytes
-            if self.filled == len(self.body):
-                self._bulk_done()
+            self._filled(nbytes)
             return
         try:
             self._parse(self.scratch[:nbytes])
@@ -207,10 +205,8 @@ class _ValueConnection(asyncio.BufferedProtocol):
             elif self.body is not None:  # a body's start, in the chunk that ended its first line
                 n = min(len(self.body) - self.filled, len(data))
                 self.body[self.filled:self.filled + n] = data[:n]
-                self.filled += n
                 data = data[n:]
-                if self.filled == len(self.body):
-                    self._bulk_done()
+                self._filled(n)
             else:
                 end = bytes(data[:1024]).find(b"\n")
                 if end < 0:
@@ -232,8 +228,7 @@ class _ValueConnection(asyncio.BufferedProtocol):
             if size < 0:
                 raise ValueError(repr(line))
             self.body, self.filled = memoryview(host_buffer(size)), 0
-            if size == 0:
-                self._bulk_done()
+            self._filled(0)  # an empty value is complete already
             return
         if kind in (b"$", b"_"):  # $-1: RESP2's null, _: RESP3's
             value = None
@@ -252,11 +247,13 @@ class _ValueConnection(asyncio.BufferedProtocol):
             else:
                 future.set_result(value)
 
-    def _bulk_done(self) -> None:
-        future = self.replies.popleft()
-        body, self.body, self.skip = self.body, None, 2
-        if not future.done():
-            future.set_result(body)
+    def _filled(self, nbytes: int) -> None:
+        """`nbytes` more of the bulk reply's body are in; a complete body is its command's reply."""
+        self.filled += nbytes
+        if self.filled == len(self.body):
+            body, self.body, self.skip = self.body, None, 2
+            if not (future := self.replies.popleft()).done():
+                future.set_result(body)
 
 
 def _command(args: tuple) -> list:
