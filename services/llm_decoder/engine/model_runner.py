@@ -141,7 +141,7 @@ class ModelRunner:
     def _rows_to_device(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """A step's image rows (host tensors) on the device, gathered into pinned memory on CUDA so that the copy
         (27 MB for a 13-tile image at 8B widths) is queued behind the step before it instead of waiting for it."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or rows[0].is_cuda:  # on the device already (bench.decoder's rows)
             return torch.cat(rows).to(self.device)
         dtype = functools.reduce(torch.promote_types, (r.dtype for r in rows))
         host = torch.empty((sum(r.shape[0] for r in rows), *rows[0].shape[1:]), dtype=dtype, pin_memory=True)

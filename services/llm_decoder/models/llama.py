@@ -38,16 +38,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @on_gpu_compiled
-def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary (rotate-half) of q [T, heads, d] and k [T, kv_heads, d] with cos/sin [T, d], and k, v written to their
-    cache slots ([blocks, block_size, kv_heads, d] caches): on the GPU the writes fuse with the rotary instead of
-    being kernels of their own (inductor writes the caches in place). Returns the rotated q and k."""
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
-    return q, k
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half convention; q [T, heads, d], k [T, kv_heads, d], cos/sin [T, d]. The K/V cache writes stay eager
+    index_copy_ (in place): compiled with them, inductor on the GPU cloned and copied back each whole cache, 5.5 ms of
+    an InternLM2.5-7B decode step on an H200."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def linear(cfg: TextConfig, in_features: int, sizes: dict, bias: bool) -> nn.Module:
@@ -72,10 +68,9 @@ class Attention(nn.Module):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                           self.kv_heads * self.head_dim], dim=-1)
-        v = v.view(t, self.kv_heads, self.head_dim)
-        q, k = rotary_and_cache(q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim), v,
-                                cos, sin, self.k_cache, self.v_cache, ctx.slot_mapping)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.head_dim ** -0.5)
+        q, k = apply_rotary(q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        out = paged_attention(q, k, v.view(t, self.kv_heads, self.head_dim), self.k_cache, self.v_cache, ctx,
+                              self.head_dim ** -0.5)
         return self.o_proj(out.reshape(t, -1))
 
 
