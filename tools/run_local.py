@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import redis
 
 from services.common import settings
 
@@ -86,6 +85,8 @@ def start_redis(log: IO | None = None, port: int = 0) -> tuple[subprocess.Popen,
 def wait_for_redis(url: str, proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
     """Until the redis-server `proc` answers at `url` (it takes a moment to listen); one that exits or stays silent
     is killed and ends the run."""
+    import redis  # here: tools that only take ROOT from this module run where no redis client is installed (the GPU)
+
     deadline = time.monotonic() + timeout_s
     while True:
         try:
