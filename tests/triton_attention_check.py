@@ -86,7 +86,7 @@ def main(device: str) -> None:
                 bad = reference(q, kc, vc, cu, cl, bt, d ** -0.5, offset=wrong)
                 assert (bad - want)[live].abs().max().item() > 100 * tol[dtype], wrong
     # The last split of each tile resets its arrival counter for the next launch.
-    assert not cuda_graphs._counters[torch.device(device)][-1].any()
+    assert not cuda_graphs._counters[args[0].device][-1].any()  # keyed as the tensors say: cuda:0
     try:
         paged_attention(*args, 1.0, 1, num_splits=3)
         raise AssertionError("num_splits=3 accepted")
