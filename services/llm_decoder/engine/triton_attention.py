@@ -98,14 +98,16 @@ def _attn(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, m_ptr, l_ptr, count_ptr, cu_q_
         tl.debug_barrier()  # every thread's partial is written before this program's arrival is counted
         tile = pid * tl.num_programs(1) + kvh
         if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:  # release ours, acquire the others'
+            # Unrolled (static_range): each split's loads issue together instead of one L2 round trip per split
+            # in turn, 2 x 16 of them at one stream where the whole kernel takes ~13 us on an H200.
             m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-            for j in range(SPLITS):
+            for j in tl.static_range(SPLITS):
                 m_max = tl.maximum(m_max, tl.load(m_ptr + ml + j, mask=row_ok, other=float("-inf"),
                                                   cache_modifier=".cg"))
             m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty splits (m = -inf) weigh 0
             l_sum = tl.zeros((BLOCK_M,), tl.float32)
             acc = tl.zeros((BLOCK_M, HEAD_PAD), tl.float32)
-            for j in range(SPLITS):
+            for j in tl.static_range(SPLITS):
                 w = tl.exp2(tl.load(m_ptr + ml + j, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_safe)
                 l_sum += w * tl.load(l_ptr + ml + j, mask=row_ok, other=0.0, cache_modifier=".cg")
                 acc += w[:, None] * tl.load(part_ptr + (ml[:, None] + j) * HEAD_DIM + offs_d[None, :], mask=o_mask,
