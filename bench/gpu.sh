@@ -3,7 +3,8 @@
 #   bash bench/gpu.sh [STEP ...]             # on the GPU: results under $OUT (or bench/results/)
 #   bash bench/gpu.sh --smoke [STEP ...]     # the same steps on the CPU, small (Triton in its interpreter)
 # Steps, in this order by default (the decoder first: the largest gap):
-#   attention  the Triton paged attention compiled, against SDPA (bf16 and 7B shapes included)
+#   attention  the Triton paged attention compiled, against SDPA (bf16 and 7B shapes included), and the Triton
+#              rotary + K/V cache write against the CPU path
 #   gemv       tune the one-token Triton GEMV against cuBLAS on every served projection shape (~1 min); the table
 #              comes back as $out/gemv_configs-*.json (to be committed as services/common/gemv_configs.json), and
 #              the decoder step after it runs with it (GEMV_CONFIGS)
@@ -37,8 +38,10 @@ gemv_table="$out/gemv_configs-$([[ $smoke == 1 ]] && echo smoke || echo h200)-$d
 for step in "${steps[@]}"; do
   echo "== $step"
   case "$step:$smoke" in
-    attention:1) TRITON_INTERPRET=1 "$py" -m tests.triton_attention_check cpu ;;
-    attention:0) "$py" -m tests.triton_attention_check cuda ;;
+    attention:1) TRITON_INTERPRET=1 "$py" -m tests.triton_attention_check cpu
+                 TRITON_INTERPRET=1 "$py" -m tests.triton_rotary_check cpu ;;
+    attention:0) "$py" -m tests.triton_attention_check cuda
+                 "$py" -m tests.triton_rotary_check cuda ;;
     gemv:1) TRITON_INTERPRET=1 "$py" -m bench.gemv --smoke --tune "$gemv_table" --out "$out/gemv-smoke-$day.md" ;;
     gemv:0) "$py" -m bench.gemv --tune "$gemv_table" --out "$out/gemv-h200-$day.md"
             export GEMV_CONFIGS="$gemv_table" ;;

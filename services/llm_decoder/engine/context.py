@@ -56,10 +56,8 @@ def cpu_decode_rows(ctx: BatchContext, block_size: int) -> tuple[torch.Tensor, t
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     ctx: BatchContext, scale: float) -> torch.Tensor:
-    """q [T, H, d], k/v [T, H_kv, d] of the new tokens; caches [blocks, block_size, H_kv, d]. Writes k/v into the
-    cache, returns [T, H, d]."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, ctx.slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, ctx.slot_mapping, v)
+    """q [T, H, d], k/v [T, H_kv, d] of the new tokens, already written to the caches [blocks, block_size, H_kv, d]
+    at ctx.slot_mapping -> [T, H, d]."""
     if q.is_cuda:
         if flash_attn_varlen_func is not None and q.dtype != torch.float32 and k_cache.shape[1] % 256 == 0:
             cu_seqlens_k = F.pad(ctx.context_lens.cumsum(0, dtype=torch.int32), (1, 0))

@@ -8,9 +8,14 @@ import torch
 from torch import nn
 
 from services.common.checkpoint import TextConfig
-from services.common.layers import FusedLinear, Linear, RMSNorm, on_gpu_compiled
+from services.common.layers import FusedLinear, Linear, RMSNorm
 from services.llm_decoder.models.awq import AWQLinear
 from services.llm_decoder.engine.context import BatchContext, paged_attention
+
+try:
+    from services.llm_decoder.engine.triton_rotary import rotary_and_cache as triton_rotary_and_cache
+except ImportError:  # Triton comes with CUDA builds of torch
+    triton_rotary_and_cache = None
 
 
 def rotary_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype, seq_len: int = 0):
@@ -37,13 +42,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-@on_gpu_compiled
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half convention; q [T, heads, d], k [T, kv_heads, d], cos/sin [T, d]. The K/V cache writes stay eager
-    index_copy_ (in place): compiled with them, inductor on the GPU cloned and copied back each whole cache, 5.5 ms of
-    an InternLM2.5-7B decode step on an H200."""
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary (rotate-half) of q [T, heads, d] and k [T, kv_heads, d] with cos/sin [T, d], and k, v written to their
+    cache slots ([blocks, block_size, kv_heads, d] caches). On the GPU one Triton kernel (q and k rotated in place);
+    on the CPU as written. Returns the rotated q and k."""
+    if q.is_cuda and triton_rotary_and_cache is not None:
+        triton_rotary_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
+        return q, k
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+    return q, k
 
 
 def linear(cfg: TextConfig, in_features: int, sizes: dict, bias: bool) -> nn.Module:
@@ -68,9 +79,10 @@ class Attention(nn.Module):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                           self.kv_heads * self.head_dim], dim=-1)
-        q, k = apply_rotary(q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim), cos, sin)
-        out = paged_attention(q, k, v.view(t, self.kv_heads, self.head_dim), self.k_cache, self.v_cache, ctx,
-                              self.head_dim ** -0.5)
+        v = v.view(t, self.kv_heads, self.head_dim)
+        q, k = rotary_and_cache(q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim), v,
+                                cos, sin, self.k_cache, self.v_cache, ctx.slot_mapping)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx, self.head_dim ** -0.5)
         return self.o_proj(out.reshape(t, -1))
 
 
