@@ -13,8 +13,8 @@
 #              must equal transformers' (the bench fails otherwise)
 #   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image, one
 #              tile; eager, CUDA graphs and torch.compile
-#   vision6b   InternViT-6B (InternVL-Chat-V1-5) the same way, eager and CUDA graphs (not run by default: run it
-#              when the other steps have left the time)
+#   vision6b   InternViT-6B (InternVL-Chat-V1-5) the same way, eager and torch.compile (the service's default;
+#              not run by default: ~2 min eager alone on an H200, run it when the other steps have left the time)
 #   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~2 min), then bench the
 #              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
 #              as services/llm_decoder/models/awq_configs.json. Then, with that table (AWQ_CONFIGS), the whole
@@ -57,7 +57,7 @@ for step in "${steps[@]}"; do
     vision:0) "$py" -m bench.vision --device cuda --out "$out/vision-h200-$day.md" ;;
     vision6b:1) "$py" -m bench.vision --device cpu --smoke --family internvl-chat-v1_5 \
                   --out "$out/vision6b-smoke-$day.md" ;;
-    vision6b:0) "$py" -m bench.vision --device cuda --family internvl-chat-v1_5 --variants eager graphs \
+    vision6b:0) "$py" -m bench.vision --device cuda --family internvl-chat-v1_5 --variants eager compile \
                   --out "$out/vision6b-h200-$day.md" ;;
     awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$out/awq_configs-smoke-$day.json"
            AWQ_CONFIGS="$out/awq_configs-smoke-$day.json" "$py" -m bench.awq_engine --device cpu --smoke \
