@@ -169,6 +169,11 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
             splits = [split // 2, split] if split > 1 else [1]
         out += [at.Config(block=(bm, bn, bk), split=s, warps=warps, stages=stages, unpack=unpack) for s in splits
                 for unpack in (("interleave", "slots") if bm == 1 else ("interleave",))]
+    if m == 1:
+        # In place (a program per group): each nibble masked where it lies, the group's scale after the sum over K;
+        # 4.7-5.3 sm_90 instructions a weight in the loop against the interleaved tile's 7.2 (bench.sass).
+        out += [at.Config(block=(1, bn, bk), split=k // GROUP, warps=4, stages=stages, unpack="in-place")
+                for bn, bk, stages in ((128, 64, 1), (128, 64, 3), (64, 128, 1), (256, 64, 2))]
     if m >= 64:
         out.append(at.Config(kernel="dense"))
     return out

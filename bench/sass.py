@@ -8,7 +8,7 @@ is a backward branch, the K loop the longest. This is a static count, not a timi
 the work per weight where the unpacking bounds the kernel, and the GPU run (bench.awq) times it.
 
     python -m bench.sass [--base REV|FILE] [--out bench/results/sass-<date>.md]
-    python -m bench.sass --smoke --base HEAD          # two configs
+    python -m bench.sass --smoke --base HEAD          # three configs
 """
 import argparse
 import collections
@@ -57,7 +57,7 @@ def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool, gated: bool = False)
              **{name: "i32" for name in INTS}}
     constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}),
                  "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2], "STAGES": cfg.stages,
-                 "SLOTS": cfg.slots}
+                 "SLOTS": cfg.slots, **({"IN_PLACE": cfg.in_place} if "IN_PLACE" in fn.arg_names else {})}
     if "SPLIT_K" in fn.arg_names:  # revisions before the split became a runtime argument
         constants["SPLIT_K"] = cfg.split
     else:
@@ -107,7 +107,8 @@ def kernels_at(base: str):
 
 def configs(smoke: bool) -> list[at.Config]:
     if smoke:
-        return [at.Config(block=(1, 128, 64), split=8), at.Config(block=(16, 64, 128), split=2)]
+        return [at.Config(block=(1, 128, 64), split=8), at.Config(block=(16, 64, 128), split=2),
+                at.Config(block=(1, 128, 64), split=16, stages=1, unpack="in-place")]
     table = [c for shapes in at._table().values() for _, _, cs in shapes for c in cs if c.kernel == "fused"]
     return list({c.compiled: c for c in table + candidates(1, 2560, 2048, 132)}.values())  # each kernel once
 
@@ -117,30 +118,35 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="a git revision (or an awq_triton.py file) whose kernels to compile beside the "
                    "current ones")
-    p.add_argument("--smoke", action="store_true", help="two configs")
+    p.add_argument("--smoke", action="store_true", help="three configs")
     p.add_argument("--out", type=Path, help="markdown report (the JSON beside it)")
     args = p.parse_args()
     base = kernels_at(args.base) if args.base else None
     rows = []
-    report = ["| config | dtype | loop instructions | conversions | base loop | base conversions | base / now |",
-              "|---|---|---|---|---|---|---|"]
+    report = ["| config | dtype | loop instructions | a weight | conversions | base loop | base conversions "
+              "| base / now |", "|---|---|---|---|---|---|---|---|"]
     for cfg in configs(args.smoke):
         for dtype in ("fp16", "bf16"):
             now = loop_counts(compile_awq(at._awq_gemm, cfg, dtype, bias=dtype == "fp16").asm["cubin"])
+            # A thread's share of the iteration's BLOCK_N x BLOCK_K weights (each unpacked once, whatever BLOCK_M).
+            weights = cfg.block[1] * cfg.block[2] / (32 * cfg.warps)
             row = {"config": str(cfg), "dtype": dtype, "loop": sum(now.values()),
+                   "per_weight": round(sum(now.values()) / weights, 2),
                    "conversions": sum(now[op] for op in CONVERSIONS)}
-            if base:
+            if base and (not cfg.in_place or "IN_PLACE" in base.arg_names):  # else: no such kernel there
                 then = loop_counts(compile_awq(base, cfg, dtype, bias=dtype == "fp16").asm["cubin"])
                 row |= {"base_loop": sum(then.values()), "base_conversions": sum(then[op] for op in CONVERSIONS)}
             rows.append(row)
-            tail = (f"{row['base_loop']} | {row['base_conversions']} | {row['base_loop'] / row['loop']:.2f}" if base
-                    else "- | - | -")
-            report.append(f"| {cfg} | {dtype} | {row['loop']} | {row['conversions']} | {tail} |")
+            tail = (f"{row['base_loop']} | {row['base_conversions']} | {row['base_loop'] / row['loop']:.2f}"
+                    if "base_loop" in row else "- | - | -")
+            report.append(f"| {cfg} | {dtype} | {row['loop']} | {row['per_weight']:.2f} | {row['conversions']} | "
+                          f"{tail} |")
             print(report[-1], flush=True)
     header = (f"# AWQ kernel loops on sm_90 (static)\n\ndate: {datetime.date.today()}; triton {triton.__version__}, "
               f"torch {torch.__version__}; command: `python -m bench.sass {' '.join(sys.argv[1:])}`"
               + (f"; base: {args.base}" if args.base else "") + "\n\nInstructions of the K loop (one iteration) and "
-              "the float-format conversions among them; fp16 with a bias, bf16 without.\n\n")
+              "the float-format conversions among them; a weight: the loop's instructions over a thread's share of the "
+              "iteration's weights; fp16 with a bias, bf16 without.\n\n")
     kernel_report(args.out, header + "\n".join(report) + "\n", {"base": args.base, "rows": rows}, [])
 
 

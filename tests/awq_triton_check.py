@@ -88,6 +88,12 @@ def paths() -> None:
         (at.Config(block=(1, 256, 32), unpack="slots"), 1, 256, 264, 128, f16),
         (at.Config(block=(1, 64, 64), stages=1, unpack="slots"), 1, 256, 136, 128, f16),  # single stage
         (at.Config(block=(1, 128, 64), split=2, stages=1), 1, 256, 136, 64, b16),
+        # In place: a program per group whatever the config's split (2, 8, 1 groups here), BLOCK_K under, at and cut
+        # to the group, tiles past N masked.
+        (at.Config(block=(1, 128, 64), split=5, unpack="in-place"), 1, 256, 136, 128, f16),
+        (at.Config(block=(1, 64, 32), stages=1, unpack="in-place"), 1, 512, 72, 64, b16),
+        (at.Config(block=(1, 256, 128), unpack="in-place"), 1, 128, 264, 128, f16),
+        (at.Config(block=(1, 128, 128), stages=2, unpack="in-place"), 1, 256, 136, 64, b16),
         (at.Config(block=(16, 64, 128), split=4), 5, 512, 136, 128, f16),
         (at.Config(block=(16, 128, 128), split=2), 16, 256, 136, 64, b16),     # BLOCK_K 128 cut to the group's 64
         (at.Config(block=(32, 64, 64), split=1), 33, 256, 264, 128, f16),
@@ -106,8 +112,9 @@ def paths() -> None:
     bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, strided), x,
                 bench.weight(q, 64, strided, x.dtype), "strided x")
     # A bias is added in every path's epilogue, and a gated input ([gate | up], the down projection's) is gated in
-    # every path (split or not, one row, slots, tiles, dense), in either dtype.
+    # every path (split or not, one row, slots, in place, tiles, dense), in either dtype.
     every_path = [at.Config(block=(1, 128, 64), split=3), at.Config(block=(1, 64, 64), unpack="slots"),
+                  at.Config(block=(1, 128, 64), unpack="in-place"),
                   at.Config(block=(16, 64, 128), split=4), at.Config(block=(32, 64, 64)), at.Config(kernel="dense")]
     for i, cfg in enumerate(every_path):
         m = 1 if cfg.block[0] == 1 else 20

@@ -108,13 +108,18 @@ def test_timing_rotation_reads_each_copy_cold(monkeypatch):
 
 def test_skinny_candidates_split_up_to_many_programs_per_sm():
     """A few tokens' candidates split K up to SKINNY_PROGRAMS_PER_SM programs per SM (gate_up_proj at one token has
-    344 64-column tiles for an H200's 132 SMs), never into more parts than K has blocks."""
+    344 64-column tiles for an H200's 132 SMs), never into more parts than K has blocks; in-place ones take a program
+    per group, by their design."""
     from bench import awq as bench
     sms, k, n = 132, 2048, 22016
     for m in (1, 16):
         cands = bench.candidates(m, n, k, sms)
+        assert any(c.in_place for c in cands) == (m == 1)
         for c in cands:
             programs = -(-n // c.block[1]) * -(-m // c.block[0])
             assert c.split <= k // min(c.block[2], bench.GROUP)
-            assert c.split == 1 or programs * c.split <= bench.SKINNY_PROGRAMS_PER_SM * sms
-        assert max(c.split for c in cands if c.block[1] == 64) == 4  # 344 x 4 programs, 10.4 per SM
+            if c.in_place:
+                assert c.split == k // bench.GROUP
+            else:
+                assert c.split == 1 or programs * c.split <= bench.SKINNY_PROGRAMS_PER_SM * sms
+        assert max(c.split for c in cands if c.block[1] == 64 and not c.in_place) == 4  # 344 x 4 programs, 10.4 per SM

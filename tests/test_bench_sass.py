@@ -18,7 +18,8 @@ def test_fused_loops_convert_no_weight_and_the_base_compiles_beside(tmp_path):
                           str(tmp_path / "sass.md")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "sass.json").read_text())["rows"]
-    assert {(r["config"].split()[0], r["dtype"]) for r in rows} == {(p, d) for p in ("gemv+split8", "gemm+split2")
+    assert {(r["config"].split()[0], r["dtype"]) for r in rows} == {(p, d) for p in ("gemv+split8", "gemm+split2",
+                                                                                     "gemv+groups")
                                                                    for d in ("fp16", "bf16")}
     assert all(r["loop"] > 100 and r["conversions"] == 0 and r["base_loop"] == r["loop"] for r in rows)
 
@@ -33,3 +34,19 @@ def test_one_token_loops_extract_nibbles_without_a_bit_field_extract(tmp_path, m
     for cfg in (at.Config(block=(1, 128, 64), split=4), at.Config(block=(1, 256, 32), stages=1)):
         ops = loop_counts(compile_awq(at._awq_gemm, cfg, "bf16", bias=False).asm["cubin"])
         assert sum(ops.values()) > 100 and ops["SGXT"] == 0, (str(cfg), ops.most_common(6))
+
+
+def test_in_place_unpacking_takes_three_instructions_a_weight(tmp_path, monkeypatch):
+    """Nibbles masked where they lie: a LOP3, an FADD (q - z) and an FFMA (times x) a weight, no multiply by the
+    scale in the loop (it comes after the sum over the group), and the whole loop under 5.5 instructions a weight
+    where the interleaved tile takes 7.2."""
+    from bench.sass import compile_awq, loop_counts
+    from services.llm_decoder.models import awq_triton as at
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    for cfg in (at.Config(block=(1, 128, 64), split=16, stages=1, unpack="in-place"),
+                at.Config(block=(1, 64, 128), split=16, stages=1, unpack="in-place")):
+        ops = loop_counts(compile_awq(at._awq_gemm, cfg, "bf16", bias=False).asm["cubin"])
+        weights = cfg.block[1] * cfg.block[2] // (32 * cfg.warps)
+        assert ops["LOP3"] == ops["FADD"] == ops["FFMA"] == weights and not ops["FMUL"], (str(cfg), ops)
+        assert sum(ops.values()) < 5.5 * weights, (str(cfg), sum(ops.values()) / weights)

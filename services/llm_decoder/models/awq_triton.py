@@ -11,7 +11,8 @@ x's dtype, as `awq.dequantize` does.
 `python -m bench.awq --tune` on the GPU; no autotuning at serving time; the environment variable AWQ_CONFIGS names
 another table file to use instead, e.g. one a tuning run just wrote):
   - fused, BLOCK_M == 1: a GEMV for one token; fp32 products are summed over K once, at the end of the program
-    (nibbles spread over their columns by interleaving, or unpacked "slots" first: which is faster is the table's);
+    (nibbles spread over their columns by interleaving, unpacked "slots" first, or "in-place" where they lie in
+    their word with a program per group: which is faster is the table's);
   - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill);
   - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills).
 The fused kernel splits K over `split` programs per output tile when the tiles alone would leave SMs idle (skinny
@@ -105,12 +106,78 @@ def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_lo
     return tl.reshape(tl.sum(acc, 0), (BLOCK_N,)), tl.reshape(cols, (BLOCK_N,))
 
 
+@triton.jit
+def _at_place(src, SHIFT: tl.constexpr):
+    """The nibble at bits SHIFT..SHIFT+3 of `src`, left where it lies and or-ed into 2^23's bits: 2^23 + 2^SHIFT *
+    nibble in fp32, one LOP3 (no shift: the factor 2^SHIFT goes into the column's scale, exactly)."""
+    return ((src & (0xF << SHIFT)) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _slot_sum(x, src, zsrc, acc, SHIFT: tl.constexpr):
+    # (2^23 + 2^SHIFT q) - (2^23 + 2^SHIFT z) = 2^SHIFT (q - z), exact: one FADD and one FFMA a weight.
+    return acc + x * (_at_place(src, SHIFT) - _at_place(zsrc, SHIFT)[None, :])
+
+
+@triton.jit
+def _scaled(y, sc_ptr, cols, w_ok, SHIFT: tl.constexpr):
+    return y * (tl.load(sc_ptr + cols, mask=w_ok, other=0.0).to(tl.float32) * (1.0 / (1 << SHIFT)))
+
+
+@triton.jit
+def _gemv_in_place(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_lo, GATED: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """One token's sums over the group that starts at K block kb_lo (a program per group), for the columns of words
+    offs_w, with each nibble unpacked where it lies in its word (_at_place): three instructions a weight (LOP3,
+    FADD, FFMA; the interleaved GEMV's loop takes about seven), one accumulator per nibble slot, and the group's scale
+    applied once per column after the sum over K instead of once per weight. Returns the [BLOCK_N] sums and their
+    columns, in the joins' order (so not in column order)."""
+    BLOCK_W: tl.constexpr = BLOCK_N // 8
+    w_ok = offs_w < N // 8
+    k0 = kb_lo * BLOCK_K
+    g = k0 // group_size
+    z_lo = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+    z_hi = z_lo >> 16  # slots 4-7 in bits 0-15 (the mask drops the sign bits the shift brings in)
+    a0 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w_ptrs = qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :]
+    x_ptrs = x_ptr + offs_k
+    for _ in tl.range(0, group_size, BLOCK_K, num_stages=STAGES):
+        x = load_input(x_ptrs, None, K, GATED).to(tl.float32)[:, None]
+        lo = tl.load(w_ptrs, mask=w_ok[None, :], other=0)
+        hi = lo >> 16
+        a0 = _slot_sum(x, lo, z_lo, a0, 0)
+        a1 = _slot_sum(x, lo, z_lo, a1, 4)
+        a2 = _slot_sum(x, lo, z_lo, a2, 8)
+        a3 = _slot_sum(x, lo, z_lo, a3, 12)
+        a4 = _slot_sum(x, hi, z_hi, a4, 0)
+        a5 = _slot_sum(x, hi, z_hi, a5, 4)
+        a6 = _slot_sum(x, hi, z_hi, a6, 8)
+        a7 = _slot_sum(x, hi, z_hi, a7, 12)
+        w_ptrs += BLOCK_K * (N // 8)
+        x_ptrs += BLOCK_K
+    # Slot p holds channel 2 (p % 4) + p // 4 of its word (AWQ's order 0, 2, 4, 6, 1, 3, 5, 7).
+    col = 8 * offs_w
+    sc = sc_ptr + g * N + col
+    y0 = tl.join(_scaled(tl.sum(a0, 0), sc, 0, w_ok, 0), _scaled(tl.sum(a4, 0), sc, 1, w_ok, 0))
+    y1 = tl.join(_scaled(tl.sum(a1, 0), sc, 2, w_ok, 4), _scaled(tl.sum(a5, 0), sc, 3, w_ok, 4))
+    y2 = tl.join(_scaled(tl.sum(a2, 0), sc, 4, w_ok, 8), _scaled(tl.sum(a6, 0), sc, 5, w_ok, 8))
+    y3 = tl.join(_scaled(tl.sum(a3, 0), sc, 6, w_ok, 12), _scaled(tl.sum(a7, 0), sc, 7, w_ok, 12))
+    c0, c1, c2, c3 = tl.join(col, col + 1), tl.join(col + 2, col + 3), tl.join(col + 4, col + 5), tl.join(col + 6,
+                                                                                                          col + 7)
+    y = tl.join(tl.join(y0, y1), tl.join(y2, y3))
+    cols = tl.join(tl.join(c0, c1), tl.join(c2, c3))
+    return tl.reshape(y, (BLOCK_N,)), tl.reshape(cols, (BLOCK_N,))
+
+
 # M varies per step and split_k per shape: one compiled kernel per tile config, not per token count or split (the
 # tuner tries many splits of each tile); nibble_mask must stay a run-time value (see _nibbles).
 @triton.jit(do_not_specialize=["M", "split_k", "nibble_mask"])
 def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm,
               stride_om, split_k, nibble_mask, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SLOTS: tl.constexpr, IN_PLACE: tl.constexpr,
+              HAS_BIAS: tl.constexpr,
               GATED: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,7 +188,11 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
     k_blocks = K // BLOCK_K
     kb_lo = pid_k * k_blocks // split_k
     kb_hi = (pid_k + 1) * k_blocks // split_k
-    if SLOTS:  # one token, unpacked slot by slot: the tile's columns come back in slot order, and are stored so
+    if IN_PLACE:  # one token, a program per group (split_k = K // group_size): columns come back permuted too
+        y, offs_n = _gemv_in_place(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_lo,
+                                   GATED, BLOCK_N, BLOCK_K, STAGES)
+        acc = tl.reshape(y, (1, BLOCK_N))
+    elif SLOTS:  # one token, unpacked slot by slot: the tile's columns come back in slot order, and are stored so
         y, offs_n = _gemv_by_slot(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size,
                                   kb_lo, kb_hi, nibble_mask, GATED, BLOCK_N, BLOCK_K, STAGES)
         acc = tl.reshape(y, (1, BLOCK_N))
@@ -189,7 +260,7 @@ class Config:
     warps: int = 4
     stages: int = 3
     max_m: int | None = None     # None: every larger M
-    unpack: str = "interleave"   # one-row tiles may unpack "slots" instead (see _gemv_by_slot)
+    unpack: str = "interleave"   # one-row tiles may unpack "slots" (_gemv_by_slot) or "in-place" (_gemv_in_place)
 
     @classmethod
     def from_json(cls, d: dict) -> "Config":
@@ -199,16 +270,21 @@ class Config:
         if self.kernel == "dense":
             return {"max_m": self.max_m, "kernel": "dense"}
         return {"max_m": self.max_m, "kernel": self.kernel, "block": list(self.block), "split": self.split,
-                "warps": self.warps, "stages": self.stages} | ({"unpack": self.unpack} if self.slots else {})
+                "warps": self.warps, "stages": self.stages} | ({"unpack": self.unpack} if self.unpack != "interleave"
+                                                                   else {})
 
     @property
     def slots(self) -> bool:
         return self.unpack == "slots"
 
     @property
+    def in_place(self) -> bool:
+        return self.unpack == "in-place"
+
+    @property
     def compiled(self) -> tuple:
         """What selects the fused kernel's compiled variant: the split's count is a runtime argument, not a part."""
-        return self.block, self.split > 1, self.warps, self.stages, self.slots
+        return self.block, self.split > 1, self.warps, self.stages, self.unpack
 
     @property
     def path(self) -> str:
@@ -216,12 +292,15 @@ class Config:
         if self.kernel == "dense":
             return "dense"
         name = "gemv" if self.block[0] == 1 else "gemm"
+        if self.in_place:
+            return "gemv+groups"  # split K / group_size ways, whatever `split` says
         return f"{name}+split{self.split}" if self.split > 1 else name
 
     def __str__(self) -> str:
         if self.kernel == "dense":
             return "dense"
-        return f"{self.path} {'x'.join(map(str, self.block))} w{self.warps} s{self.stages}" + (" slots" * self.slots)
+        unpack = "" if self.unpack == "interleave" else f" {self.unpack}"
+        return f"{self.path} {'x'.join(map(str, self.block))} w{self.warps} s{self.stages}{unpack}"
 
 
 def parse_table(raw: dict) -> dict:
@@ -287,10 +366,11 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         out = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.reshape(*x.shape[:-1], n)
     block_m, block_n, block_k = config.block
-    if config.slots and block_m != 1:
-        raise ValueError(f"{config}: unpacking by slot is for one-row tiles")
+    if config.unpack != "interleave" and block_m != 1:
+        raise ValueError(f"{config}: unpacking {config.unpack} is for one-row tiles")
     block_k = math.gcd(block_k, group_size)
-    split = max(1, min(config.split, k // block_k))
+    # In place: a program per group, whatever the config's split (the table's shape may be a neighbour's).
+    split = k // group_size if config.in_place else max(1, min(config.split, k // block_k))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
     ws = counters = None  # a single split writes the output directly
@@ -299,6 +379,7 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         counters = arrival_counters(x.device, grid[0] * grid[2])
     _awq_gemm[grid](x2, qweight, qzeros, scales, bias, out, ws, counters, m, n, k, group_size, x2.stride(0),
                     out.stride(0), split, 0xF, SPLIT=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                    STAGES=config.stages, SLOTS=config.slots, HAS_BIAS=bias is not None, GATED=gated,
+                    STAGES=config.stages, SLOTS=config.slots, IN_PLACE=config.in_place, HAS_BIAS=bias is not None,
+                    GATED=gated,
                     num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)
