@@ -94,6 +94,9 @@ def paths() -> None:
         (at.Config(block=(1, 64, 32), stages=1, unpack="in-place"), 1, 512, 72, 64, b16),
         (at.Config(block=(1, 256, 128), unpack="in-place"), 1, 128, 264, 128, f16),
         (at.Config(block=(1, 128, 128), stages=2, unpack="in-place"), 1, 256, 136, 64, b16),
+        # More splits than the one-token merge loads at once (8): 20 groups in place, 12 splits of 16 blocks.
+        (at.Config(block=(1, 64, 32), unpack="in-place"), 1, 1280, 72, 64, f16),
+        (at.Config(block=(1, 64, 64), split=12), 1, 1024, 72, 64, b16),
         (at.Config(block=(16, 64, 128), split=4), 5, 512, 136, 128, f16),
         (at.Config(block=(16, 128, 128), split=2), 16, 256, 136, 64, b16),     # BLOCK_K 128 cut to the group's 64
         (at.Config(block=(32, 64, 64), split=1), 33, 256, 264, 128, f16),

@@ -231,9 +231,19 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # release our partial, acquire the others'
         if arrived == split_k - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(split_k):
-                total += tl.load(ws_ptr + (s * M + offs_m)[:, None] * N + offs_n[None, :], mask=mask, other=0.0,
-                                 cache_modifier=".cg")
+            if BLOCK_M == 1:
+                # Eight splits' partials a load: the merge waits for split / 8 round trips to L2 in turn rather
+                # than one per split (86 for the in-place GEMV of an 11008-deep down projection).
+                parts = tl.arange(0, 8)
+                for s0 in range(0, split_k, 8):
+                    rows = (s0 + parts) * M + pid_m
+                    chunk = tl.load(ws_ptr + rows[:, None] * N + offs_n[None, :], other=0.0, cache_modifier=".cg",
+                                    mask=((s0 + parts) < split_k)[:, None] & n_ok[None, :])
+                    total += tl.sum(chunk, 0)[None, :]
+            else:
+                for s in range(split_k):
+                    total += tl.load(ws_ptr + (s * M + offs_m)[:, None] * N + offs_n[None, :], mask=mask, other=0.0,
+                                     cache_modifier=".cg")
             tl.store(out_ptrs, (total + bias).to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(count_ptr + tile, 0)
 
