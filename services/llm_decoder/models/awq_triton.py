@@ -164,8 +164,8 @@ def _gemv_in_place(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_l
     y1 = tl.join(_scaled(tl.sum(a1, 0), sc, 2, w_ok, 4), _scaled(tl.sum(a5, 0), sc, 3, w_ok, 4))
     y2 = tl.join(_scaled(tl.sum(a2, 0), sc, 4, w_ok, 8), _scaled(tl.sum(a6, 0), sc, 5, w_ok, 8))
     y3 = tl.join(_scaled(tl.sum(a3, 0), sc, 6, w_ok, 12), _scaled(tl.sum(a7, 0), sc, 7, w_ok, 12))
-    c0, c1, c2, c3 = tl.join(col, col + 1), tl.join(col + 2, col + 3), tl.join(col + 4, col + 5), tl.join(col + 6,
-                                                                                                          col + 7)
+    c0, c1 = tl.join(col, col + 1), tl.join(col + 2, col + 3)
+    c2, c3 = tl.join(col + 4, col + 5), tl.join(col + 6, col + 7)
     y = tl.join(tl.join(y0, y1), tl.join(y2, y3))
     cols = tl.join(tl.join(c0, c1), tl.join(c2, c3))
     return tl.reshape(y, (BLOCK_N,)), tl.reshape(cols, (BLOCK_N,))
@@ -177,8 +177,7 @@ def _gemv_in_place(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_l
 def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm,
               stride_om, split_k, nibble_mask, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SLOTS: tl.constexpr, IN_PLACE: tl.constexpr,
-              HAS_BIAS: tl.constexpr,
-              GATED: tl.constexpr):
+              HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -279,9 +278,9 @@ class Config:
     def to_json(self) -> dict:
         if self.kernel == "dense":
             return {"max_m": self.max_m, "kernel": "dense"}
+        unpack = {} if self.unpack == "interleave" else {"unpack": self.unpack}
         return {"max_m": self.max_m, "kernel": self.kernel, "block": list(self.block), "split": self.split,
-                "warps": self.warps, "stages": self.stages} | ({"unpack": self.unpack} if self.unpack != "interleave"
-                                                                   else {})
+                "warps": self.warps, "stages": self.stages} | unpack
 
     @property
     def slots(self) -> bool:
