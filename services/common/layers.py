@@ -17,7 +17,7 @@ COMPILE_OPTIONS = {"dynamic": True, "fullgraph": True}
 def on_gpu_compiled(fn):
     """`fn` compiled by inductor for CUDA inputs, run as written on the CPU.
 
-    For chains of small elementwise ops (norms, residual adds, rotary, activations): compiled, each chain is one
+    For chains of small elementwise ops (norms, residual adds, activations): compiled, each chain is one
     kernel, and even inside a CUDA graph every kernel costs a few µs however small. At InternLM2.5-7B shapes on an
     H200 this took a one-stream decode step from 6.73 to 5.25 ms (bench.decoder, 2026-11-30). TORCHDYNAMO_DISABLE=1
     runs them eagerly on the GPU too. Token counts are symbolic from the first compile (dynamic=True): one graph
