@@ -9,7 +9,8 @@ from tools.run_local import ROOT
 def test_families_prints_the_split_and_the_ratios_to_the_baseline(tmp_path):
     out = tmp_path / "families.md"
     proc = subprocess.run([sys.executable, "-m", "bench.families", "--size", "tiny", "--device", "cpu", "--families",
-                           "internvl2_5", "--max-tokens", "4", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                           "internvl2_5", "--max-tokens", "2", "--image", "448", "448", "--max-num", "2", "--workdir",
+                           str(tmp_path / "work"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     lines = [line for line in out.read_text().splitlines() if line.startswith("|")]
