@@ -127,13 +127,13 @@ def compute_baseline(args) -> None:
     import torch
 
     from bench.decoder import new_sequence, sync, until_first_token
+    from services.common import weights
     from services.gateway.tiling import tile_image
     from services.llm_decoder import __main__ as decoder_main
     from services.llm_decoder.engine.llm_engine import LLMEngine
     from services.llm_decoder.models import load_language_model
     from services.vision_encoder import __main__ as vision_main
     from services.vision_encoder.encoder import VisionRunner, load_vision_model
-    from services.common import weights
 
     def service_args(module, *extra: str):
         sys.argv = ["baseline", "--model", args.baseline_of, "--device", args.device, *extra]
