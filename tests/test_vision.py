@@ -200,10 +200,7 @@ def test_only_a_busy_device_makes_a_batch_wait_for_more_tiles():
         assert torch.equal(out, t.reshape(1, -1)[:, :4].float())
 
 
-def test_the_tower_compiles_whole_for_every_batch_size(vision):
-    """torch.compile traces the model in one graph (fullgraph: no break) with a dynamic batch size; aot_eager runs
-    that graph without inductor's code generation (minutes of C++ compiling on this CPU; the GPU bench uses it)."""
-    cfg, model = vision
+def compiles_whole(model):
     tiles = torch.randint(0, 256, (3, 448, 448, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
@@ -213,6 +210,21 @@ def test_the_tower_compiles_whole_for_every_batch_size(vision):
     again = torch.cat(compiled.launch([tiles[:2], tiles[2:]])())  # two images, one batch
     assert torch.allclose(got, eager, atol=1e-5, rtol=0) and torch.equal(got, again)
     assert counter.frame_count <= 2  # the first size, then one dynamic graph for all others
+
+
+def test_the_tower_compiles_whole_for_every_batch_size(vision):
+    """torch.compile traces the model in one graph (fullgraph: no break) with a dynamic batch size; aot_eager runs
+    that graph without inductor's code generation (minutes of C++ compiling on this CPU; the GPU bench uses it)."""
+    compiles_whole(vision[1])
+
+
+def test_the_6b_tower_compiles_whole_too(tmp_path):
+    """InternViT-6B's layout (RMSNorm, q and k normalized over the full width, no qkv bias) as well: the chart
+    compiles every tower."""
+    from tools.make_tiny_checkpoint import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "v1_5", family="internvl-chat-v1_5")
+    compiles_whole(load_vision_model(read_model_config(path), path, "cpu", torch.float32))
 
 
 def test_warm_up_compiles_before_the_first_request(vision):
