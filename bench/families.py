@@ -122,11 +122,10 @@ def compute_baseline(args) -> None:
     """(A child process, --baseline-of CKPT.) What the measured request's time to first token is held against: the
     vision model's forward pass over its tiles and the engine's prefill of its prompt, in-process, each built as its
     service builds it (the services' own settings and defaults, the same environment). Prints one JSON line."""
-    import statistics
-
     import torch
 
-    from bench.decoder import new_sequence, sync, until_first_token
+    from bench.decoder import new_sequence, until_first_token
+    from bench.vision import timed
     from services.common import weights
     from services.gateway.tiling import tile_image
     from services.llm_decoder import __main__ as decoder_main
@@ -139,23 +138,12 @@ def compute_baseline(args) -> None:
         sys.argv = ["baseline", "--model", args.baseline_of, "--device", args.device, *extra]
         return module.parse_args()
 
-    def median_ms(run, repeat: int = 5) -> float:
-        run()  # first use: allocations, kernels compiled or picked
-        times = []
-        for _ in range(repeat):
-            sync(args.device)
-            start = time.perf_counter()
-            run()
-            sync(args.device)
-            times.append(1000 * (time.perf_counter() - start))
-        return statistics.median(times)
-
     v = service_args(vision_main)
     path, cfg, dtype = weights.open_checkpoint(v, parts=("vision",))
     model = load_vision_model(cfg, path, v.device, dtype)
     runner = VisionRunner(model, v.device, v.max_batch_tiles, v.cuda_graph_tiles, v.compile)
     tiles = torch.from_numpy(tile_image(noise_image(*args.image, seed=2), args.max_num))
-    vit_ms = median_ms(lambda: runner.launch([tiles])())
+    vit_ms = 1000 * timed(lambda: runner.launch([tiles])(), args.device, 5)  # medians after a first use
     del model, runner
 
     d = service_args(decoder_main, "--kv-cache-tokens", str(args.kv_cache_tokens))
@@ -184,7 +172,7 @@ def compute_baseline(args) -> None:
         while engine.has_work():
             engine.step()
 
-    print(json.dumps({"vit_ms": vit_ms, "prefill_ms": median_ms(prefill, repeat=3)}), flush=True)
+    print(json.dumps({"vit_ms": vit_ms, "prefill_ms": 1000 * timed(prefill, args.device, 3)}), flush=True)
 
 
 def baseline(ckpt: Path, args, prompt_tokens: int, log) -> dict:
