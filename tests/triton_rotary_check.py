@@ -23,8 +23,8 @@ def inputs(h, h_kv, d, dtype, t, seed):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(t, (h + 2 * h_kv) * d, generator=g).to(dtype)
     q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], dim=-1)
-    angles = torch.rand(t, d // 2, generator=g) * 100
-    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
+    angles = (torch.rand(t, d // 2, generator=g) * 100).repeat(1, 2)  # rotate-half: both halves turn alike
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     blocks = t // 4 + 3
     k_cache = torch.randn(blocks, 4, h_kv, d, generator=g).to(dtype)
     v_cache = torch.randn(blocks, 4, h_kv, d, generator=g).to(dtype)
