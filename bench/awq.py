@@ -136,6 +136,10 @@ def wall_ms(calls: list) -> float:
 # of its program's K loop (gate_up_proj at one token: 344 programs of 16 steps, under 3 per SM of an H200), so more
 # and shorter loops keep more loads and more unpacking in flight.
 SKINNY_PROGRAMS_PER_SM = 16
+# 16-row tiles unpacked in 16-bit lanes, a tl.dot per nibble slot: wide, so each slot's dot has 32-64 columns for
+# the warps to share (narrower ones repeat the work in every warp); 3.9-4.2 sm_90 instructions a weight in the loop
+# against 5.3-5.9 for the interleaved 16-row tiles (bench.sass).
+LANES = [(16, 256, 128, 4, 3), (16, 512, 64, 4, 3)]
 
 
 def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
@@ -148,9 +152,9 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
         # ones load straight into registers, no cp.async through shared memory: shorter loops on sm_90 (1x64x64
         # slots 421 -> 315 instructions, 1x128x64 458 -> 428) and 0.5-2 KB of shared memory, room for more programs.
         tiles = [(1, 64, 64, 4, 3), (1, 128, 64, 4, 3), (1, 256, 32, 4, 3), (1, 512, 16, 4, 3), (1, 256, 64, 8, 3),
-                 (1, 64, 64, 4, 1), (1, 128, 64, 4, 1), (1, 256, 32, 4, 1), (16, 64, 128, 4, 3)]
+                 (1, 64, 64, 4, 1), (1, 128, 64, 4, 1), (1, 256, 32, 4, 1), (16, 64, 128, 4, 3), LANES[0]]
     elif m <= 16:
-        tiles = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3)]
+        tiles = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3), *LANES]
     elif m <= 64:
         tiles = [(64, 64, 128, 4, 3), (64, 128, 64, 4, 4)]
     else:
@@ -167,8 +171,10 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
             while programs * split < sms and split * 2 <= k_blocks:
                 split *= 2
             splits = [split // 2, split] if split > 1 else [1]
+        unpacks = ("interleave", "slots") if bm == 1 else ("lanes",) if (bm, bn, bk, warps, stages) in LANES else (
+            "interleave",)
         out += [at.Config(block=(bm, bn, bk), split=s, warps=warps, stages=stages, unpack=unpack) for s in splits
-                for unpack in (("interleave", "slots") if bm == 1 else ("interleave",))]
+                for unpack in unpacks]
     if m == 1:
         # In place (a program per group): each nibble masked where it lies, the group's scale after the sum over K;
         # 4.7-5.3 sm_90 instructions a weight in the loop against the interleaved tile's 7.2 (bench.sass).

@@ -1,6 +1,6 @@
 """The AWQ W4A16 kernels' inner loops on sm_90 (H100/H200) without a GPU: instructions per loop iteration, and how
-many of them convert between float formats, for every fused config the committed table dispatches and the
-one-token tuning candidates, in fp16 and bf16; with --base, the same kernels at another revision compiled in the same
+many of them convert between float formats, for every fused config the committed table dispatches and the one- and
+16-token tuning candidates, in fp16 and bf16; with --base, the same kernels at another revision compiled in the same
 run (ratios base / now).
 
 Each kernel is compiled by Triton and ptxas for sm_90 and disassembled by nvdisasm (both ship with Triton); a loop
@@ -57,7 +57,8 @@ def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool, gated: bool = False)
              **{name: "i32" for name in INTS}}
     constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}),
                  "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2], "STAGES": cfg.stages,
-                 "SLOTS": cfg.slots, **({"IN_PLACE": cfg.in_place} if "IN_PLACE" in fn.arg_names else {})}
+                 "SLOTS": cfg.slots, **({"IN_PLACE": cfg.in_place} if "IN_PLACE" in fn.arg_names else {}),
+                 **({"LANES": cfg.unpack == "lanes"} if "LANES" in fn.arg_names else {})}
     if "SPLIT_K" in fn.arg_names:  # revisions before the split became a runtime argument
         constants["SPLIT_K"] = cfg.split
     else:
@@ -110,7 +111,8 @@ def configs(smoke: bool) -> list[at.Config]:
         return [at.Config(block=(1, 128, 64), split=8), at.Config(block=(16, 64, 128), split=2),
                 at.Config(block=(1, 128, 64), split=16, stages=1, unpack="in-place")]
     table = [c for shapes in at._table().values() for _, _, cs in shapes for c in cs if c.kernel == "fused"]
-    return list({c.compiled: c for c in table + candidates(1, 2560, 2048, 132)}.values())  # each kernel once
+    untuned = candidates(1, 2560, 2048, 132) + candidates(16, 2560, 2048, 132)
+    return list({c.compiled: c for c in table + untuned}.values())  # each kernel once
 
 
 def main() -> None:
@@ -133,7 +135,8 @@ def main() -> None:
             row = {"config": str(cfg), "dtype": dtype, "loop": sum(now.values()),
                    "per_weight": round(sum(now.values()) / weights, 2),
                    "conversions": sum(now[op] for op in CONVERSIONS)}
-            if base and (not cfg.in_place or "IN_PLACE" in base.arg_names):  # else: no such kernel there
+            flag = {"in-place": "IN_PLACE", "lanes": "LANES"}.get(cfg.unpack)
+            if base and (flag is None or flag in base.arg_names):  # else: no such kernel there
                 then = loop_counts(compile_awq(base, cfg, dtype, bias=dtype == "fp16").asm["cubin"])
                 row |= {"base_loop": sum(then.values()), "base_conversions": sum(then[op] for op in CONVERSIONS)}
             rows.append(row)

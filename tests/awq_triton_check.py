@@ -98,6 +98,10 @@ def paths() -> None:
         (at.Config(block=(1, 64, 32), unpack="in-place"), 1, 1280, 72, 64, f16),
         (at.Config(block=(1, 64, 64), split=12), 1, 1024, 72, 64, b16),
         (at.Config(block=(16, 64, 128), split=4), 5, 512, 136, 128, f16),
+        # In lanes: M off the block, words past N masked, BLOCK_K cut to the group, splits, a 32-row tile.
+        (at.Config(block=(16, 128, 64), unpack="lanes"), 5, 256, 136, 128, f16),
+        (at.Config(block=(16, 256, 128), split=2, unpack="lanes"), 16, 256, 264, 64, b16),
+        (at.Config(block=(32, 128, 64), split=3, unpack="lanes"), 20, 512, 200, 128, f16),
         (at.Config(block=(16, 128, 128), split=2), 16, 256, 136, 64, b16),     # BLOCK_K 128 cut to the group's 64
         (at.Config(block=(32, 64, 64), split=1), 33, 256, 264, 128, f16),
         (at.Config(block=(64, 128, 64), split=2), 70, 384, 200, 64, b16),
@@ -115,10 +119,11 @@ def paths() -> None:
     bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, strided), x,
                 bench.weight(q, 64, strided, x.dtype), "strided x")
     # A bias is added in every path's epilogue, and a gated input ([gate | up], the down projection's) is gated in
-    # every path (split or not, one row, slots, in place, tiles, dense), in either dtype.
+    # every path (split or not, one row, slots, in place, tiles, lanes, dense), in either dtype.
     every_path = [at.Config(block=(1, 128, 64), split=3), at.Config(block=(1, 64, 64), unpack="slots"),
                   at.Config(block=(1, 128, 64), unpack="in-place"),
-                  at.Config(block=(16, 64, 128), split=4), at.Config(block=(32, 64, 64)), at.Config(kernel="dense")]
+                  at.Config(block=(16, 64, 128), split=4), at.Config(block=(16, 128, 64), split=2, unpack="lanes"),
+                  at.Config(block=(32, 64, 64)), at.Config(kernel="dense")]
     for i, cfg in enumerate(every_path):
         m = 1 if cfg.block[0] == 1 else 20
         run(cfg, m, 256, 136, 64, (f16, b16)[i % 2], bias=True)
@@ -178,8 +183,10 @@ def compile_sm90() -> None:
     interpreter cannot catch (types, layouts, resources) fails here rather than on the GPU."""
     seen = set()
     tables = at.parse_table(json.loads(at.CONFIGS.read_text())).values()
-    gemvs = bench.candidates(1, 2560, 2048, 132)  # one-token candidates the table may not hold yet
-    for configs in [c for shapes in tables for _, _, c in shapes] + [gemvs]:
+    # One-token and lanes candidates the table may not hold yet.
+    untuned = bench.candidates(1, 2560, 2048, 132) + [c for c in bench.candidates(16, 2560, 2048, 132)
+                                                      if c.unpack == "lanes"]
+    for configs in [c for shapes in tables for _, _, c in shapes] + [untuned]:
         for cfg in (c for c in configs if c.kernel == "fused"):
             # (dtype, bias, gated): q/k/v's bias and the down projection's gated input in one kernel (it holds
             # each alone's code and more), bf16 activations

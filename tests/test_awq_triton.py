@@ -115,6 +115,7 @@ def test_skinny_candidates_split_up_to_many_programs_per_sm():
     for m in (1, 16):
         cands = bench.candidates(m, n, k, sms)
         assert any(c.in_place for c in cands) == (m == 1)
+        assert {c.block for c in cands if c.unpack == "lanes"} == {b[:3] for b in bench.LANES[:1 if m == 1 else None]}
         for c in cands:
             programs = -(-n // c.block[1]) * -(-m // c.block[0])
             assert c.split <= k // min(c.block[2], bench.GROUP)

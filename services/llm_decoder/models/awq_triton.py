@@ -13,7 +13,8 @@ another table file to use instead, e.g. one a tuning run just wrote):
   - fused, BLOCK_M == 1: a GEMV for one token; fp32 products are summed over K once, at the end of the program
     (nibbles spread over their columns by interleaving, unpacked "slots" first, or "in-place" where they lie in
     their word with a program per group: which is faster is the table's);
-  - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill);
+  - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill), the nibbles spread over
+    their columns by interleaving, or (16-row tiles) unpacked two at a time in 16-bit "lanes", a tl.dot per slot;
   - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills).
 The fused kernel splits K over `split` programs per output tile when the tiles alone would leave SMs idle (skinny
 decode shapes); the last program to finish a tile sums the fp32 partials, so a call is one launch. A gated call (a GLU
@@ -171,13 +172,65 @@ def _gemv_in_place(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_l
     return tl.reshape(y, (BLOCK_N,)), tl.reshape(cols, (BLOCK_N,))
 
 
+@triton.jit
+def _lanes(words, SHIFT: tl.constexpr, dtype: tl.constexpr):
+    """Nibble slots SHIFT // 4 and SHIFT // 4 + 4 of `words`, unpacked two at a time: each lands in the low bits of a
+    16-bit lane or-ed into 1024 (fp16) or 128 (bf16), so one shift and one LOP3 give two weights (+ that power of
+    two) in `dtype`, and the lanes are read as two halves."""
+    v = ((words >> SHIFT) & 0x000F000F) | (0x64006400 if dtype == tl.float16 else 0x43004300)
+    return v.to(tl.int16).to(dtype, bitcast=True), (v >> 16).to(tl.int16).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _lane_dots(x, words, zeros, sc, w_ok, acc_lo, acc_hi, SHIFT: tl.constexpr):
+    """acc_lo, acc_hi plus x times q - z of slots SHIFT // 4 and SHIFT // 4 + 4 (channels SHIFT // 2 and
+    SHIFT // 2 + 1 of each word), the group's scales applied to the fp32 sums."""
+    lo, hi = _lanes(words, SHIFT, x.dtype)
+    z_lo, z_hi = _lanes(zeros, SHIFT, x.dtype)
+    ch = SHIFT // 2
+    s_lo = tl.load(sc + ch, mask=w_ok, other=0.0).to(tl.float32)
+    s_hi = tl.load(sc + ch + 1, mask=w_ok, other=0.0).to(tl.float32)
+    acc_lo += tl.dot(x, lo - z_lo[None, :]) * s_lo[None, :]
+    acc_hi += tl.dot(x, hi - z_hi[None, :]) * s_hi[None, :]
+    return acc_lo, acc_hi
+
+
+@triton.jit
+def _gemm_lanes(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_m, m_ok, offs_w, N, K, group_size, stride_xm, kb_lo, kb_hi,
+                GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                STAGES: tl.constexpr):
+    """Tiles of several tokens with the weights unpacked in 16-bit lanes (_lanes): a tl.dot per nibble slot, x times
+    [BLOCK_K, BLOCK_N // 8] small integers, so the packed words need no repeating or reordering; the slots' sums are
+    joined in column order at the end. Returns the [BLOCK_M, BLOCK_N] sums."""
+    BLOCK_W: tl.constexpr = BLOCK_N // 8
+    w_ok = offs_w < N // 8
+    a0 = tl.zeros((BLOCK_M, BLOCK_W), tl.float32)
+    a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+    for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
+        k0 = kb * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = load_input(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_ok[:, None], K, GATED)
+        words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
+        g = k0 // group_size
+        zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+        sc = sc_ptr + g * N + 8 * offs_w
+        a0, a1 = _lane_dots(x, words, zeros, sc, w_ok, a0, a1, 0)  # channel c of a word in accumulator c
+        a2, a3 = _lane_dots(x, words, zeros, sc, w_ok, a2, a3, 4)
+        a4, a5 = _lane_dots(x, words, zeros, sc, w_ok, a4, a5, 8)
+        a6, a7 = _lane_dots(x, words, zeros, sc, w_ok, a6, a7, 12)
+    # A join's new dimension is the last: the first join's pairs vary slowest, so [.., word, c // 4, c // 2 % 2,
+    # c % 2] and column 8 word + c.
+    y = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7)))
+    return tl.reshape(y, (BLOCK_M, BLOCK_N))
+
+
 # M varies per step and split_k per shape: one compiled kernel per tile config, not per token count or split (the
 # tuner tries many splits of each tile); nibble_mask must stay a run-time value (see _nibbles).
 @triton.jit(do_not_specialize=["M", "split_k", "nibble_mask"])
 def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, group_size, stride_xm,
               stride_om, split_k, nibble_mask, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SLOTS: tl.constexpr, IN_PLACE: tl.constexpr,
-              HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+              LANES: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,6 +248,9 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
         y, offs_n = _gemv_by_slot(x_ptr + pid_m * stride_xm, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size,
                                   kb_lo, kb_hi, nibble_mask, GATED, BLOCK_N, BLOCK_K, STAGES)
         acc = tl.reshape(y, (1, BLOCK_N))
+    elif LANES:
+        acc = _gemm_lanes(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_m, m_ok, offs_w, N, K, group_size, stride_xm, kb_lo,
+                          kb_hi, GATED, BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
     else:
         # GEMV keeps a [BLOCK_K, BLOCK_N] fp32 accumulator and reduces over K once, after the loop.
         acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -269,7 +325,8 @@ class Config:
     warps: int = 4
     stages: int = 3
     max_m: int | None = None     # None: every larger M
-    unpack: str = "interleave"   # one-row tiles may unpack "slots" (_gemv_by_slot) or "in-place" (_gemv_in_place)
+    unpack: str = "interleave"   # one-row tiles may unpack "slots" (_gemv_by_slot) or "in-place" (_gemv_in_place),
+                                 # larger ones "lanes" (_gemm_lanes)
 
     @classmethod
     def from_json(cls, d: dict) -> "Config":
@@ -375,8 +432,9 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         out = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.reshape(*x.shape[:-1], n)
     block_m, block_n, block_k = config.block
-    if config.unpack != "interleave" and block_m != 1:
-        raise ValueError(f"{config}: unpacking {config.unpack} is for one-row tiles")
+    if config.unpack != "interleave" and (block_m == 1) != (config.unpack in ("slots", "in-place")):
+        raise ValueError(f"{config}: unpacking {config.unpack} is for "
+                         + ("tiles of 16 rows or more" if config.unpack == "lanes" else "one-row tiles"))
     block_k = math.gcd(block_k, group_size)
     # In place: a program per group, whatever the config's split (the table's shape may be a neighbour's).
     split = k // group_size if config.in_place else max(1, min(config.split, k // block_k))
@@ -388,7 +446,8 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         counters = arrival_counters(x.device, grid[0] * grid[2])
     _awq_gemm[grid](x2, qweight, qzeros, scales, bias, out, ws, counters, m, n, k, group_size, x2.stride(0),
                     out.stride(0), split, 0xF, SPLIT=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                    STAGES=config.stages, SLOTS=config.slots, IN_PLACE=config.in_place, HAS_BIAS=bias is not None,
+                    STAGES=config.stages, SLOTS=config.slots, IN_PLACE=config.in_place, LANES=config.unpack == "lanes",
+                    HAS_BIAS=bias is not None,
                     GATED=gated,
                     num_warps=config.warps)
     return out.reshape(*x.shape[:-1], n)
