@@ -32,3 +32,10 @@ def save(out: Path, markdown: str, result: dict) -> None:
     if out.suffix != ".json":
         out.write_text(markdown)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def sync(device: str) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on the CPU): a timing ends when the work does."""
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize(device)

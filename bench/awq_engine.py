@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 
-from bench import save
+from bench import save, sync
 from bench.decoder import (ROOT, SHAPES, agreement, build_engine_model, decode_step_ms, device_name, hbm_fraction,
-                           kv_bytes_per_token, make_engine, median_run, random_prompts, randomize_, run_engine, sync,
-                           table, weight_bytes_per_step)
+                           kv_bytes_per_token, make_engine, median_run, random_prompts, randomize_, run_engine, table,
+                           weight_bytes_per_step)
 from services.common.weights import torch_dtype
 from services.llm_decoder.models import awq
 from services.llm_decoder.models.awq import AWQLinear

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from bench import save
+from bench import save, sync
 from services.common.checkpoint import TextConfig
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
@@ -210,11 +210,6 @@ def read_bandwidth(device: str, gib: int = 4) -> float:
 def hbm_fraction(bytes_per_step: int, step_ms: float, bandwidth: float) -> float:
     """The share of the memory-bandwidth limit a decode step reaches (0 when no time was measured)."""
     return bytes_per_step / (step_ms / 1000) / bandwidth if step_ms else 0.0
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def make_engine(model, num_blocks: int, args, dtype: torch.dtype) -> LLMEngine:

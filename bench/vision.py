@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import save  # noqa: E402
+from bench import save, sync  # noqa: E402
 from services.common.checkpoint import read_model_config  # noqa: E402
 from services.vision_encoder.encoder import TileBatcher, VisionRunner, load_vision_model  # noqa: E402
 from services.vision_encoder.intern_vit import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -50,11 +50,6 @@ def build_checkpoint(family: str, size: str, device: str, out: Path) -> None:
     model = model.to(torch.bfloat16 if size == "real" else torch.float32).to_empty(device=device).eval()
     randomize_in_place_(model, seed=0)
     model.save_pretrained(out)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: str, repeat: int) -> float:
