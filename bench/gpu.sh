@@ -15,7 +15,7 @@
 #              tile; eager, CUDA graphs and torch.compile
 #   vision6b   InternViT-6B (InternVL-Chat-V1-5) the same way, eager and torch.compile (the service's default;
 #              not run by default: ~2 min eager alone on an H200, run it when the other steps have left the time)
-#   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~2 min), then bench the
+#   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~3 min), then bench the
 #              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
 #              as services/llm_decoder/models/awq_configs.json. Then, with that table (AWQ_CONFIGS), the whole
 #              InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ (fp16, as served) against bf16 through the engine, 1
