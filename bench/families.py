@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from tools.make_tiny_checkpoint import CHECKPOINTS, NAMES, SIZES
-from tools.run_local import ROOT, Stack, start_stack
+from tools.run_local import ROOT, Stack, service_threads, start_stack
 
 QUESTION = "Describe the image in detail."
 
@@ -176,11 +176,13 @@ def compute_baseline(args) -> None:
 
 
 def baseline(ckpt: Path, args, prompt_tokens: int, log) -> dict:
-    """compute_baseline in a child process (the stack stopped: its GPU memory is free), its JSON line."""
+    """compute_baseline in a child process (the stack stopped: its GPU memory is free), its JSON line; with the
+    services' thread setting (on the CPU each has half the cores)."""
     out = subprocess.run([sys.executable, "-m", "bench.families", "--baseline-of", str(ckpt), "--device", args.device,
                           "--kv-cache-tokens", str(args.kv_cache_tokens), "--image", *map(str, args.image),
                           "--max-num", str(args.max_num), "--baseline-prompt", str(prompt_tokens)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, check=True)
+                         cwd=ROOT, env={**os.environ, **service_threads(args.device)}, stdout=subprocess.PIPE,
+                         stderr=log, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

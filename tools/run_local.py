@@ -99,6 +99,12 @@ def wait_for_redis(url: str, proc: subprocess.Popen, timeout_s: float = 10.0) ->
             time.sleep(0.05)
 
 
+def service_threads(device: str) -> dict[str, str]:
+    """The model services' thread setting: on the CPU they share this machine's cores, each its half (not a thread
+    pool per core each)."""
+    return {"CPU_THREADS": str(max(1, (os.cpu_count() or 2) // 2))} if device == "cpu" else {}
+
+
 def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None, redis: bool = True,
                 host: str = "127.0.0.1", port: int = 0, grpc_port: int = 0, extra_env: dict | None = None,
                 log: IO | None = None, stdin: int | IO | None = subprocess.DEVNULL, timeout_s: float = 300.0,
@@ -120,11 +126,9 @@ def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None
     try:
         if not redis_url and redis:
             stack.procs["redis"], redis_url = start_redis(log)
-        # On the CPU the model services share this machine's cores: each its half, not a thread pool per core each.
-        threads = {"CPU_THREADS": str(max(1, (os.cpu_count() or 2) // 2))} if device == "cpu" else {}
         env = {"GLIBC_TUNABLES": settings.GLIBC_TUNABLES, **os.environ, "MODEL": model, "DEVICE": device,
                "REDIS_URL": redis_url or "",  # "": no cache
-               **threads,
+               **service_threads(device),
                # ROOT first, keeping a PYTHONPATH that holds the dependencies (e.g. wheels unpacked elsewhere)
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                **(extra_env or {})}
