@@ -205,14 +205,17 @@ def run_family(name: str, args, log_dir: Path) -> dict:
             stack = start_stack(str(ckpt), device=args.device, redis_url=args.redis_url, redis=not args.no_redis,
                                 log=log, timeout_s=args.timeout,
                                 extra_env={"KV_CACHE_TOKENS": str(args.kv_cache_tokens),
-                                           "POOL_WAIT_S": str(args.timeout), "MAX_NUM": str(args.max_num)})
+                                           "POOL_WAIT_S": str(args.timeout), "MAX_NUM": str(args.max_num),
+                                           **({} if args.recent_images_mb is None else
+                                              {"DECODER_RECENT_IMAGES_MB": str(args.recent_images_mb)})})
             try:
                 row["ready_s"] = f"{time.perf_counter() - start:.1f}"
                 row |= load_times(log_path)
                 # Warm-up with another image (no embedding-cache hit), then the measured request.
                 cold = chat(stack, ckpt.name, noise_png(*args.image, seed=1), args.max_num, args.max_tokens)
                 warm = chat(stack, ckpt.name, noise_png(*args.image, seed=2), args.max_num, args.max_tokens)
-                # The embeddings from the cache, the prompt prefilled anew (not the decoder's prefix cache).
+                # The embeddings by key (the decoder's recent copy, unless --recent-images-mb 0: read from Redis),
+                # the prompt prefilled anew (not the decoder's prefix cache).
                 hit = chat(stack, ckpt.name, noise_png(*args.image, seed=2), args.max_num, args.max_tokens,
                            system="Answer in one sentence.")
                 row |= {"cold_ms": f"{cold['total_ms']:.0f}", "ttft_ms": f"{warm['ttft_ms']:.0f}",
@@ -271,8 +274,9 @@ def report(rows: list[dict], header: str) -> str:
     lines += ["", f"Service dtype: {', '.join(dtypes) or '?'}. Load s: each service's own log line (weights read "
               "and on the device). Stack ready: start of the processes to the gateway answering. 1st request: the "
               "warm-up (cold) request; TTFT and total: the next one, with another image (no cache hit), streamed; "
-              "cache hit: that image again, after a system prompt (its embeddings from the cache, the whole prompt "
-              "prefilled: no KV prefix reused). Split: the gateway's Server-Timing phases (fetch, preprocess = decode, "
+              "cache hit: that image again, after a system prompt (its embeddings by key: the decoder's recent copy, "
+              "read from Redis on the miss, unless its recent images are off (DECODER_RECENT_IMAGES_MB=0): read from "
+              "Redis again; the whole prompt prefilled: no KV prefix reused). Split: the gateway's Server-Timing phases (fetch, preprocess = decode, "
               "hash and tile, cache look-up, prompt = template and tokenizer, vision = the vision pool's call, "
               "store = of which the vision pool wrote the embeddings to Redis, read = the decoder reading them, "
               "decoder = the rest of the decoder call to its first token: mostly prefill). ViT and prefill alone: "
@@ -301,6 +305,8 @@ def main() -> None:
     p.add_argument("--redis-url", help="an existing Redis (default: start redis-server)")
     p.add_argument("--no-redis", action="store_true", help="no Redis: the services run without the embedding cache")
     p.add_argument("--kv-cache-tokens", type=int, default=65536, help="decoder KV cache (fixed, for comparable memory)")
+    p.add_argument("--recent-images-mb", type=int, help="the decoder's DECODER_RECENT_IMAGES_MB (default: its own; 0: "
+                   "the cache hit reads the embeddings from Redis)")
     p.add_argument("--image", type=int, nargs=2, default=(800, 600), metavar=("W", "H"), help="noise image size")
     p.add_argument("--max-num", type=int, default=12, help="most tiles (800x600, 12 -> 12 tiles + thumbnail)")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -321,7 +327,8 @@ def main() -> None:
               f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
               f"- device: {args.device} ({device_name(args.device)})\n- command: `{command}`\n"
               f"- request: {args.image[0]}x{args.image[1]} noise PNG, max_num {args.max_num}, \"{QUESTION}\", "
-              f"greedy, max_tokens {args.max_tokens}\n- KV_CACHE_TOKENS: {args.kv_cache_tokens}; Redis: {redis}\n"
+              f"greedy, max_tokens {args.max_tokens}\n- KV_CACHE_TOKENS: {args.kv_cache_tokens}; Redis: {redis}; "
+              f"DECODER_RECENT_IMAGES_MB: {'the default' if args.recent_images_mb is None else args.recent_images_mb}\n"
               f"- logs: {log_dir}")
     rows = []
     for name in args.families:

@@ -281,6 +281,8 @@ def test_gpu_pools(render, files):
             if key == "llmDecoder":  # decode steps overlapped with the host's work unless the values say not
                 overlap = values.get(key, {}).get("overlapSteps", True)
                 assert env_of(c)["OVERLAP_STEPS"]["value"] == ("1" if overlap else "0")
+                recent = values.get(key, {}).get("recentImagesMB", 1024)
+                assert env_of(c)["DECODER_RECENT_IMAGES_MB"]["value"] == str(recent)
         else:
             assert not any("gpu" in k for kind in ("requests", "limits") for k in res[kind]), dep["metadata"]["name"]
         if component(dep) in GPU_POOLS + ("gateway",):

@@ -33,7 +33,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def cat_rows(parts: list[tuple[pb.Tensor, bytes | memoryview]]) -> torch.Tensor:
     """Tensors given as (header, their bytes: a message's data or a view into a cache value), of one dtype and the
     same trailing shape, concatenated along the first axis with one copy of the bytes (`from_proto` and `torch.cat`
-    would make three), or none for one writable buffer (a value read from the cache, which nothing else holds): a
+    would make three), or none for one writable buffer (a value read from the cache, which nothing writes to): a
     view of it. A wrong dtype, a shape that differs or a byte count that does not fit raise ValueError."""
     first = parts[0][0]
     if first.dtype not in DTYPES or any(m.dtype != first.dtype for m, _ in parts):

@@ -44,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--redis-url", "REDIS_URL", None,
                  "Redis of the embedding cache: image embeddings the gateway names by key are read from it (unset = "
                  "they travel inline)")
+    settings.add(p, "--recent-images-mb", "DECODER_RECENT_IMAGES_MB", 1024,
+                 "host memory (MiB) for the embeddings of images this decoder read from the cache lately: another "
+                 "request about one of them takes its rows from there, not from Redis (0 = off)", int)
     settings.add(p, "--max-waiting", "MAX_WAITING", 1024,
                  "requests that may wait for admission; more are refused with RESOURCE_EXHAUSTED (the gateway's 429)",
                  int)
@@ -95,7 +98,8 @@ async def main() -> None:
     # Reads only: its TTL is the writer's (the vision pool's) business.
     cache = EmbeddingCache(args.redis_url, ttl_s=0) if args.redis_url else None
     servicer = LlmDecoderServicer(engine, tokenizer, cfg.image_token_id, cfg.text.vocab_size, cfg.text.hidden_size,
-                                  max_model_len, dtype, info, max_waiting=args.max_waiting, cache=cache)
+                                  max_model_len, dtype, info, max_waiting=args.max_waiting, cache=cache,
+                                  recent_bytes=args.recent_images_mb << 20)
     engine.start()
     REGISTRY.register(EngineCollector(engine, args.model))
     if args.device.startswith("cuda"):  # read at scrape time: weights, KV cache and the peak activations so far
