@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from internvl.serving.v1 import serving_pb2 as pb
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
-from services.gateway.balancer import Balancer, watch_addresses, watch_endpoint_slices
+from services.gateway.balancer import AFFINITY_SLACK, Balancer, watch_addresses, watch_endpoint_slices
 from services.gateway.chat import ChatService, Limits, Pools
 from services.gateway.errors import ApiError
 from tests.conftest import data_url, noise_image
@@ -111,18 +111,61 @@ async def serve_fake(decoder: FakeDecoder, *addrs: str) -> grpc.aio.Server:
 # ---------------------------------------------------------------- the gateway over two replicas of each pool
 
 async def test_gateway_spreads_requests_over_both_replicas_of_each_pool(stack):
+    """Images over the vision replicas; text-only chats (no affinity key) over the decoder replicas."""
+    def chat(content):
+        return {"model": "tiny-internvl2_5", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
+
     vision_before = [counter(u, "vision_encode_requests_total") for u in stack.vision_metrics_urls]
-    decoder_before = list(decoder_counts(stack).values())
+    before = decoder_counts(stack)
     async with httpx.AsyncClient(timeout=60) as http:
-        responses = await asyncio.gather(*(http.post(stack.gateway_url + "/v1/chat/completions", json={
-            "model": "tiny-internvl2_5", "max_tokens": 4, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": data_url(noise_image(64, 64, seed=100 + i))}},
-                {"type": "text", "text": "Describe."}]}]}) for i in range(8)))
-    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
+        responses = await asyncio.gather(*(http.post(stack.gateway_url + "/v1/chat/completions", json=chat([
+            {"type": "image_url", "image_url": {"url": data_url(noise_image(64, 64, seed=100 + i))}},
+            {"type": "text", "text": "Describe."}])) for i in range(8)))
+        await counted(stack, before, 8)
+        before = decoder_counts(stack)
+        responses += await asyncio.gather(*(http.post(stack.gateway_url + "/v1/chat/completions",
+                                                      json=chat(f"Say {i}.")) for i in range(8)))
+    assert [r.status_code for r in responses] == [200] * 16, [r.text for r in responses]
     vision = [counter(u, "vision_encode_requests_total") - b for u, b in zip(stack.vision_metrics_urls, vision_before)]
-    decoder = [after - b for after, b in zip(decoder_counts(stack).values(), decoder_before)]
+    decoder = list((await counted(stack, before, 8)).values())
     assert sum(vision) == 8 and min(vision) >= 2, vision
     assert sum(decoder) == 8 and min(decoder) >= 2, decoder
+
+
+async def test_calls_about_one_image_go_to_one_replica_while_its_load_allows():
+    """Calls with an affinity key (the gateway's: a request's first image) go to the replica the key ranks first,
+    the keys spread over the replicas; a replica AFFINITY_SLACK + 1 calls beyond the other gives its keys' next call
+    to the other."""
+    decoders = [FakeDecoder(), FakeDecoder()]
+    addrs = [f"127.0.0.1:{free_port()}" for _ in decoders]
+    servers = [await serve_fake(d, a) for d, a in zip(decoders, addrs)]
+    balancer = static_balancer(addrs)
+    try:
+        await wait_for(lambda: len(balancer.endpoints) == 2, "the endpoints")
+
+        async def call(key: str) -> int:
+            before = [d.calls for d in decoders]
+            assert len([r async for r in balancer.stream("Generate", GENERATE, affinity=key)]) == 2
+            return next(i for i, d in enumerate(decoders) if d.calls > before[i])
+
+        owner = {}
+        for key in [f"ns:{i}" for i in range(12)]:
+            for _ in range(3):
+                assert owner.setdefault(key, await call(key)) == owner[key], key
+        assert set(owner.values()) == {0, 1}  # 2 ** -11 to fail by chance
+        key = next(k for k, i in owner.items() if i == 0)
+        held = [balancer.stream("Generate", GENERATE, affinity=key) for _ in range(AFFINITY_SLACK + 1)]
+        for stream in held:  # in flight on replica 0 (their second responses left unread)
+            await anext(stream)
+        assert balancer.load() == {addrs[0]: AFFINITY_SLACK + 1, addrs[1]: 0}
+        assert await call(key) == 1  # replica 0 is AFFINITY_SLACK + 1 calls beyond replica 1
+        for stream in held:
+            await stream.aclose()
+        assert await call(key) == 0  # and back once it is not
+    finally:
+        await balancer.close()
+        for server in servers:
+            await server.stop(None)
 
 
 def test_gateway_finds_the_pools_through_endpoint_slices(stack, tiny_checkpoint, tmp_path):
@@ -157,18 +200,33 @@ def test_gateway_finds_the_pools_through_endpoint_slices(stack, tiny_checkpoint,
                         break
                 time.sleep(0.2)
 
+            def chat(content) -> None:
+                r = httpx.post(url, timeout=60, json={"model": "tiny-internvl2_5", "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": content}]})
+                assert r.status_code == 200, r.text
+
+            def decoder_calls(after: list[float]) -> list[float]:
+                """The decoders' counts once they reach `after`'s total (a replica counts a call as it ends)."""
+                deadline = time.monotonic() + 10
+                while sum(now := list(decoder_counts(stack).values())) < sum(after):
+                    assert time.monotonic() < deadline, (now, after)
+                    time.sleep(0.02)
+                return now
+
             def chats(n: int) -> tuple[list[float], list[float]]:
+                """n chats with an image (for the vision pool), then n without (for the decoder pool: no affinity)."""
                 vision_before = [counter(u, "vision_encode_requests_total") for u in stack.vision_metrics_urls]
                 decoder_before = list(decoder_counts(stack).values())
                 for i in range(n):
-                    r = httpx.post(url, timeout=60, json={"model": "tiny-internvl2_5", "max_tokens": 2, "messages": [
-                        {"role": "user", "content": [
-                            {"type": "image_url", "image_url": {"url": data_url(noise_image(32, 32, seed=200 + i))}},
-                            {"type": "text", "text": "Hi"}]}]})
-                    assert r.status_code == 200, r.text
+                    chat([{"type": "image_url", "image_url": {"url": data_url(noise_image(32, 32, seed=200 + i))}},
+                          {"type": "text", "text": "Hi"}])
                 vision = [counter(u, "vision_encode_requests_total") - b
                           for u, b in zip(stack.vision_metrics_urls, vision_before)]
-                return vision, [a - b for a, b in zip(decoder_counts(stack).values(), decoder_before)]
+                decoder_before = decoder_calls([sum(decoder_before) + n])
+                for i in range(n):
+                    chat(f"Hi {i}")
+                after = decoder_calls([sum(decoder_before) + n])
+                return vision, [a - b for a, b in zip(after, decoder_before)]
 
             vision, decoder = chats(4)  # one at a time: round-robin between the idle replicas
             assert vision == [2, 2] and decoder == [2, 2], (vision, decoder)

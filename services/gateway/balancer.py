@@ -11,6 +11,7 @@ address) and when the caller saw a sign of change (`recheck`).
 """
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 Update = Callable[[Iterable[str]], None]  # a source hands the balancer the full set of ready addresses
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 Check = Callable[[pb.ModelInfo], str | None]  # why an endpoint serving this gets no calls; None: it may get them
+
+# Calls an endpoint may have beyond the least loaded one and still take the calls whose affinity key ranks it first.
+AFFINITY_SLACK = 4
 
 # An endpoint back from an ejection must be reachable when the ejection ends, not after gRPC's reconnect backoff
 # (up to 120 s by default): its channel retries the connection at least every second.
@@ -57,8 +61,15 @@ class Endpoint:
     recheck: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _rank(key: str, addr: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}|{addr}".encode(), digest_size=8).digest(), "big")
+
+
 class Balancer:
-    """One pool's endpoints; least outstanding calls first, round-robin among equals."""
+    """One pool's endpoints; least outstanding calls first, round-robin among equals. A call with an affinity key
+    goes to the endpoint the key ranks first (rendezvous hashing: endpoints that join or leave move only their share
+    of keys) unless that one has more than AFFINITY_SLACK calls beyond the least loaded: calls about one image meet
+    the KV blocks and the image's rows where they are."""
 
     def __init__(self, name: str, stub_class, eject_s: float = 10.0, max_eject_s: float = 300.0,
                  wait_s: float = 0.0, check: Check | None = None, info_timeout_s: float = 5.0,
@@ -240,13 +251,13 @@ class Balancer:
             finally:
                 self._release(ep, code)
 
-    async def stream(self, method: str, request, **kwargs) -> AsyncIterator:
+    async def stream(self, method: str, request, affinity: str | None = None, **kwargs) -> AsyncIterator:
         """The responses of a server-streaming `method`; outstanding until the stream ends or the caller closes
         (or cancels) it. Retried once on another endpoint if the first was unreachable before any response."""
         await self._endpoints_up()
         tried: list[Endpoint] = []
         while True:
-            ep, code, started = self._acquire(tried), None, False
+            ep, code, started = self._acquire(tried, affinity), None, False
             call = getattr(ep.stub, method)(request, **kwargs)
             try:
                 async for response in call:
@@ -267,7 +278,7 @@ class Balancer:
             with contextlib.suppress(TimeoutError):  # still none: _acquire says so
                 await asyncio.wait_for(self._has_endpoints.wait(), self.wait_s)
 
-    def _acquire(self, tried: list[Endpoint]) -> Endpoint:
+    def _acquire(self, tried: list[Endpoint], affinity: str | None = None) -> Endpoint:
         candidates = [ep for ep in self.endpoints.values() if ep not in tried]
         if not candidates:
             raise unavailable(f"no ready endpoint in the {self.name} pool")
@@ -275,9 +286,13 @@ class Balancer:
         # With every endpoint ejected, try them anyway: better than refusing all calls for the ejection period.
         candidates = [ep for ep in candidates if ep.ejected_until <= now] or candidates
         least = min(ep.outstanding for ep in candidates)
-        ties = [ep for ep in candidates if ep.outstanding == least]
-        self._turn += 1
-        ep = ties[self._turn % len(ties)]
+        preferred = max(candidates, key=lambda ep: _rank(affinity, ep.addr)) if affinity else None
+        if preferred is not None and preferred.outstanding <= least + AFFINITY_SLACK:
+            ep = preferred
+        else:
+            ties = [ep for ep in candidates if ep.outstanding == least]
+            self._turn += 1
+            ep = ties[self._turn % len(ties)]
         ep.outstanding += 1
         ep.calls += 1
         return ep

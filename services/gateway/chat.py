@@ -193,7 +193,9 @@ class ChatService:
                         retry_inline: bool = True) -> AsyncIterator[pb.GenerateResponse]:
         """One decoder stream; its errors become ApiErrors. Embeddings sent by cache key that the decoder no longer
         finds there (evicted, Redis down) are sent again as rows, once: `req` is prepared again, inline."""
-        stream = self.pools.decoder.stream("Generate", request, timeout=self.limits.generate_timeout_s)
+        # A chat's turns about an image go to the decoder that holds its KV blocks and rows (while its load allows).
+        stream = self.pools.decoder.stream("Generate", request, timeout=self.limits.generate_timeout_s,
+                                           affinity=request.image_keys[0] if request.image_keys else None)
         try:
             async for response in stream:
                 yield response
