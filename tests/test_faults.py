@@ -1,6 +1,7 @@
 """Faults under load on the real stack (two replicas of each pool, its own Redis): Redis killed and restarted, then
 a vision and a decoder replica killed with SIGKILL. Every request ends in the answer it had before the fault (greedy)
-or a clear 429/503; a stream that had started ends with an error event, never a silent cut; no 500, no hang."""
+or a clear 429/503; a stream that had started ends with an error event, never a silent cut; no 500, no hang. (First,
+before any fault: a chat's turns about an image stay on one decoder.)"""
 import asyncio
 import base64
 import io
@@ -99,6 +100,26 @@ async def references(client) -> dict[int, list[int]]:
     answers = await asyncio.gather(*(ask(client, request(p, "ref", stream=False)) for p in range(6)))
     assert all(status == 200 for status, _, _ in answers), answers
     return {p: ids for p, (_, ids, _) in enumerate(answers)}
+
+
+async def test_a_chats_turns_about_an_image_stay_on_one_decoder(stack):
+    """Before the faults: three turns of a chat about one image, through two decoder replicas, all go to one decoder
+    (the image's affinity), which reads the image's rows from Redis once and then takes them from its recent
+    images."""
+    def by_source(source: str) -> list[float]:
+        return [series(u, "decoder_image_embeddings_total", source=source) for u in stack.decoder_metrics_urls]
+
+    before = {source: by_source(source) for source in ("cache", "local", "inline")}
+    body = request(3, "turns", stream=False, max_tokens=4)
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as client:
+        for turn in range(3):
+            status, ids, _ = await ask(client, body)
+            assert status == 200 and len(ids) == 4
+            body["messages"] += [{"role": "assistant", "content": "Noise."}, {"role": "user", "content": f"And {turn}?"}]
+    moved = {source: [a - b for a, b in zip(by_source(source), before[source])] for source in before}
+    decoder = moved["cache"].index(1)
+    assert moved == {"cache": [int(i == decoder) for i in range(2)], "local": [2 * (i == decoder) for i in range(2)],
+                     "inline": [0, 0]}, moved
 
 
 async def test_redis_killed_and_restarted_during_load(stack):
