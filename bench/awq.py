@@ -171,8 +171,10 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
             while programs * split < sms and split * 2 <= k_blocks:
                 split *= 2
             splits = [split // 2, split] if split > 1 else [1]
-        unpacks = ("interleave", "slots") if bm == 1 else ("lanes",) if (bm, bn, bk, warps, stages) in LANES else (
-            "interleave",)
+        if bm == 1:
+            unpacks = ("interleave", "slots")
+        else:
+            unpacks = ("lanes",) if (bm, bn, bk, warps, stages) in LANES else ("interleave",)
         out += [at.Config(block=(bm, bn, bk), split=s, warps=warps, stages=stages, unpack=unpack) for s in splits
                 for unpack in unpacks]
     if m == 1:
