@@ -189,8 +189,7 @@ def compile_sm90() -> None:
     widest = {}
     for c in bench.candidates(1, 2560, 2048, 132):
         kind = (c.unpack, c.block[0], c.split > 1, c.stages > 1)
-        if kind not in widest or c.block[1] * c.block[2] > widest[kind].block[1] * widest[kind].block[2]:
-            widest[kind] = c
+        widest[kind] = max(widest.get(kind, c), c, key=lambda cfg: cfg.block[1] * cfg.block[2])
     for configs in [c for shapes in tables for _, _, c in shapes] + [list(widest.values())]:
         for cfg in (c for c in configs if c.kernel == "fused"):
             # (dtype, bias, gated): q/k/v's bias and the down projection's gated input in one kernel (it holds
