@@ -115,7 +115,8 @@ async def test_a_chats_turns_about_an_image_stay_on_one_decoder(stack):
         for turn in range(3):
             status, ids, _ = await ask(client, body)
             assert status == 200 and len(ids) == 4
-            body["messages"] += [{"role": "assistant", "content": "Noise."}, {"role": "user", "content": f"And {turn}?"}]
+            body["messages"] += [{"role": "assistant", "content": "Noise."},
+                                 {"role": "user", "content": f"And {turn}?"}]
     moved = {source: [a - b for a, b in zip(by_source(source), before[source])] for source in before}
     decoder = moved["cache"].index(1)
     assert moved == {"cache": [int(i == decoder) for i in range(2)], "local": [2 * (i == decoder) for i in range(2)],

@@ -5,6 +5,7 @@ is needed. Ctrl-C or SIGTERM stops every process it started. Tests start the sam
 """
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,10 +24,33 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / ".cache" / "tiny-internvl2_5"
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux; 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_given: set[int] = set()  # ports this process has handed out
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to, for a service about to start, drawn below the kernel's range for outgoing
+    connections: a port bound to 0 comes from that range, where any process's next connection may take it before the
+    service it was meant for binds it (now and then a stack failed to start: "Address already in use")."""
+    pick = random.SystemRandom()  # not the global generator: a test may have seeded it in every process alike
+    while True:
+        port = pick.randrange(10000, max(_ephemeral_low(), 10001))
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every address, as the services bind
+            except OSError:
+                continue
+        _given.add(port)
+        return port
 
 
 @dataclass

@@ -92,7 +92,8 @@ async def main() -> None:
     tokenizer = load_tokenizer(path).backend_tokenizer
     checkpoint = checkpoint_id(path)
     info = pb.ModelInfo(model=args.model, checkpoint=checkpoint,
-                        fingerprint=weights.weights_fingerprint(model, checkpoint), dtype=str(dtype).removeprefix("torch."), hidden_size=cfg.text.hidden_size,
+                        fingerprint=weights.weights_fingerprint(model, checkpoint),
+                        dtype=str(dtype).removeprefix("torch."), hidden_size=cfg.text.hidden_size,
                         tokens_per_tile=cfg.tokens_per_tile, max_model_len=max_model_len,
                         reads_cache=bool(args.redis_url))
     # Reads only: its TTL is the writer's (the vision pool's) business.
