@@ -5,7 +5,8 @@ OpenGVLab layout. Greedy answers through the services must be identical for both
 `InternVLForConditionalGeneration.generate` on the native one. The AWQ variant's native twin holds its dequantized
 weights, so the 4-bit path is checked against the same reference. InternLM2 families run with both tokenizer kinds:
 the sentencepiece model (rebuilt by the services) and a Metaspace tokenizer.json as transformers' converter writes it
-(whose word-boundary marker depends on where a text segment stands, so a prompt spliced from pieces would differ).
+(whose word-boundary marker depends on where a text segment stands, so a prompt spliced from pieces would differ),
+in the native layout.
 The services run with standard input on a pipe nobody writes: a start-up that asks a question would hang there.
 """
 import subprocess
@@ -48,7 +49,10 @@ def variant_id(family: str, awq: bool, tokenizer: str) -> str:
 def test_both_layouts_equal_the_reference(family, awq, tokenizer, redis_url, tmp_path_factory):
     root = tmp_path_factory.mktemp(variant_id(family, awq, tokenizer))
     answers = {}
-    for layout in ("native", "original"):
+    # The tokenizer's kind is the gateway's business, whatever the weights' layout: a Metaspace variant runs the native
+    # layout only (the sentencepiece variants run both layouts of every family).
+    layouts = ("native", "original") if tokenizer == "sentencepiece" else ("native",)
+    for layout in layouts:
         path = write_tiny_checkpoint(root / layout, family=family, layout=layout, awq=awq, tokenizer=tokenizer)
         with open(root / f"{layout}.log", "w") as log:
             stack = start_stack(str(path), redis_url=redis_url, log=log, stdin=subprocess.PIPE, timeout_s=120,
@@ -62,5 +66,4 @@ def test_both_layouts_equal_the_reference(family, awq, tokenizer, redis_url, tmp
     system = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]}]
     expected = [reference.generate(system + [{"role": "user", "content": content}], images, MAX_NUM, MAX_TOKENS)
                 for _, content, images in QUESTIONS]
-    assert answers["native"] == expected
-    assert answers["original"] == expected
+    assert answers == dict.fromkeys(layouts, expected)
