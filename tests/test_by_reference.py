@@ -1,5 +1,5 @@
-"""Embeddings by reference: the gateway names images by cache key, the decoder reads their rows from Redis itself;
-a value gone by then is sent inline, never a wrong answer."""
+"""Embeddings by reference: the gateway names images by cache key, the decoder reads their rows from Redis itself
+(or takes its recent copy); a value gone by then is sent inline, never a wrong answer."""
 import hashlib
 import time
 
