@@ -151,7 +151,8 @@ async def test_calls_about_one_image_go_to_one_replica_while_its_load_allows():
         owner = {}
         for key in [f"ns:{i}" for i in range(12)]:
             for _ in range(3):
-                assert owner.setdefault(key, await call(key)) == owner[key], key
+                replica = await call(key)
+                assert owner.setdefault(key, replica) == replica, key
         assert set(owner.values()) == {0, 1}  # 2 ** -11 to fail by chance
         key = next(k for k, i in owner.items() if i == 0)
         held = [balancer.stream("Generate", GENERATE, affinity=key) for _ in range(AFFINITY_SLACK + 1)]
