@@ -128,6 +128,15 @@ def paths() -> None:
         m = 1 if cfg.block[0] == 1 else 20
         run(cfg, m, 256, 136, 64, (f16, b16)[i % 2], bias=True)
         run(cfg, m, 256, 136, 64, (b16, f16)[i % 2], lead=(1,) * (i % 2), gated=True)
+    # An unpacking meant for other tiles is refused, not run.
+    for bad in (at.Config(block=(1, 128, 64), unpack="lanes"), at.Config(block=(16, 64, 64), unpack="slots"),
+                at.Config(block=(16, 64, 64), unpack="in-place")):
+        try:
+            run(bad, 1, 256, 136, 64, f16)
+        except ValueError as e:
+            assert f"unpacking {bad.unpack} is for" in str(e), e
+        else:
+            raise AssertionError(f"{bad} ran")
     # Every split-K launch leaves its tile counters at zero for the next one.
     assert not cuda_graphs._counters[torch.device("cpu")][-1].any()
     # The dense path's dequantization equals awq.dequantize bit for bit.
