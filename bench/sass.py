@@ -32,6 +32,7 @@ KERNELS = "services/llm_decoder/models/awq_triton.py"
 NVDISASM = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 CONVERSIONS = ("F2F", "F2FP")  # between float formats (the loop's I2F/F2I divide by the group size)
 INTS = ("M", "N", "K", "group_size", "stride_xm", "stride_om")
+FLAGS = {"slots": "SLOTS", "in-place": "IN_PLACE", "lanes": "LANES"}  # each unpacking's constexpr in _awq_gemm
 
 
 def compile_for_sm90(fn, types: dict, constants: dict, aligned: tuple[str, ...] = (), **options):
@@ -57,8 +58,7 @@ def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool, gated: bool = False)
              **{name: "i32" for name in INTS}}
     constants = {**({} if split else {"ws_ptr": None, "count_ptr": None}),
                  "BLOCK_M": cfg.block[0], "BLOCK_N": cfg.block[1], "BLOCK_K": cfg.block[2], "STAGES": cfg.stages,
-                 "SLOTS": cfg.slots, **({"IN_PLACE": cfg.in_place} if "IN_PLACE" in fn.arg_names else {}),
-                 **({"LANES": cfg.unpack == "lanes"} if "LANES" in fn.arg_names else {})}
+                 **{flag: cfg.unpack == unpack for unpack, flag in FLAGS.items() if flag in fn.arg_names}}
     if "SPLIT_K" in fn.arg_names:  # revisions before the split became a runtime argument
         constants["SPLIT_K"] = cfg.split
     else:
@@ -135,7 +135,7 @@ def main() -> None:
             row = {"config": str(cfg), "dtype": dtype, "loop": sum(now.values()),
                    "per_weight": round(sum(now.values()) / weights, 2),
                    "conversions": sum(now[op] for op in CONVERSIONS)}
-            flag = {"in-place": "IN_PLACE", "lanes": "LANES"}.get(cfg.unpack)
+            flag = FLAGS.get(cfg.unpack)  # None: interleaved, in every revision
             if base and (flag is None or flag in base.arg_names):  # else: no such kernel there
                 then = loop_counts(compile_awq(base, cfg, dtype, bias=dtype == "fp16").asm["cubin"])
                 row |= {"base_loop": sum(then.values()), "base_conversions": sum(then[op] for op in CONVERSIONS)}
