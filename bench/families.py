@@ -280,11 +280,10 @@ def report(rows: list[dict], header: str) -> str:
               "phases (fetch, preprocess = decode, hash and tile, cache look-up, prompt = template and tokenizer, "
               "vision = the vision pool's call, store = of which the vision pool wrote the embeddings to Redis, read = "
               "the decoder reading them, decoder = the rest of the decoder call to its first token: mostly prefill). "
-              "ViT and prefill alone: "
-              "after the stack stops, the vision model over the measured image's tiles and the engine's prefill of a "
-              "prompt as long, with as many image rows, in one process, each built as its service builds it "
-              "(medians); issue 16's targets: TTFT / (ViT + prefill) <= 1.3 on a miss, cache-hit TTFT - prefill "
-              "<= 15 ms.",
+              "ViT and prefill alone: after the stack stops, the vision model over the measured image's tiles and the "
+              "engine's prefill of a prompt as long, with as many image rows, in one process, each built as its "
+              "service builds it (medians); issue 16's targets: TTFT / (ViT + prefill) <= 1.3 on a miss, cache-hit "
+              "TTFT - prefill <= 15 ms.",
               "GPU MiB: nvidia-smi per process after the requests; * = the service's torch reserved memory (nvidia-smi "
               "did not list its PID), without the CUDA context."]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.families import noise_image  # noqa: F401 (the tests' noise images, the bench's own)
 from tests.reference_preprocess import reference_pixel_values
 from tools.make_tiny_checkpoint import write_tiny_checkpoint
 from tools.run_local import ROOT, free_port, start_redis, start_stack
@@ -165,10 +166,6 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(tiny_checkpoint) -> Reference:
     return Reference(tiny_checkpoint)
-
-
-def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def png_bytes(image: Image.Image) -> bytes:
