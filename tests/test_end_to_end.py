@@ -604,8 +604,9 @@ def test_one_request_id_through_the_three_services(stack):
 def test_server_timing_splits_the_time_to_first_token(stack):
     """Where a request's time before its first token went, in its Server-Timing header (streamed or not) and its
     access line: fetching, preprocessing and looking up images, the prompt, the vision pool (and of that, its write
-    of the embeddings to Redis), the decoder (and of that, its read of them). A cache hit has no write; the phases
-    add up to less than the whole answer took, and in the access line (REST and gRPC) to no more than its time to
+    of the embeddings to Redis), the decoder (and of that, its read of them). A cache hit has no write, and its read
+    is the decoder's recent images (a look-up, which may round to 0.0 ms); the phases add up to less than the whole
+    answer took, and in the access line (REST and gRPC) to no more than its time to
     first token."""
     ids = []
     for stream in (False, True):
@@ -620,7 +621,7 @@ def test_server_timing_splits_the_time_to_first_token(stack):
             assert set(phases) == {"prompt", "fetch", "preprocess", "cache", "vision", "decoder", "read"} | \
                 (set() if hit else {"store"}), (stream, hit, phases)
             assert all(ms >= 0 for ms in phases.values()) and sum(phases.values()) < answer_ms
-            assert phases["read"] > 0 and (hit or phases["store"] > 0)
+            assert hit or (phases["read"] > 0 and phases["store"] > 0)
             ids.append(r.headers["x-request-id"])
     image = pb.ContentPart(image_bytes=png_bytes(noise_image(240, 160, seed=7072)))
     chat = pb.ChatRequest(model=MODEL, max_tokens=2, messages=[pb.ChatMessage(role="user", content=[image])])
