@@ -35,7 +35,7 @@ from services.llm_decoder.models import awq_triton as at
 
 # (name, in_features K, out_features N) of one Qwen2.5-3B decoder layer, q/k/v and gate/up fused as served.
 SHAPES = [("qkv_proj", 2048, 2560), ("o_proj", 2048, 2048), ("gate_up_proj", 2048, 22016), ("down_proj", 11008, 2048)]
-SMOKE_SHAPES = [("tiny", 512, 264)]
+SMOKE_SHAPES = [("tiny", 512, 272)]  # N: ragged for the wide tiles, a multiple of 16 for torch's CPU int4 kernel
 TOKENS = [1, 16, 64, 512]
 GATED = {"down_proj"}  # as served, the down projection takes [gate | up] and gates it itself
 # Token counts the tuner measures; each is the top of its bucket, the last bucket holds every larger count.
@@ -69,26 +69,41 @@ def inputs(name: str, m: int, k: int, device) -> tuple[torch.Tensor, torch.Tenso
     return x, *linear_input(x, gated), gated
 
 
-def weight(q: dict, group: int, cfg: at.Config, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [N, K] a path computes with for activations of `dtype`: the exact (q - z) * scale (fp32 holds it)
-    for the fused kernels, rounded to `dtype` for the dense path (as awq.dequantize rounds)."""
-    exact = cfg.kernel == "fused"
-    return awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, torch.float32 if exact else dtype)
+def operands(q: dict, group: int, cfg: at.Config, x_in: torch.Tensor, x_error: float) -> dict:
+    """What a path multiplies for the input x_in (itself within a relative x_error of the path's own, see
+    `linear_input`), as `check` takes it: x, the weight [N, K], their relative error beyond that, and where they
+    differ from x's, the dtype the product is rounded to before the output's own and the output's. The fused
+    kernels compute with the exact (q - z) * scale (fp32 holds it), the dense path with it rounded to x's dtype (as
+    awq.dequantize rounds); torch's int4 kernel with x rounded to bf16 (an x_error may round it to the next bf16
+    value) and awq.int4mm_weight (which the GPU rounds to bf16, each weight by half a bf16 ulp), its sums rounded to
+    bf16."""
+    if cfg.kernel == "int4mm":
+        bf16 = torch.finfo(torch.bfloat16).eps
+        w = awq.int4mm_weight(q["qweight"], q["qzeros"], q["scales"], group)
+        return {"x": x_in.to(torch.bfloat16), "w": w, "w_error": bf16 / 2 + (bf16 if x_error else 0.0),
+                "rounding": torch.bfloat16, "dtype": x_in.dtype}
+    dtype = torch.float32 if cfg.kernel == "fused" else x_in.dtype
+    return {"x": x_in, "w": awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype), "w_error": x_error}
 
 
 def check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str, w_error: float = 0.0,
-          bias: torch.Tensor | None = None) -> float:
-    """Assert `got` equals x @ w^T (+ bias) within `error_bound`, plus w_error * sum|x||w| where `w` is the kernel's
-    weight with each value off by a relative w_error at most (a bias adds its own share to the output's rounding);
-    the largest error as a share of its bound."""
+          bias: torch.Tensor | None = None, rounding: torch.dtype | None = None,
+          dtype: torch.dtype | None = None) -> float:
+    """Assert `got` is of `dtype` (default: x's) and equals x @ w^T (+ bias) within `error_bound`, plus
+    w_error * sum|x||w| where `w` is the kernel's weight with each value off by a relative w_error at most (a bias
+    adds its own share to the output's rounding; `rounding`: a dtype the product is rounded to first); the largest
+    error as a share of its bound."""
     x2 = x.reshape(-1, x.shape[-1])
-    want, bound = error_bound(x2, w, got.dtype)
+    want, bound = error_bound(x2, w, rounding or got.dtype)
     bound = bound + w_error * (x2.double().abs() @ w.double().abs().t())
+    if rounding is not None:
+        bound = bound + torch.finfo(got.dtype).eps / 2 * (want.abs() + bound)  # then rounded to the output's dtype
     if bias is not None:
         want, bound = want + bias.double(), bound + torch.finfo(got.dtype).eps * bias.double().abs()
     err = (got.reshape(want.shape).double() - want).abs()
     share = (err / bound).max().item()
-    assert got.dtype == x.dtype and share <= 1, f"{what}: max error {err.max().item():.3g} is {share:.2f}x its bound"
+    assert got.dtype == (dtype or x.dtype) and share <= 1, \
+        f"{what}: max error {err.max().item():.3g} is {share:.2f}x its bound"
     return share
 
 
@@ -142,10 +157,10 @@ SKINNY_PROGRAMS_PER_SM = 16
 LANES = [(16, 256, 128, 4, 3), (16, 512, 64, 4, 3)]
 
 
-def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
+def candidates(m: int, n: int, k: int, sms: int, device: torch.device) -> list[at.Config]:
     """A few tiles per token range; for each, splits of K: up to SKINNY_PROGRAMS_PER_SM programs per SM for a few
     tokens, around the count that gives every SM a program for more. (The split is a runtime argument: the splits
-    of a tile share one compiled kernel.)"""
+    of a tile share one compiled kernel.) And torch's int4 kernel up to 64 tokens, where it takes the shape."""
     if m == 1:
         # Wide one-token tiles read a k row's words as 128- and 256-byte runs (a 64-column tile reads 32 bytes of
         # each row): longer runs for the memory system, for the same registers (fewer rows per step). Single-stage
@@ -182,9 +197,20 @@ def candidates(m: int, n: int, k: int, sms: int) -> list[at.Config]:
         # 4.7-5.3 sm_90 instructions a weight in the loop against the interleaved tile's 7.2 (bench.sass).
         out += [at.Config(block=(1, bn, bk), split=k // GROUP, warps=4, stages=stages, unpack="in-place")
                 for bn, bk, stages in ((128, 64, 1), (128, 64, 3), (64, 128, 1), (256, 64, 2))]
+    if m <= 64 and awq.Int4Pack.supports(n, k, GROUP, device):
+        out.append(at.Config(kernel="int4mm"))
     if m >= 64:
         out.append(at.Config(kernel="dense"))
     return out
+
+
+def int4_packs(packed: list[tuple], n: int, k: int) -> list:
+    """Each copy of the weights (`rotation`) in torch's int4 layout too, where its kernel takes the shape (else
+    Nones)."""
+    device = packed[0][0].device
+    if not awq.Int4Pack.supports(n, k, GROUP, device):
+        return [None] * len(packed)
+    return [awq.Int4Pack(*c, GROUP) for c in packed]
 
 
 def dump_table(raw: dict) -> str:
@@ -218,14 +244,16 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
     for name, k, n in shapes:
         q, dense = layers[name]
         packed = rotation((q["qweight"], q["qzeros"], q["scales"]), cold=not smoke)
+        int4 = int4_packs(packed, n, k)
         configs = []
         for m in token_counts:
             x, x_in, x_error, gated = inputs(name, m, k, dense.device)
             timings = []
-            for cfg in candidates(m, n, k, sms):
-                calls = [lambda c=c, cfg=cfg: at.awq_gemm(x, *c, GROUP, config=cfg, gated=gated) for c in packed]
+            for cfg in candidates(m, n, k, sms, dense.device):
+                calls = [lambda c=c, p=p, cfg=cfg: at.awq_gemm(x, *c, GROUP, config=cfg, gated=gated, int4=p)
+                         for c, p in zip(packed, int4)]
                 try:
-                    check(calls[0](), x_in, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}", x_error)
+                    check(calls[0](), **operands(q, GROUP, cfg, x_in, x_error), what=f"{name} m={m} {cfg}")
                 except AssertionError as e:
                     wrong.append(str(e))
                     print(f"  WRONG {e}", flush=True)
@@ -272,24 +300,26 @@ def main() -> None:
     for name, k, n in shapes:
         q, dense = layers[name]
         dense_path = at.Config(kernel="dense")
+        packed = rotation((q["qweight"], q["qzeros"], q["scales"]), cold=not args.smoke)
+        int4 = int4_packs(packed, n, k)
         if not args.smoke:
-            packed, dense_copies = rotation((q["qweight"], q["qzeros"], q["scales"])), rotation((dense,))
+            dense_copies = rotation((dense,))
         # Smoke: the lowest token count of each bucket of the table, so every config it holds for the shape runs.
         buckets = at.shape_configs(table, device_name, n, k)
         tokens = [1] + [c.max_m + 1 for c in buckets[:-1]] if args.smoke else TOKENS
         for m in tokens:
             x, x_in, x_error, gated = inputs(name, m, k, device)
             cfg = at.select(table, device_name, n, k, m)
-            out = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], GROUP, config=cfg, gated=gated)
-            share = check(out, x_in, weight(q, GROUP, cfg, x.dtype), f"{name} m={m} {cfg}", x_error)
+            out = at.awq_gemm(x, *packed[0], GROUP, config=cfg, gated=gated, int4=int4[0])
+            share = check(out, **operands(q, GROUP, cfg, x_in, x_error), what=f"{name} m={m} {cfg}")
             row = {"linear": name + " (gated)" * gated, "k": k, "n": n, "tokens": m, "path": cfg.path,
                    "config": str(cfg), "error_share": share}
             if not args.smoke:
                 # Dense as served: a gated input through the compiled silu_and_mul kernel first.
                 row["dense_ms"] = timed([lambda c=c: F.linear(silu_and_mul(x) if gated else x, *c)
                                          for c in dense_copies])
-                row["ours_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=cfg, gated=gated)
-                                        for c in packed])
+                row["ours_ms"] = timed([lambda c=c, p=p: at.awq_gemm(x, *c, GROUP, config=cfg, gated=gated, int4=p)
+                                        for c, p in zip(packed, int4)])
                 row["dequant_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=dense_path, gated=gated)
                                            for c in packed])
                 row["dense_over_ours"] = row["dense_ms"] / row["ours_ms"]

@@ -101,7 +101,9 @@ def dispatch(quant: torch.nn.Module, gpu: str, tokens: list[int]) -> dict:
     raw = json.loads(path.read_text())
     cls = at.device_class(gpu) if at.device_class(gpu) in raw else "default"
     layers = [(n.rpartition(".")[2], m) for n, m in quant.model.layers[0].named_modules() if isinstance(m, AWQLinear)]
-    return {"kernel": "Triton W4A16", "table": f"{path.name}, {cls}: {raw[cls]['source']}",
+    int4 = sum(m.int4 is not None for m in quant.modules() if isinstance(m, AWQLinear))
+    return {"kernel": f"W4A16 by the table (Triton; torch's int4mm: {int4} linears packed for it)",
+            "table": f"{path.name}, {cls}: {raw[cls]['source']}",
             "dispatch": {m: {name: str(at.pick_config(gpu, layer.out_features, layer.in_features, m))
                              for name, layer in layers} for m in tokens}}
 
@@ -252,6 +254,7 @@ def main() -> None:
     randomize_(dense, args.seed)
     quant = build_engine_model(shape, args.device, awq_dtype, args.group_size)
     rel = quantize_into(dense, quant, args.group_size)
+    awq.prepare(quant)  # as the decoder does once the weights are loaded
     sync(args.device)
     built_s = time.perf_counter() - start
     models = {"dense": dense, "awq": quant}

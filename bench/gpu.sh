@@ -15,11 +15,11 @@
 #              tile; eager, CUDA graphs and torch.compile
 #   vision6b   InternViT-6B (InternVL-Chat-V1-5) the same way, eager and torch.compile (the service's default;
 #              not run by default: ~2 min eager alone on an H200, run it when the other steps have left the time)
-#   awq        tune the AWQ W4A16 Triton paths (a few configs per shape and token bucket, ~3 min), then bench the
-#              tuned table against dense fp16; the table comes back as $out/awq_configs-*.json, to be committed
-#              as services/llm_decoder/models/awq_configs.json. Then, with that table (AWQ_CONFIGS), the whole
-#              InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ (fp16, as served) against bf16 through the engine, 1
-#              and 16 streams (~1 min)
+#   awq        tune the AWQ W4A16 paths (a few Triton configs per shape and token bucket, and torch's int4
+#              kernel, ~3 min), then bench the tuned table against dense fp16; the table comes back as
+#              $out/awq_configs-*.json, to be committed as services/llm_decoder/models/awq_configs.json. Then, with
+#              that table (AWQ_CONFIGS), the whole InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ (fp16, as served)
+#              against bf16 through the engine, 1 and 16 streams (~1 min), and AWQ in bf16 at 1 stream
 #   stack      InternVL2_5-8B at real shapes through the services with Redis: time to first token on a miss and on
 #              a cache hit, split by phase (bench.families; not run by default). Needs what the machine lacks, as
 #              wheels: run `bash bench/device_wheels.sh` here first and carry `.whl` and `internvl`
@@ -64,7 +64,10 @@ for step in "${steps[@]}"; do
              --out "$out/awq-engine-smoke-$day.md" ;;
     awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md"
            AWQ_CONFIGS="$out/awq_configs-h200-$day.json" "$py" -m bench.awq_engine --device cuda \
-             --out "$out/awq-engine-h200-$day.md" ;;
+             --out "$out/awq-engine-h200-$day.md"
+           # AWQ in bf16: torch's int4 kernel (bf16 only) without the casts fp16 costs it, one stream
+           AWQ_CONFIGS="$out/awq_configs-h200-$day.json" "$py" -m bench.awq_engine --device cuda --streams 1 \
+             --awq-dtype bfloat16 --out "$out/awq-engine-bf16-h200-$day.md" ;;
     stack:1) "$py" -m bench.families --size tiny --device cpu --families internvl2_5-8b \
                --out "$out/families-smoke-$day.md" ;;
     stack:0) (if [[ -d .whl ]]; then  # in a subshell: the wheels shadow nothing for the other steps

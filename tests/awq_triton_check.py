@@ -54,21 +54,31 @@ def _bf16_like_the_gpu() -> None:
 def run(cfg: at.Config | None, m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0,
         lead: tuple = (), bias: bool = False, gated: bool = False) -> float:
     """awq_gemm (cfg, or the committed table's pick; with an fp16 bias, as AWQ checkpoints store it; gated: x is
-    [gate | up]) against its input times the weight its path computes with (bench.weight); the error's share of its
-    bound. A gated input is silu_and_mul's, within two roundings (eager silu_and_mul rounds twice, the kernels once)."""
+    [gate | up]) against its input times the weight its path computes with (bench.operands); the error's share of
+    its bound. A gated input is silu_and_mul's, within two roundings (eager silu_and_mul rounds twice, the kernels
+    once). The int4mm path runs torch's CPU int4 kernel on the same conversion of the AWQ tensors."""
     g = torch.Generator().manual_seed(seed)
     q = awq.quantize(torch.randn(n, k, generator=g), group)
     x = torch.randn(*lead, m, 2 * k if gated else k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).half() if bias else None
-    got = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], group, config=cfg, bias=b, gated=gated)
-    assert got.shape == (*lead, m, n), got.shape
     path = cfg or at.pick_config("cpu", n, k, m)
+    int4 = awq.Int4Pack(q["qweight"], q["qzeros"], q["scales"], group) if path.kernel == "int4mm" else None
+    got = at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], group, config=cfg, bias=b, gated=gated, int4=int4)
+    assert got.shape == (*lead, m, n), got.shape
     what = f"{path} m={m} k={k} n={n} group={group} {dtype}" + " bias" * bias + " gated" * gated
     x_in, x_error = bench.linear_input(x, gated)
-    share = bench.check(got, x_in, bench.weight(q, group, path, dtype), what, x_error, bias=b)
-    # And so the dequantize path's result, whose weights are rounded to x's dtype, within that rounding.
-    rounded = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype)
-    bench.check(got, x_in, rounded, f"{what} (dequantize path)", torch.finfo(dtype).eps / 2 + x_error, bias=b)
+    share = bench.check(got, **bench.operands(q, group, path, x_in, x_error), what=what, bias=b)
+    if path.kernel == "int4mm":
+        # Its weight is AWQ's (q - z) * scale but for the rounding of scale and zero = (8 - z) * scale to bf16: half
+        # a bf16 ulp of the scale per unit of |q - z| <= 15 and of |8 - z| <= 8.
+        exact = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, torch.float32)
+        scale = q["scales"].float().repeat_interleave(group, 0).t()
+        error = (awq.int4mm_weight(q["qweight"], q["qzeros"], q["scales"], group) - exact).abs() / scale
+        assert error.max() <= 23 * 2.0 ** -8, f"{what}: int4mm's weight is {error.max():.3f} scales off AWQ's"
+    else:
+        # And so the dequantize path's result, whose weights are rounded to x's dtype, within that rounding.
+        rounded = awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype)
+        bench.check(got, x_in, rounded, f"{what} (dequantize path)", torch.finfo(dtype).eps / 2 + x_error, bias=b)
     return share
 
 
@@ -108,6 +118,10 @@ def paths() -> None:
         (at.Config(block=(128, 256, 64), split=1, warps=8), 130, 256, 264, 128, f16),
         (at.Config(kernel="dense"), 33, 256, 264, 128, f16),
         (at.Config(kernel="dense"), 40, 256, 136, 64, b16),
+        # torch's int4 kernel: one token, M off its 16-row tile, K of 2 and 8 packed k-tiles a word, groups 32-128.
+        (at.Config(kernel="int4mm"), 1, 256, 144, 128, f16),
+        (at.Config(kernel="int4mm"), 21, 96, 272, 32, b16),
+        (at.Config(kernel="int4mm"), 5, 512, 16, 64, f16),
     ]
     for cfg, m, k, n, group, dtype in cases:
         run(cfg, m, k, n, group, dtype)
@@ -116,8 +130,8 @@ def paths() -> None:
     q = awq.quantize(torch.randn(64, 128), 64)
     x = torch.randn(4, 192).half()[:, :128]
     strided = at.Config(block=(16, 64, 64))
-    bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, strided), x,
-                bench.weight(q, 64, strided, x.dtype), "strided x")
+    bench.check(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, strided),
+                **bench.operands(q, 64, strided, x, 0.0), what="strided x")
     # A bias is added in every path's epilogue, and a gated input ([gate | up], the down projection's) is gated in
     # every path (split or not, one row, slots, in place, tiles, lanes, dense), in either dtype.
     every_path = [at.Config(block=(1, 128, 64), split=3), at.Config(block=(1, 64, 64), unpack="slots"),
@@ -128,6 +142,23 @@ def paths() -> None:
         m = 1 if cfg.block[0] == 1 else 20
         run(cfg, m, 256, 136, 64, (f16, b16)[i % 2], bias=True)
         run(cfg, m, 256, 136, 64, (b16, f16)[i % 2], lead=(1,) * (i % 2), gated=True)
+    run(at.Config(kernel="int4mm"), 3, 256, 144, 64, f16, bias=True)
+    run(at.Config(kernel="int4mm"), 1, 256, 144, 64, b16, lead=(2,), gated=True)
+    # A table row of torch's int4 kernel for a layer without an Int4Pack (a group size or K it does not take) runs
+    # the general tile instead; asked for by name, it is refused.
+    pick, at.pick_config = at.pick_config, lambda *args: at.Config(kernel="int4mm")
+    try:
+        x = torch.randn(3, 128).half()
+        assert torch.equal(at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64),
+                           at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, at.GENERAL))
+    finally:
+        at.pick_config = pick
+    try:
+        at.awq_gemm(x, q["qweight"], q["qzeros"], q["scales"], 64, at.Config(kernel="int4mm"))
+    except ValueError as e:
+        assert "Int4Pack" in str(e), e
+    else:
+        raise AssertionError("int4mm ran without its Int4Pack")
     # An unpacking meant for other tiles is refused, not run.
     for bad in (at.Config(block=(1, 128, 64), unpack="lanes"), at.Config(block=(16, 64, 64), unpack="slots"),
                 at.Config(block=(16, 64, 64), unpack="in-place")):
@@ -147,7 +178,7 @@ def paths() -> None:
 
 def table() -> None:
     """Every config of the committed table, for every device class, at the lowest M of its bucket (not a multiple of
-    BLOCK_M), N two tiles and a ragged 8 wide, K long enough for its split."""
+    BLOCK_M), N two tiles and a ragged 8 (int4mm: 16) wide, K long enough for its split."""
     raw = json.loads(at.CONFIGS.read_text())
     seen = set()
     for cls, shapes in at.parse_table(raw).items():
@@ -159,7 +190,8 @@ def table() -> None:
                     seen.add(key)
                     bk, bn = (128, 64) if cfg.kernel == "dense" else (min(cfg.block[2], 128), cfg.block[1])
                     k = max(256, -(-cfg.split * bk // 128) * 128)
-                    run(cfg, low, k, 2 * bn + 8, 128, torch.float16 if len(seen) % 2 else torch.bfloat16)
+                    ragged = 16 if cfg.kernel == "int4mm" else 8  # torch's CPU int4 kernel takes 16 channels at once
+                    run(cfg, low, k, 2 * bn + ragged, 128, torch.float16 if len(seen) % 2 else torch.bfloat16)
                 low = (cfg.max_m or low) + 1
     # Without a config, awq_gemm dispatches through the table (here: the default class).
     for m in (1, 16, 100, 300):
@@ -167,10 +199,11 @@ def table() -> None:
 
 
 def tune() -> None:
-    """The tuner on a tiny shape with two candidates per token count: it writes a table that parses and dispatches
-    its choice, and keeps the other device classes of the file."""
-    bench.candidates = lambda m, n, k, sms: [at.Config(block=(16, 64, 64), split=2), at.Config(kernel="dense")]
-    k, n = 256, 72
+    """The tuner on a tiny shape with three candidates per token count (torch's int4 kernel among them): it writes a
+    table that parses and dispatches its choice, and keeps the other device classes of the file."""
+    bench.candidates = lambda m, n, k, sms, device: [at.Config(block=(16, 64, 64), split=2),
+                                                     at.Config(kernel="dense"), at.Config(kernel="int4mm")]
+    k, n = 256, 80
     q = awq.quantize(torch.randn(n, k), bench.GROUP)
     layers = {"tiny": (q, awq.dequantize(q["qweight"], q["qzeros"], q["scales"], bench.GROUP, torch.float16))}
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,7 +215,7 @@ def tune() -> None:
     table = at.parse_table(raw)
     assert not wrong and raw["other"]["source"] == "kept" and "H100/H200" in raw
     configs = at.shape_configs(table, "NVIDIA H200", n, k)
-    assert configs[-1].max_m is None and all(c.kernel in ("fused", "dense") for c in configs)
+    assert configs[-1].max_m is None and all(c.kernel in ("fused", "dense", "int4mm") for c in configs)
     run(at.select(table, "NVIDIA H200", n, k, 3), 3, k, n, bench.GROUP, torch.float16)
 
 
@@ -196,7 +229,7 @@ def compile_sm90() -> None:
     tables = at.parse_table(json.loads(at.CONFIGS.read_text())).values()
     # Per unpacking, rows, split or not and pipelined or not: the most weights a step (registers run out there first).
     widest = {}
-    for c in bench.candidates(1, 2560, 2048, 132):
+    for c in (c for c in bench.candidates(1, 2560, 2048, 132, torch.device("cuda")) if c.kernel == "fused"):
         kind = (c.unpack, c.block[0], c.split > 1, c.stages > 1)
         widest[kind] = max(widest.get(kind, c), c, key=lambda cfg: cfg.block[1] * cfg.block[2])
     for configs in [c for shapes in tables for _, _, c in shapes] + [list(widest.values())]:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from services.common.weights import load_weights, same_name
-from services.llm_decoder.models.awq import ORDER, AWQLinear, awq_matmul, dequantize, pack, quantize, unpack
+from services.llm_decoder.models.awq import (ORDER, AWQLinear, awq_matmul, dequantize, nibble_pairs, pack, quantize,
+                                            unpack)
 
 
 def test_pack_unpack_round_trip_including_sign_bit():
@@ -168,3 +169,9 @@ def test_awq_matmul_equals_dense_path():
         out = awq_matmul(x, layer.qweight, layer.qzeros, layer.scales, GROUP, layer.bias)
         assert out.shape == (2, 3, 128) and out.dtype == dtype
         assert torch.equal(out, layer(x))
+
+
+def test_nibble_pairs_put_the_even_k_in_the_high_nibble():
+    """The bytes torch's CUDA int4 kernel is packed from (only a GPU runs it: bench.awq checks its results there)."""
+    q = torch.tensor([[1, 2, 15, 0], [0, 15, 7, 8]], dtype=torch.int32)
+    assert nibble_pairs(q).tolist() == [[0x12, 0xF0], [0x0F, 0x78]]

@@ -40,7 +40,7 @@ def test_committed_table_is_well_formed():
             bounds = [c.max_m for c in configs]
             assert bounds[-1] is None and bounds[:-1] == sorted(set(bounds[:-1])), (cls, n, k, bounds)
             for c in configs:
-                assert c.kernel in ("fused", "dense"), c
+                assert c.kernel in ("fused", "dense", "int4mm"), c
                 if c.kernel == "fused":
                     bm, bn, bk = c.block
                     assert all(b & (b - 1) == 0 for b in c.block) and bn >= 16 and bk >= 16, c
@@ -110,10 +110,14 @@ def test_skinny_candidates_split_up_to_many_programs_per_sm():
     """A few tokens' candidates split K up to SKINNY_PROGRAMS_PER_SM programs per SM (gate_up_proj at one token has
     344 64-column tiles for an H200's 132 SMs), never into more parts than K has blocks; in-place ones take a program
     per group, by their design."""
+    import torch
+
     from bench import awq as bench
     sms, k, n = 132, 2048, 22016
     for m in (1, 16):
-        cands = bench.candidates(m, n, k, sms)
+        cands = bench.candidates(m, n, k, sms, torch.device("cuda"))
+        assert [c for c in cands if c.kernel != "fused"] == [at.Config(kernel="int4mm")]  # torch's, up to 64 tokens
+        cands = [c for c in cands if c.kernel == "fused"]
         assert any(c.in_place for c in cands) == (m == 1)
         assert {c.block for c in cands if c.unpack == "lanes"} == {b[:3] for b in bench.LANES[:1 if m == 1 else None]}
         for c in cands:
@@ -124,3 +128,25 @@ def test_skinny_candidates_split_up_to_many_programs_per_sm():
             else:
                 assert c.split == 1 or programs * c.split <= bench.SKINNY_PROGRAMS_PER_SM * sms
         assert max(c.split for c in cands if c.block[1] == 64 and not c.in_place) == 4  # 344 x 4 programs, 10.4 per SM
+    # torch's int4 kernel only where it takes the shape: group sizes 32-256 that divide K, N a multiple of 8 (CPU: 16).
+    offered = {(n_, k_, dev): at.Config(kernel="int4mm") in bench.candidates(1, n_, k_, sms, torch.device(dev))
+               for n_, k_, dev in ((2056, 2048, "cuda"), (2056, 2048, "cpu"), (2048, 2080, "cuda"))}
+    assert offered == {(2056, 2048, "cuda"): True, (2056, 2048, "cpu"): False, (2048, 2080, "cuda"): False}
+    assert at.Config(kernel="int4mm") not in bench.candidates(128, 2048, 2048, sms, torch.device("cuda"))
+
+
+def test_layers_are_packed_for_torchs_int4_kernel_where_the_table_uses_it(monkeypatch):
+    """uses_int4mm: whether any bucket of the (nearest) tuned shape of the device's class names torch's int4 kernel,
+    which decides whether an AWQ layer also keeps its weight in that kernel's layout."""
+    import torch
+
+    from services.common import kernel_tables
+    table = {"default": [(2048, 2048, [at.Config(kernel="int4mm", max_m=16), at.Config(kernel="dense")])],
+             "H100/H200": [(2048, 2048, [at.Config(block=(1, 64, 64), max_m=1), at.Config(kernel="int4mm")]),
+                           (22016, 2048, [at.Config(block=(16, 64, 64))])]}
+    monkeypatch.setattr(at, "_table", lambda: table)
+    gpu = {"cuda:0": "NVIDIA H200", "cuda:1": "NVIDIA A100-SXM4-80GB"}
+    monkeypatch.setattr(kernel_tables, "device_name", lambda device: gpu[str(device)])
+    assert at.uses_int4mm(torch.device("cuda:0"), 2560, 2048)
+    assert not at.uses_int4mm(torch.device("cuda:0"), 11008, 2048)  # nearer 22016, whose buckets are all Triton's
+    assert at.uses_int4mm(torch.device("cuda:1"), 22016, 2048)  # the default class

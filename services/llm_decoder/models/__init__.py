@@ -8,6 +8,7 @@ import torch
 
 from services.common.checkpoint import ModelConfig
 from services.common.weights import TensorReader, load_weights
+from services.llm_decoder.models import awq
 from services.llm_decoder.models.internlm2 import InternLM2ForCausalLM
 from services.llm_decoder.models.llama import LlamaForCausalLM
 from services.llm_decoder.models.qwen2 import Qwen2ForCausalLM
@@ -35,5 +36,6 @@ def load_language_model(cfg: ModelConfig, path: Path, device: str, dtype: torch.
     model = model.to_empty(device=device)
     model.tie_weights()
     load_weights(model, reader, cfg.text_prefix, model.checkpoint_name)
+    awq.prepare(model)
     log.info("language model loaded in %.1fs (%s, %s)", time.perf_counter() - start, device, dtype)
     return model.eval()

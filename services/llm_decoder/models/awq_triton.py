@@ -15,7 +15,8 @@ another table file to use instead, e.g. one a tuning run just wrote):
     their word with a program per group: which is faster is the table's);
   - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill), the nibbles spread over
     their columns by interleaving, or (16-row tiles) unpacked two at a time in 16-bit "lanes", a tl.dot per slot;
-  - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills).
+  - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills);
+  - int4mm: torch's own W4A16 kernel on the layer's `awq.Int4Pack` (bf16 tensor-core tiles of 16 tokens).
 The fused kernel splits K over `split` programs per output tile when the tiles alone would leave SMs idle (skinny
 decode shapes); the last program to finish a tile sums the fp32 partials, so a call is one launch. A gated call (a GLU
 MLP's down projection) passes [gate | up], and the fused kernels compute silu(gate) * up as they load it.
@@ -319,7 +320,8 @@ def _awq_dequant(qw_ptr, qz_ptr, sc_ptr, w_ptr, N, group_size, BLOCK_N: tl.const
 @dataclass(frozen=True)
 class Config:
     """One row of the table: the path and its launch parameters, for token counts up to max_m."""
-    kernel: str = "fused"        # "fused" (the kernel above) or "dense" (dequantize, then torch's matmul)
+    kernel: str = "fused"        # "fused" (the kernel above), "dense" (dequantize, then torch's matmul) or
+                                 # "int4mm" (torch's int4 kernel)
     block: tuple = (16, 64, 64)  # BLOCK_M, BLOCK_N, BLOCK_K; BLOCK_K is cut to a divisor of the group size
     split: int = 1               # programs sharing one output tile's K
     warps: int = 4
@@ -333,8 +335,8 @@ class Config:
         return cls(**{**d, "block": tuple(d.get("block", cls.block))})
 
     def to_json(self) -> dict:
-        if self.kernel == "dense":
-            return {"max_m": self.max_m, "kernel": "dense"}
+        if self.kernel != "fused":
+            return {"max_m": self.max_m, "kernel": self.kernel}
         unpack = {} if self.unpack == "interleave" else {"unpack": self.unpack}
         return {"max_m": self.max_m, "kernel": self.kernel, "block": list(self.block), "split": self.split,
                 "warps": self.warps, "stages": self.stages} | unpack
@@ -354,17 +356,17 @@ class Config:
 
     @property
     def path(self) -> str:
-        """What runs, in words: dense, gemv, gemm, or either with split-k."""
-        if self.kernel == "dense":
-            return "dense"
+        """What runs, in words: dense, int4mm, gemv, gemm, or either with split-k."""
+        if self.kernel != "fused":
+            return self.kernel
         name = "gemv" if self.block[0] == 1 else "gemm"
         if self.in_place:
             return "gemv+groups"  # split K / group_size ways, whatever `split` says
         return f"{name}+split{self.split}" if self.split > 1 else name
 
     def __str__(self) -> str:
-        if self.kernel == "dense":
-            return "dense"
+        if self.kernel != "fused":
+            return self.kernel
         unpack = "" if self.unpack == "interleave" else f" {self.unpack}"
         return f"{self.path} {'x'.join(map(str, self.block))} w{self.warps} s{self.stages}{unpack}"
 
@@ -403,6 +405,15 @@ def pick_config(device_name: str, n: int, k: int, m: int) -> Config:
     return select(_table(), device_name, n, k, m)
 
 
+def uses_int4mm(device: torch.device, n: int, k: int) -> bool:
+    """Whether the table in use gives torch's int4 kernel any token count of (N, K) on this device."""
+    return any(c.kernel == "int4mm" for c in shape_configs(_table(), kernel_tables.device_name(device), n, k))
+
+
+# For a layer whose table row says int4mm but that the kernel does not take (group size, K): a tile for any M.
+GENERAL = Config(block=(16, 64, 128), split=4)
+
+
 def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """W^T [K, N] in `dtype` (the transpose of awq.dequantize's result, bit for bit)."""
@@ -415,17 +426,24 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
 
 
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-             config: Config | None = None, bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+             config: Config | None = None, bias: torch.Tensor | None = None, gated: bool = False,
+             int4=None) -> torch.Tensor:
     """x [..., K] (fp16/bf16) times the packed weight, plus `bias` [N] if given -> [..., N] in x's dtype; gated: x is
     [..., 2K] = [gate | up], and the product is of silu(gate) * up (the fused kernels compute it as they load x);
-    `config` overrides the table."""
+    `config` overrides the table; `int4`: the same weight as an awq.Int4Pack, for the int4mm rows."""
     k, n = qweight.shape[0], scales.shape[1]
+    if config is None:
+        config = pick_config(kernel_tables.device_name(x.device), n, k, x.numel() // x.shape[-1])
+        if config.kernel == "int4mm" and int4 is None:
+            config = GENERAL
+    if config.kernel == "int4mm":
+        if int4 is None:
+            raise ValueError("the int4mm path needs the weight as an awq.Int4Pack (AWQLinear.prepare)")
+        return int4(x, bias, gated)
     x2 = x.reshape(-1, 2 * k if gated else k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if config is None:
-        config = pick_config(kernel_tables.device_name(x.device), n, k, m)
     if config.kernel == "dense":
         x2 = silu_and_mul(x2) if gated else x2
         w = dequantize_triton(qweight, qzeros, scales, group_size, x.dtype)
