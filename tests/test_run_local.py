@@ -68,3 +68,15 @@ def test_make_run_serves_the_readme_examples_and_stops_cleanly(tiny_checkpoint, 
             for child in psutil.Process(launcher.pid).children(recursive=True):
                 child.kill()
             launcher.kill()
+
+
+def test_each_test_process_draws_ports_from_a_slice_of_its_own(monkeypatch):
+    """Under make test's pytest-xdist workers, worker i of n hands out ports from the i-th n-th of the range only, so
+    two workers (and what each starts) never race for one port."""
+    from tools import run_local
+    monkeypatch.setattr(run_local, "_ephemeral_low", lambda: 30000)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+    for worker, (low, high) in {"gw0": (10000, 15000), "gw3": (25000, 30000)}.items():
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        ports = [free_port() for _ in range(50)]
+        assert all(low <= p < high for p in ports) and len(set(ports)) == 50, (worker, ports)

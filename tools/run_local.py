@@ -40,8 +40,13 @@ def free_port() -> int:
     connections: a port bound to 0 comes from that range, where any process's next connection may take it before the
     service it was meant for binds it (now and then a stack failed to start: "Address already in use")."""
     pick = random.SystemRandom()  # not the global generator: a test may have seeded it in every process alike
+    low, high = 10000, max(_ephemeral_low(), 10001)
+    if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ... (inherited by what the tests start)
+        # Each test process of `make test` draws from a slice of its own: two never hand out one port at once.
+        index, count = int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        low, high = low + (high - low) * index // count, low + (high - low) * (index + 1) // count
     while True:
-        port = pick.randrange(10000, max(_ephemeral_low(), 10001))
+        port = pick.randrange(low, high)
         if port in _given:
             continue
         with socket.socket() as s:
