@@ -173,7 +173,10 @@ def candidates(m: int, n: int, k: int, sms: int, device: torch.device) -> list[a
     elif m <= 64:
         tiles = [(64, 64, 128, 4, 3), (64, 128, 64, 4, 4)]
     else:
-        tiles = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+        # Prefill tiles whose K loop stays in registers on sm_90 (128x256x64 tiles spilled 75-95 values a step,
+        # 256-row ones 117); 128x128x128 issues about as many instructions as its wgmma take cycles
+        # (bench/results/sass-awq-2026-12-01-prefill.md).
+        tiles = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
     out = []
     for bm, bn, bk, warps, stages in tiles:
         programs, k_blocks = triton.cdiv(n, bn) * triton.cdiv(m, bm), k // min(bk, GROUP)

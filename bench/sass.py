@@ -1,6 +1,6 @@
 """The AWQ W4A16 kernels' inner loops on sm_90 (H100/H200) without a GPU: instructions per loop iteration, and how
-many of them convert between float formats, for every fused config the committed table dispatches and the one- and
-16-token tuning candidates, in fp16 and bf16; with --base, the same kernels at another revision compiled in the same
+many of them convert between float formats or spill registers, for every fused config the committed table dispatches
+and the tuning candidates for 1, 16 and 512 tokens, in fp16 and bf16; with --base, the same kernels at another revision compiled in the same
 run (ratios base / now).
 
 Each kernel is compiled by Triton and ptxas for sm_90 and disassembled by nvdisasm (both ship with Triton); a loop
@@ -111,7 +111,8 @@ def configs(smoke: bool) -> list[at.Config]:
         return [at.Config(block=(1, 128, 64), split=8), at.Config(block=(16, 64, 128), split=2),
                 at.Config(block=(1, 128, 64), split=16, stages=1, unpack="in-place")]
     table = [c for shapes in at._table().values() for _, _, cs in shapes for c in cs if c.kernel == "fused"]
-    untuned = [c for m in (1, 16) for c in candidates(m, 2560, 2048, 132, torch.device("cuda")) if c.kernel == "fused"]
+    untuned = [c for m in (1, 16, 512) for c in candidates(m, 2560, 2048, 132, torch.device("cuda"))
+               if c.kernel == "fused"]
     return list({c.compiled: c for c in table + untuned}.values())  # each kernel once
 
 
@@ -125,8 +126,8 @@ def main() -> None:
     args = p.parse_args()
     base = kernels_at(args.base) if args.base else None
     rows = []
-    report = ["| config | dtype | loop instructions | a weight | conversions | base loop | base conversions "
-              "| base / now |", "|---|---|---|---|---|---|---|---|"]
+    report = ["| config | dtype | loop instructions | a weight | conversions | spills | base loop | base conversions "
+              "| base / now |", "|---|---|---|---|---|---|---|---|---|"]
     for cfg in configs(args.smoke):
         for dtype in ("fp16", "bf16"):
             now = loop_counts(compile_awq(at._awq_gemm, cfg, dtype, bias=dtype == "fp16").asm["cubin"])
@@ -134,7 +135,7 @@ def main() -> None:
             weights = cfg.block[1] * cfg.block[2] / (32 * cfg.warps)
             row = {"config": str(cfg), "dtype": dtype, "loop": sum(now.values()),
                    "per_weight": round(sum(now.values()) / weights, 2),
-                   "conversions": sum(now[op] for op in CONVERSIONS)}
+                   "conversions": sum(now[op] for op in CONVERSIONS), "spills": now["LDL"] + now["STL"]}
             flag = FLAGS.get(cfg.unpack)  # None: interleaved, in every revision
             if base and (flag is None or flag in base.arg_names):  # else: no such kernel there
                 then = loop_counts(compile_awq(base, cfg, dtype, bias=dtype == "fp16").asm["cubin"])
@@ -143,13 +144,14 @@ def main() -> None:
             tail = (f"{row['base_loop']} | {row['base_conversions']} | {row['base_loop'] / row['loop']:.2f}"
                     if "base_loop" in row else "- | - | -")
             report.append(f"| {cfg} | {dtype} | {row['loop']} | {row['per_weight']:.2f} | {row['conversions']} | "
-                          f"{tail} |")
+                          f"{row['spills']} | {tail} |")
             print(report[-1], flush=True)
     header = (f"# AWQ kernel loops on sm_90 (static)\n\ndate: {datetime.date.today()}; triton {triton.__version__}, "
               f"torch {torch.__version__}; command: `python -m bench.sass {' '.join(sys.argv[1:])}`"
               + (f"; base: {args.base}" if args.base else "") + "\n\nInstructions of the K loop (one iteration) and "
               "the float-format conversions among them; a weight: the loop's instructions over a thread's share of the "
-              "iteration's weights; fp16 with a bias, bf16 without.\n\n")
+              "iteration's weights; spills: its local-memory loads and stores (registers ran out); fp16 with a bias, "
+              "bf16 without.\n\n")
     kernel_report(args.out, header + "\n".join(report) + "\n", {"base": args.base, "rows": rows}, [])
 
 

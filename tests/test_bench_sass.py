@@ -50,3 +50,20 @@ def test_in_place_unpacking_takes_three_instructions_a_weight(tmp_path, monkeypa
         weights = cfg.block[1] * cfg.block[2] // (32 * cfg.warps)
         assert ops["LOP3"] == ops["FADD"] == ops["FFMA"] == weights and not ops["FMUL"], (str(cfg), ops)
         assert sum(ops.values()) < 5.5 * weights, (str(cfg), sum(ops.values()) / weights)
+
+
+def test_prefill_candidates_keep_their_k_loop_in_registers(tmp_path, monkeypatch):
+    """The tuner's tiles for long prompts (wgmma on sm_90) unpack whole weight tiles into registers: none may spill
+    them to local memory in its K loop (a 128x256x64 tile did, 75-95 loads and stores a step)."""
+    import torch
+
+    from bench.awq import candidates
+    from bench.sass import compile_awq, loop_counts
+    from services.llm_decoder.models import awq_triton as at
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    tiles = {c.compiled: c for c in candidates(512, 2560, 2048, 132, torch.device("cuda")) if c.kernel == "fused"}
+    assert len(tiles) >= 3
+    for cfg in tiles.values():
+        ops = loop_counts(compile_awq(at._awq_gemm, cfg, "fp16", bias=True).asm["cubin"])
+        assert ops["HGMMA"] and not ops["LDL"] and not ops["STL"], (str(cfg), ops.most_common(8))
