@@ -73,17 +73,21 @@ def operands(q: dict, group: int, cfg: at.Config, x_in: torch.Tensor, x_error: f
     """What a path multiplies for the input x_in (itself within a relative x_error of the path's own, see
     `linear_input`), as `check` takes it: x, the weight [N, K], their relative error beyond that, and where they
     differ from x's, the dtype the product is rounded to before the output's own and the output's. The fused
-    kernels compute with the exact (q - z) * scale (fp32 holds it), the dense path with it rounded to x's dtype (as
-    awq.dequantize rounds); torch's int4 kernel with x rounded to bf16 (an x_error may round it to the next bf16
-    value) and awq.int4mm_weight (which the GPU rounds to bf16, each weight by half a bf16 ulp), its sums rounded to
-    bf16."""
+    kernels compute with the exact (q - z) * scale (fp32 holds it); the dense path with it rounded to x's dtype (as
+    awq.dequantize rounds), prefill tiles with the scale in x's dtype times q - z, rounded (the same in fp16, the
+    scale rounded first in bf16); torch's int4 kernel with x rounded to bf16 (an x_error may round it to the next
+    bf16 value) and awq.int4mm_weight (which the GPU rounds to bf16, each weight by half a bf16 ulp), its sums
+    rounded to bf16."""
     if cfg.kernel == "int4mm":
         bf16 = torch.finfo(torch.bfloat16).eps
         w = awq.int4mm_weight(q["qweight"], q["qzeros"], q["scales"], group)
         return {"x": x_in.to(torch.bfloat16), "w": w, "w_error": bf16 / 2 + (bf16 if x_error else 0.0),
                 "rounding": torch.bfloat16, "dtype": x_in.dtype}
-    dtype = torch.float32 if cfg.kernel == "fused" else x_in.dtype
-    return {"x": x_in, "w": awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, dtype), "w_error": x_error}
+    if not cfg.rounds_weights:
+        return {"x": x_in, "w": awq.dequantize(q["qweight"], q["qzeros"], q["scales"], group, torch.float32),
+                "w_error": x_error}
+    scales = q["scales"] if cfg.kernel == "dense" else q["scales"].to(x_in.dtype)
+    return {"x": x_in, "w": awq.dequantize(q["qweight"], q["qzeros"], scales, group, x_in.dtype), "w_error": x_error}
 
 
 def check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, what: str, w_error: float = 0.0,
@@ -173,10 +177,10 @@ def candidates(m: int, n: int, k: int, sms: int, device: torch.device) -> list[a
     elif m <= 64:
         tiles = [(64, 64, 128, 4, 3), (64, 128, 64, 4, 4)]
     else:
-        # Prefill tiles whose K loop stays in registers on sm_90 (128x256x64 tiles spilled 75-95 values a step,
-        # 256-row ones 117); 128x128x128 issues about as many instructions as its wgmma take cycles
-        # (bench/results/sass-awq-2026-12-01-prefill.md).
-        tiles = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
+        # Prefill tiles (weights rounded, _rounded_tile): on sm_90 each K step issues fewer instructions than its
+        # wgmma take cycles (51-95 %) and keeps its loop in registers (bench/results/sass-awq-2026-12-01-prefill.md).
+        tiles = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+                 (256, 128, 64, 8, 3)]
     out = []
     for bm, bn, bk, warps, stages in tiles:
         programs, k_blocks = triton.cdiv(n, bn) * triton.cdiv(m, bm), k // min(bk, GROUP)

@@ -73,7 +73,8 @@ def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool, gated: bool = False)
 
 
 def loop_counts(cubin: bytes) -> collections.Counter:
-    """Instructions (by opcode) of the longest loop in the kernel's SASS."""
+    """Instructions (by opcode) of the kernel's K loop in its SASS: the longest loop with a tensor-core instruction,
+    else the longest (a split tile's merge of the partials is a loop too, longer than a prefill tile's K loop)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -87,7 +88,7 @@ def loop_counts(cubin: bytes) -> collections.Counter:
             ops = collections.Counter(m[2].split(".")[0] for body in lines[labels[target[1]]:i + 1]
                                       if (m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)",
                                                         body)))
-            best = max(best, ops, key=lambda c: sum(c.values()))
+            best = max(best, ops, key=lambda c: (bool(c["HMMA"] or c["HGMMA"]), sum(c.values())))
     return best
 
 
@@ -127,7 +128,7 @@ def main() -> None:
     base = kernels_at(args.base) if args.base else None
     rows = []
     report = ["| config | dtype | loop instructions | a weight | conversions | spills | base loop | base conversions "
-              "| base / now |", "|---|---|---|---|---|---|---|---|---|"]
+              "| base spills | base / now |", "|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in configs(args.smoke):
         for dtype in ("fp16", "bf16"):
             now = loop_counts(compile_awq(at._awq_gemm, cfg, dtype, bias=dtype == "fp16").asm["cubin"])
@@ -139,10 +140,11 @@ def main() -> None:
             flag = FLAGS.get(cfg.unpack)  # None: interleaved, in every revision
             if base and (flag is None or flag in base.arg_names):  # else: no such kernel there
                 then = loop_counts(compile_awq(base, cfg, dtype, bias=dtype == "fp16").asm["cubin"])
-                row |= {"base_loop": sum(then.values()), "base_conversions": sum(then[op] for op in CONVERSIONS)}
+                row |= {"base_loop": sum(then.values()), "base_conversions": sum(then[op] for op in CONVERSIONS),
+                        "base_spills": then["LDL"] + then["STL"]}
             rows.append(row)
-            tail = (f"{row['base_loop']} | {row['base_conversions']} | {row['base_loop'] / row['loop']:.2f}"
-                    if "base_loop" in row else "- | - | -")
+            tail = (f"{row['base_loop']} | {row['base_conversions']} | {row['base_spills']} | "
+                    f"{row['base_loop'] / row['loop']:.2f}" if "base_loop" in row else "- | - | - | -")
             report.append(f"| {cfg} | {dtype} | {row['loop']} | {row['per_weight']:.2f} | {row['conversions']} | "
                           f"{row['spills']} | {tail} |")
             print(report[-1], flush=True)

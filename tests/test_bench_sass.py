@@ -52,9 +52,11 @@ def test_in_place_unpacking_takes_three_instructions_a_weight(tmp_path, monkeypa
         assert sum(ops.values()) < 5.5 * weights, (str(cfg), sum(ops.values()) / weights)
 
 
-def test_prefill_candidates_keep_their_k_loop_in_registers(tmp_path, monkeypatch):
+def test_prefill_candidates_keep_their_k_loop_in_registers_and_the_tensor_cores_busy(tmp_path, monkeypatch):
     """The tuner's tiles for long prompts (wgmma on sm_90) unpack whole weight tiles into registers: none may spill
-    them to local memory in its K loop (a 128x256x64 tile did, 75-95 loads and stores a step)."""
+    them to local memory in its K loop (a 128x256x64 tile did, 75-95 loads and stores a step, when it scaled an fp32
+    accumulator per step), and each step issues fewer instructions (4 a cycle per SM) than its wgmma take cycles
+    (~3,800 fp16 flop a cycle per SM: an H100's dense peak over its 132 SMs at 1.98 GHz)."""
     import torch
 
     from bench.awq import candidates
@@ -62,8 +64,14 @@ def test_prefill_candidates_keep_their_k_loop_in_registers(tmp_path, monkeypatch
     from services.llm_decoder.models import awq_triton as at
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    tiles = {c.compiled: c for c in candidates(512, 2560, 2048, 132, torch.device("cuda")) if c.kernel == "fused"}
+    tiles = {(c.block, c.warps, c.stages) for c in candidates(512, 2560, 2048, 132, torch.device("cuda"))
+             if c.kernel == "fused"}
     assert len(tiles) >= 3
-    for cfg in tiles.values():
+    for block, warps, stages in tiles:  # unsplit: the longest loop is then the K loop (a split's merge may be longer)
+        cfg = at.Config(block=block, warps=warps, stages=stages)
         ops = loop_counts(compile_awq(at._awq_gemm, cfg, "fp16", bias=True).asm["cubin"])
         assert ops["HGMMA"] and not ops["LDL"] and not ops["STL"], (str(cfg), ops.most_common(8))
+        block_m, block_n, block_k = cfg.block
+        issue, mma = sum(ops.values()) * cfg.warps / 4, 2 * block_m * block_n * block_k / 3800
+        if block_m >= 128:  # 64-row tiles do half the math per unpacked weight
+            assert issue < mma, (str(cfg), issue, mma)

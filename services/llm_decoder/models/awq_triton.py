@@ -1,13 +1,15 @@
 """W4A16 GEMM over AWQ-packed weights in Triton: nibbles are unpacked in registers, so weights stream at 4 bits.
 
 out[M, N] = x[M, K] @ W^T with W[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group, n], products accumulated
-in fp32. The fused kernels compute with the exact weights: a GEMV multiplies x by (q - z) * scale in fp32, a tl.dot
-tile multiplies x by q - z (small integers, exact in x's dtype) and applies the group's scales to the fp32 sums; so
-no weight is rounded to x's dtype nor converted from fp32 to it (12-24 % fewer sm_90 instructions per loop
-iteration than rounding each weight, the configs of the table in fp16 and bf16). The dense path rounds each weight to
-x's dtype, as `awq.dequantize` does.
+in fp32. The fused kernels for decoding compute with the exact weights: a GEMV multiplies x by (q - z) * scale in
+fp32, a tl.dot tile of fewer than 64 rows multiplies x by q - z (small integers, exact in x's dtype) and applies the
+group's scales to the fp32 sums; so no weight is rounded to x's dtype nor converted from fp32 to it (12-24 % fewer
+sm_90 instructions per loop iteration than rounding each weight, the configs of the table in fp16 and bf16). Prefill
+tiles (64 rows or more) multiply by the weights rounded to x's dtype, as the dense path does (`awq.dequantize`'s
+rounding in fp16; the scale rounded to bf16 first in bf16), which lets the tensor cores do the summing: scaling an
+fp32 accumulator per group cost more instructions a step than the wgmma took cycles.
 
-`awq_gemm` picks one of three paths per (device, N, K, M) from the committed table awq_configs.json (written by
+`awq_gemm` picks one of four paths per (device, N, K, M) from the committed table awq_configs.json (written by
 `python -m bench.awq --tune` on the GPU; no autotuning at serving time; the environment variable AWQ_CONFIGS names
 another table file to use instead, e.g. one a tuning run just wrote):
   - fused, BLOCK_M == 1: a GEMV for one token; fp32 products are summed over K once, at the end of the program
@@ -15,6 +17,7 @@ another table file to use instead, e.g. one a tuning run just wrote):
     their word with a program per group: which is faster is the table's);
   - fused, BLOCK_M >= 16: tl.dot on BLOCK_M x BLOCK_N tiles (decode batches and prefill), the nibbles spread over
     their columns by interleaving, or (16-row tiles) unpacked two at a time in 16-bit "lanes", a tl.dot per slot;
+    prefill tiles unpack in lanes too and join the slots in column order before one tl.dot;
   - dense: the weight dequantized to x's dtype by a Triton kernel, then torch's matmul (large prefills);
   - int4mm: torch's own W4A16 kernel on the layer's `awq.Int4Pack` (bf16 tensor-core tiles of 16 tokens).
 The fused kernel splits K over `split` programs per output tile when the tiles alone would leave SMs idle (skinny
@@ -182,6 +185,42 @@ def _lanes(words, SHIFT: tl.constexpr, dtype: tl.constexpr):
     return v.to(tl.int16).to(dtype, bitcast=True), (v >> 16).to(tl.int16).to(dtype, bitcast=True)
 
 
+# Tiles of this many rows or more multiply x by the weights rounded to its dtype (_rounded_tile).
+ROUNDED_ROWS = tl.constexpr(64)
+
+
+@triton.jit
+def _rounded_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_K: tl.constexpr,
+                  dtype: tl.constexpr):
+    """W^T rows k0..k0+BLOCK_K, columns offs_n, in `dtype`: (q - z) * scale with one rounding, as the dense path
+    rounds in fp16 (in bf16 the scale is rounded to bf16 first). For prefill tiles: unpacked two nibbles an
+    instruction (_lanes), the slots joined in column order, scaled before the dot, which then sums in the tensor
+    cores; the scaling of an fp32 accumulator per K step (a multiply-add per output element) and the repeating of
+    each word 8 times (_tile) cost more instructions than a 128-row tile's wgmma take cycles on sm_90
+    (bench/results/sass-awq-2026-12-01-prefill.md)."""
+    w_ok = offs_w < N // 8
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
+    g = k0 // group_size
+    zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+    # Shift 4i gives slots i and i + 4 of every word: AWQ's channels 2i and 2i + 1 (order 0, 2, 4, 6, 1, 3, 5, 7);
+    # q - z is exact (both carry the same power of two).
+    q0, q1 = _lanes(words, 0, dtype)
+    q2, q3 = _lanes(words, 4, dtype)
+    q4, q5 = _lanes(words, 8, dtype)
+    q6, q7 = _lanes(words, 12, dtype)
+    z0, z1 = _lanes(zeros, 0, dtype)
+    z2, z3 = _lanes(zeros, 4, dtype)
+    z4, z5 = _lanes(zeros, 8, dtype)
+    z6, z7 = _lanes(zeros, 12, dtype)
+    # A join's new dimension is the last: [.., word, c // 4, c // 2 % 2, c % 2], column 8 word + c.
+    qz = tl.join(tl.join(tl.join(q0 - z0[None, :], q4 - z4[None, :]), tl.join(q2 - z2[None, :], q6 - z6[None, :])),
+                 tl.join(tl.join(q1 - z1[None, :], q5 - z5[None, :]), tl.join(q3 - z3[None, :], q7 - z7[None, :])))
+    qz = tl.reshape(qz, (BLOCK_K, offs_n.shape[0]))
+    scales = tl.load(sc_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(dtype)
+    return qz * scales[None, :]
+
+
 @triton.jit
 def _lane_dots(x, words, zeros, sc, w_ok, acc_lo, acc_hi, SHIFT: tl.constexpr):
     """acc_lo, acc_hi plus x times q - z of slots SHIFT // 4 and SHIFT // 4 + 4 (channels SHIFT // 2 and
@@ -260,14 +299,18 @@ def _awq_gemm(x_ptr, qw_ptr, qz_ptr, sc_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, 
             k0 = kb * BLOCK_K
             x = load_input(x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :], m_ok[:, None],
                            K, GATED)  # gated: rows of [gate | up], 2K long
-            # One token: x times the exact weights (q - z) * scale, in fp32. Tiles: x times q - z (exact in x's
-            # dtype) on the tensor cores, the group's scales applied to the fp32 sums.
-            qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, nibble_mask, BLOCK_N,
-                               BLOCK_K, tl.float32 if BLOCK_M == 1 else x.dtype)
-            if BLOCK_M == 1:
-                acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * (qz * scales[None, :])
+            if BLOCK_M >= ROUNDED_ROWS:  # x times the weights rounded to its dtype, summed in the tensor cores
+                acc = tl.dot(x, _rounded_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLOCK_K,
+                                              x.dtype), acc)
             else:
-                acc += tl.dot(x, qz) * scales[None, :]
+                # One token: x times the exact weights (q - z) * scale, in fp32. Tiles: x times q - z (exact in x's
+                # dtype) on the tensor cores, the group's scales applied to the fp32 sums.
+                qz, scales = _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, nibble_mask, BLOCK_N,
+                                   BLOCK_K, tl.float32 if BLOCK_M == 1 else x.dtype)
+                if BLOCK_M == 1:
+                    acc += tl.reshape(x, (BLOCK_K, 1)).to(tl.float32) * (qz * scales[None, :])
+                else:
+                    acc += tl.dot(x, qz) * scales[None, :]
         if BLOCK_M == 1:
             acc = tl.reshape(tl.sum(acc, 0), (1, BLOCK_N))
     n_ok = offs_n < N
@@ -342,6 +385,12 @@ class Config:
                 "warps": self.warps, "stages": self.stages} | unpack
 
     @property
+    def rounds_weights(self) -> bool:
+        """Whether the path multiplies by the weights rounded to x's dtype (the dense path, prefill tiles), not the
+        exact ones."""
+        return self.kernel == "dense" or (self.kernel == "fused" and self.block[0] >= ROUNDED_ROWS.value)
+
+    @property
     def slots(self) -> bool:
         return self.unpack == "slots"
 
@@ -410,6 +459,10 @@ def uses_int4mm(device: torch.device, n: int, k: int) -> bool:
     return any(c.kernel == "int4mm" for c in shape_configs(_table(), kernel_tables.device_name(device), n, k))
 
 
+# The tile rows each unpacking other than interleaving is for (prefill tiles have their own, _rounded_tile).
+UNPACK_ROWS = {"slots": (1, 1), "in-place": (1, 1), "lanes": (16, ROUNDED_ROWS.value - 1)}
+
+
 # For a layer whose table row says int4mm but that the kernel does not take (group size, K): a tile for any M.
 GENERAL = Config(block=(16, 64, 128), split=4)
 
@@ -450,9 +503,10 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
         out = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
         return out.reshape(*x.shape[:-1], n)
     block_m, block_n, block_k = config.block
-    if config.unpack != "interleave" and (block_m == 1) != (config.unpack in ("slots", "in-place")):
+    low, high = UNPACK_ROWS.get(config.unpack, (block_m, block_m))
+    if not low <= block_m <= high:
         raise ValueError(f"{config}: unpacking {config.unpack} is for "
-                         + ("tiles of 16 rows or more" if config.unpack == "lanes" else "one-row tiles"))
+                         + ("one-row tiles" if high == 1 else f"tiles of {low} to {high} rows"))
     block_k = math.gcd(block_k, group_size)
     # In place: a program per group, whatever the config's split (the table's shape may be a neighbour's).
     split = k // group_size if config.in_place else max(1, min(config.split, k // block_k))
