@@ -2,11 +2,11 @@
 that writes the dispatch table (services/llm_decoder/models/awq_configs.json).
 
 Shapes are the linears of Qwen2.5-3B (the LLM of InternVL2_5-4B-AWQ), group 128, random weights, the down projection
-gated as served (it takes [gate | up] and computes silu(gate) * up as it loads them). Every result is
-checked against the dequantized weight's matmul within a bound computed from the values (fp32 accumulation, one
-rounding of the output). Times are per call, calls back to back in a CUDA graph as in a decode step, each reading its
-weights from HBM (copies cycled through, more than L2 holds), as in a model's forward, where a layer's weights are
-long evicted when it runs again (`timed`).
+gated as served (it takes [gate | up] and computes silu(gate) * up as it loads them), q/k/v with its bias. Every
+result is checked against the dequantized weight's matmul within a bound computed from the values (fp32
+accumulation, one rounding of the output). Times are per call, calls back to back in a CUDA graph as in a decode
+step, each reading its weights from HBM (copies cycled through, more than L2 holds), as in a model's forward, where a
+layer's weights are long evicted when it runs again (`timed`).
 
     python -m bench.awq [--out bench/results/awq-<date>.md]          # on a CUDA machine: the committed table
                                                                      # ($AWQ_CONFIGS: another table file)
@@ -38,6 +38,8 @@ SHAPES = [("qkv_proj", 2048, 2560), ("o_proj", 2048, 2048), ("gate_up_proj", 204
 SMOKE_SHAPES = [("tiny", 512, 272)]  # N: ragged for the wide tiles, a multiple of 16 for torch's CPU int4 kernel
 TOKENS = [1, 16, 64, 512]
 GATED = {"down_proj"}  # as served, the down projection takes [gate | up] and gates it itself
+# Qwen2's q/k/v carry a bias (fp16, as AWQ checkpoints store it), which every path adds; the smoke shape too.
+BIASED = {"qkv_proj", "tiny"}
 # Token counts the tuner measures; each is the top of its bucket, the last bucket holds every larger count.
 TUNE_M, SMOKE_TUNE_M = [1, 16, 64, 256, 512, 2048], [1, 16, 48, 130]
 GROUP = 128
@@ -257,10 +259,12 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
             x, x_in, x_error, gated = inputs(name, m, k, dense.device)
             timings = []
             for cfg in candidates(m, n, k, sms, dense.device):
-                calls = [lambda c=c, p=p, cfg=cfg: at.awq_gemm(x, *c, GROUP, config=cfg, gated=gated, int4=p)
+                calls = [lambda c=c, p=p, cfg=cfg: at.awq_gemm(x, *c, GROUP, config=cfg, bias=q.get("bias"),
+                                                               gated=gated, int4=p)
                          for c, p in zip(packed, int4)]
                 try:
-                    check(calls[0](), **operands(q, GROUP, cfg, x_in, x_error), what=f"{name} m={m} {cfg}")
+                    check(calls[0](), **operands(q, GROUP, cfg, x_in, x_error), what=f"{name} m={m} {cfg}",
+                          bias=q.get("bias"))
                 except AssertionError as e:
                     wrong.append(str(e))
                     print(f"  WRONG {e}", flush=True)
@@ -294,6 +298,8 @@ def main() -> None:
     layers = {}
     for name, k, n in shapes:
         q = {key: t.to(device) for key, t in awq.quantize(torch.randn(n, k) * 0.02, GROUP).items()}
+        if name in BIASED:
+            q["bias"] = (torch.randn(n) * 0.1).half().to(device)
         layers[name] = q, awq.dequantize(q["qweight"], q["qzeros"], q["scales"], GROUP, torch.float16)
     wrong = []
     if args.tune:
@@ -317,17 +323,21 @@ def main() -> None:
         for m in tokens:
             x, x_in, x_error, gated = inputs(name, m, k, device)
             cfg = at.select(table, device_name, n, k, m)
-            out = at.awq_gemm(x, *packed[0], GROUP, config=cfg, gated=gated, int4=int4[0])
-            share = check(out, **operands(q, GROUP, cfg, x_in, x_error), what=f"{name} m={m} {cfg}")
-            row = {"linear": name + " (gated)" * gated, "k": k, "n": n, "tokens": m, "path": cfg.path,
+            bias = q.get("bias")
+            out = at.awq_gemm(x, *packed[0], GROUP, config=cfg, bias=bias, gated=gated, int4=int4[0])
+            share = check(out, **operands(q, GROUP, cfg, x_in, x_error), what=f"{name} m={m} {cfg}", bias=bias)
+            row = {"linear": name + " (gated)" * gated + " (bias)" * (bias is not None), "k": k, "n": n, "tokens": m,
+                   "path": cfg.path,
                    "config": str(cfg), "error_share": share}
             if not args.smoke:
                 # Dense as served: a gated input through the compiled silu_and_mul kernel first.
-                row["dense_ms"] = timed([lambda c=c: F.linear(silu_and_mul(x) if gated else x, *c)
+                row["dense_ms"] = timed([lambda c=c: F.linear(silu_and_mul(x) if gated else x, *c, bias)
                                          for c in dense_copies])
-                row["ours_ms"] = timed([lambda c=c, p=p: at.awq_gemm(x, *c, GROUP, config=cfg, gated=gated, int4=p)
+                row["ours_ms"] = timed([lambda c=c, p=p: at.awq_gemm(x, *c, GROUP, config=cfg, bias=bias, gated=gated,
+                                                                    int4=p)
                                         for c, p in zip(packed, int4)])
-                row["dequant_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=dense_path, gated=gated)
+                row["dequant_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=dense_path, bias=bias,
+                                                                   gated=gated)
                                            for c in packed])
                 row["dense_over_ours"] = row["dense_ms"] / row["ours_ms"]
                 # What the memory bound is about: the packed weight, its zeros and scales, x and the output.
