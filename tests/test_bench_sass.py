@@ -67,7 +67,7 @@ def test_prefill_candidates_keep_their_k_loop_in_registers_and_the_tensor_cores_
     tiles = {(c.block, c.warps, c.stages) for c in candidates(512, 2560, 2048, 132, torch.device("cuda"))
              if c.kernel == "fused"}
     assert len(tiles) >= 3
-    for block, warps, stages in tiles:  # unsplit: the longest loop is then the K loop (a split's merge may be longer)
+    for block, warps, stages in tiles:  # each tile once, unsplit (the K loop is the same)
         cfg = at.Config(block=block, warps=warps, stages=stages)
         ops = loop_counts(compile_awq(at._awq_gemm, cfg, "fp16", bias=True).asm["cubin"])
         assert ops["HGMMA"] and not ops["LDL"] and not ops["STL"], (str(cfg), ops.most_common(8))
