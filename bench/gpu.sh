@@ -16,10 +16,11 @@
 #   vision6b   InternViT-6B (InternVL-Chat-V1-5) the same way, eager and torch.compile (the service's default;
 #              not run by default: ~2 min eager alone on an H200, run it when the other steps have left the time)
 #   awq        tune the AWQ W4A16 paths (a few Triton configs per shape and token bucket, and torch's int4
-#              kernel, ~3 min), then bench the tuned table against dense fp16; the table comes back as
-#              $out/awq_configs-*.json, to be committed as services/llm_decoder/models/awq_configs.json. Then, with
-#              that table (AWQ_CONFIGS), the whole InternVL2_5-4B LLM (Qwen2.5-3B shapes) AWQ (fp16, as served)
-#              against bf16 through the engine, 1 and 16 streams (~1 min), and AWQ in bf16 at 1 stream
+#              kernel, ~3-4 min), then bench the tuned table against dense fp16; the table comes back as
+#              $out/awq_configs-*.json, to be committed as services/llm_decoder/models/awq_configs.json
+#   awq_engine with that table (AWQ_CONFIGS, when the awq step wrote it to the same $OUT), the whole InternVL2_5-4B LLM
+#              (Qwen2.5-3B shapes) AWQ (fp16, as served) against bf16 through the engine, 1 and 16 streams
+#              (~1 min), and AWQ in bf16 at 1 stream
 #   stack      InternVL2_5-8B at real shapes through the services with Redis: time to first token on a miss and on
 #              a cache hit, split by phase (bench.families; not run by default). Needs what the machine lacks, as
 #              wheels: run `bash bench/device_wheels.sh` here first and carry `.whl` and `internvl`
@@ -32,9 +33,11 @@ py="${PYTHON:-python3}"  # the GPU machine has python3 (the one with torch), not
 smoke=0
 if [[ "${1:-}" == "--smoke" ]]; then smoke=1; shift; fi
 steps=("$@")
-[[ ${#steps[@]} -gt 0 ]] || steps=(attention gemv decoder vision awq)
+[[ ${#steps[@]} -gt 0 ]] || steps=(attention gemv decoder vision awq awq_engine)
 gemv_table="$out/gemv_configs-$([[ $smoke == 1 ]] && echo smoke || echo h200)-$day.json"
 [[ -f "$gemv_table" ]] && export GEMV_CONFIGS="$gemv_table"  # tuned by an earlier call of this session
+awq_table="$out/awq_configs-$([[ $smoke == 1 ]] && echo smoke || echo h200)-$day.json"
+[[ -f "$awq_table" ]] && export AWQ_CONFIGS="$awq_table"  # tuned by the awq step (awq_engine runs with it)
 for step in "${steps[@]}"; do
   echo "== $step"
   case "$step:$smoke" in
@@ -59,15 +62,15 @@ for step in "${steps[@]}"; do
                   --out "$out/vision6b-smoke-$day.md" ;;
     vision6b:0) "$py" -m bench.vision --device cuda --family internvl-chat-v1_5 --variants eager compile \
                   --out "$out/vision6b-h200-$day.md" ;;
-    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$out/awq_configs-smoke-$day.json"
-           AWQ_CONFIGS="$out/awq_configs-smoke-$day.json" "$py" -m bench.awq_engine --device cpu --smoke \
-             --out "$out/awq-engine-smoke-$day.md" ;;
-    awq:0) "$py" -m bench.awq --tune "$out/awq_configs-h200-$day.json" --out "$out/awq-h200-$day.md"
-           AWQ_CONFIGS="$out/awq_configs-h200-$day.json" "$py" -m bench.awq_engine --device cuda \
-             --out "$out/awq-engine-h200-$day.md"
-           # AWQ in bf16: torch's int4 kernel (bf16 only) without the casts fp16 costs it, one stream
-           AWQ_CONFIGS="$out/awq_configs-h200-$day.json" "$py" -m bench.awq_engine --device cuda --streams 1 \
-             --awq-dtype bfloat16 --out "$out/awq-engine-bf16-h200-$day.md" ;;
+    awq:1) TRITON_INTERPRET=1 "$py" -m bench.awq --smoke --tune "$awq_table"
+           export AWQ_CONFIGS="$awq_table" ;;
+    awq:0) "$py" -m bench.awq --tune "$awq_table" --out "$out/awq-h200-$day.md"
+           export AWQ_CONFIGS="$awq_table" ;;
+    awq_engine:1) "$py" -m bench.awq_engine --device cpu --smoke --out "$out/awq-engine-smoke-$day.md" ;;
+    awq_engine:0) "$py" -m bench.awq_engine --device cuda --out "$out/awq-engine-h200-$day.md"
+                  # AWQ in bf16: torch's int4 kernel (bf16 only) without the casts fp16 costs it, one stream
+                  "$py" -m bench.awq_engine --device cuda --streams 1 --awq-dtype bfloat16 \
+                    --out "$out/awq-engine-bf16-h200-$day.md" ;;
     stack:1) "$py" -m bench.families --size tiny --device cpu --families internvl2_5-8b \
                --out "$out/families-smoke-$day.md" ;;
     stack:0) (if [[ -d .whl ]]; then  # in a subshell: the wheels shadow nothing for the other steps
@@ -79,6 +82,6 @@ for step in "${steps[@]}"; do
               "$py" setup.py -q build_ext --inplace \
                 || echo "gpu.sh: services/gateway/_resample.c did not build; the gateway resizes with Pillow" >&2
               "$py" -m bench.families --device cuda --families internvl2_5-8b --out "$out/families-h200-$day.md") ;;
-    *) echo "unknown step $step (attention, gemv, decoder, vision, awq, vision6b, stack)" >&2; exit 2 ;;
+    *) echo "unknown step $step (attention, gemv, decoder, vision, awq, awq_engine, vision6b, stack)" >&2; exit 2 ;;
   esac
 done

@@ -2,7 +2,7 @@
 # The GPU checks as one call of a lent machine (device time is short and each start costs a minute): gpu.sh's steps,
 # each under its own time limit so one that hangs leaves the others their time, every result packed into one archive
 # after each step (the device tool returns at most 8 files, and what a call killed at its limit left under $OUT).
-#   bash bench/gpu_session.sh STEP:SECONDS ...     e.g. gemv:90 decoder:140 awq:260 vision:110 (a call may run 600 s)
+#   bash bench/gpu_session.sh STEP:SECONDS ...     e.g. awq:300 awq_engine:150 decoder:140 (a call may run 600 s)
 #   bash bench/gpu_session.sh --smoke STEP:SECONDS ...   the same on the CPU (gpu.sh --smoke)
 # Results: $OUT/gpu-results.tgz (unpack into bench/results/ and name the files by commit, see the README); each
 # step's log is in it, and its last lines are printed.
