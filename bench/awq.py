@@ -276,7 +276,12 @@ def tune(layers: dict, shapes: list, token_counts: list[int], device_name: str, 
             if not timings:
                 raise SystemExit(f"no candidate ran correctly for {name} m={m}")
             ms, best = min(timings, key=lambda t: t[0])
-            print(f"tune {name} m={m}: {best} {ms:.4f} ms (best of {len(timings)}; "
+            # The best of each path, for the record: whether Triton's or torch's kernel won, and by how much.
+            paths = {}
+            for t, cfg in sorted(timings, key=lambda t: t[0]):
+                paths.setdefault(cfg.kernel, t)
+            others = "".join(f"; {kernel} {t:.4f} ms" for kernel, t in paths.items() if kernel != best.kernel)
+            print(f"tune {name} m={m}: {best} {ms:.4f} ms (best of {len(timings)}{others}; "
                   f"{time.perf_counter() - start:.0f} s in)", flush=True)
             configs.append(best.to_json() | {"max_m": m})
         configs[-1]["max_m"] = None
