@@ -63,15 +63,23 @@ def _nibbles(words, shifts, dtype: tl.constexpr, nibble_mask):
 
 
 @triton.jit
-def _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, nibble_mask, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-    """q - z of W^T rows k0..k0+BLOCK_K, columns offs_n: [BLOCK_K, BLOCK_N] small integers, exact in `dtype`; and the
-    [BLOCK_N] scales of their group in fp32 (the rows lie in one)."""
+def _packed(qw_ptr, qz_ptr, k0, offs_w, N, group_size, BLOCK_K: tl.constexpr):
+    """The packed words of W^T rows k0..k0+BLOCK_K, columns of words offs_w ([BLOCK_K, words], 0 past N), their
+    group's packed zeros ([words]) and that group's index (the rows lie in one group)."""
     w_ok = offs_w < N // 8
     offs_k = k0 + tl.arange(0, BLOCK_K)
     words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
     g = k0 // group_size
     zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+    return words, zeros, g
+
+
+@triton.jit
+def _tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, nibble_mask, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """q - z of W^T rows k0..k0+BLOCK_K, columns offs_n: [BLOCK_K, BLOCK_N] small integers, exact in `dtype`; and the
+    [BLOCK_N] scales of their group in fp32 (the rows lie in one)."""
+    words, zeros, g = _packed(qw_ptr, qz_ptr, k0, offs_w, N, group_size, BLOCK_K)
     scales = tl.load(sc_ptr + g * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     # Each packed word is read once and repeated 8 times in registers; channel j of a word sits in nibble slot
     # j // 2 + 4 * (j % 2) (AWQ's order 0, 2, 4, 6, 1, 3, 5, 7).
@@ -98,11 +106,8 @@ def _gemv_by_slot(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_w, N, K, group_size, kb_lo
     acc = tl.zeros((BLOCK_K, 8, BLOCK_N // 8), dtype=tl.float32)
     for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
         k0 = kb * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = load_input(x_ptr + offs_k, None, K, GATED)
-        words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
-        g = k0 // group_size
-        zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+        x = load_input(x_ptr + k0 + tl.arange(0, BLOCK_K), None, K, GATED)
+        words, zeros, g = _packed(qw_ptr, qz_ptr, k0, offs_w, N, group_size, BLOCK_K)
         scales = tl.load(sc_ptr + g * N + cols, mask=w_ok[None, :], other=0.0).to(tl.float32)
         # Exact weights, as the interleaved GEMV's.
         q = _nibbles(words[:, None, :], shifts[None, :, None], tl.float32, nibble_mask)
@@ -198,11 +203,7 @@ def _rounded_tile(qw_ptr, qz_ptr, sc_ptr, k0, offs_w, offs_n, N, group_size, BLO
     cores; the scaling of an fp32 accumulator per K step (a multiply-add per output element) and the repeating of
     each word 8 times (_tile) cost more instructions than a 128-row tile's wgmma take cycles on sm_90
     (bench/results/sass-awq-2026-12-01-prefill.md)."""
-    w_ok = offs_w < N // 8
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
-    g = k0 // group_size
-    zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+    words, zeros, g = _packed(qw_ptr, qz_ptr, k0, offs_w, N, group_size, BLOCK_K)
     # Shift 4i gives slots i and i + 4 of every word: AWQ's channels 2i and 2i + 1 (order 0, 2, 4, 6, 1, 3, 5, 7);
     # q - z is exact (both carry the same power of two).
     q0, q1 = _lanes(words, 0, dtype)
@@ -248,11 +249,9 @@ def _gemm_lanes(x_ptr, qw_ptr, qz_ptr, sc_ptr, offs_m, m_ok, offs_w, N, K, group
     a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
     for kb in tl.range(kb_lo, kb_hi, num_stages=STAGES):
         k0 = kb * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = load_input(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], m_ok[:, None], K, GATED)
-        words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=w_ok[None, :], other=0)
-        g = k0 // group_size
-        zeros = tl.load(qz_ptr + g * (N // 8) + offs_w, mask=w_ok, other=0)
+        x = load_input(x_ptr + offs_m[:, None] * stride_xm + k0 + tl.arange(0, BLOCK_K)[None, :], m_ok[:, None], K,
+                       GATED)
+        words, zeros, g = _packed(qw_ptr, qz_ptr, k0, offs_w, N, group_size, BLOCK_K)
         sc = sc_ptr + g * N + 8 * offs_w
         a0, a1 = _lane_dots(x, words, zeros, sc, w_ok, a0, a1, 0)  # channel c of a word in accumulator c
         a2, a3 = _lane_dots(x, words, zeros, sc, w_ok, a2, a3, 4)
