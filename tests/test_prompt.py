@@ -36,6 +36,14 @@ def test_multi_turn_rendering_and_image_expansion(builder):
     assert ids[start + 769] == tok.convert_tokens_to_ids("</img>")
 
 
+def test_a_developer_message_is_the_system_prompt(builder, original_internvl2):
+    for b in (builder, original_internvl2):  # a jinja template, and an original layout's conversation template
+        as_system, as_developer = (b.render([Message(role=role, content="Be brief."),
+                                             Message(role="user", content="hi")])[0]
+                                   for role in ("system", "developer"))
+        assert as_developer == as_system and "Be brief." in as_system and "developer" not in as_system
+
+
 def test_stop_tokens_are_the_templates_end_of_turn(builder):
     assert builder.stop_token_ids == [builder.tokenizer.convert_tokens_to_ids("<|im_end|>")]
 

@@ -51,10 +51,18 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="`developer` (OpenAI's newer name for the instructions) is a system message")
     content: str | list[ContentPart]
     name: str | None = Field(default=None, description="the participant's name (accepted; the chat templates of "
                              "InternVL do not use it)")
+
+    @field_validator("role")
+    @classmethod
+    def developer_is_system(cls, role: str) -> str:
+        """OpenAI treats developer messages as system messages for models without the distinction (all of InternVL's
+        templates): rendered as the system prompt, never as a role the template does not know."""
+        return "system" if role == "developer" else role
 
     def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         return [TextPart(type="text", text=self.content)] if isinstance(self.content, str) else self.content
