@@ -261,6 +261,27 @@ def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch, overlap):
     assert 7 in replays and 9 in replays  # 7 rows ran in the 8-row graph, 9 in the 16-row one
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_one_token_chunks_of_an_image_take_its_rows(lm, cfg, reference, monkeypatch, graphs):
+    """A step's budget may leave a prompt one token, on an image position: its row must be spliced in as in a longer
+    chunk, and a step of one-token rows with image rows among them is no decode step for the CUDA graphs. With a budget
+    of 2, the image prompt is prefilled a token a step beside a decoding stream."""
+    from services.llm_decoder.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "record", lambda forward, pool: (lambda out: (EagerGraph(forward, out), out))(
+        forward()))
+    text, (ids, image) = [5, 6, 7], image_prompt(cfg, 4, text_before=2, rows=32)
+    eng = engine(lm, overlap=False, max_batched_tokens=2)
+    if graphs:
+        with torch.inference_mode():
+            eng.runner.capture(16)
+    seqs = [Sequence("text", text, SamplingParams(len(ids) + 4)),
+            Sequence("image", ids, SamplingParams(NEW), image_embeds=image, image_token_id=cfg.image_token_id)]
+    run(eng, seqs)
+    assert seqs[1].output_ids == greedy_reference(reference, cfg, ids, image)
+    assert seqs[0].output_ids == greedy_reference(reference, cfg, text, new=len(ids) + 4)
+
+
 def test_a_sequence_that_breaks_the_step_fails_alone(lm, cfg, monkeypatch, overlap):
     """A step fails when one sequence is in it: that one ends with "error", the others go on with the tokens they
     would have had."""

@@ -61,7 +61,7 @@ class ModelRunner:
         image_at, image_rows, fill, source = [], [], [], []
         for seq, n in batch:
             start, end, known = seq.num_cached, seq.num_cached + n, len(seq.token_ids)
-            if n == 1:  # decode: plain arithmetic, no tensors
+            if n == 1:  # decode (or a one-token prompt chunk): plain arithmetic, no tensors
                 ids.append(seq.token_ids[start] if start < known else 0)
                 positions.append(start)
                 slots.append(seq.block_table[start // bs] * bs + start % bs)
@@ -70,10 +70,10 @@ class ModelRunner:
                 positions += range(start, end)
                 pos = torch.arange(start, end)
                 slots += (torch.tensor(seq.block_table)[pos // bs] * bs + pos % bs).tolist()
-                at, img = seq.image_rows(start, end)
-                if at:
-                    image_at += [p - start + cu[-1] for p in at]
-                    image_rows.append(img)
+            # A prompt chunk's image rows, however short the chunk: the budget a step leaves may cut one token.
+            if start < seq.num_prompt and (image := seq.image_rows(start, end))[0]:
+                image_at += [p - start + cu[-1] for p in image[0]]
+                image_rows.append(image[1])
             cu.append(cu[-1] + n)
             if end > known:  # its last token is prev's, still on the device
                 fill.append(cu[-1] - 1)
@@ -93,7 +93,7 @@ class ModelRunner:
             ids_d.index_copy_(0, dev[tail:tail + f], prev.ids.index_select(0, dev[tail + f:]))
 
         max_len = max(lens)
-        if t == b and b in self.graphs and self.model.rope_is_static(max_len):
+        if t == b and not image_rows and b in self.graphs and self.model.rope_is_static(max_len):
             logits = self._replay(b, ids_d, pos_d, slots_d, lens_d, rows_d)
         else:
             width = -(-max_len // bs)
