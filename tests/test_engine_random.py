@@ -1,6 +1,6 @@
 """Randomized engine runs: whatever shares a step with it, each request gets the tokens it gets alone.
 
-Each trial draws requests (shared text prefixes, one of a few images at any position, greedy or seeded sampling,
+Each trial draws requests (shared text prefixes, one or two of a few images anywhere, greedy or seeded sampling,
 penalties, log-probabilities, stop tokens), arrival steps, cancellations, a block size, a KV pool small enough to
 preempt, a token budget that cuts prompts anywhere (down to one token) and overlap on or off. Every request that is not
 cancelled must end as it does alone in a roomy engine (whose greedy outputs test_engine checks against transformers),
@@ -22,20 +22,27 @@ def engine(lm, num_blocks: int, block_size: int, max_batched_tokens: int, max_ru
                      max_running=max_running, device="cpu", dtype=torch.float32, overlap=overlap)
 
 
+class Images(list):
+    """A few images' embedding rows, and the token that stands for a row in a prompt."""
+    token_id: int
+
+
 @pytest.fixture(scope="module")
 def images(cfg):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(IMAGE_ROWS, cfg.text.hidden_size, generator=g) * 0.5 for _ in range(3)]
+    out = Images(torch.randn(IMAGE_ROWS, cfg.text.hidden_size, generator=g) * 0.5 for _ in range(3))
+    out.token_id = cfg.image_token_id
+    return out
 
 
-def draw_request(rng: random.Random, cfg, images) -> dict:
+def draw_request(rng: random.Random, images: Images) -> dict:
     ids = list(range(30, 30 + rng.randint(0, 40))) + [rng.randint(5, 500) for _ in range(rng.randint(1, 30))]
-    image = None
-    if rng.random() < 0.4:
-        index = rng.randrange(len(images))
-        image = index, images[index]
-        at = rng.randint(0, len(ids))
-        ids = ids[:at] + [cfg.image_token_id] * IMAGE_ROWS + ids[at:]
+    placed = []  # (position, image index), an image's rows standing together
+    if rng.random() < 0.5:
+        for index in rng.choices(range(len(images)), k=rng.randint(1, 2)):
+            at = rng.choice([p for p in range(len(ids) + 1) if not any(s < p < s + IMAGE_ROWS for s, _ in placed)])
+            ids[at:at] = [images.token_id] * IMAGE_ROWS
+            placed = [(p + IMAGE_ROWS * (p >= at), i) for p, i in placed] + [(at, index)]
     params = {"max_tokens": rng.randint(1, 12)}
     if rng.random() < 0.3:
         params |= {"temperature": 0.9, "seed": rng.randint(0, 99), "top_k": rng.choice([0, 5])}
@@ -45,19 +52,19 @@ def draw_request(rng: random.Random, cfg, images) -> dict:
         params["logprobs"] = 2
     if rng.random() < 0.2:
         params["stop_token_ids"] = frozenset(rng.sample(range(5, 1000), 100))
-    return {"ids": ids, "image": image, "params": params}
+    return {"ids": ids, "images": [i for _, i in sorted(placed)], "params": params}
 
 
-def sequence(key: str, request: dict, image_token_id: int) -> Sequence:
-    image = request["image"]
-    return Sequence(key, request["ids"], SamplingParams(**request["params"]), image_token_id=image_token_id,
-                    image_embeds=None if image is None else image[1],
-                    image_keys=[] if image is None else [(f"image-{image[0]}", IMAGE_ROWS)])
+def sequence(key: str, request: dict, images: Images) -> Sequence:
+    order = request["images"]
+    return Sequence(key, request["ids"], SamplingParams(**request["params"]), image_token_id=images.token_id,
+                    image_embeds=torch.cat([images[i] for i in order]) if order else None,
+                    image_keys=[(f"image-{i}", IMAGE_ROWS) for i in order])
 
 
-def alone(lm, cfg, request: dict) -> Sequence:
+def alone(lm, images: Images, request: dict) -> Sequence:
     eng = engine(lm, 512, 16, 4096, 4, overlap=False)
-    seq = sequence("alone", request, cfg.image_token_id)
+    seq = sequence("alone", request, images)
     eng.scheduler.add(seq)
     while eng.has_work():
         eng.step()
@@ -65,14 +72,14 @@ def alone(lm, cfg, request: dict) -> Sequence:
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))
-def test_each_request_gets_what_it_gets_alone(lm, cfg, images, trial):
+def test_each_request_gets_what_it_gets_alone(lm, images, trial):
     rng = random.Random(trial)
-    requests = [draw_request(rng, cfg, images) for _ in range(rng.randint(2, 10))]
+    requests = [draw_request(rng, images) for _ in range(rng.randint(2, 10))]
     block_size = rng.choice([4, 8, 16])
     num_blocks = rng.choice([60, 512] if block_size < 16 else [25, 512])
     eng = engine(lm, num_blocks, block_size, max_batched_tokens=rng.choice([1, 2, 16, 50, 4096]),
                  max_running=rng.choice([2, 4, 16]), overlap=rng.random() < 0.5)
-    seqs = [sequence(str(i), r, cfg.image_token_id) for i, r in enumerate(requests)]
+    seqs = [sequence(str(i), r, images) for i, r in enumerate(requests)]
     arrivals = {}
     for seq in seqs:
         arrivals.setdefault(rng.randint(0, 8), []).append(seq)
@@ -91,7 +98,7 @@ def test_each_request_gets_what_it_gets_alone(lm, cfg, images, trial):
 
     for seq, request in zip(seqs, requests):
         if seq.finish_reason != "abort":
-            want = alone(lm, cfg, request)
+            want = alone(lm, images, request)
             assert (seq.output_ids, seq.finish_reason) == (want.output_ids, want.finish_reason), (trial, seq.id)
             for (got, top), (expected, expected_top) in zip(seq.logprobs, want.logprobs, strict=True):
                 assert [t for t, _ in top] == [t for t, _ in expected_top]  # float sums differ with the batch
