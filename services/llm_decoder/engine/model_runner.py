@@ -95,6 +95,8 @@ class ModelRunner:
         max_len = max(lens)
         if t == b and not image_rows and b in self.graphs and self.model.rope_is_static(max_len):
             logits = self._replay(b, ids_d, pos_d, slots_d, lens_d, rows_d)
+            if len(last) < b:  # a prompt's one-token chunk that is not its end: no token to sample there
+                logits = logits[last_d]
         else:
             width = -(-max_len // bs)
             ctx = BatchContext(cu_d, lens_d, self.tables[rows_d, :width], slots_d, max(n for _, n in batch), max_len,
