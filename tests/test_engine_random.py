@@ -1,10 +1,11 @@
 """Randomized engine runs: whatever shares a step with it, each request gets the tokens it gets alone.
 
-Each trial draws requests (shared text prefixes, one or two of a few images anywhere, greedy or seeded sampling,
-penalties, log-probabilities, stop tokens), arrival steps, cancellations, a block size, a KV pool small enough to
-preempt, a token budget that cuts prompts anywhere (down to one token) and overlap on or off. Every request that is not
-cancelled must end as it does alone in a roomy engine (whose greedy outputs test_engine checks against transformers),
-and every block and table row must come back. Seeded: a failure names its trial, which replays it."""
+Each trial draws requests (shared text prefixes, one or two of a few images anywhere, a chat's next turn, greedy or
+seeded sampling, penalties, log-probabilities, stop tokens), arrival steps, cancellations, a block size, a KV pool
+small enough to preempt, a token budget that cuts prompts anywhere (down to one token), overlap on or off, and decode
+steps through the CUDA-graph path or not. Every request that is not cancelled must end as it does alone in a roomy
+engine (whose greedy outputs test_engine checks against transformers), no step may fail, and every block and table
+row must come back. Seeded: a failure names its trial, which replays it."""
 import random
 
 import pytest
@@ -82,6 +83,12 @@ def test_each_request_gets_what_it_gets_alone(lm, images, trial, monkeypatch):
     monkeypatch.setattr(llm_engine.log, "exception", lambda *args: failed.append(args))
     rng = random.Random(trial)
     requests = [draw_request(rng, images) for _ in range(rng.randint(2, 10))]
+    for i in range(1, len(requests)):  # some are a chat's next turn: an earlier prompt, its answer, a question
+        first = requests[rng.randrange(i)]
+        if rng.random() < 0.25 and "temperature" not in first["params"]:
+            question = [rng.randint(5, 500) for _ in range(rng.randint(1, 9))]
+            requests[i] |= {"ids": first["ids"] + alone(lm, images, first).output_ids + question,
+                            "images": first["images"]}
     block_size = rng.choice([4, 8, 16])
     num_blocks = rng.choice([60, 512] if block_size < 16 else [25, 512])
     eng = engine(lm, num_blocks, block_size, max_batched_tokens=rng.choice([1, 2, 16, 50, 4096]),
