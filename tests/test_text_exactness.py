@@ -5,6 +5,8 @@ Streamed text: the deltas plus the final flush equal the decode of all ids with 
 grounding tokens (<ref>, <box>, <quad>) kept, and no delta is ever taken back (each one extends a prefix of the final
 text), also for random ids with invalid UTF-8 byte runs.
 """
+import random
+
 import httpx
 import openai
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from services.common.checkpoint import read_model_config
 from services.common.tokenizer import load_tokenizer
+from services.gateway.errors import ApiError
 from services.gateway.prompt import PromptBuilder
 from services.gateway.schema import Message
 from services.llm_decoder.detokenizer import GROUNDING_TOKENS, TextDecoder
@@ -69,6 +72,41 @@ def test_prompt_ids_equal_the_tokenizer_on_the_whole_expanded_prompt(checkpoint,
     expanded = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * n}</img>{piece}"
                                    for n, piece in zip(tiles, pieces[1:]))
     assert builder.expand(rendered, tiles) == load_tokenizer(checkpoint)(expanded)["input_ids"]
+
+
+# Pieces of random message text: spaces and newlines next to images, non-ASCII, markup, and the tokenizers' own
+# word-boundary mark, special tokens and image placeholder spelled out.
+PIECES = [" ", "  ", "\n", "\t", "a", "Hello", "你好", "😀", "<", ">", "<ref>", "</ref>", "<box>", "<image>", "1", ".",
+          "\u00a0", "é", "▁", "<|im_end|>", "<s>", "</s>"]
+
+
+def random_conversation(rng: random.Random) -> list[Message]:
+    def text() -> str:
+        return "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 8)))
+
+    messages = [Message(role="system", content=text())] if rng.random() < 0.4 else []
+    for role in ["user", "assistant"] * rng.randint(1, 3):
+        parts = [IMAGE if rng.random() < 0.3 else {"type": "text", "text": text()} for _ in range(rng.randint(1, 4))]
+        messages.append(Message(role=role, content=parts if rng.random() < 0.8 else text()))
+    return messages[:-1]  # the user's turn last
+
+
+def test_random_conversations_expand_as_the_tokenizer_reads_them(checkpoint):
+    builder, tokenizer = PromptBuilder(checkpoint, read_model_config(checkpoint)), load_tokenizer(checkpoint)
+    checked = 0
+    for seed in range(60):
+        rng = random.Random(seed)
+        try:
+            rendered, media = builder.render(random_conversation(rng))
+        except ApiError:  # `<image>` typed more or fewer times than the message has images: refused, fine
+            continue
+        tiles = [rng.randint(1, 3) for _ in media]
+        pieces = rendered.split("<IMG_CONTEXT>")
+        expanded = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * n}</img>{piece}"
+                                       for n, piece in zip(tiles, pieces[1:]))
+        assert builder.expand(rendered, tiles) == tokenizer(expanded)["input_ids"], seed
+        checked += 1
+    assert checked >= 30, checked
 
 
 def check_stream(decoder: TextDecoder, ids: list[int]) -> None:
