@@ -158,6 +158,17 @@ def test_awq_config_found_inside_llm_config_or_on_top(tmp_path):
     assert read_model_config(path).text.awq_group_size == 32
 
 
+@pytest.mark.parametrize("layout,file,switch", [("original", "config.json", "dynamic_image_size"),
+                                                ("native", "preprocessor_config.json", "crop_to_patches")])
+def test_a_checkpoint_trained_without_dynamic_tiling_takes_one_tile(tmp_path, layout, file, switch):
+    from tools.make_tiny_checkpoint import write_tiny_checkpoint
+    path = write_tiny_checkpoint(tmp_path / layout, layout=layout)
+    assert read_model_config(path).max_dynamic_patch == 12
+    config = json.loads((path / file).read_text())
+    (path / file).write_text(json.dumps({**config, switch: False}))
+    assert read_model_config(path).max_dynamic_patch == 1
+
+
 @pytest.mark.parametrize("service", ["vision_encoder", "llm_decoder"])
 def test_a_service_refuses_a_broken_checkpoint_at_start_up(damaged, service):
     """The process ends with the reason (the tensors it lacks), not a traceback, and does not start serving."""

@@ -138,9 +138,11 @@ _NATIVE_FAMILIES = ("qwen2", "llama")
 
 def _native_config(cfg: dict, path: Path) -> ModelConfig:
     v, t = cfg["vision_config"], cfg["text_config"]
-    # The tile limit lives in the image processor's config (GotOcr2: max_patches; it always adds the thumbnail).
+    # The tile limit lives in the image processor's config (GotOcr2: max_patches, the thumbnail added to several
+    # tiles; without crop_to_patches the image is one resized tile).
     processor = path / "preprocessor_config.json"
-    max_patches = json.loads(processor.read_text()).get("max_patches", 12) if processor.exists() else 12
+    pre = json.loads(processor.read_text()) if processor.exists() else {}
+    max_patches = pre.get("max_patches", 12) if pre.get("crop_to_patches", True) else 1
     family = t.get("model_type")
     if family not in _NATIVE_FAMILIES:
         raise CheckpointError(f"unsupported language model family {family!r} "
@@ -190,7 +192,8 @@ def _original_config(cfg: dict, path: Path) -> ModelConfig:
         downsample_ratio=cfg.get("downsample_ratio", 0.5),
         ps_version=cfg.get("ps_version", "v1"),  # the original code's default when the key is absent
         select_layer=cfg.get("select_layer", -1),
-        max_dynamic_patch=cfg.get("max_dynamic_patch", 12),
+        # Trained without dynamic tiling: one resized tile (the cards' dynamic_preprocess with max_num=1).
+        max_dynamic_patch=cfg.get("max_dynamic_patch", 12) if cfg.get("dynamic_image_size", True) else 1,
         use_thumbnail=cfg.get("use_thumbnail", True),
         vision_prefix="vision_model.", projector_prefix="mlp1.", text_prefix="language_model.",
         template=cfg.get("template"),
