@@ -29,6 +29,20 @@ async def test_an_unexpected_error_is_a_500_in_the_openai_error_body():
                                   "code": None}}
 
 
+@pytest.mark.parametrize("body,content_type", [
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}', "application/x-www-form-urlencoded"),
+    (b'[{"model": "m"}]', "application/json")])
+async def test_a_body_that_is_no_json_object_says_what_is_expected(body, content_type):
+    chat = SimpleNamespace(admission=Admission(4), limits=SimpleNamespace(max_request_bytes=1 << 20),
+                           api_keys=ApiKeys([]))
+    transport = httpx.ASGITransport(create_app(chat))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        r = await client.post("/v1/chat/completions", content=body, headers={"content-type": content_type})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == ("the request body must be a JSON object, sent with Content-Type: "
+                                            "application/json")
+
+
 def _error(body: dict) -> str:
     try:
         ChatCompletionRequest.model_validate(body)
