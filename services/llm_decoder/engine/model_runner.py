@@ -70,10 +70,11 @@ class ModelRunner:
                 positions += range(start, end)
                 pos = torch.arange(start, end)
                 slots += (torch.tensor(seq.block_table)[pos // bs] * bs + pos % bs).tolist()
-            # A prompt chunk's image rows, however short the chunk: the budget a step leaves may cut one token.
-            if start < seq.num_prompt and (image := seq.image_rows(start, end))[0]:
-                image_at += [p - start + cu[-1] for p in image[0]]
-                image_rows.append(image[1])
+            if start < seq.num_prompt:  # a prompt chunk, however short: a step's budget may leave it one token
+                at, img = seq.image_rows(start, end)
+                if at:
+                    image_at += [p - start + cu[-1] for p in at]
+                    image_rows.append(img)
             cu.append(cu[-1] + n)
             if end > known:  # its last token is prev's, still on the device
                 fill.append(cu[-1] - 1)
