@@ -138,11 +138,10 @@ _NATIVE_FAMILIES = ("qwen2", "llama")
 
 def _native_config(cfg: dict, path: Path) -> ModelConfig:
     v, t = cfg["vision_config"], cfg["text_config"]
-    # The tile limit lives in the image processor's config (GotOcr2: max_patches, the thumbnail added to several
-    # tiles; without crop_to_patches the image is one resized tile).
+    # The tile limit lives in the image processor's config (GotOcr2: max_patches; it always adds the thumbnail). Its
+    # crop_to_patches is not read: InternVLProcessor passes crop_to_patches=True to it on every call.
     processor = path / "preprocessor_config.json"
-    pre = json.loads(processor.read_text()) if processor.exists() else {}
-    max_patches = pre.get("max_patches", 12) if pre.get("crop_to_patches", True) else 1
+    max_patches = json.loads(processor.read_text()).get("max_patches", 12) if processor.exists() else 12
     family = t.get("model_type")
     if family not in _NATIVE_FAMILIES:
         raise CheckpointError(f"unsupported language model family {family!r} "
