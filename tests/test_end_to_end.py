@@ -268,6 +268,11 @@ def test_models_and_health(stack):
     assert httpx.get(stack.gateway_url + "/ready").status_code == 200
     models = httpx.get(stack.gateway_url + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
+    client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve(MODEL).model_dump(exclude_none=True) == models["data"][0]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("org/no-such-model")
+    assert missing.value.body["code"] == "model_not_found"
 
 
 BAD_REQUESTS = [

@@ -20,14 +20,16 @@ def operations(stack):
 
 def test_the_document_names_every_route_and_the_openai_errors(operations, stack):
     assert set(operations) == {"GET /health", "GET /ready", "GET /metrics", "GET /v1/models",
-                               "POST /v1/chat/completions"}
+                               "GET /v1/models/{model}", "POST /v1/chat/completions"}
     chat = httpx.get(stack.gateway_url + "/openapi.json").json()["paths"]["/v1/chat/completions"]["post"]
     assert {"200", "400", "401", "404", "413", "429", "503"} <= set(chat["responses"]) and "422" not in chat["responses"]
 
 
 POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
-# The chat route, valid and invalid bodies; the GETs take no parameters, so they have no invalid form.
+# The chat route, valid and invalid bodies; the other GETs take no parameters, so they have no invalid form (a model
+# name is any string: an unknown one is the declared 404).
 RUNS = [("POST /v1/chat/completions", POSITIVE, 50), ("POST /v1/chat/completions", NEGATIVE, 50),
+        ("GET /v1/models/{model}", POSITIVE, 20),
         *[(route, POSITIVE, 3) for route in ("GET /v1/models", "GET /health", "GET /ready", "GET /metrics")]]
 
 

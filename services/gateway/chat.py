@@ -103,6 +103,12 @@ class ChatService:
                 raise ApiError(503, f"the model pools did not come up within {self.limits.pool_wait_s:g}s; retry later",
                                type="service_unavailable") from None
 
+    def check_model(self, model: str) -> None:
+        """404 (OpenAI's model_not_found) for a model this server does not serve."""
+        if model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
     async def prepare(self, req: ChatCompletionRequest, request_id: str | None = None, by_reference: bool = True,
                       phases: Phases | None = None) -> list[pb.GenerateRequest]:
         """Validate, resolve every image to embeddings (cache first), and build the decoder requests: one per choice
@@ -113,9 +119,7 @@ class ChatService:
         await self.pools_up()
         phases = phases or Phases()
         by_reference = by_reference and self.cache.usable() and self.pools.decoder_reads_cache
-        if req.model != self.model_name:
-            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
-                           param="model", code="model_not_found")
+        self.check_model(req.model)
         max_num = self._max_num(req.max_num or self.limits.default_max_num, "max_num")
         if req.n > self.limits.max_n:
             raise bad_request(f"n={req.n} exceeds the server's limit of {self.limits.max_n}", "n")

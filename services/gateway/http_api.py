@@ -1,4 +1,5 @@
-"""OpenAI-compatible REST: /v1/chat/completions (with SSE streaming), /v1/models, health, readiness, metrics."""
+"""OpenAI-compatible REST: /v1/chat/completions (with SSE streaming), /v1/models (and one by name), health,
+readiness, metrics."""
 import asyncio
 import contextlib
 import json
@@ -20,7 +21,7 @@ from services.gateway.auth import RestAuth
 from services.gateway.chat import ChatService, total_usage
 from services.gateway.errors import ApiError, invalid_request
 from services.gateway.metrics import TTFT, Phases, RestMetrics
-from services.gateway.schema import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelList, Status
+from services.gateway.schema import ChatCompletion, ChatCompletionRequest, ErrorResponse, Model, ModelList, Status
 
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
@@ -93,10 +94,18 @@ def create_app(chat: ChatService) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    def served_model() -> dict:
+        return {"id": chat.model_name, "object": "model", "owned_by": "internvl-serving", "created": 0}
+
     @app.get("/v1/models", response_model=ModelList, responses=_errors(401))  # a key, when keys are configured
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": chat.model_name, "object": "model", "owned_by": "internvl-serving",
-                                            "created": 0}]}
+        return {"object": "list", "data": [served_model()]}
+
+    @app.get("/v1/models/{model:path}", response_model=Model, responses=_errors(401, 404))
+    async def model(model: str) -> dict:
+        """OpenAI's model retrieval (`client.models.retrieve`); a served name may hold slashes (org/name)."""
+        chat.check_model(model)
+        return served_model()
 
     @app.post("/v1/chat/completions", responses=_CHAT_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request, response: Response):
