@@ -236,16 +236,21 @@ class EagerGraph:
         self.out.copy_(self.forward())
 
 
-def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch, overlap):
+def record_eagerly(monkeypatch) -> None:
+    """ModelRunner.capture (which records through services.common.cuda_graphs) records EagerGraphs from now on."""
     from services.llm_decoder.engine import model_runner
-    from services.llm_decoder.engine.model_runner import ModelRunner
 
     def record(forward, pool):
-        with torch.inference_mode():
-            out = forward()
+        out = forward()  # capture runs under inference_mode
         return EagerGraph(forward, out), out
 
-    monkeypatch.setattr(model_runner, "record", record)  # capture() records through services.common.cuda_graphs
+    monkeypatch.setattr(model_runner, "record", record)
+
+
+def test_decode_graph_path_equals_eager(lm, cfg, monkeypatch, overlap):
+    from services.llm_decoder.engine.model_runner import ModelRunner
+
+    record_eagerly(monkeypatch)
     prompts = [list(range(10 + i, 30 + 5 * i)) for i in range(11)]  # 11 streams: padded to the 16-row graph
     lengths = [6 + 3 * (i % 4) for i in range(len(prompts))]  # the batch shrinks as streams end: stale pad rows
     eager = [Sequence(str(i), ids, SamplingParams(n)) for i, (ids, n) in enumerate(zip(prompts, lengths))]
@@ -266,15 +271,11 @@ def test_one_token_chunks_of_an_image_take_its_rows(lm, cfg, reference, monkeypa
     """A step's budget may leave a prompt one token, on an image position: its row must be spliced in as in a longer
     chunk, and a step of one-token rows with image rows among them is no decode step for the CUDA graphs. With a budget
     of 2, the image prompt is prefilled a token a step beside a decoding stream."""
-    from services.llm_decoder.engine import model_runner
-
-    monkeypatch.setattr(model_runner, "record", lambda forward, pool: (lambda out: (EagerGraph(forward, out), out))(
-        forward()))
+    record_eagerly(monkeypatch)
     text, (ids, image) = [5, 6, 7], image_prompt(cfg, 4, text_before=2, rows=32)
     eng = engine(lm, overlap=False, max_batched_tokens=2)
     if graphs:
-        with torch.inference_mode():
-            eng.runner.capture(16)
+        eng.runner.capture(16)
     seqs = [Sequence("text", text, SamplingParams(len(ids) + 4)),
             Sequence("image", ids, SamplingParams(NEW), image_embeds=image, image_token_id=cfg.image_token_id)]
     run(eng, seqs)

@@ -74,11 +74,10 @@ def alone(lm, images: Images, request: dict) -> Sequence:
 
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_each_request_gets_what_it_gets_alone(lm, images, trial, monkeypatch):
-    from services.llm_decoder.engine import llm_engine, model_runner
-    from tests.test_engine import EagerGraph
+    from services.llm_decoder.engine import llm_engine
+    from tests.test_engine import record_eagerly
 
-    monkeypatch.setattr(model_runner, "record", lambda forward, pool: (lambda out: (EagerGraph(forward, out), out))(
-        forward()))
+    record_eagerly(monkeypatch)
     failed = []  # steps the engine had to retry sequence by sequence
     monkeypatch.setattr(llm_engine.log, "exception", lambda *args: failed.append(args))
     rng = random.Random(trial)
@@ -94,8 +93,7 @@ def test_each_request_gets_what_it_gets_alone(lm, images, trial, monkeypatch):
     eng = engine(lm, num_blocks, block_size, max_batched_tokens=rng.choice([1, 2, 16, 50, 4096]),
                  max_running=rng.choice([2, 4, 16]), overlap=rng.random() < 0.5)
     if rng.random() < 0.5:  # decode steps through the graph path, as on CUDA
-        with torch.inference_mode():
-            eng.runner.capture(eng.scheduler.max_running)
+        eng.runner.capture(eng.scheduler.max_running)
     seqs = [sequence(str(i), r, images) for i, r in enumerate(requests)]
     arrivals = {}
     for seq in seqs:
