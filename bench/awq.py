@@ -329,21 +329,20 @@ def main() -> None:
             x, x_in, x_error, gated = inputs(name, m, k, device)
             cfg = at.select(table, device_name, n, k, m)
             bias = q.get("bias")
-            out = at.awq_gemm(x, *packed[0], GROUP, config=cfg, bias=bias, gated=gated, int4=int4[0])
-            share = check(out, **operands(q, GROUP, cfg, x_in, x_error), what=f"{name} m={m} {cfg}", bias=bias)
+
+            def ours(c, p=None, config=cfg):  # the layer as served, on weight copy c (p: its Int4Pack)
+                return at.awq_gemm(x, *c, GROUP, config=config, bias=bias, gated=gated, int4=p)
+
+            share = check(ours(packed[0], int4[0]), **operands(q, GROUP, cfg, x_in, x_error),
+                          what=f"{name} m={m} {cfg}", bias=bias)
             row = {"linear": name + " (gated)" * gated + " (bias)" * (bias is not None), "k": k, "n": n, "tokens": m,
-                   "path": cfg.path,
-                   "config": str(cfg), "error_share": share}
+                   "path": cfg.path, "config": str(cfg), "error_share": share}
             if not args.smoke:
                 # Dense as served: a gated input through the compiled silu_and_mul kernel first.
                 row["dense_ms"] = timed([lambda c=c: F.linear(silu_and_mul(x) if gated else x, *c, bias)
                                          for c in dense_copies])
-                row["ours_ms"] = timed([lambda c=c, p=p: at.awq_gemm(x, *c, GROUP, config=cfg, bias=bias, gated=gated,
-                                                                    int4=p)
-                                        for c, p in zip(packed, int4)])
-                row["dequant_ms"] = timed([lambda c=c: at.awq_gemm(x, *c, GROUP, config=dense_path, bias=bias,
-                                                                   gated=gated)
-                                           for c in packed])
+                row["ours_ms"] = timed([lambda c=c, p=p: ours(c, p) for c, p in zip(packed, int4)])
+                row["dequant_ms"] = timed([lambda c=c: ours(c, config=dense_path) for c in packed])
                 row["dense_over_ours"] = row["dense_ms"] / row["ours_ms"]
                 # What the memory bound is about: the packed weight, its zeros and scales, x and the output.
                 nbytes = sum(t.numel() * t.element_size() for t in (*packed[0], x)) + m * n * x.element_size()

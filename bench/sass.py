@@ -1,7 +1,7 @@
 """The AWQ W4A16 kernels' inner loops on sm_90 (H100/H200) without a GPU: instructions per loop iteration, and how
 many of them convert between float formats or spill registers, for every fused config the committed table dispatches
-and the tuning candidates for 1, 16 and 512 tokens, in fp16 and bf16; with --base, the same kernels at another revision compiled in the same
-run (ratios base / now).
+and the tuning candidates for 1, 16 and 512 tokens, in fp16 and bf16; with --base, the same kernels at another
+revision compiled in the same run (ratios base / now).
 
 Each kernel is compiled by Triton and ptxas for sm_90 and disassembled by nvdisasm (both ship with Triton); a loop
 is a backward branch, the K loop the longest. This is a static count, not a timing: it tells what a change does to
