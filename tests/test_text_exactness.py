@@ -68,10 +68,13 @@ def test_prompt_ids_equal_the_tokenizer_on_the_whole_expanded_prompt(checkpoint,
     builder = PromptBuilder(checkpoint, read_model_config(checkpoint))
     messages, tiles = CONVERSATIONS[conversation]
     rendered, _ = builder.render(messages)
+    assert builder.expand(rendered, tiles) == load_tokenizer(checkpoint)(expanded(rendered, tiles))["input_ids"]
+
+
+def expanded(rendered: str, tiles: list[int]) -> str:
+    """The rendered prompt with each image's context tokens written out, as one string."""
     pieces = rendered.split("<IMG_CONTEXT>")
-    expanded = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * n}</img>{piece}"
-                                   for n, piece in zip(tiles, pieces[1:]))
-    assert builder.expand(rendered, tiles) == load_tokenizer(checkpoint)(expanded)["input_ids"]
+    return pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * n}</img>{piece}" for n, piece in zip(tiles, pieces[1:]))
 
 
 # Pieces of random message text: spaces and newlines next to images, non-ASCII, markup, and the tokenizers' own
@@ -101,10 +104,7 @@ def test_random_conversations_expand_as_the_tokenizer_reads_them(checkpoint):
         except ApiError:  # `<image>` typed more or fewer times than the message has images: refused, fine
             continue
         tiles = [rng.randint(1, 3) for _ in media]
-        pieces = rendered.split("<IMG_CONTEXT>")
-        expanded = pieces[0] + "".join(f"<img>{'<IMG_CONTEXT>' * 256 * n}</img>{piece}"
-                                       for n, piece in zip(tiles, pieces[1:]))
-        assert builder.expand(rendered, tiles) == tokenizer(expanded)["input_ids"], seed
+        assert builder.expand(rendered, tiles) == tokenizer(expanded(rendered, tiles))["input_ids"], seed
         checked += 1
     assert checked >= 30, checked
 
