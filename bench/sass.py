@@ -25,6 +25,7 @@ import triton
 
 from bench import kernel_report
 from bench.awq import candidates
+from services.common.kernel_tables import TRITON_OPTIONS
 from services.llm_decoder.models import awq_triton as at
 from tools.run_local import ROOT
 
@@ -46,7 +47,8 @@ def compile_for_sm90(fn, types: dict, constants: dict, aligned: tuple[str, ...] 
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in types.items()
              if ty.startswith("*") or name in aligned}
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
-    return compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+    return compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                   options={**TRITON_OPTIONS, **options})
 
 
 def compile_awq(fn, cfg: at.Config, dtype: str, bias: bool, gated: bool = False):

@@ -75,3 +75,42 @@ def test_prefill_candidates_keep_their_k_loop_in_registers_and_the_tensor_cores_
         issue, mma = sum(ops.values()) * cfg.warps / 4, 2 * block_m * block_n * block_k / 3800
         if block_m >= 128:  # 64-row tiles do half the math per unpacked weight
             assert issue < mma, (str(cfg), issue, mma)
+
+
+def test_every_kernel_is_launched_and_compiled_with_fp_contraction(tmp_path, monkeypatch):
+    """Triton 3.10 compiles without FMA contraction unless asked (3.9 warns of it): every launch asks, as the tables
+    were tuned, and so does bench.sass, whatever Triton's default. Launches are caught before they compile."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from bench.sass import compile_for_sm90
+    from services.common import gemv as gv
+    from services.llm_decoder.engine.triton_attention import paged_attention
+    from services.llm_decoder.engine.triton_rotary import rotary_and_cache
+    from services.llm_decoder.models import awq_triton as at
+    from services.llm_decoder.models.awq import quantize
+
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    launched = {}
+    monkeypatch.setattr(JITFunction, "run", lambda self, *args, grid, warmup, **options:
+                        launched.setdefault(self.fn.__name__, options))
+    r = lambda *shape: torch.randn(*shape, dtype=torch.float16)  # noqa: E731
+    gv.gemv(r(1, 64), r(32, 64), None, gv.Config(block_n=16, block_k=64))
+    q = quantize(r(32, 128), 128)
+    at.awq_gemm(r(3, 128), q["qweight"], q["qzeros"], q["scales"], 128, config=at.GENERAL)
+    at.dequantize_triton(q["qweight"], q["qzeros"], q["scales"], 128, torch.float16)
+    cache = r(4, 16, 2, 64)
+    paged_attention(r(2, 4, 64), cache, cache, torch.tensor([0, 1, 2], dtype=torch.int32),
+                    torch.tensor([5, 9], dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32), 0.125, 1)
+    rotary_and_cache(r(2, 4, 64), r(2, 2, 64), r(2, 2, 64), r(2, 32), r(2, 32), cache, cache, torch.arange(2))
+    assert set(launched) == {"_gemv", "_awq_gemm", "_awq_dequant", "_attn", "_rotary_and_cache"}
+    assert all(options.get("enable_fp_fusion") is True for options in launched.values()), launched
+
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = compile_for_sm90(gv._gemv, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
+                                         "K": "i32", "stride_wn": "i32"},
+                              {"b_ptr": None, "HAS_BIAS": False, "GATED": False, "BLOCK_N": 16, "BLOCK_K": 64,
+                               "STAGES": 1}, num_warps=4)
+    assert kernel.metadata.enable_fp_fusion

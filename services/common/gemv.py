@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from services.common.kernel_tables import device_class, device_name, table_file
+from services.common.kernel_tables import TRITON_OPTIONS, device_class, device_name, table_file
 
 CONFIGS = Path(__file__).with_name("gemv_configs.json")
 
@@ -79,7 +79,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     _gemv[(triton.cdiv(n, config.block_n),)](xv, weight, bias, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
                                              GATED=gated, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                                             STAGES=config.stages, num_warps=config.warps)
+                                             STAGES=config.stages, num_warps=config.warps, **TRITON_OPTIONS)
     return out.view(*x.shape[:-1], n)
 
 

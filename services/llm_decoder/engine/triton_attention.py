@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from services.common.cuda_graphs import arrival_counters
+from services.common.kernel_tables import TRITON_OPTIONS
 
 
 # The number of sequences and the block tables' row stride (the step's widest table) change from step to step:
@@ -155,5 +156,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1), GROUP=group,
                 BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64, PAGE=page, HEAD_DIM=d,
                 HEAD_PAD=triton.next_power_of_2(d), SPLITS=splits,
-                PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2)
+                PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, num_stages=2,
+                **TRITON_OPTIONS)
     return out

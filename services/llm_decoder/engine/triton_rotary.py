@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from services.common.kernel_tables import TRITON_OPTIONS
+
 
 @triton.jit
 def _rotary_and_cache(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, stride_qt, stride_qh,
@@ -61,4 +63,5 @@ def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         _rotary_and_cache[(T,)](q, k, v, cos, sin, k_cache, v_cache, slots, q.stride(0), q.stride(1), k.stride(0),
                                 k.stride(1), v.stride(0), v.stride(1), cos.stride(0), h_kv * d, H=H, H_KV=h_kv,
                                 H_PAD=triton.next_power_of_2(H), H_KV_PAD=triton.next_power_of_2(h_kv),
-                                HALF=d // 2, HALF_PAD=triton.next_power_of_2(d // 2), num_warps=4)
+                                HALF=d // 2, HALF_PAD=triton.next_power_of_2(d // 2), num_warps=4,
+                                **TRITON_OPTIONS)

@@ -37,7 +37,7 @@ import triton.language as tl
 from services.common import kernel_tables
 from services.common.cuda_graphs import arrival_counters
 from services.common.gemv import load_input
-from services.common.kernel_tables import device_class
+from services.common.kernel_tables import TRITON_OPTIONS, device_class
 from services.common.layers import silu_and_mul
 
 CONFIGS = Path(__file__).with_name("awq_configs.json")  # the committed table
@@ -473,7 +473,7 @@ def dequantize_triton(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     w = torch.empty(k, n, dtype=dtype, device=qweight.device)
     block_k = math.gcd(32, group_size)
     _awq_dequant[(k // block_k, triton.cdiv(n, 128))](qweight, qzeros, scales, w, n, group_size, BLOCK_N=128,
-                                                       BLOCK_K=block_k)
+                                                       BLOCK_K=block_k, **TRITON_OPTIONS)
     return w
 
 
@@ -518,7 +518,5 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     _awq_gemm[grid](x2, qweight, qzeros, scales, bias, out, ws, counters, m, n, k, group_size, x2.stride(0),
                     out.stride(0), split, 0xF, SPLIT=split > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                     STAGES=config.stages, SLOTS=config.slots, IN_PLACE=config.in_place, LANES=config.unpack == "lanes",
-                    HAS_BIAS=bias is not None,
-                    GATED=gated,
-                    num_warps=config.warps)
+                    HAS_BIAS=bias is not None, GATED=gated, num_warps=config.warps, **TRITON_OPTIONS)
     return out.reshape(*x.shape[:-1], n)
