@@ -154,8 +154,24 @@ def test_awq_config_found_inside_llm_config_or_on_top(tmp_path):
     assert read_model_config(path).text.awq_group_size == 32
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = config["llm_config"].pop("quantization_config")
+    config["quantization_config"]["version"] = "GEMM"  # AutoAWQ's spelling of LMDeploy's "gemm"
     (path / "config.json").write_text(json.dumps(config))
     assert read_model_config(path).text.awq_group_size == 32
+
+
+@pytest.mark.parametrize("change", [{"version": "gemv"}, {"zero_point": False}, {"group_size": -1}, {"bits": 8},
+                                    {"quant_method": "gptq"}])
+def test_an_awq_variant_it_cannot_read_stops_the_service(tmp_path, change):
+    """AutoAWQ's GEMV packing (the transposed words: square projections would load and compute garbage), symmetric
+    AWQ (no zero points), per-channel groups and other quantizations are refused, naming the configuration."""
+    from tools.make_tiny_checkpoint import write_tiny_checkpoint
+    path = write_tiny_checkpoint(tmp_path / "awq", layout="original", awq=True)
+    config = json.loads((path / "config.json").read_text())
+    assert read_model_config(path).text.awq_group_size == 32
+    config["llm_config"]["quantization_config"].update(change)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported quantization .* 4-bit AWQ in the GEMM layout"):
+        read_model_config(path)
 
 
 def test_a_checkpoint_trained_without_dynamic_tiling_takes_one_tile(tmp_path):

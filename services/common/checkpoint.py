@@ -204,8 +204,14 @@ def _original_config(cfg: dict, path: Path) -> ModelConfig:
 def _text_config(t: dict, family: str, tie: bool, quantization: dict | None = None) -> TextConfig:
     heads = t["num_attention_heads"]
     quant = t.get("quantization_config") or quantization or {}
-    if quant and (quant.get("quant_method") != "awq" or quant.get("bits", 4) != 4):
-        raise CheckpointError(f"unsupported quantization {quant!r} (supported: 4-bit AWQ)")
+    group = quant.get("group_size", 128)
+    # The layout LMDeploy and AutoAWQ write by default. AutoAWQ's "gemv" packs along the other dimension (a shape error
+    # deep in loading, or none for a square projection), and without zero points there are no qzeros.
+    if quant and (quant.get("quant_method") != "awq" or quant.get("bits", 4) != 4
+                  or str(quant.get("version", "gemm")).lower() != "gemm" or quant.get("zero_point", True) is not True
+                  or type(group) is not int or group <= 0):
+        raise CheckpointError(f"unsupported quantization {quant!r} (supported: 4-bit AWQ in the GEMM layout, with "
+                              "zero points and a positive group size)")
     params = t.get("rope_parameters") or {}
     return TextConfig(
         family=family, hidden_size=t["hidden_size"], num_layers=t["num_hidden_layers"], num_heads=heads,
@@ -219,7 +225,7 @@ def _text_config(t: dict, family: str, tie: bool, quantization: dict | None = No
         # Qwen2 always has q/k/v biases; InternLM2 says `bias`, Llama `attention_bias`.
         attention_bias=family == "qwen2" or t.get("bias", t.get("attention_bias", False)),
         tie_word_embeddings=tie,
-        awq_group_size=quant.get("group_size", 128) if quant else 0)
+        awq_group_size=group if quant else 0)
 
 
 def _rope_scaling(params: dict | None) -> dict | None:
