@@ -5,12 +5,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from internvl.serving.v1 import serving_pb2 as pb
 from services.common.cache import decode_value, encode_value, image_cache_key, value_rows
 from services.common.checkpoint import read_model_config
 from services.common.weights import TensorReader
+from services.gateway.chat import inline
 from services.common.tensors import DTYPES, cat_rows, tensor_bytes, to_proto
 from services.llm_decoder.models import load_language_model
 from services.vision_encoder.encoder import load_vision_model
@@ -91,18 +95,65 @@ def test_cache_values_from_other_models_or_corrupt_are_misses():
                                               (3328, 4096, "bfloat16"), (3, 5, "float16")])
 def test_a_cache_value_is_the_message_serialized_and_its_rows_are_read_in_place(rows, width, dtype):
     """encode_value writes the rows around the fields itself: the bytes equal the protobuf message's serialization,
-    so any protobuf reader parses it; value_rows finds the rows inside without copying them."""
+    so any protobuf reader parses it; decode_value reads the fields without the rows, and value_rows finds them
+    inside without copying them."""
     t = torch.randn(rows, width).to(DTYPES[dtype])
     value = encode_value("fp", max(1, rows // 4), dtype, t.shape, tensor_bytes(t))
     message = pb.CachedEmbeddings(fingerprint="fp", tiles=max(1, rows // 4), embeddings=to_proto(t))
     assert value == message.SerializeToString()
     parsed = decode_value(value, "fp", tokens_per_tile=rows // max(1, rows // 4))
-    assert bytes(value_rows(value, parsed)) == parsed.embeddings.data
+    assert parsed.embeddings.data == b"" and parsed.embeddings.shape == list(t.shape)  # no copy of the rows
+    assert bytes(value_rows(value, parsed)) == message.embeddings.data
     assert torch.equal(cat_rows([(parsed.embeddings, value_rows(value, parsed))]), t)  # bytes: copied
     read = bytearray(value)  # as a value read from the cache: a buffer of its own, viewed
     rows_read = cat_rows([(parsed.embeddings, value_rows(read, parsed))])
     view = np.frombuffer(value_rows(read, parsed), np.uint8)
     assert torch.equal(rows_read, t) and rows_read.data_ptr() == view.ctypes.data
+    assert inline(parsed, read).embeddings == message.embeddings  # the gateway's rows for a decoder without Redis
+
+
+def _canonical(data: bytes, tokens_per_tile: int) -> pb.CachedEmbeddings | None:
+    """The value protobuf parses from `data` whole, if its header is consistent (tiles, rows, dtype, the rows' bytes)
+    and `data` is exactly what encode_value writes for it."""
+    try:
+        value = pb.CachedEmbeddings.FromString(data)
+    except DecodeError:
+        return None
+    emb = value.embeddings
+    ok = value.tiles > 0 and len(emb.shape) == 2 and emb.shape[0] == value.tiles * tokens_per_tile and \
+        emb.dtype in DTYPES and len(emb.data) == emb.shape[0] * emb.shape[1] * DTYPES[emb.dtype].itemsize
+    return value if ok and encode_value(value.fingerprint, value.tiles, emb.dtype, emb.shape, emb.data) == data \
+        else None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([1, 3, 40]), st.sampled_from(["float32", "bfloat16"]),
+       st.lists(st.tuples(st.integers(0, 10 ** 6), st.sampled_from(["flip", "insert", "delete", "cut"]),
+                          st.integers(0, 255)), max_size=3))
+def test_values_read_without_their_rows_agree_with_protobuf(tiles, width, dtype, edits):
+    """decode_value parses a value's fields without its rows: whatever bytes it is given (a value, or one with
+    bytes flipped, inserted, deleted or cut off), it takes exactly the values that protobuf's full parse takes as
+    encode_value writes them, with the same fields, and finds their rows where protobuf does."""
+    rows = bytes(range(256)) * (tiles * 2 * width * DTYPES[dtype].itemsize // 256 + 1)
+    data = bytearray(encode_value("fp", tiles, dtype, [tiles * 2, width],
+                                  rows[:tiles * 2 * width * DTYPES[dtype].itemsize]))
+    for at, edit, byte in edits:
+        at %= len(data) + 1
+        if edit == "flip" and at < len(data):
+            data[at] ^= byte or 1
+        elif edit == "insert":
+            data[at:at] = bytes([byte])
+        elif edit == "delete":
+            del data[at:at + 1]
+        elif edit == "cut":
+            del data[at:]
+    data = bytes(data)
+    got, want = decode_value(data, None, tokens_per_tile=2), _canonical(data, tokens_per_tile=2)
+    assert (got is None) == (want is None)
+    if got is not None:
+        assert got.embeddings.data == b"" and bytes(value_rows(data, got)) == want.embeddings.data
+        want.embeddings.ClearField("data")
+        assert got == want
 
 
 def _rewrite_shards(src, dst, rename, to_bin=False):

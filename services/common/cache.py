@@ -66,25 +66,69 @@ def value_rows(data: bytes, value: pb.CachedEmbeddings) -> memoryview:
 
 
 def decode_value(data: bytes, fingerprint: str | None, tokens_per_tile: int) -> pb.CachedEmbeddings | None:
-    """The cached value, or None if it is corrupt, from another model, or inconsistent with its header.
+    """The cached value's fields, its embeddings' dtype and shape but not their rows (`value_rows` views those in
+    `data`), or None if it is corrupt, from another model, or inconsistent with its header.
     (fingerprint None: any model's; a reader that names values by keys, which hold the fingerprint.)"""
-    try:
-        value = pb.CachedEmbeddings.FromString(data)
-    except DecodeError:
+    value = read_fields(data)
+    if value is None or fingerprint is not None and value.fingerprint != fingerprint:
         return None
     emb = value.embeddings
-    if fingerprint is not None and value.fingerprint != fingerprint:
-        return None
     if value.tiles <= 0 or len(emb.shape) != 2:
         return None
     if emb.shape[0] != value.tiles * tokens_per_tile or emb.dtype not in _ITEMSIZE:
         return None
-    # The rows' length from the value's, not from `emb.data` (a copy of 27 MB): the value must be exactly what
-    # encode_value writes for this header and that many bytes of rows.
+    # The value must be exactly what encode_value writes for this header and that many bytes of rows.
     rows = _rows_size(emb)
     if len(data) != len(_head(value.fingerprint, value.tiles, emb.dtype, emb.shape, rows)) + rows:
         return None
     return value
+
+
+def read_fields(data: bytes) -> pb.CachedEmbeddings | None:
+    """A value parsed without its rows (None if it is not a CachedEmbeddings whose rows end it, as encode_value
+    writes them): protobuf would copy them (27 MB for an 8B model's 13-tile image), and a holder of the parsed value
+    would keep that copy beside the bytes read."""
+    view = memoryview(data).cast("B")
+    outer = _last_field(view, 0, len(view), 3)  # CachedEmbeddings.embeddings
+    inner = outer and _last_field(view, outer[1], len(view), 3)  # its Tensor.data
+    if not inner:
+        return None
+    try:
+        value = pb.CachedEmbeddings.FromString(view[:outer[0]])
+        value.embeddings.MergeFromString(view[outer[1]:inner[0]])
+    except DecodeError:
+        return None
+    return value
+
+
+def _last_field(buf: memoryview, start: int, end: int, number: int) -> tuple[int, int] | None:
+    """(where its tag starts, where its bytes start) of length-delimited field `number` if it is the last field of
+    the message buf[start:end], its bytes running to the end; None otherwise. Only tags and lengths are read."""
+    pos = start
+    while pos < end:
+        at = pos
+        key, pos = _read_varint(buf, pos, end)
+        if key is None or key & 7 not in (0, 2):  # the value's fields are varints and length-delimited
+            return None
+        value, pos = _read_varint(buf, pos, end)  # a varint field's value, or the length of the bytes that follow
+        if value is None:
+            return None
+        if key & 7 == 2:
+            if key >> 3 == number and pos + value == end:
+                return at, pos
+            pos += value
+    return None
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int | None, int]:
+    value = shift = 0
+    while pos < end and shift < 64:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+    return None, pos
 
 
 def _head(fingerprint: str, tiles: int, dtype: str, shape: Sequence[int], rows: int) -> bytes:

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 
 from internvl.serving.v1 import serving_pb2 as pb
-from services.common.cache import EmbeddingCache, image_cache_key
+from services.common.cache import EmbeddingCache, image_cache_key, value_rows
 from services.gateway.admission import Admission, PixelBudget
 from services.gateway.auth import ApiKeys
 from services.gateway.errors import ApiError, bad_request
@@ -277,7 +277,7 @@ class ChatService:
                 raws = await self.cache.get_many(keys)
             for key, raw in zip(keys, raws):
                 value = raw and self.pools.cached(raw)
-                resolved.append(_Image(key, value.tiles, inline(value)) if value else _Image(key, 0, None))
+                resolved.append(_Image(key, value.tiles, inline(value, raw)) if value else _Image(key, 0, None))
         misses = [(img, item) for img, item in zip(resolved, items) if img.embeddings is None]
         IMAGE_CACHE.labels("hit").inc(len(resolved) - len(misses))
         IMAGE_CACHE.labels("miss").inc(len(misses))
@@ -359,8 +359,9 @@ class ChatService:
         if by_reference:
             return [pb.ImageEmbeddings(cache_key=img.key, rows=img.tiles * self.pools.tokens_per_tile) if size
                     else None for img, size in zip(images, await self.cache.sizes(keys))]
-        values = [raw and self.pools.cached(raw) for raw in await self.cache.get_many(keys)]
-        return [inline(v) if v and v.tiles == img.tiles else None for img, v in zip(images, values)]
+        raws = await self.cache.get_many(keys)
+        values = [raw and self.pools.cached(raw) for raw in raws]
+        return [inline(v, raw) if v and v.tiles == img.tiles else None for img, v, raw in zip(images, values, raws)]
 
     async def _wait_for_others(self, images: list[_Image], by_reference: bool) -> dict[str, pb.ImageEmbeddings]:
         """The embeddings other gateways store for `images`, polled while their claims last; an image whose claim
@@ -413,11 +414,13 @@ class ChatService:
                                                self.use_thumbnail, self.tile_size, self.preprocess.spare_threads())
 
 
-def inline(value: pb.CachedEmbeddings) -> pb.ImageEmbeddings:
-    """A cache value's rows, to send inline. CopyFrom, one copy: the constructor and MergeFrom (also behind
-    `append` and `images=[...]`) serialize and parse the submessage, ~10x a copy of 27 MB (protobuf's upb)."""
+def inline(value: pb.CachedEmbeddings, raw: memoryview) -> pb.ImageEmbeddings:
+    """A cache value's rows (`raw`: the value as read), to send inline; protobuf takes them as bytes only, copied
+    into the message. Its dtype and shape by CopyFrom: the constructor and MergeFrom (also behind `append` and
+    `images=[...]`) serialize and parse a submessage, ~10x a copy when it held rows (protobuf's upb)."""
     image = pb.ImageEmbeddings()
     image.embeddings.CopyFrom(value.embeddings)
+    image.embeddings.data = bytes(value_rows(raw, value))
     return image
 
 

@@ -8,10 +8,8 @@ import logging
 import time
 from collections import Counter
 
-from google.protobuf.message import DecodeError
-
 from internvl.serving.v1 import serving_pb2 as pb
-from services.common.cache import decode_value
+from services.common.cache import decode_value, read_fields
 from services.gateway.balancer import Balancer, Check
 
 log = logging.getLogger(__name__)
@@ -68,15 +66,11 @@ class Pools:
     def cached(self, raw: bytes) -> pb.CachedEmbeddings | None:
         """A cache value if it is usable. One from other vision weights means an endpoint's weights changed without
         its connection dropping (e.g. behind a proxy): the vision pool's facts are read again (at most every
-        `recheck_s`)."""
+        `recheck_s`). Its dtype and shape, not its rows (`cache.value_rows`)."""
         fingerprint = self.fingerprint
         value = decode_value(raw, fingerprint, self.tokens_per_tile)
         if value is None and time.monotonic() - self._rechecked >= self.recheck_s:
-            try:
-                foreign = pb.CachedEmbeddings.FromString(raw).fingerprint not in ("", fingerprint)
-            except DecodeError:
-                foreign = False
-            if foreign:
+            if (other := read_fields(raw)) is not None and other.fingerprint not in ("", fingerprint):
                 self._rechecked = time.monotonic()
                 self.vision.recheck()
         return value
