@@ -36,6 +36,21 @@ def test_multi_turn_rendering_and_image_expansion(builder):
     assert ids[start + 769] == tok.convert_tokens_to_ids("</img>")
 
 
+@pytest.mark.parametrize("file", ["chat_template.json", "processor_config.json"])
+def test_a_chat_template_saved_with_the_processor_is_found(tiny_checkpoint, builder, tmp_path, file):
+    """Native checkpoints saved by older transformers keep the template in chat_template.json (or the processor's
+    config), not beside the tokenizer: the same prompt as from chat_template.jinja."""
+    path = tmp_path / "older"
+    shutil.copytree(tiny_checkpoint, path)
+    template = (path / "chat_template.jinja").read_text()
+    (path / "chat_template.jinja").unlink()
+    config = json.loads((path / file).read_text()) if (path / file).exists() else {}
+    (path / file).write_text(json.dumps({**config, "chat_template": template}))
+    messages = [Message(role="user", content=[{"type": "image_url", "image_url": {"url": "x"}},
+                                              {"type": "text", "text": "What is it?"}])]
+    assert PromptBuilder(path, read_model_config(path)).render(messages)[0] == builder.render(messages)[0]
+
+
 def test_a_developer_message_is_the_system_prompt(builder, original_internvl2):
     for b in (builder, original_internvl2):  # a jinja template, and an original layout's conversation template
         as_system, as_developer = (b.render([Message(role=role, content="Be brief."),

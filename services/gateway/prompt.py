@@ -20,7 +20,9 @@ Media = ImagePart | VideoPart
 class PromptBuilder:
     def __init__(self, path: Path, cfg: ModelConfig):
         self.tokenizer = load_tokenizer(path)
-        self.template = templates.conversation_template(cfg.template, cfg.template_era) if cfg.template else None
+        if not self.tokenizer.chat_template:
+            self.tokenizer.chat_template = processor_chat_template(path)
+        self.template =  templates.conversation_template(cfg.template, cfg.template_era) if cfg.template else None
         if self.template is None and not self.tokenizer.chat_template:
             raise ValueError(f"{path}: neither a `template` in config.json nor a chat template in the tokenizer")
         self.tokens_per_tile = cfg.tokens_per_tile
@@ -68,6 +70,17 @@ class PromptBuilder:
             else:
                 expanded.append(token)
         return expanded
+
+
+def processor_chat_template(path: Path) -> str | None:
+    """A chat template saved with the processor rather than the tokenizer, where transformers' processors also find
+    one: chat_template.json (as transformers wrote it before chat_template.jinja) or processor_config.json."""
+    for name in ("chat_template.json", "processor_config.json"):
+        if (path / name).exists():
+            template = json.loads((path / name).read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+    return None
 
 
 def _message_text(m: Message, default_num_segments: int) -> tuple[str, list[Media]]:
