@@ -415,9 +415,9 @@ class ChatService:
 
 
 def inline(value: pb.CachedEmbeddings, raw: memoryview) -> pb.ImageEmbeddings:
-    """A cache value's rows (`raw`: the value as read), to send inline; protobuf takes them as bytes only, copied
-    into the message. Its dtype and shape by CopyFrom: the constructor and MergeFrom (also behind `append` and
-    `images=[...]`) serialize and parse a submessage, ~10x a copy when it held rows (protobuf's upb)."""
+    """A cache value's rows (`raw`: the value as read), to send inline: protobuf takes bytes only, so they are copied
+    into the message. A message holding rows moves by CopyFrom, one copy: the constructor and MergeFrom (also behind
+    `append` and `images=[...]`) serialize and parse a submessage, ~10x a copy of 27 MB (protobuf's upb)."""
     image = pb.ImageEmbeddings()
     image.embeddings.CopyFrom(value.embeddings)
     image.embeddings.data = bytes(value_rows(raw, value))
