@@ -148,6 +148,38 @@ def test_deltas_add_up_to_the_full_decode(decoders, kind, data):
     check_stream(decoder, data.draw(st.lists(token, max_size=40)))
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+@pytest.mark.parametrize("kind", ["sentencepiece", "metaspace-first", "byte-level"])
+def test_token_bytes_join_to_the_text(decoders, kind, data):
+    """OpenAI's log-probability `bytes`: joined, the tokens' bytes are the text's UTF-8, where a character is split
+    over byte-level pieces or byte-fallback pieces, and with sentencepiece's spaces (the first token's dropped)."""
+    decoder = decoders[kind]
+    text = data.draw(st.text(st.characters(codec="utf-8"), max_size=30) | st.sampled_from(["  a", " 你好 😀", "\ud55c"]))
+    ids = decoder.tokenizer.encode(text, add_special_tokens=False).ids
+    for token in data.draw(st.lists(st.sampled_from(sorted(decoder.special)), max_size=2)):  # skipped anywhere
+        ids.insert(data.draw(st.integers(0, len(ids))), token)
+    ids = data.draw(st.sampled_from([[], grounding_ids(decoder)[:1]])) + ids  # markup kept, first or not
+    assert joined_bytes(decoder, ids) == decoder.decode(ids).encode()
+    # any ids: byte-level decodes invalid bytes as Python does; a byte-fallback run gives one U+FFFD per byte
+    ids = data.draw(st.lists(st.integers(0, decoder.tokenizer.get_vocab_size() - 1), max_size=20))
+    raw = joined_bytes(decoder, ids)
+    if decoder.byte_level or is_utf8(raw):
+        assert raw.decode(errors="replace") == decoder.decode(ids)
+
+
+def joined_bytes(decoder: TextDecoder, ids: list[int]) -> bytes:
+    text = [i for i in ids if i not in decoder.special]
+    return b"".join(decoder.token_bytes(t, first=k == 0) for k, t in enumerate(text))
+
+
+def is_utf8(raw: bytes) -> bool:
+    try:
+        return raw.decode() is not None
+    except UnicodeDecodeError:
+        return False
+
+
 def grounding_ids(decoder: TextDecoder) -> list[int]:
     return sorted(decoder.tokenizer.token_to_id(t) for t in GROUNDING_TOKENS)
 
@@ -201,9 +233,13 @@ def test_services_return_exactly_the_decoded_text(byte_fallback_stack):
     for seed in range(6):
         kwargs = dict(model="ckpt", max_tokens=40, temperature=1.0, seed=seed,
                       messages=[{"role": "user", "content": f"Say something {seed}"}])
-        r = client.chat.completions.create(extra_body={"return_token_ids": True}, **kwargs)
+        r = client.chat.completions.create(extra_body={"return_token_ids": True}, logprobs=True, **kwargs)
         ids = r.choices[0].token_ids
         assert r.choices[0].message.content == decoder.decode(ids)
+        entries = r.choices[0].logprobs.content  # a control token's bytes spell it, though the text skips it
+        assert len(entries) == len(ids)
+        raw = b"".join(bytes(e.bytes) for e, t in zip(entries, ids) if t not in decoder.special)
+        assert raw == joined_bytes(decoder, ids) and (not is_utf8(raw) or raw.decode() == r.choices[0].message.content)
         stream = client.chat.completions.create(stream=True, **kwargs)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == decoder.decode(ids)
         checked += any(i in decoder.byte_pieces for i in ids)

@@ -1,7 +1,8 @@
 """Text deltas for a stream of generated tokens, adding up exactly to the decode of all of them; stop strings."""
 import re
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # InternVL's grounding markup: added as special tokens, yet part of the answer (the cards' slow tokenizer keeps them,
@@ -22,7 +23,11 @@ class TextDecoder:
         # text of a run is known only once the run has ended (even bytes forming a valid character may be undone).
         self.byte_pieces = frozenset(i for t, i in tokenizer.get_vocab(with_added_tokens=False).items()
                                      if _BYTE_PIECE.fullmatch(t))
-
+        # A byte-level vocabulary spells each byte as one character, so a piece that holds part of a character still
+        # gives its bytes back (decoding it gives U+FFFD).
+        self.byte_level = {c: b for b, c in bytes_to_unicode().items()} \
+            if isinstance(tokenizer.decoder, decoders.ByteLevel) else None
+        self.added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
         self._bytes: dict[int, bytes] = {}
 
     def stream(self) -> "Detokenizer":
@@ -32,14 +37,27 @@ class TextDecoder:
         """The answer's text: control tokens skipped, grounding tokens kept."""
         return self.tokenizer.decode([i for i in ids if i not in self.special], skip_special_tokens=False)
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """One token's own text as UTF-8 (a byte-fallback piece: its byte; part of a character: U+FFFD), as the
-        log-probabilities show it."""
+    def token_bytes(self, token_id: int, first: bool = False) -> bytes:
+        """A token's bytes in the answer (OpenAI's log-probability `bytes`): joined, a text's tokens give its UTF-8,
+        also where a character is split over tokens. `first`: the answer's first text token, whose leading space the
+        sentencepiece decoders drop. A control token is spelled as it is, though the text skips it."""
         if token_id not in self._bytes:
-            piece = self.tokenizer.id_to_token(token_id)
-            self._bytes[token_id] = bytes([int(piece[3:5], 16)]) if token_id in self.byte_pieces else \
-                self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
-        return self._bytes[token_id]
+            self._bytes[token_id] = self._piece_bytes(token_id)
+        raw = self._bytes[token_id]
+        return raw[1:] if first and raw.startswith(b" ") and not self.decode([token_id]).startswith(" ") else raw
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if token_id in self.added:
+            return self.added[token_id].encode()
+        if token_id in self.byte_pieces:
+            return bytes([int(piece[3:5], 16)])
+        if self.byte_level is not None:
+            return bytes(self.byte_level[c] for c in piece)
+        if self.tokenizer.decoder is None:  # pieces are joined with spaces: no bytes of its own to give
+            return self.tokenizer.decode([token_id]).encode()
+        # Any other decoder ("▁" for a space, "##" to join, ...): the piece as it reads after another piece.
+        return self.tokenizer.decoder.decode(["a", piece])[1:].encode()
 
 
 class Detokenizer:

@@ -151,7 +151,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         # A final-only call wakes once, at the end, unless stop strings must be looked for as the text grows.
         stream = self.streams[seq.id] = _Stream(request.final_only and not request.sampling.stop, arrival)
         queue, detok, stops = stream.queue, self.text.stream(), StopStrings(list(request.sampling.stop))
-        model, delivered, last = self.info.model, 0, stream.start
+        model, delivered, last, texted = self.info.model, 0, stream.start, False  # texted: a text token was sent
         answer = pb.GenerateResponse(embeddings_s=read_s)  # a final-only call's one message, gathered
         RUNNING.inc()
         reason = None
@@ -182,8 +182,10 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                     if reason and items[-1][1] is None:  # a stop string: free the sequence now, what follows is dropped
                         self.engine.abort(seq.id)
                 tokens = tokens[:sent]
-                logprobs = [self._logprobs(t, seq.logprobs[delivered + i]) for i, t in enumerate(tokens)] \
-                    if seq.params.logprobs is not None else []
+                logprobs = []
+                for i, t in enumerate(tokens if seq.params.logprobs is not None else []):
+                    logprobs.append(self._logprobs(t, seq.logprobs[delivered + i], first=not texted))
+                    texted = texted or t not in self.text.special
                 delivered += sent
                 answer.token_ids.extend(tokens)
                 answer.text += text
@@ -223,9 +225,9 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             return text + piece + ("" if stopped else stops.finish()), len(tokens), "stop" if stopped else reason
         return text, len(tokens), None
 
-    def _logprobs(self, token: int, entry: Logprobs) -> pb.TokenLogprobs:
+    def _logprobs(self, token: int, entry: Logprobs, first: bool) -> pb.TokenLogprobs:
         logprob, top = entry
-        spell = lambda i, lp: pb.Logprob(token_id=i, logprob=lp, token=self.text.token_bytes(i))  # noqa: E731
+        spell = lambda i, lp: pb.Logprob(token_id=i, logprob=lp, token=self.text.token_bytes(i, first))  # noqa: E731
         return pb.TokenLogprobs(chosen=spell(token, logprob), top=[spell(i, lp) for i, lp in top])
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
