@@ -103,6 +103,7 @@ def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
     ({"token_ids": [1], "sampling": pb.SamplingParams(temperature=float("inf"))}, "finite"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(stop=["a", ""])}, "stop strings must not be empty"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(logprobs=21)}, "logprobs must be in [0, 20]"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(stop_token_ids=[2, 10 ** 6])}, "stop_token_ids must be in [0,"),
 ])
 def test_invalid_generate_requests(decoder, request_fields, message):
     with pytest.raises(grpc.RpcError) as e:

@@ -263,6 +263,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             raise ValueError("token_ids is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= i < self.vocab_size for i in request.sampling.stop_token_ids):  # one that can never end it
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.max_model_len}-token context")
         s = request.sampling
