@@ -76,6 +76,13 @@ CASES = [
                                    {"type": "text", "text": "Two pictures."}]}],
      [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Two pictures."}]}],
      [reference_pixel_values(IMAGES[0], max_num=1), IMAGES[1]]),
+    # OpenAI's detail: low is the whole image as one tile, high the server's most (--max-num, 12 by default).
+    ("detail",
+     [{"role": "user", "content": [image_part(IMAGES[0], detail="high"), image_part(IMAGES[1], detail="low"),
+                                   image_part(IMAGES[2], detail="auto"), {"type": "text", "text": "Three."}]}],
+     [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "image"},
+                                   {"type": "text", "text": "Three."}]}],
+     [reference_pixel_values(IMAGES[0], max_num=12), reference_pixel_values(IMAGES[1], max_num=1), IMAGES[2]]),
     # The cards' grounding prompts: <ref>/<box>/<quad> in questions and in an answer of the history are the
     # tokenizer's added tokens, tokenized as the reference tokenizes them.
     ("grounding",
@@ -123,7 +130,8 @@ def to_grpc(messages: list[dict]) -> list[pb.ChatMessage]:
                                                                              end_s=v["bound"][1]))))
             else:  # send the raw bytes: the gRPC API takes images without base64
                 parts.append(pb.ContentPart(image_bytes=_png_of(p["image_url"]["url"]),
-                                            max_dynamic_patch=p["image_url"].get("max_dynamic_patch")))
+                                            max_dynamic_patch=p["image_url"].get("max_dynamic_patch"),
+                                            detail=p["image_url"].get("detail")))
         out.append(pb.ChatMessage(role=m["role"], content=parts))
     return out
 
@@ -205,6 +213,9 @@ async def test_the_effective_tile_cap_is_in_the_cache_key(client, stack):
     first = ask(2)
     assert ask(5, max_dynamic_patch=2) == first       # the same effective cap: served from Redis
     assert ask(2, max_dynamic_patch=3) == first + 1   # the image's own cap wins over the request's
+    assert ask(2, detail="high", max_dynamic_patch=3) == first + 1   # and over its detail
+    assert ask(1) == first + 2
+    assert ask(5, detail="low") == first + 2          # one tile, as max_num=1
 
 
 def test_video_frames_are_cached_by_content(client, stack):
@@ -310,6 +321,8 @@ BAD_REQUESTS = [
         {"role": "user", "content": "Image-1: <image>\nImage-2: <image>\nCompare."}]}, 400),
     ("max_dynamic_patch over limit", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(IMAGES[0]), "max_dynamic_patch": 99}}]}]}, 400),
+    ("unknown detail", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(IMAGES[0]), "detail": "ultra"}}]}]}, 400),
     ("penalty out of range", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "presence_penalty": 3}, 400),
     ("bad top_k", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400),
@@ -416,6 +429,11 @@ def test_grpc_errors_have_proper_status(gateway):
             gateway.Chat(pb.ChatRequest(model=MODEL, messages=[pb.ChatMessage(
                 role="user", content=[pb.ContentPart(video=video)])]))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, video
+    for part in (pb.ContentPart(image_bytes=png_bytes(IMAGES[0]), detail="ultra"),
+                 pb.ContentPart(text="hi", detail="low"), pb.ContentPart(text="hi", max_dynamic_patch=2)):
+        with pytest.raises(grpc.RpcError) as e:
+            gateway.Chat(pb.ChatRequest(model=MODEL, messages=[pb.ChatMessage(role="user", content=[part])]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, part
     assert gateway.ListModels(pb.InfoRequest()).models == [MODEL]
 
 

@@ -21,7 +21,7 @@ from services.gateway.metrics import IMAGE_CACHE, SINGLE_FLIGHT, Phases
 from services.gateway.pools import Pools
 from services.gateway.preprocess import Preprocessor, image_tiles
 from services.gateway.prompt import Media, PromptBuilder
-from services.gateway.schema import ChatCompletionRequest, ImagePart, VideoPart, VideoURL
+from services.gateway.schema import ChatCompletionRequest, ImagePart, ImageURL, VideoPart, VideoURL
 from services.gateway.tiling import tile_count
 from services.gateway.video import DEFAULT_NUM_SEGMENTS, probe_video, tile_hash, video_tiles
 
@@ -137,9 +137,7 @@ class ChatService:
         with phases("prompt"):
             prompt, media = await asyncio.to_thread(  # validates the text before image work
                 self.prompt.render, req.messages, self.limits.default_num_segments)
-        # Each image's own cap (LMDeploy's max_dynamic_patch) before the request's.
-        tiles_cap = [self._max_num(p.image_url.max_dynamic_patch, "max_dynamic_patch")
-                     if isinstance(p, ImagePart) and p.image_url.max_dynamic_patch else max_num for p in media]
+        tiles_cap = [self._image_cap(p.image_url, max_num) if isinstance(p, ImagePart) else max_num for p in media]
         resolved = await self._resolve_media(media, tiles_cap, by_reference, phases)
         with phases("prompt"):
             token_ids = await asyncio.to_thread(self.prompt.expand, prompt, [img.tiles for img in resolved])
@@ -212,6 +210,14 @@ class ChatService:
                 yield response
         finally:
             await stream.aclose()  # the client went away (or we are done): the decoder frees the sequence
+
+    def _image_cap(self, image: ImageURL, max_num: int) -> int:
+        """An image's most tiles: its own `max_dynamic_patch` (LMDeploy's), else its OpenAI `detail` (`low`: the whole
+        image as one tile, OpenAI's fixed low-resolution view; `high`: as many as the server allows), else the
+        request's."""
+        if image.max_dynamic_patch:
+            return self._max_num(image.max_dynamic_patch, "max_dynamic_patch")
+        return {"low": 1, "high": self.limits.max_num}.get(image.detail, max_num)
 
     def _max_num(self, max_num: int, param: str) -> int:
         if max_num > self.limits.max_num:

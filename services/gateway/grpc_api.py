@@ -96,13 +96,15 @@ def to_chat_request(request: pb.ChatRequest, stream: bool) -> ChatCompletionRequ
 
 def _part(part: pb.ContentPart) -> TextPart | ImagePart | VideoPart:
     kind = part.WhichOneof("part")
-    if part.HasField("max_dynamic_patch") and kind not in ("image_url", "image_bytes"):
-        raise ApiError(400, "max_dynamic_patch is set on a content part that is not an image")
+    for option in ("max_dynamic_patch", "detail"):
+        if part.HasField(option) and kind not in ("image_url", "image_bytes"):
+            raise ApiError(400, f"{option} is set on a content part that is not an image")
     if kind == "text":
         return TextPart(type="text", text=part.text)
     if kind in ("image_url", "image_bytes"):
-        max_tiles = part.max_dynamic_patch if part.HasField("max_dynamic_patch") else None
-        url = ImageURL(url=part.image_url if kind == "image_url" else "bytes:", max_dynamic_patch=max_tiles)
+        url = ImageURL(url=part.image_url if kind == "image_url" else "bytes:",
+                       max_dynamic_patch=part.max_dynamic_patch if part.HasField("max_dynamic_patch") else None,
+                       detail=part.detail if part.HasField("detail") else None)
         if kind == "image_bytes":
             url._data = part.image_bytes
         return ImagePart(type="image_url", image_url=url)

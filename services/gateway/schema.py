@@ -12,7 +12,9 @@ class _Strict(BaseModel):
 
 class ImageURL(_Strict):
     url: str = Field(min_length=1, description="http(s) URL or data: URL of an image")
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Literal["auto", "low", "high"] | None = Field(
+        default=None, description="low: the whole image as one tile; high: as many tiles as the server allows; "
+                                  "auto: the request's max_num")
     max_dynamic_patch: int | None = Field(default=None, ge=1, description="most tiles for this image (as LMDeploy); "
                                           "overrides the request's max_num")
     _data: bytes | None = PrivateAttr(default=None)  # raw bytes sent over gRPC, used instead of the URL
