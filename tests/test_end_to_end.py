@@ -406,6 +406,22 @@ def test_an_escaped_surrogate_pair_is_text(stack):
     assert r.status_code == 200, r.text
 
 
+def test_an_answer_goes_back_as_history(client):
+    """A chat loop appends the official client's answer message to the history, as the object or as its
+    `model_dump()` (null refusal, tool_calls, audio, ...): both are the same assistant turn as its text alone."""
+    question = [{"role": "user", "content": "Name a colour."}]
+    answer = client.chat.completions.create(model=MODEL, messages=question, max_tokens=6, temperature=0
+                                            ).choices[0].message
+    follow = lambda turn: client.chat.completions.create(  # noqa: E731
+        model=MODEL, max_tokens=6, temperature=0, extra_body={"return_token_ids": True},
+        messages=[*question, turn, {"role": "user", "content": "Another?"}]).choices[0]
+    as_text = follow({"role": "assistant", "content": answer.content})
+    assert follow(answer).token_ids == follow(answer.model_dump()).token_ids == as_text.token_ids
+    with pytest.raises(openai.BadRequestError, match="tool_calls"):
+        follow({**answer.model_dump(), "tool_calls": [{"id": "1", "type": "function",
+                                                       "function": {"name": "f", "arguments": "{}"}}]})
+
+
 def test_openai_client_sees_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])

@@ -52,6 +52,10 @@ class VideoPart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+# The official client's answer message's fields beside role and content.
+ANSWER_FIELDS = {"refusal", "tool_calls", "function_call", "audio", "annotations"}
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="`developer` (OpenAI's newer name for the instructions) is a system message")
@@ -65,6 +69,18 @@ class Message(_Strict):
         """OpenAI treats developer messages as system messages for models without the distinction (all of InternVL's
         templates): rendered as the system prompt, never as a role the template does not know."""
         return "system" if role == "developer" else role
+
+    @model_validator(mode="before")
+    @classmethod
+    def empty_answer_fields(cls, fields):
+        """An answer sent back as history (the official client's `message.model_dump()`) holds its other fields, null:
+        accepted then; a value asks for what this server does not do (tool calls, audio) and is refused."""
+        if isinstance(fields, dict):
+            for name in ANSWER_FIELDS & fields.keys():
+                if fields[name] not in (None, []):
+                    raise ValueError(f"`{name}` in a message is not supported by this server")
+            fields = {k: v for k, v in fields.items() if k not in ANSWER_FIELDS}
+        return fields
 
     def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         return [TextPart(type="text", text=self.content)] if isinstance(self.content, str) else self.content
