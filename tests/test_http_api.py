@@ -11,7 +11,7 @@ from services.gateway.admission import Admission
 from services.gateway.auth import ApiKeys
 from services.gateway.errors import invalid_request
 from services.gateway.http_api import create_app
-from services.gateway.schema import ChatCompletionRequest
+from services.gateway.schema import UNSUPPORTED, ChatCompletionRequest
 
 
 async def test_an_unexpected_error_is_a_500_in_the_openai_error_body():
@@ -71,6 +71,14 @@ def _content(content) -> dict:
 ])
 def test_invalid_requests_are_explained_by_the_field_the_client_sent(body, message):
     assert _error(body) == message
+
+
+def test_null_parameters_are_their_defaults():
+    """OpenAI's parameters are nullable and some clients send every one: null is the default, as if absent."""
+    nulls = {name: None for name in [*ChatCompletionRequest.model_fields, *UNSUPPORTED] if name != "messages"}
+    plain = ChatCompletionRequest.model_validate(_content("hi") | {"model": "m"})
+    assert ChatCompletionRequest.model_validate(_content("hi") | nulls | {"model": "m"}) == plain
+    assert _error(_content("hi") | {"model": None}) == "model: Field required"
 
 
 async def test_a_body_in_many_chunks_reaches_the_app_whole():

@@ -95,7 +95,8 @@ class StreamOptions(_Strict):
 UNSUPPORTED = {"logit_bias": (None, {}),
                "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
                "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-               "modalities": (None, ["text"])}
+               "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
+               "web_search_options": (None,), "verbosity": (None,)}
 # What OpenAI clients send that cannot change the answer: accepted and ignored. Any other unknown field is refused.
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
 
@@ -161,6 +162,14 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_num: int | None = Field(default=None, ge=1, description="most tiles per image (the model cards' max_num)")
     return_token_ids: bool = Field(default=False, description="add the generated token ids to each choice (as vLLM)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_default(cls, data):
+        """OpenAI's parameters are nullable, null meaning the default: clients that send every parameter send nulls."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
     @model_validator(mode="before")
     @classmethod
