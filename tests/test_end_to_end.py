@@ -331,19 +331,29 @@ BAD_REQUESTS = [
 ]
 
 
-def test_the_decoder_reuses_cached_prefixes(client, stack):
+def test_the_decoder_reuses_cached_prefixes(client, stack, gateway):
     """A second turn about the same image (and the same long system prompt) takes cached KV blocks: the decoder's
-    prefix-cache counter grows by at least the image's 256 rows, and the answer is unchanged."""
-    image = data_url(noise_image(300, 200, seed=77))
+    prefix-cache counter grows by at least the image's 256 rows, the answer is unchanged, and its usage says how many
+    prompt tokens were cached (OpenAI's prompt_tokens_details.cached_tokens), streamed or not, REST and gRPC."""
+    image = noise_image(300, 200, seed=77)
     messages = [{"role": "system", "content": "You describe pictures for a catalogue, briefly and exactly. " * 3},
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                             {"type": "text", "text": "What is it?"}]}]
+                {"role": "user", "content": [image_part(image), {"type": "text", "text": "What is it?"}]}]
     ask = lambda: client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,  # noqa
-                                                 extra_body={"max_num": 1}).choices[0].message.content
+                                                 extra_body={"max_num": 1})
     first = ask()
     before = metric(stack.decoder_metrics_url, "decoder_prefix_cache_hit_tokens_total")
-    assert ask() == first
-    assert metric(stack.decoder_metrics_url, "decoder_prefix_cache_hit_tokens_total") - before >= 256
+    second = ask()
+    hits = metric(stack.decoder_metrics_url, "decoder_prefix_cache_hit_tokens_total") - before
+    assert second.choices[0].message.content == first.choices[0].message.content and hits >= 256
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < cached == hits < second.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"max_num": 1}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    answer = gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(messages), max_tokens=8, temperature=0,
+                                         max_num=1))
+    assert answer.usage.cached_prompt_tokens == cached
 
 
 def test_sampling_options_reach_the_decoder(client):

@@ -68,6 +68,8 @@ def test_mixed_batch_with_chunked_prefill_inside_images_equals_transformers(lm, 
         run(eng, seqs[:2], arrivals={3: seqs[2:4], 6: seqs[4:]})
         assert [s.output_ids for s in seqs] == want, (num_blocks, max_batched)
         assert all(s.finish_reason == "length" for s in seqs)
+        assert all(s.cached_tokens == 0 for s in seqs)  # no prompt shares a prefix: a preempted sequence taking back
+                                                        # its own blocks reused nothing (its usage's cached tokens)
         assert len(eng.blocks.free) == num_blocks  # every block came back
     assert set(preempted) == {40}  # only the small pool preempted
 

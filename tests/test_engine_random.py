@@ -115,6 +115,7 @@ def test_each_request_gets_what_it_gets_alone(lm, images, trial, monkeypatch):
         if seq.finish_reason != "abort":
             want = alone(lm, images, request)
             assert (seq.output_ids, seq.finish_reason) == (want.output_ids, want.finish_reason), (trial, seq.id)
+            assert seq.cached_tokens < seq.num_prompt  # its usage's cached prompt tokens (the last is always computed)
             for (got, top), (expected, expected_top) in zip(seq.logprobs, want.logprobs, strict=True):
                 assert [t for t, _ in top] == [t for t, _ in expected_top]  # float sums differ with the batch
                 assert got == pytest.approx(expected, abs=1e-4) and \

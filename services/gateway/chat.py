@@ -436,10 +436,11 @@ def choice_seed(seed: int, index: int) -> int:
 
 
 def total_usage(usages: list[pb.Usage | None]) -> pb.Usage | None:
-    """A request's usage over its choices: the prompt counted once (as OpenAI), the completions summed."""
+    """A request's usage over its choices: the prompt counted once (as OpenAI), the completions summed; cached, the
+    prompt tokens every choice found cached (a choice reusing the blocks another choice computed saved no work)."""
     done = [u for u in usages if u is not None]
-    return pb.Usage(prompt_tokens=done[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in done)) \
-        if done else None
+    return pb.Usage(prompt_tokens=done[0].prompt_tokens, completion_tokens=sum(u.completion_tokens for u in done),
+                    cached_prompt_tokens=min(u.cached_prompt_tokens for u in done)) if done else None
 
 
 def upstream_error(pool: str, e: grpc.aio.AioRpcError) -> ApiError:

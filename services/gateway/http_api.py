@@ -195,8 +195,9 @@ def _usage_fields(u: pb.Usage | None) -> dict:
 
 
 def _usage(u: pb.Usage | None) -> dict:
-    p, c = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    p, c, cached = (u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens) if u else (0, 0, 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _sse(first, rest, completion_id: str, created: int, req: ChatCompletionRequest, state: dict):

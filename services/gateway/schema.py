@@ -252,10 +252,16 @@ class Choice(BaseModel):
     token_ids: list[int] | None = Field(default=None, description="with return_token_ids")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens the decoder's prefix cache held (a chat's earlier turns, a "
+                               "shared system prompt or image): not computed again")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ChatCompletion(BaseModel):

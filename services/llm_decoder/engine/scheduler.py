@@ -56,7 +56,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.cached_tokens += hit
-            seq.cached_tokens += hit
+            if seq.cached_tokens is None:  # a preempted sequence taking back its own blocks is not a reuse
+                seq.cached_tokens = hit
             self.blocks.grow(seq, seq.num_cached + n)
             seq.status = Status.RUNNING
             self.running.append(seq)

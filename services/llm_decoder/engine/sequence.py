@@ -48,7 +48,7 @@ class Sequence:
     num_cached: int = 0                         # tokens whose K/V are in the cache
     row: int = -1                               # its row of the runner's device block table while it has blocks
     synced_blocks: int = 0                      # entries of block_table already copied to that row
-    cached_tokens: int = 0                      # tokens it took from the prefix cache (over its admissions)
+    cached_tokens: int | None = None            # prompt tokens it took from the prefix cache when first admitted
     status: Status = Status.WAITING
     finish_reason: str | None = None
     # With params.logprobs: per output token, (its log-probability, [(id, log-probability) of the top alternatives]).
