@@ -104,6 +104,9 @@ def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
     ({"token_ids": [1], "sampling": pb.SamplingParams(stop=["a", ""])}, "stop strings must not be empty"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(logprobs=21)}, "logprobs must be in [0, 20]"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(stop_token_ids=[2, 10 ** 6])}, "stop_token_ids must be in [0,"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(logit_bias={2: 1.0, 10 ** 6: 1.0})}, "logit_bias token ids"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(logit_bias={2: 100.5})}, "values must be in [-100, 100]"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(logit_bias={2: float("nan")})}, "values must be in [-100, 100]"),
 ])
 def test_invalid_generate_requests(decoder, request_fields, message):
     with pytest.raises(grpc.RpcError) as e:

@@ -298,7 +298,7 @@ BAD_REQUESTS = [
      400),
     ("max_num over limit", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_num": 99}, 400),
     ("unsupported option", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                            "logit_bias": {"5": 10}}, 400),
+                            "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("unknown field", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400),
     ("unknown message field", {"model": MODEL, "messages": [
         {"role": "assistant", "content": "hi", "tool_calls": [{"id": "1", "type": "function"}]}]}, 400),

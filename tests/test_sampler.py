@@ -187,7 +187,7 @@ def test_logprobs_are_the_raw_distribution_for_the_rows_that_ask(monkeypatch):
     logits = rand_logits(4, 300)
     params = [SamplingParams(8, logprobs=5),
               SamplingParams(8, temperature=0.5, seed=1, frequency_penalty=1.0, logprobs=0),
-              SamplingParams(8), hot(2, top_k=3, logprobs=20)]
+              SamplingParams(8), hot(2, top_k=3, logprobs=20, logit_bias=((5, 50.0),))]
     batch = SamplingBatch.build(params, [0, 1, 2, 3], [([], [7, 7])] * 4, 300, "cpu")
     reads, tolist = [], torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
@@ -203,3 +203,23 @@ def test_logprobs_are_the_raw_distribution_for_the_rows_that_ask(monkeypatch):
         assert [t for t, _ in top] == want.indices.tolist() and [v for _, v in top] == want.values.tolist()
         assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
     assert logprobs[0][0] == logprobs[0][1][0][1]  # greedy: the chosen token is the most likely one
+    assert ids[3] == 5  # the bias chose it; its log-probability above is the model's own
+
+
+def test_logit_bias_is_added_to_the_logits_the_choice_is_made_from():
+    """Greedy rows take the argmax of the biased logits (+100 forces a token, -100 bans one); a sampled row draws
+    exactly what it draws from logits biased by hand, with the same seed; rows without a bias are untouched."""
+    logits = rand_logits(4, 50)
+    top = logits.argmax(-1).tolist()
+    params = [SamplingParams(8, logit_bias=((7, 100.0),)), SamplingParams(8, logit_bias=((top[1], -100.0),)),
+              None, SamplingParams(8)]
+    by_hand = logits.clone()
+    by_hand[0, 7] += 100
+    by_hand[1, top[1]] -= 100
+    by_hand[2, 11] += 3
+    for seed in range(100):
+        params[2] = hot(seed, logit_bias=((11, 3.0),))
+        out = draw(logits, params, steps=[seed] * 4)
+        assert out[:2] == [7, by_hand[1].argmax().item()] and out[3] == top[3]
+        assert out[2] == draw(by_hand[2:3], [hot(seed)], steps=[seed])[0]
+    assert [draw(logits[2:3], [hot(s, logit_bias=((11, 100.0),))])[0] for s in range(3)] == [11] * 3

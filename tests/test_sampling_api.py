@@ -153,9 +153,29 @@ def test_grounding_tokens_the_model_emits_are_in_the_text(client, gateway, refer
     assert [c.text for c in whole.choices] == [c.message.content for c in r.choices]
 
 
+def test_logit_bias_forces_and_bans_tokens(client, gateway, free_run, reference):
+    """+100 makes a token every greedy choice; -100 bans the greedy answer's first token, so the answer changes there;
+    REST (the official client's string keys) and gRPC (a map) alike; log-probabilities stay the model's own."""
+    ids, _ = free_run
+    forced = complete(client, max_tokens=4, temperature=0, logit_bias={str(ids[5]): 100}, logprobs=True)
+    assert forced.choices[0].token_ids == [ids[5]] * 4
+    prompt = reference.tokenizer(reference.tokenizer.apply_chat_template(ASK, tokenize=False,
+                                                                         add_generation_prompt=True)).input_ids
+    with torch.no_grad():
+        raw = reference.model(input_ids=torch.tensor([prompt])).logits[0, -1].float().log_softmax(-1)[ids[5]].item()
+    assert forced.choices[0].logprobs.content[0].logprob == pytest.approx(raw, abs=1e-4)
+    banned = complete(client, max_tokens=4, temperature=0, logit_bias={str(ids[0]): -100}).choices[0].token_ids
+    assert banned[0] != ids[0]
+    answer = gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=4, temperature=0,
+                                         ignore_eos=True, logit_bias={ids[5]: 100.0}), timeout=30)
+    assert list(answer.token_ids) == [ids[5]] * 4
+
+
 BAD = [
     ({"foo": 1}, "`foo` is not supported"),
-    ({"logit_bias": {"1": 5}}, "`logit_bias` is not supported"),
+    ({"logit_bias": {"x": 5}}, "logit_bias.x: Input should be a valid integer"),
+    ({"logit_bias": {"1": 101}}, "logit_bias.1: Input should be less than or equal to 100"),
+    ({"logit_bias": {str(10 ** 8): 1}}, "logit_bias token ids must be in [0, "),
     ({"stop": 5}, "stop: must be"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop: must be"),
     ({"stop": ""}, "stop: must be"),
@@ -191,7 +211,8 @@ def test_harmless_metadata_is_accepted(client, stack):
 
 
 def test_grpc_refuses_bad_sampling_fields(gateway):
-    for fields in ({"stop": [""]}, {"top_logprobs": 3}, {"n": 9}):
+    for fields in ({"stop": [""]}, {"top_logprobs": 3}, {"n": 9}, {"logit_bias": {1: -101.0}},
+                   {"logit_bias": {10 ** 8: 1.0}}):
         with pytest.raises(grpc.RpcError) as e:
             gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=2, **fields), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields

@@ -154,7 +154,8 @@ class ChatService:
                                      min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
                                      presence_penalty=req.presence_penalty or 0.0,
                                      frequency_penalty=req.frequency_penalty or 0.0, stop=req.stop,
-                                     logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                                     logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                     logit_bias=req.logit_bias)
         # The cache keys name each image's embeddings: the decoder reuses KV blocks of prompts with the same images.
         request = pb.GenerateRequest(request_id=request_id, token_ids=token_ids, sampling=sampling,
                                      image_keys=[img.key for img in resolved], final_only=not req.stream)

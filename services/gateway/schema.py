@@ -92,8 +92,7 @@ class StreamOptions(_Strict):
 
 # Options this server does not implement, with the values that mean "off". A request asking for more is refused
 # rather than answered as if the option had been applied.
-UNSUPPORTED = {"logit_bias": (None, {}),
-               "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
                "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
                "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,),
                "web_search_options": (None,), "verbosity": (None,)}
@@ -162,6 +161,9 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_num: int | None = Field(default=None, ge=1, description="most tiles per image (the model cards' max_num)")
     return_token_ids: bool = Field(default=False, description="add the generated token ids to each choice (as vLLM)")
+    logit_bias: dict[Annotated[int, Field(ge=0, lt=2 ** 31)], Annotated[float, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict, description="token id -> value added to its logit before sampling (the "
+        "log-probabilities stay the model's own)")
 
     @model_validator(mode="before")
     @classmethod

@@ -266,6 +266,10 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
         if any(not 0 <= i < self.vocab_size for i in request.sampling.stop_token_ids):  # one that can never end it
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= i < self.vocab_size for i in request.sampling.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        if not all(-100 <= v <= 100 for v in request.sampling.logit_bias.values()):  # NaN too
+            raise ValueError("logit_bias values must be in [-100, 100]")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.max_model_len}-token context")
         s = request.sampling
@@ -293,7 +297,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                                 seed=s.seed if s.HasField("seed") else None, top_k=s.top_k, min_p=s.min_p,
                                 repetition_penalty=s.repetition_penalty or 1.0, presence_penalty=s.presence_penalty,
                                 frequency_penalty=s.frequency_penalty,
-                                logprobs=s.logprobs if s.HasField("logprobs") else None)
+                                logprobs=s.logprobs if s.HasField("logprobs") else None,
+                                logit_bias=tuple(sorted(s.logit_bias.items())))
         keys = list(request.image_keys) or [img.cache_key or hashlib.blake2b(data, digest_size=16).hexdigest()
                                             for img, (_, data) in zip(request.images, tensors)]
         return Sequence(id=uuid.uuid4().hex, prompt_ids=ids, params=params, image_token_id=self.image_token_id,

@@ -224,7 +224,7 @@ def profile_prefill_memory(model, num_tokens: int, block_size: int, max_rows: in
                    torch.arange(num_tokens, device=device), ctx)
     logits = model.logits(hidden[-1:].expand(max_rows, -1))
     params = [SamplingParams(1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
-                             logprobs=20)] * max_rows
+                             logprobs=20, logit_bias=((0, 1.0),))] * max_rows
     sample_to_host(logits, SamplingBatch.build(params, [0] * max_rows, [([0], [0])] * max_rows, logits.shape[-1],
                                                device))
     torch.cuda.synchronize(device)

@@ -1,5 +1,5 @@
-"""Batched next-token choice on the logits' device: penalties, temperature, top-k, top-p, min-p, seeded draws, and
-the log-probabilities of the rows that ask for them.
+"""Batched next-token choice on the logits' device: logit biases, penalties, temperature, top-k, top-p, min-p, seeded
+draws, and the log-probabilities of the rows that ask for them.
 
 The only device->host transfer is the packed tensor of `sample_for_host`: every decision that would need a value back
 from the device (which rows are greedy, whether to sort, which rows want log-probabilities) is made on the host in
@@ -72,6 +72,7 @@ class SamplingBatch:
     steps: torch.Tensor                 # int64: index of the token being sampled
     token_counts: torch.Tensor | None = None   # float32 [B, V]: occurrences in the output
     prompt_mask: torch.Tensor | None = None    # bool [B, V]: occurs in the prompt
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, values) added to logits
     # Host-side facts, so sample() branches without reading anything back from the device.
     sampled_rows: torch.Tensor | None = None   # int64 indices of non-greedy rows; None when every row samples
     any_sampled: bool = False
@@ -86,7 +87,8 @@ class SamplingBatch:
         """histories[i] = (prompt_ids, output_ids); None when no row uses a penalty. None when every row is plain
         greedy without log-probabilities: an argmax needs no per-row settings."""
         sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
-        if not sampled and histories is None and all(p.logprobs is None for p in params):
+        bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias]
+        if not sampled and histories is None and not bias and all(p.logprobs is None for p in params):
             return None
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         seeds = [_i64(p.seed if p.seed is not None else random.getrandbits(64)) for p in params]
@@ -102,6 +104,9 @@ class SamplingBatch:
                     use_sort=any(top_k[i] < vocab_size or params[i].top_p < 1 for i in sampled),
                     use_min_p=any(params[i].min_p > 0 for i in sampled),
                     logprob_rows=[(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None])
+        if bias:
+            at = to_device([[i for i, _, _ in bias], [t for _, t, _ in bias]], torch.int64, device)
+            batch.bias = at[0], at[1], to_device([v for _, _, v in bias], torch.float32, device)
         if histories is not None:
             def where(part: int) -> tuple[torch.Tensor, torch.Tensor]:  # (row, token id) of every token in a part
                 flat = [x for i, h in enumerate(histories) for t in h[part] for x in (i, t)]
@@ -125,9 +130,12 @@ def _apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch | None) -> torch.Tensor:
-    """logits [B, V] float32 -> int64 ids [B] on the logits' device; greedy rows are argmax of the penalized logits."""
+    """logits [B, V] float32 -> int64 ids [B] on the logits' device; greedy rows are argmax of the biased and
+    penalized logits."""
     if batch is None:
         return logits.argmax(dim=-1)
+    if batch.bias is not None:  # out of place: the log-probabilities are of the raw logits
+        logits = logits.index_put(batch.bias[:2], batch.bias[2], accumulate=True)
     if batch.token_counts is not None:
         logits = _apply_penalties(logits, batch)
     ids = logits.argmax(dim=-1)
@@ -160,8 +168,8 @@ def sample_for_host(logits: torch.Tensor, batch: SamplingBatch | None) -> tuple[
     """The chosen ids [B] on the device, and everything the host reads of this step packed in one device tensor for
     `read_back` (the ids, -1 for a row whose logits are not finite, the log-probabilities asked for).
 
-    Log-probabilities are the model's raw distribution, log_softmax of the logits before penalties, temperature and
-    filters (vLLM's default): what the model thinks of a token, whatever the request did to pick it.
+    Log-probabilities are the model's raw distribution, log_softmax of the logits before biases, penalties,
+    temperature and filters (vLLM's default): what the model thinks of a token, whatever the request did to pick it.
     """
     ids = sample(logits, batch)
     # A row with a NaN or infinite logit (a poisoned sequence) has no next token: -1 ends that sequence alone,

@@ -20,6 +20,7 @@ class SamplingParams:
     presence_penalty: float = 0.0       # 0: off; applies to output tokens
     frequency_penalty: float = 0.0      # 0: off; applies to output tokens
     logprobs: int | None = None         # None: off; else each token's log-probability with this many alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit): OpenAI's logit_bias
 
     @property
     def uses_penalties(self) -> bool:
