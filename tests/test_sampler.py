@@ -223,3 +223,17 @@ def test_logit_bias_is_added_to_the_logits_the_choice_is_made_from():
         assert out[:2] == [7, by_hand[1].argmax().item()] and out[3] == top[3]
         assert out[2] == draw(by_hand[2:3], [hot(seed)], steps=[seed])[0]
     assert [draw(logits[2:3], [hot(s, logit_bias=((11, 100.0),))])[0] for s in range(3)] == [11] * 3
+
+
+def test_stop_tokens_wait_for_min_tokens():
+    """Before its min_tokens-th token a row cannot choose a stop token, greedy or sampled, even one forced by a bias;
+    from then on it can, and a row without min_tokens always could."""
+    logits = rand_logits(3, 50)
+    top = logits.argmax(-1).tolist()
+    stops = frozenset({top[0], 3})
+    params = [SamplingParams(8, stop_token_ids=stops, min_tokens=2),
+              hot(5, stop_token_ids=frozenset({9}), logit_bias=((9, 100.0),), min_tokens=2),
+              SamplingParams(8, stop_token_ids=frozenset({top[2]}))]
+    for step in range(4):
+        out = draw(logits, params, steps=[step] * 3)
+        assert (out[0] == top[0], out[1] == 9) == ((step >= 2,) * 2) and out[0] != 3 and out[2] == top[2]

@@ -171,8 +171,34 @@ def test_logit_bias_forces_and_bans_tokens(client, gateway, free_run, reference)
     assert list(answer.token_ids) == [ids[5]] * 4
 
 
+def test_min_tokens_holds_off_stop_tokens_and_stop_strings(client, gateway, free_run):
+    """Before min_tokens tokens no stop token is chosen (the greedy answer's first token, made a stop token, is
+    passed over) and no stop string ends the answer (one the free run completes with its `used`-th token is passed
+    over, streamed or not, when min_tokens is one more); REST and gRPC."""
+    ids, texts = free_run
+    stopped = complete(client, max_tokens=8, temperature=0, extra={"stop_token_ids": [ids[0]]}).choices[0]
+    assert (stopped.token_ids, stopped.finish_reason) == ([ids[0]], "stop")
+    held = complete(client, max_tokens=8, temperature=0, extra={"stop_token_ids": [ids[0]], "min_tokens": 1})
+    assert held.choices[0].token_ids[0] != ids[0]
+    stop, answer, used = stop_case(free_run, 2)
+    full = texts[-1]
+    assert full.count(stop) == 1  # so, passed over, it ends nothing later
+    assert complete(client, max_tokens=32, temperature=0, stop=stop, extra={"min_tokens": used}).choices[0] \
+        .message.content == answer  # its `used`-th token completes it: from there on it counts
+    r = complete(client, max_tokens=32, temperature=0, stop=stop, extra={"min_tokens": used + 1})
+    assert (r.choices[0].message.content, r.choices[0].finish_reason, r.choices[0].token_ids) == (full, "length", ids)
+    assert stream(client, max_tokens=32, temperature=0, stop=stop, extra={"min_tokens": used + 1})[:2] == \
+        ({0: full}, {0: "length"})
+    request = pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=32, temperature=0, ignore_eos=True,
+                             stop=[stop], min_tokens=used + 1)
+    assert (gateway.Chat(request, timeout=60).text, "".join(p.text for p in gateway.ChatStream(request, timeout=60))) \
+        == (full, full)
+
+
 BAD = [
     ({"foo": 1}, "`foo` is not supported"),
+    ({"min_tokens": 3}, "`min_tokens` (3) must be at most `max_tokens` (2)"),
+    ({"min_tokens": -1}, "min_tokens: Input should be greater than or equal to 0"),
     ({"logit_bias": {"x": 5}}, "logit_bias.x: Input should be a valid integer"),
     ({"logit_bias": {"1": 101}}, "logit_bias.1: Input should be less than or equal to 100"),
     ({"logit_bias": {str(10 ** 8): 1}}, "logit_bias token ids must be in [0, "),
@@ -212,7 +238,7 @@ def test_harmless_metadata_is_accepted(client, stack):
 
 def test_grpc_refuses_bad_sampling_fields(gateway):
     for fields in ({"stop": [""]}, {"top_logprobs": 3}, {"n": 9}, {"logit_bias": {1: -101.0}},
-                   {"logit_bias": {10 ** 8: 1.0}}):
+                   {"logit_bias": {10 ** 8: 1.0}}, {"min_tokens": 3}):
         with pytest.raises(grpc.RpcError) as e:
             gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=2, **fields), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields

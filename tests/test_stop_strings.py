@@ -5,11 +5,12 @@ from hypothesis import strategies as st
 from services.llm_decoder.detokenizer import StopStrings
 
 
-def run(stop: list[str], deltas: list[str]) -> tuple[str, bool, list[str]]:
+def run(stop: list[str], deltas: list[str], skip: int = 0) -> tuple[str, bool, list[str]]:
+    """Push the deltas, the first `skip` without looking for stop strings (min_tokens)."""
     s, sent, seen = StopStrings(stop), [], ""
-    for delta in deltas:
+    for k, delta in enumerate(deltas):
         seen += delta
-        piece, stopped = s.push(delta)
+        piece, stopped = s.push(delta, look=k >= skip)
         sent.append(piece)
         if stopped:
             return "".join(sent), True, sent
@@ -20,21 +21,24 @@ def run(stop: list[str], deltas: list[str]) -> tuple[str, bool, list[str]]:
     return "".join(sent), False, sent
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.lists(st.text("abc", min_size=1, max_size=4), min_size=1, max_size=3),
-       st.lists(st.text("abcd", max_size=5), max_size=8))
-@example(stop=["b", "aba"], deltas=["a", "b", "a"])  # "aba" starts first but would complete after "b" stopped it
-def test_the_answer_ends_before_the_first_stop_string(stop, deltas):
-    # Generation ends with the first delta after which the text holds a stop string; the answer is the text before
-    # the earliest one it holds then (one that would complete only later never comes).
+       st.lists(st.text("abcd", max_size=5), max_size=8), st.integers(0, 9))
+@example(stop=["b", "aba"], deltas=["a", "b", "a"], skip=0)  # "aba" starts first but completes after "b" stopped it
+@example(stop=["ab", "abcd"], deltas=["ab", "x"], skip=1)  # "ab" ended in text pushed without looking
+def test_the_answer_ends_before_the_first_stop_string(stop, deltas, skip):
+    # Generation ends with the first delta (from delta `skip` on) after which the text holds a stop string that ends
+    # past the first `skip` deltas' text; the answer is the text before the earliest such one (one that would
+    # complete only later never comes).
+    unseen = len("".join(deltas[:skip]))
     text, hits = "", []
-    for delta in deltas:
+    for k, delta in enumerate(deltas):
         text += delta
-        hits = [i for i in (text.find(x) for x in stop) if i >= 0]
-        if hits:
+        hits = [i for x in stop for i in range(len(text)) if text.startswith(x, i) and i + len(x) > unseen]
+        if hits and k >= skip:
             break
-    out, stopped, _ = run(stop, deltas)
-    assert (out, stopped) == ((text[:min(hits)], True) if hits else (text, False))
+    out, stopped, _ = run(stop, deltas, skip)
+    assert (out, stopped) == ((text[:min(hits)], True) if hits and k >= skip else (text, False))
 
 
 def test_split_over_deltas_and_in_the_first_delta():

@@ -155,7 +155,7 @@ class ChatService:
                                      presence_penalty=req.presence_penalty or 0.0,
                                      frequency_penalty=req.frequency_penalty or 0.0, stop=req.stop,
                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                                     logit_bias=req.logit_bias)
+                                     logit_bias=req.logit_bias, min_tokens=req.min_tokens)
         # The cache keys name each image's embeddings: the decoder reuses KV blocks of prompts with the same images.
         request = pb.GenerateRequest(request_id=request_id, token_ids=token_ids, sampling=sampling,
                                      image_keys=[img.key for img in resolved], final_only=not req.stream)

@@ -151,6 +151,8 @@ class ChatCompletionRequest(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2 ** 31)]] = Field(default_factory=list, max_length=64,
                                       description="more token ids that end the answer (as vLLM)")
     ignore_eos: bool = Field(default=False, description="do not stop at the template's end of turn (as vLLM)")
+    min_tokens: int = Field(default=0, ge=0, lt=2 ** 31, description="no end of turn, stop token or stop string "
+                            "before this many tokens (as vLLM)")
     n: int = Field(default=1, ge=1, lt=2 ** 31, description="answers to generate (at most the server's MAX_N)")
     stop: list[str] = Field(default_factory=list, description="a string or up to 4 strings that end the answer "
                             "(not included in it)")
@@ -197,6 +199,13 @@ class ChatCompletionRequest(BaseModel):
     def top_logprobs_need_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs` set to true")
+        return self
+
+    @model_validator(mode="after")
+    def min_tokens_within_max_tokens(self):
+        most = self.max_completion_tokens or self.max_tokens
+        if most is not None and self.min_tokens > most:
+            raise ValueError(f"`min_tokens` ({self.min_tokens}) must be at most `max_tokens` ({most})")
         return self
 
     @field_validator("stop", mode="plain", json_schema_input_type=str | list[str] | None)

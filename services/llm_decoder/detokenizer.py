@@ -104,13 +104,16 @@ class StopStrings:
     def __init__(self, stop: list[str]):
         self.stop, self.held = stop, ""
 
-    def push(self, text: str) -> tuple[str, bool]:
-        """The text that can be sent now, and whether a stop string ended the answer there."""
+    def push(self, text: str, look: bool = True) -> tuple[str, bool]:
+        """The text that can be sent now, and whether a stop string ended the answer there: one that ends in this
+        push's text, if `look` (text pushed without looking is held back the same, so one that begins there and ends
+        in a later push is found)."""
         if not self.stop:
             return text, False
-        # Whatever was sent cannot begin a match: a match starts in the held text or after it.
-        text, self.held = self.held + text, ""
-        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        # Whatever was sent cannot begin a match: a match starts in the held text or after it. One inside the held
+        # text was passed over by a push that did not look.
+        held, text, self.held = len(self.held), self.held + text, ""
+        found = [i for i in (text.find(s, max(0, held - len(s) + 1)) for s in self.stop) if i >= 0] if look else []
         if found:
             return text[:min(found)], True
         keep = max(next((n for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), 0)

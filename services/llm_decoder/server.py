@@ -178,7 +178,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                 if stream.final_only:  # the whole answer, and no stop string to look for
                     text, sent = self.text.decode(tokens), len(tokens)
                 else:
-                    text, sent, reason = self._text(detok, stops, tokens, reason)
+                    text, sent, reason = self._text(detok, stops, tokens, reason, delivered, seq.params.min_tokens)
                     if reason and items[-1][1] is None:  # a stop string: free the sequence now, what follows is dropped
                         self.engine.abort(seq.id)
                 tokens = tokens[:sent]
@@ -211,13 +211,14 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                       cached_prompt_tokens=seq.cached_tokens or 0, duration_s=round(time.perf_counter() - stream.start, 4))
 
     @staticmethod
-    def _text(detok: Detokenizer, stops: StopStrings, tokens: list[int],
-              reason: str | None) -> tuple[str, int, str | None]:
-        """The text of newly arrived tokens, how many of them to send (up to the one completing a stop string), and
-        the finish reason ("stop" when a stop string ended the answer)."""
+    def _text(detok: Detokenizer, stops: StopStrings, tokens: list[int], reason: str | None, delivered: int,
+              min_tokens: int) -> tuple[str, int, str | None]:
+        """The text of newly arrived tokens (after `delivered` others), how many of them to send (up to the one
+        completing a stop string, from the min_tokens-th token on, as vLLM), and the finish reason ("stop" when a stop
+        string ended the answer)."""
         text = ""
         for sent, token in enumerate(tokens, 1):
-            piece, stopped = stops.push(detok.step(token))
+            piece, stopped = stops.push(detok.step(token), look=delivered + sent >= min_tokens)
             text += piece
             if stopped:
                 return text, sent, "stop"
@@ -277,6 +278,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         if s.max_tokens < 0 or s.max_tokens > room:
             raise ValueError(f"max_tokens={s.max_tokens} exceeds the {room} tokens left in the context "
                              f"({len(ids)} prompt tokens, context {self.max_model_len})")
+        if not 0 <= s.min_tokens <= (s.max_tokens or room):
+            raise ValueError(f"min_tokens={s.min_tokens} must be in [0, {s.max_tokens or room}] (max_tokens)")
         floats = (s.temperature, s.top_p, s.min_p, s.repetition_penalty, s.presence_penalty, s.frequency_penalty)
         if not all(math.isfinite(x) for x in floats):
             raise ValueError("sampling settings must be finite numbers")
@@ -298,7 +301,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                                 repetition_penalty=s.repetition_penalty or 1.0, presence_penalty=s.presence_penalty,
                                 frequency_penalty=s.frequency_penalty,
                                 logprobs=s.logprobs if s.HasField("logprobs") else None,
-                                logit_bias=tuple(sorted(s.logit_bias.items())))
+                                logit_bias=tuple(sorted(s.logit_bias.items())), min_tokens=s.min_tokens)
         keys = list(request.image_keys) or [img.cache_key or hashlib.blake2b(data, digest_size=16).hexdigest()
                                             for img, (_, data) in zip(request.images, tensors)]
         return Sequence(id=uuid.uuid4().hex, prompt_ids=ids, params=params, image_token_id=self.image_token_id,

@@ -1,10 +1,11 @@
-"""Batched next-token choice on the logits' device: logit biases, penalties, temperature, top-k, top-p, min-p, seeded
+"""Batched next-token choice on the logits' device: logit biases (and min_tokens' ban on stop tokens), penalties, temperature, top-k, top-p, min-p, seeded
 draws, and the log-probabilities of the rows that ask for them.
 
 The only device->host transfer is the packed tensor of `sample_for_host`: every decision that would need a value back
 from the device (which rows are greedy, whether to sort, which rows want log-probabilities) is made on the host in
 SamplingBatch.build, and host->device copies go through `to_device`, which never waits for the device.
 """
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -87,7 +88,9 @@ class SamplingBatch:
         """histories[i] = (prompt_ids, output_ids); None when no row uses a penalty. None when every row is plain
         greedy without log-probabilities: an argmax needs no per-row settings."""
         sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
-        bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias]
+        bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias] + \
+               [(i, t, -math.inf) for i, (p, s) in enumerate(zip(params, steps)) if s < p.min_tokens
+                for t in p.stop_token_ids]
         if not sampled and histories is None and not bias and all(p.logprobs is None for p in params):
             return None
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]

@@ -21,6 +21,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0      # 0: off; applies to output tokens
     logprobs: int | None = None         # None: off; else each token's log-probability with this many alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit): OpenAI's logit_bias
+    min_tokens: int = 0                 # stop tokens are not chosen before this many output tokens (as vLLM)
 
     @property
     def uses_penalties(self) -> bool:
