@@ -59,6 +59,23 @@ def test_a_developer_message_is_the_system_prompt(builder, original_internvl2):
         assert as_developer == as_system and "Be brief." in as_system and "developer" not in as_system
 
 
+def test_a_final_assistant_message_is_continued_as_transformers_does(builder, original_internvl2):
+    """continue_final_message: the prompt ends inside the last (assistant) message, as transformers' jinja rendering
+    with continue_final_message, in both layouts; an empty one is the generation prompt (nothing to continue)."""
+    chat = [{"role": "user", "content": "Tell a story."}, {"role": "assistant", "content": "Once upon a"}]
+    messages = [Message(**m) for m in chat]
+    continued = builder.render(messages, generation_prompt=False, continue_final=True)[0]
+    assert continued == builder.tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    assert continued.endswith("<|im_start|>assistant\nOnce upon a")
+    assert builder.render(messages, generation_prompt=False)[0] == \
+        builder.tokenizer.apply_chat_template(chat, tokenize=False)
+    assert original_internvl2.render(messages, generation_prompt=False, continue_final=True)[0].endswith(
+        "<|im_end|><|im_start|>assistant\nOnce upon a")
+    for b in (builder, original_internvl2):
+        empty = messages[:1] + [Message(role="assistant", content=" ")]
+        assert b.render(empty, generation_prompt=False, continue_final=True) == b.render(messages[:1])
+
+
 def test_stop_tokens_are_the_templates_end_of_turn(builder):
     assert builder.stop_token_ids == [builder.tokenizer.convert_tokens_to_ids("<|im_end|>")]
 

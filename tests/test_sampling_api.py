@@ -195,8 +195,35 @@ def test_min_tokens_holds_off_stop_tokens_and_stop_strings(client, gateway, free
         == (full, full)
 
 
+def test_a_final_assistant_message_is_continued(client, gateway, reference):
+    """continue_final_message: the prompt is transformers' rendering with continue_final_message, and the answer is
+    the model's greedy continuation of it (checked token by token against transformers); add_generation_prompt=False
+    ends the prompt after the last message; REST and gRPC alike."""
+    chat = ASK + [{"role": "assistant", "content": "Once upon a time"}]
+    tok = reference.tokenizer
+    prompt = tok(tok.apply_chat_template(chat, tokenize=False, continue_final_message=True)).input_ids
+    r = complete(client, chat, max_tokens=6, temperature=0,
+                 extra={"continue_final_message": True, "add_generation_prompt": False})
+    out = r.choices[0].token_ids
+    assert r.usage.prompt_tokens == len(prompt)
+    with torch.no_grad():
+        logits = reference.model(input_ids=torch.tensor([prompt + out[:-1]])).logits[0, len(prompt) - 1:]
+    assert logits.argmax(-1).tolist() == out
+    assert r.choices[0].message.content == reference.text(out)
+    closed = complete(client, chat, max_tokens=1, extra={"add_generation_prompt": False})
+    assert closed.usage.prompt_tokens == len(tok(tok.apply_chat_template(chat, tokenize=False)).input_ids)
+    answer = gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(chat), max_tokens=6, temperature=0,
+                                         ignore_eos=True, continue_final_message=True, add_generation_prompt=False),
+                          timeout=30)
+    assert list(answer.token_ids) == out
+
+
 BAD = [
     ({"foo": 1}, "`foo` is not supported"),
+    ({"continue_final_message": True, "messages": ASK + [{"role": "assistant", "content": "A"}]},
+     "`continue_final_message` needs `add_generation_prompt` set to false"),
+    ({"continue_final_message": True, "add_generation_prompt": False},
+     "`continue_final_message` needs an assistant message last"),
     ({"min_tokens": 3}, "`min_tokens` (3) must be at most `max_tokens` (2)"),
     ({"min_tokens": -1}, "min_tokens: Input should be greater than or equal to 0"),
     ({"logit_bias": {"x": 5}}, "logit_bias.x: Input should be a valid integer"),
@@ -238,7 +265,8 @@ def test_harmless_metadata_is_accepted(client, stack):
 
 def test_grpc_refuses_bad_sampling_fields(gateway):
     for fields in ({"stop": [""]}, {"top_logprobs": 3}, {"n": 9}, {"logit_bias": {1: -101.0}},
-                   {"logit_bias": {10 ** 8: 1.0}}, {"min_tokens": 3}):
+                   {"logit_bias": {10 ** 8: 1.0}}, {"min_tokens": 3},
+                   {"continue_final_message": True, "add_generation_prompt": False}):
         with pytest.raises(grpc.RpcError) as e:
             gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=2, **fields), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields

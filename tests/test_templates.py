@@ -31,6 +31,17 @@ def test_internvl2_5_two_turns():
     )
 
 
+def test_a_final_message_continued_or_no_generation_prompt():
+    """As transformers' continue_final_message (the prompt ends inside the last turn, no end of turn) and
+    add_generation_prompt=False (it ends after the last turn)."""
+    t = conversation_template("internvl2_5")
+    msgs = [("user", "<image>\nQ1"), ("assistant", "Once upon a")]
+    head = f"<|im_start|>system\n{SYS25}<|im_end|>\n<|im_start|>user\n<image>\nQ1<|im_end|>\n<|im_start|>assistant\n"
+    assert render(t, msgs, None, generation_prompt=False, continue_final=True) == head + "Once upon a"
+    assert render(t, msgs, None, generation_prompt=False) == head + "Once upon a<|im_end|>\n"
+    assert render(t, msgs, None) == head + "Once upon a<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_internlm2_chat_2_0_has_no_newline_after_sep():
     t = conversation_template("internlm2-chat")
     assert render(t, Q, None) == (

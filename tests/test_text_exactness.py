@@ -109,9 +109,9 @@ def test_random_conversations_expand_as_the_tokenizer_reads_them(checkpoint):
     assert checked >= 30, checked
 
 
-def check_stream(decoder: TextDecoder, ids: list[int]) -> None:
-    full = decoder.decode(ids)
-    detok, streamed = decoder.stream(), ""
+def check_stream(decoder: TextDecoder, ids: list[int], context: list[int] = ()) -> None:
+    full = decoder.decode(ids, context)
+    detok, streamed = decoder.stream(context), ""
     for token in ids:
         streamed += detok.step(token)
         assert full.startswith(streamed)  # what was sent is final
@@ -146,6 +146,30 @@ def test_deltas_add_up_to_the_full_decode(decoders, kind, data):
         st.sampled_from(pieces) if pieces else st.integers(0, vocab - 1),
         st.integers(0, vocab - 1), st.sampled_from(sorted(decoder.special) + grounding_ids(decoder)))
     check_stream(decoder, data.draw(st.lists(token, max_size=40)))
+    # An answer continuing the prompt's text: decoded after the prompt's last token, whatever that is.
+    prompt = data.draw(st.lists(token, min_size=1, max_size=3))
+    ids = data.draw(st.lists(token, max_size=20))
+    check_stream(decoder, ids, decoder.context(prompt))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "metaspace-first", "byte-level"])
+def test_a_continued_message_reads_on_from_the_prompt(decoders, kind):
+    """A prefilled message and its continuation read as the whole message: the continuation's first word keeps its
+    space (sentencepiece decoders drop a first token's), and so do its log-probabilities' bytes."""
+    decoder = decoders[kind]
+    encode = lambda text: decoder.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    for prefill, more in (("Once upon a", " time there was"), ("Say:", " 你好 😀 and"), ("x", "y z"), ("a\n", " b")):
+        whole = encode(prefill + more)
+        for cut in range(1, len(whole)):
+            prompt, answer = whole[:cut], whole[cut:]
+            context = decoder.context(prompt)
+            # A prompt's text ends with a whole character (its tokens may not: byte pieces give no context)
+            if not set(prompt[-1:]) & decoder.byte_pieces and not decoder.decode(prompt).endswith("\ufffd"):
+                assert decoder.decode(prompt) + decoder.decode(answer, context) == decoder.decode(whole)
+                first = not context
+                assert b"".join(decoder.token_bytes(t, first=first and k == 0) for k, t in enumerate(answer)) == \
+                    decoder.decode(answer, context).encode()
+            check_stream(decoder, answer, context)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -245,3 +269,21 @@ def test_services_return_exactly_the_decoded_text(byte_fallback_stack):
         checked += any(i in decoder.byte_pieces for i in ids)
     assert checked  # the answers did exercise byte fallback
     assert httpx.get(stack.gateway_url + "/health").status_code == 200
+
+
+def test_a_continued_message_keeps_its_next_words_space(byte_fallback_stack):
+    """continue_final_message with a sentencepiece tokenizer: the answer's first word ("▁the", forced) reads " the"
+    after "Once upon a", streamed or not, and its log-probability bytes say so too (decoded alone it reads "the")."""
+    stack, decoder = byte_fallback_stack
+    client = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+    the = decoder.tokenizer.token_to_id("▁the")
+    kwargs = dict(model="ckpt", max_tokens=4, temperature=1.0, seed=1, logit_bias={str(the): 100},
+                  messages=[{"role": "user", "content": "Tell a story."},
+                            {"role": "assistant", "content": "Once upon a"}],
+                  extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    r = client.chat.completions.create(logprobs=True, **kwargs)
+    text = r.choices[0].message.content
+    assert text == " the the the the" and decoder.decode([the] * 4) == "the the the the"
+    assert b"".join(bytes(e.bytes) for e in r.choices[0].logprobs.content) == text.encode()
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                   if c.choices) == text

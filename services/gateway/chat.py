@@ -136,7 +136,8 @@ class ChatService:
         # Template and tokenizer work off the event loop: a huge text must not stall every other request.
         with phases("prompt"):
             prompt, media = await asyncio.to_thread(  # validates the text before image work
-                self.prompt.render, req.messages, self.limits.default_num_segments)
+                self.prompt.render, req.messages, self.limits.default_num_segments, req.add_generation_prompt,
+                req.continue_final_message)
         tiles_cap = [self._image_cap(p.image_url, max_num) if isinstance(p, ImagePart) else max_num for p in media]
         resolved = await self._resolve_media(media, tiles_cap, by_reference, phases)
         with phases("prompt"):
@@ -158,7 +159,8 @@ class ChatService:
                                      logit_bias=req.logit_bias, min_tokens=req.min_tokens)
         # The cache keys name each image's embeddings: the decoder reuses KV blocks of prompts with the same images.
         request = pb.GenerateRequest(request_id=request_id, token_ids=token_ids, sampling=sampling,
-                                     image_keys=[img.key for img in resolved], final_only=not req.stream)
+                                     image_keys=[img.key for img in resolved], final_only=not req.stream,
+                                     continues_prompt=req.continue_final_message)
         for img in resolved:  # CopyFrom: see `inline`
             request.images.add().CopyFrom(img.embeddings)
         requests = [request]

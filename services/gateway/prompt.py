@@ -31,9 +31,12 @@ class PromptBuilder:
             stops |= {self.tokenizer.convert_tokens_to_ids(s) for s in templates.stop_strings(self.template)}
         self.stop_token_ids = sorted(stops - {None, self.tokenizer.unk_token_id})
 
-    def render(self, messages: list[Message], default_num_segments: int = 8) -> tuple[str, list[Media]]:
+    def render(self, messages: list[Message], default_num_segments: int = 8, generation_prompt: bool = True,
+               continue_final: bool = False) -> tuple[str, list[Media]]:
         """The template's text, with one <IMG_CONTEXT> placeholder where each image or video frame stands, and the
-        image and video parts in the order of their placeholders (a video has one per frame)."""
+        image and video parts in the order of their placeholders (a video has one per frame). It ends with the
+        assistant's turn opened (`generation_prompt`), after the last turn, or inside it (`continue_final`: the
+        model continues the final message)."""
         chat, media = [], []
         for m in messages:
             text, placed = _message_text(m, default_num_segments)
@@ -41,12 +44,21 @@ class PromptBuilder:
                 raise bad_request("system messages may not contain images or videos", "messages")
             chat.append({"role": m.role, "content": [{"type": "text", "text": text}]})
             media += placed
+        if continue_final and not chat[-1]["content"][0]["text"].strip():
+            # Nothing to continue: an empty answer so far is the generation prompt (transformers would cut nothing).
+            chat.pop()
+            generation_prompt, continue_final = True, False
         if self.template is None:
             # Images are already placed as text, so every jinja template places them by the same rule.
-            return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), media
+            try:
+                return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt,
+                                                          continue_final_message=continue_final), media
+            except ValueError as e:  # a template that changes the final message's text: it cannot be continued
+                raise bad_request(str(e), "continue_final_message") from e
         system = [m["content"][0]["text"] for m in chat if m["role"] == "system"]
         turns = [(m["role"], m["content"][0]["text"]) for m in chat if m["role"] != "system"]
-        return templates.render(self.template, turns, "\n".join(system) if system else None), media
+        return templates.render(self.template, turns, "\n".join(system) if system else None, generation_prompt,
+                                continue_final), media
 
     def expand(self, rendered: str, tiles_per_image: list[int]) -> list[int]:
         """Token ids of a rendered prompt, each image placeholder expanded to its tiles' context tokens.

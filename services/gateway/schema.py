@@ -153,6 +153,11 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = Field(default=False, description="do not stop at the template's end of turn (as vLLM)")
     min_tokens: int = Field(default=0, ge=0, lt=2 ** 31, description="no end of turn, stop token or stop string "
                             "before this many tokens (as vLLM)")
+    add_generation_prompt: bool = Field(default=True, description="end the prompt with the assistant's turn opened "
+                                        "(as vLLM; false: after the last message)")
+    continue_final_message: bool = Field(default=False, description="the answer continues the final (assistant) "
+                                         "message, which the prompt ends inside (as vLLM; needs "
+                                         "add_generation_prompt false)")
     n: int = Field(default=1, ge=1, lt=2 ** 31, description="answers to generate (at most the server's MAX_N)")
     stop: list[str] = Field(default_factory=list, description="a string or up to 4 strings that end the answer "
                             "(not included in it)")
@@ -199,6 +204,14 @@ class ChatCompletionRequest(BaseModel):
     def top_logprobs_need_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs` set to true")
+        return self
+
+    @model_validator(mode="after")
+    def continue_an_assistant_message(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("`continue_final_message` needs `add_generation_prompt` set to false")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("`continue_final_message` needs an assistant message last")
         return self
 
     @model_validator(mode="after")

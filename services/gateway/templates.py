@@ -57,11 +57,14 @@ def conversation_template(name: str, era: str = "2.0") -> ConversationTemplate:
     return table[name]
 
 
-def render(template: ConversationTemplate, messages: list[tuple[str, str]], system: str | None = None) -> str:
+def render(template: ConversationTemplate, messages: list[tuple[str, str]], system: str | None = None,
+           generation_prompt: bool = True, continue_final: bool = False) -> str:
     """The prompt `model.chat()` builds: system block, each turn, then the open assistant prefix.
 
     `messages` are ("user" | "assistant", text) pairs, oldest first (history then the new question);
-    `system` replaces the template's default system message when not None.
+    `system` replaces the template's default system message when not None. Without `generation_prompt` the prompt
+    ends after the last turn; with `continue_final` it ends inside the last turn, which the model continues (as
+    transformers' and vLLM's add_generation_prompt and continue_final_message).
     """
     role_prefix = dict(zip(("user", "assistant"), template.roles))
     sys_msg = template.system_message if system is None else system
@@ -70,7 +73,10 @@ def render(template: ConversationTemplate, messages: list[tuple[str, str]], syst
         if role not in role_prefix:
             raise ValueError(f"unknown role {role!r}; expected 'user' or 'assistant'")
         out.append(role_prefix[role] + text + template.sep)
-    out.append(template.roles[1])  # generation prompt: no sep, the model writes the answer next
+    if continue_final and messages:
+        out[-1] = out[-1][:-len(template.sep)]
+    elif generation_prompt:
+        out.append(template.roles[1])  # no sep: the model writes the answer next
     return "".join(out)
 
 

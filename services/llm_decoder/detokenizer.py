@@ -30,12 +30,21 @@ class TextDecoder:
         self.added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
         self._bytes: dict[int, bytes] = {}
 
-    def stream(self) -> "Detokenizer":
-        return Detokenizer(self)
+    def stream(self, context: list[int] = ()) -> "Detokenizer":
+        return Detokenizer(self, context)
 
-    def decode(self, ids: list[int]) -> str:
-        """The answer's text: control tokens skipped, grounding tokens kept."""
-        return self.tokenizer.decode([i for i in ids if i not in self.special], skip_special_tokens=False)
+    def decode(self, ids: list[int], context: list[int] = ()) -> str:
+        """The answer's text: control tokens skipped, grounding tokens kept; as it reads after `context`."""
+        text = self.tokenizer.decode([i for i in (*context, *ids) if i not in self.special], skip_special_tokens=False)
+        return text[len(self.decode(context)):] if context else text
+
+    def context(self, prompt_ids: list[int]) -> list[int]:
+        """What an answer that continues the prompt's text (a prefilled message) is decoded after: the prompt's last
+        token where the decoder drops a first token's leading space (sentencepiece's), so the answer keeps it.
+        Byte-level pieces spell their own spaces; a control token or a byte piece gives no context."""
+        last = prompt_ids[-1:]
+        plain = last and last[0] not in self.special and last[0] not in self.byte_pieces
+        return last if plain and self.byte_level is None else []
 
     def token_bytes(self, token_id: int, first: bool = False) -> bytes:
         """A token's bytes in the answer (OpenAI's log-probability `bytes`): joined, a text's tokens give its UTF-8,
@@ -69,10 +78,10 @@ class Detokenizer:
     held back while a character or a byte run is incomplete; `finish` returns what is held when generation stops.
     """
 
-    def __init__(self, decoder: TextDecoder):
+    def __init__(self, decoder: TextDecoder, context: list[int] = ()):
         self.decoder = decoder
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # window: ids[prefix:read] were decoded already, ids[read:] are new
+        self.ids: list[int] = list(context)  # TextDecoder.context: the first window's context
+        self.prefix, self.read = 0, len(self.ids)  # window: ids[prefix:read] were decoded already, ids[read:] are new
 
     def step(self, token_id: int) -> str:
         if token_id in self.decoder.special:

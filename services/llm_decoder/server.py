@@ -150,8 +150,11 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         self.loop = asyncio.get_running_loop()
         # A final-only call wakes once, at the end, unless stop strings must be looked for as the text grows.
         stream = self.streams[seq.id] = _Stream(request.final_only and not request.sampling.stop, arrival)
-        queue, detok, stops = stream.queue, self.text.stream(), StopStrings(list(request.sampling.stop))
-        model, delivered, last, texted = self.info.model, 0, stream.start, False  # texted: a text token was sent
+        # An answer that continues the prompt's last message reads on from its text (a leading space kept).
+        context = self.text.context(seq.prompt_ids) if request.continues_prompt else []
+        queue, detok, stops = stream.queue, self.text.stream(context), StopStrings(list(request.sampling.stop))
+        model, delivered, last = self.info.model, 0, stream.start
+        texted = bool(context)  # a text token came before: the next one's bytes keep their leading space
         answer = pb.GenerateResponse(embeddings_s=read_s)  # a final-only call's one message, gathered
         RUNNING.inc()
         reason = None
@@ -176,7 +179,7 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
                 last = now
                 TOKENS.inc(len(tokens))
                 if stream.final_only:  # the whole answer, and no stop string to look for
-                    text, sent = self.text.decode(tokens), len(tokens)
+                    text, sent = self.text.decode(tokens, context), len(tokens)
                 else:
                     text, sent, reason = self._text(detok, stops, tokens, reason, delivered, seq.params.min_tokens)
                     if reason and items[-1][1] is None:  # a stop string: free the sequence now, what follows is dropped
