@@ -106,6 +106,7 @@ def test_image_row_count_mismatch_is_invalid_argument(decoder, cfg):
     ({"token_ids": [1], "sampling": pb.SamplingParams(stop_token_ids=[2, 10 ** 6])}, "stop_token_ids must be in [0,"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(logit_bias={2: 1.0, 10 ** 6: 1.0})}, "logit_bias token ids"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(logit_bias={2: 100.5})}, "values must be in [-100, 100]"),
+    ({"token_ids": [1], "sampling": pb.SamplingParams(logit_bias=dict.fromkeys(range(301), 1.0))}, "at most 300"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(max_tokens=3, min_tokens=4)}, "min_tokens=4 must be in [0, 3]"),
     ({"token_ids": [1], "sampling": pb.SamplingParams(min_tokens=-1)}, "min_tokens=-1 must be in [0, "),
     ({"token_ids": [1], "sampling": pb.SamplingParams(logit_bias={2: float("nan")})}, "values must be in [-100, 100]"),

@@ -229,6 +229,7 @@ BAD = [
     ({"logit_bias": {"x": 5}}, "logit_bias.x: Input should be a valid integer"),
     ({"logit_bias": {"1": 101}}, "logit_bias.1: Input should be less than or equal to 100"),
     ({"logit_bias": {str(10 ** 8): 1}}, "logit_bias token ids must be in [0, "),
+    ({"logit_bias": dict.fromkeys(map(str, range(301)), 1)}, "logit_bias: Dictionary should have at most 300 items"),
     ({"stop": 5}, "stop: must be"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop: must be"),
     ({"stop": ""}, "stop: must be"),

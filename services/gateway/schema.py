@@ -169,8 +169,8 @@ class ChatCompletionRequest(BaseModel):
     max_num: int | None = Field(default=None, ge=1, description="most tiles per image (the model cards' max_num)")
     return_token_ids: bool = Field(default=False, description="add the generated token ids to each choice (as vLLM)")
     logit_bias: dict[Annotated[int, Field(ge=0, lt=2 ** 31)], Annotated[float, Field(ge=-100, le=100)]] = Field(
-        default_factory=dict, description="token id -> value added to its logit before sampling (the "
-        "log-probabilities stay the model's own)")
+        default_factory=dict, max_length=300, description="token id -> value added to its logit before sampling "
+        "(the log-probabilities stay the model's own)")
 
     @model_validator(mode="before")
     @classmethod

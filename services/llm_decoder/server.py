@@ -26,6 +26,7 @@ from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 log = logging.getLogger("llm_decoder")
 MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 300  # biased tokens per request at most (OpenAI's limit): every step of the batch applies them
 REQUESTS = Counter("decoder_requests_total", "Generate calls", ["finish_reason"])
 RUNNING = Gauge("decoder_running_requests", "Generate calls in progress")
 TOKENS = Counter("decoder_generated_tokens_total", "Tokens generated")
@@ -270,6 +271,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
         if any(not 0 <= i < self.vocab_size for i in request.sampling.stop_token_ids):  # one that can never end it
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if len(request.sampling.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens")
         if any(not 0 <= i < self.vocab_size for i in request.sampling.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if not all(-100 <= v <= 100 for v in request.sampling.logit_bias.values()):  # NaN too
