@@ -225,8 +225,8 @@ def make_engine(model, num_blocks: int, args, dtype: torch.dtype) -> LLMEngine:
 
 
 def new_sequence(seq_id: str, prompt: list[int], max_tokens: int, image_embeds: torch.Tensor | None = None,
-                 image_token_id: int = -1) -> Sequence:
-    return Sequence(id=seq_id, prompt_ids=list(prompt), params=SamplingParams(max_tokens=max_tokens),
+                 image_token_id: int = -1, params: SamplingParams | None = None) -> Sequence:
+    return Sequence(id=seq_id, prompt_ids=list(prompt), params=params or SamplingParams(max_tokens=max_tokens),
                     image_embeds=image_embeds, image_token_id=image_token_id)
 
 
@@ -238,10 +238,11 @@ def until_first_token(engine: LLMEngine, seq: Sequence, step) -> None:
         step()
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, device: str, tag: str) -> dict:
-    """All prompts added at once, stepped to completion. Returns wall time, the time every stream had its first
-    token (the prefill), and the outputs."""
-    seqs = [new_sequence(f"{tag}-{i}", p, new_tokens) for i, p in enumerate(prompts)]
+def run_engine(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, device: str, tag: str,
+               params: SamplingParams | None = None) -> dict:
+    """All prompts added at once, stepped to completion (greedy, or with `params`). Returns wall time, the time every
+    stream had its first token (the prefill), and the outputs."""
+    seqs = [new_sequence(f"{tag}-{i}", p, new_tokens, params=params) for i, p in enumerate(prompts)]
     sync(device)
     start = time.perf_counter()
     for seq in seqs:
@@ -340,6 +341,21 @@ def throughput(hf, engine, shape: Shape, dtype: torch.dtype, streams: int, args,
         for who in ("engine", "hf"):
             row[f"{who}_hbm_fraction"] = hbm_fraction(row["bytes_per_step"], row[f"{who}_step_ms"], args.hbm_bandwidth)
         row["engine_read_fraction"] = hbm_fraction(row["bytes_per_step"], row["engine_step_ms"], args.read_bandwidth)
+    return row
+
+
+def penalties(engine, shape: Shape, args) -> dict:
+    """Decode steps of long prompts with the repetition, frequency and presence penalties against the same steps
+    without them (fresh prompts each run, the better of two runs each): what keeping each sequence's token history
+    costs a step."""
+    streams, length, new = args.penalty_streams, args.penalty_prompt_len, args.new_tokens
+    penalized = SamplingParams(new, repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.2)
+    row = {"streams": streams, "prompt_len": length, "new_tokens": new}
+    for name, params in (("plain", None), ("penalized", penalized)):
+        row[f"{name}_step_ms"] = min(decode_step_ms(run_engine(
+            engine, random_prompts(streams, length, shape.vocab, args.seed), new, args.device, f"pen-{name}-{r}",
+            params), new) for r in range(2))
+    row["ratio"] = row["penalized_step_ms"] / row["plain_step_ms"]
     return row
 
 
@@ -628,6 +644,9 @@ TTFT_COLUMNS = [("tiles", "tiles", 0), ("prompt_tokens", "prompt tokens", 0), ("
                 ("decode_gap_median_ms", "decode gap before ms (median)", 1),
                 ("decode_gap_max_ms", "decode max gap around the prefill ms", 1),
                 ("decodes_outlived_prefill", "decodes outlived the prefill", 0)]
+PENALTY_COLUMNS = [("streams", "streams", 0), ("prompt_len", "prompt tokens", 0), ("new_tokens", "new tokens", 0),
+                   ("plain_step_ms", "decode ms/step", 2), ("penalized_step_ms", "with penalties ms/step", 2),
+                   ("ratio", "with / without", 2)]
 STACK_COLUMNS = [("requests", "requests", 0), ("max_tokens", "max_tokens", 0), ("stack_tokens", "stack tokens", 0),
                  ("stack_s", "stack s", 2), ("stack_tok_s", "stack tok/s", 1), ("hf_tokens", "transformers tokens", 0),
                  ("hf_s", "transformers s", 2), ("hf_tok_s", "transformers tok/s", 1),
@@ -671,6 +690,11 @@ def report(result: dict) -> str:
         lines += ["", "Each its own question after the same image (one cache key): the first prefills the image, "
                   "the others wait for it and take its blocks from the prefix cache (without that wait, each one "
                   "prefilled the image beside the first).", ""]
+    if pen := result.get("penalties"):
+        lines += ["## Decode steps with penalties (engine)", ""] + table(PENALTY_COLUMNS, [pen])
+        lines += ["", "Greedy, and greedy with repetition_penalty 1.1, frequency_penalty 0.2, presence_penalty 0.2 "
+                  "(each sequence's prompt ids kept on the device, its output counts updated as tokens come, the "
+                  "token still on the device counted there); fresh prompts, the better of two runs each.", ""]
     if prof := result.get("profile"):
         lines += ["## Where a decode step's time goes (engine)", ""] + table(PROFILE_COLUMNS, prof)
         lines += ["", f"Wall: {PROFILE_STEPS} decode steps timed alone, the engine as configured (overlap: each "
@@ -697,11 +721,14 @@ def report(result: dict) -> str:
 # ------------------------------------------------------------------------------------------------------ main
 
 CPU_DEFAULTS = dict(shape="qwen2_5_0_5b", dtype="float32", streams=[1, 8], prompt_len=64, new_tokens=24,
-                    ttft_tiles=2, ttft_streams=4, ttft_repeat=3, stack_requests=64, stack_max_tokens=64)
+                    ttft_tiles=2, ttft_streams=4, ttft_repeat=3, penalty_streams=8, penalty_prompt_len=512,
+                    stack_requests=64, stack_max_tokens=64)
 GPU_DEFAULTS = dict(shape="internlm2_5_7b", dtype="bfloat16", streams=[1, 16, 64], prompt_len=256, new_tokens=128,
-                    ttft_tiles=13, ttft_streams=16, ttft_repeat=3, stack_requests=64, stack_max_tokens=64)
+                    ttft_tiles=13, ttft_streams=16, ttft_repeat=3, penalty_streams=64, penalty_prompt_len=3072,
+                    stack_requests=64, stack_max_tokens=64)
 SMOKE = dict(shape="tiny", dtype="float32", streams=[1, 2], prompt_len=32, new_tokens=AGREE_MIN, ttft_tiles=13,
-             ttft_streams=2, ttft_repeat=1, stack_requests=4, stack_max_tokens=16)
+             ttft_streams=2, ttft_repeat=1, penalty_streams=2, penalty_prompt_len=64, stack_requests=4,
+             stack_max_tokens=16)
 
 
 def parse_args() -> argparse.Namespace:
@@ -719,6 +746,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ttft-decode-tokens", type=int, help="tokens of each of those streams (default: --new-tokens)")
     p.add_argument("--ttft-shared", type=int, default=4, help="questions about one image sent together (4)")
     p.add_argument("--ttft-repeat", type=int, help="TTFT-alone measurements, the median is reported (3; smoke: 1)")
+    p.add_argument("--penalty-streams", type=int, help="streams of the penalties' decode steps (cuda: 64; cpu: 8)")
+    p.add_argument("--penalty-prompt-len", type=int, help="their prompt tokens (cuda: 3072; cpu: 512)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measured runs per stream count (fresh prompts each); the median run is reported")
     p.add_argument("--hbm-bandwidth", type=float, default=4.8e12, help="B/s (H200: 4.8e12)")
@@ -745,7 +774,8 @@ def parse_args() -> argparse.Namespace:
     args.ttft_decode_tokens = args.ttft_decode_tokens or args.new_tokens
     if args.stack is None:
         args.stack = not args.device.startswith("cuda")
-    args.max_running = args.max_running or max(64, *args.streams, *args.profile, args.ttft_streams + 1)
+    args.max_running = args.max_running or max(64, *args.streams, *args.profile, args.ttft_streams + 1,
+                                               args.penalty_streams)
     if args.new_tokens < 2 or args.ttft_decode_tokens < 2:
         p.error("--new-tokens and --ttft-decode-tokens must be at least 2")
     if not args.out:
@@ -795,8 +825,9 @@ def main() -> None:
     need = max(max(args.streams) * (args.prompt_len + args.new_tokens),
                max(args.profile, default=0) * (args.prompt_len + 3 * PROFILE_STEPS + 4),
                args.ttft_streams * (args.prompt_len + args.ttft_decode_tokens) + image_tokens + 1,
-               args.ttft_shared * (image_tokens + 1))
-    seqs = max(max(args.streams), *args.profile, args.ttft_streams + 1, args.ttft_shared)
+               args.ttft_shared * (image_tokens + 1),
+               args.penalty_streams * (args.penalty_prompt_len + args.new_tokens))
+    seqs = max(max(args.streams), *args.profile, args.ttft_streams + 1, args.ttft_shared, args.penalty_streams)
     num_blocks = -(-need // args.block_size) + seqs + 16
     engine = make_engine(ours, num_blocks, args, dtype)
     bytes_per_step = weight_bytes_per_step(ours)
@@ -831,6 +862,9 @@ def main() -> None:
 
     log(f"TTFT: {args.ttft_tiles}-tile image prompt, alone and with {args.ttft_streams} decoding streams")
     result["ttft"] = ttft(engine, shape, dtype, args)
+    write(result, out)
+    log(f"penalties: {args.penalty_streams} streams x ({args.penalty_prompt_len} + {args.new_tokens}) tokens")
+    result["penalties"] = penalties(engine, shape, args)
     write(result, out)
     del engine, ours
     gc.collect()

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from services.llm_decoder.engine.sampler import (MIN_TEMPERATURE, SamplingBatch, _apply_penalties, sample,
-                                                 sample_to_host, uniform_noise)
-from services.llm_decoder.engine.sequence import SamplingParams
+from services.llm_decoder.engine.sampler import (MIN_TEMPERATURE, PenaltyHistory, SamplingBatch, _apply_penalties,
+                                                 sample, sample_to_host, uniform_noise)
+from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 M64 = (1 << 64) - 1
 
@@ -17,6 +17,13 @@ def draw(logits, params, steps=None, histories=None):
     out = sample(logits, batch)
     assert out.dtype == torch.int64 and out.shape == (len(params),) and out.device == logits.device
     return out.tolist()
+
+
+def history(prompt: list[int], output: list[int]) -> PenaltyHistory:
+    counts = {}
+    for t in output:
+        counts[t] = counts.get(t, 0) + 1
+    return PenaltyHistory(torch.tensor(sorted(set(prompt)), dtype=torch.int64), counts, len(output))
 
 
 def rand_logits(b, v, seed=0):
@@ -133,7 +140,7 @@ def test_min_p_filters_low_tokens():
 
 def test_penalties_match_hand_computation():
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.9, 0.1]])
-    hist = [([1, 1], [2, 3, 3])]  # prompt has 1; output has 2 once and 3 twice
+    hist = [history([1, 1], [2, 3, 3])]  # prompt has 1; output has 2 once and 3 twice
 
     # Every penalized value, exactly: repetition on prompt-or-output tokens, presence/frequency on output counts.
     b = SamplingBatch.build([SamplingParams(8, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)],
@@ -146,13 +153,32 @@ def test_penalties_match_hand_computation():
     assert _apply_penalties(logits, b)[0].tolist() == pytest.approx([2.0, -1.0, -0.5, -0.1, 0.1])
     # Greedy choice uses the penalized logits: a frequency penalty on the top token moves the argmax.
     logits2 = torch.tensor([[3.0, 2.9]])
-    b = SamplingBatch.build([SamplingParams(8, frequency_penalty=0.1)], [2], [([], [0, 0])], 2, "cpu")
+    b = SamplingBatch.build([SamplingParams(8, frequency_penalty=0.1)], [2], [history([], [0, 0])], 2, "cpu")
     assert sample(logits2, b).tolist() == [1]
     # A row without penalties next to one with them is untouched.
     b = SamplingBatch.build([SamplingParams(8), SamplingParams(8, frequency_penalty=0.1)], [2, 2],
-                            [([], [0, 0]), ([], [0, 0])], 2, "cpu")
+                            [history([], [0, 0]), history([], [0, 0])], 2, "cpu")
     assert sample(logits2.expand(2, 2).clone(), b).tolist() == [0, 1]
     assert SamplingParams(8, presence_penalty=0.1).uses_penalties and not SamplingParams(8).uses_penalties
+
+
+def test_a_penalty_history_takes_only_the_new_tokens_and_a_pending_one_counts():
+    """A sequence's history is updated with the tokens read back since the last step (the prompt's ids stay on the
+    device, copied once); a row's token still on the device (overlap) counts as if it were in the history."""
+    seq = Sequence("s", [4, 1, 4, 4], SamplingParams(8))
+    first = PenaltyHistory.of(seq, "cpu")
+    assert first.prompt.tolist() == [1, 4] and first.counts == {}
+    seq.token_ids += [2, 3, 3]
+    again = PenaltyHistory.of(seq, "cpu")
+    assert again is first and again.prompt is first.prompt and again.counts == {2: 1, 3: 2}
+    seq.token_ids += [2]
+    assert PenaltyHistory.of(seq, "cpu").counts == {2: 2, 3: 2}
+    params = [SamplingParams(8, repetition_penalty=1.5, frequency_penalty=0.5)] * 2
+    logits = rand_logits(2, 6)
+    whole = SamplingBatch.build(params, [3, 2], [history([1], [5, 5, 2]), history([0], [3, 2])], 6, "cpu")
+    pending = SamplingBatch.build(params, [3, 2], [history([1], [5, 5]), history([0], [3])], 6, "cpu",
+                                  pending=(torch.tensor([0, 1]), torch.tensor([2, 2])))
+    assert torch.equal(_apply_penalties(logits, whole), _apply_penalties(logits, pending))
 
 
 class OpCounter(TorchDispatchMode):
@@ -171,7 +197,7 @@ def test_work_is_batched_and_stays_on_device(hist):
     def ops(b):
         params = [hot(i, top_k=20, top_p=0.9, min_p=0.01, frequency_penalty=0.1 * hist) if i % 3 else SamplingParams(8)
                   for i in range(b)]
-        histories = [([1, 2], [3, 3])] * b if hist else None
+        histories = [history([1, 2], [3, 3])] * b if hist else None
         batch, logits = SamplingBatch.build(params, list(range(b)), histories, 100, "cpu"), rand_logits(b, 100)
         with OpCounter() as counter:
             sample(logits, batch)
@@ -188,7 +214,7 @@ def test_logprobs_are_the_raw_distribution_for_the_rows_that_ask(monkeypatch):
     params = [SamplingParams(8, logprobs=5),
               SamplingParams(8, temperature=0.5, seed=1, frequency_penalty=1.0, logprobs=0),
               SamplingParams(8), hot(2, top_k=3, logprobs=20, logit_bias=((5, 50.0),))]
-    batch = SamplingBatch.build(params, [0, 1, 2, 3], [([], [7, 7])] * 4, 300, "cpu")
+    batch = SamplingBatch.build(params, [0, 1, 2, 3], [history([], [7, 7])] * 4, 300, "cpu")
     reads, tolist = [], torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
     ids, logprobs = sample_to_host(logits, batch)

@@ -212,7 +212,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             self.streams.pop(seq.id, None)
             log_event(log, "generate", request_id=request.request_id or seq.id, finish_reason=reason or "cancelled",
                       prompt_tokens=seq.num_prompt, completion_tokens=delivered,
-                      cached_prompt_tokens=seq.cached_tokens or 0, duration_s=round(time.perf_counter() - stream.start, 4))
+                      cached_prompt_tokens=seq.cached_tokens or 0,
+                      duration_s=round(time.perf_counter() - stream.start, 4))
 
     @staticmethod
     def _text(detok: Detokenizer, stops: StopStrings, tokens: list[int], reason: str | None, delivered: int,

@@ -111,9 +111,6 @@ class LLMEngine:
         while this one runs on the device) or, without overlap, this one. Returns the tokens read back."""
         out: list[Output] = []
         batch = self.scheduler.schedule()
-        if self._pending is not None and any(seq.params.uses_penalties for seq, _ in batch):
-            out += self._drain()  # penalties need every earlier token on the host
-            batch = [(seq, n) for seq, n in batch if seq.status is Status.RUNNING]
         launched = self._launch(batch, out) if batch else None
         out += self._drain()
         if launched is not None:

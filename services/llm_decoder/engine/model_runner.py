@@ -16,8 +16,8 @@ import torch
 from services.common.cuda_graphs import bucket_sizes, record
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.context import BatchContext, cpu_decode_rows
-from services.llm_decoder.engine.sampler import (Logprobs, SamplingBatch, read_back, sample_for_host, sample_to_host,
-                                                 to_device)
+from services.llm_decoder.engine.sampler import (Logprobs, PenaltyHistory, SamplingBatch, read_back, sample_for_host,
+                                                 sample_to_host, to_device)
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 
@@ -113,11 +113,15 @@ class ModelRunner:
         step = Launched(batch, sampled)
         if sampled:
             params = [s.params for s in sampled]
-            # Penalties need every earlier token on the host: the engine reads back the step before first.
-            histories = [(s.prompt_ids, s.output_ids) for s in sampled] \
-                if any(p.uses_penalties for p in params) else None
+            histories, pending = None, None
+            if any(p.uses_penalties for p in params):
+                histories = [PenaltyHistory.of(s, self.device) for s in sampled]
+                waiting = [(j, prev.index[s]) for j, s in enumerate(sampled) if s.num_pending]
+                if waiting:  # their last tokens are prev's, on the device: counted there
+                    at = to_device(waiting, torch.int64, self.device)
+                    pending = at[:, 0], prev.ids.index_select(0, at[:, 1])
             step.sampling = SamplingBatch.build(params, [s.num_output + s.num_pending for s in sampled], histories,
-                                                logits.shape[-1], self.device)
+                                                logits.shape[-1], self.device, pending)
             step.ids, packed = sample_for_host(logits, step.sampling)
             step.host = packed.to("cpu", non_blocking=True)
             if self.device.type == "cuda":
@@ -225,8 +229,8 @@ def profile_prefill_memory(model, num_tokens: int, block_size: int, max_rows: in
     logits = model.logits(hidden[-1:].expand(max_rows, -1))
     params = [SamplingParams(1, temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
                              logprobs=20, logit_bias=((0, 1.0),))] * max_rows
-    sample_to_host(logits, SamplingBatch.build(params, [0] * max_rows, [([0], [0])] * max_rows, logits.shape[-1],
-                                               device))
+    history = PenaltyHistory(torch.zeros(1, dtype=torch.int64, device=device), {0: 1})
+    sample_to_host(logits, SamplingBatch.build(params, [0] * max_rows, [history] * max_rows, logits.shape[-1], device))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     for attn in model.kv_layers():

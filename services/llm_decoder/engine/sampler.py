@@ -1,5 +1,5 @@
-"""Batched next-token choice on the logits' device: logit biases (and min_tokens' ban on stop tokens), penalties, temperature, top-k, top-p, min-p, seeded
-draws, and the log-probabilities of the rows that ask for them.
+"""Batched next-token choice on the logits' device: logit biases (and min_tokens' ban on stop tokens), penalties,
+temperature, top-k, top-p, min-p, seeded draws, and the log-probabilities of the rows that ask for them.
 
 The only device->host transfer is the packed tensor of `sample_for_host`: every decision that would need a value back
 from the device (which rows are greedy, whether to sort, which rows want log-probabilities) is made on the host in
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.llm_decoder.engine.sequence import SamplingParams
+from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 # Below this a temperature is greedy: dividing by it would overflow float32 logits.
 MIN_TEMPERATURE = 1e-5
@@ -60,6 +60,25 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
 
 
 @dataclass
+class PenaltyHistory:
+    """A sequence's tokens as the penalties see them, kept up to date as they come, so that a step's work is its new
+    tokens, not the context: the prompt's distinct ids (copied to the device once) and each output id's count."""
+    prompt: torch.Tensor                # int64, on the device
+    counts: dict[int, int] = field(default_factory=dict)  # output id -> occurrences, of the tokens read back
+    counted: int = 0                    # output tokens in `counts`
+
+    @classmethod
+    def of(cls, seq: Sequence, device) -> "PenaltyHistory":
+        h = seq.penalty_history
+        if h is None:
+            h = seq.penalty_history = cls(to_device(sorted(set(seq.prompt_ids)), torch.int64, device))
+        for t in seq.token_ids[seq.num_prompt + h.counted:]:
+            h.counts[t] = h.counts.get(t, 0) + 1
+        h.counted = seq.num_output
+        return h
+
+
+@dataclass
 class SamplingBatch:
     """Per-row settings as device tensors [B], built once per step."""
     temperature: torch.Tensor
@@ -82,11 +101,12 @@ class SamplingBatch:
     logprob_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, alternatives) of rows that ask
 
     @classmethod
-    def build(cls, params: list[SamplingParams], steps: list[int],
-              histories: list[tuple[list[int], list[int]]] | None, vocab_size: int,
-              device) -> "SamplingBatch | None":
-        """histories[i] = (prompt_ids, output_ids); None when no row uses a penalty. None when every row is plain
-        greedy without log-probabilities: an argmax needs no per-row settings."""
+    def build(cls, params: list[SamplingParams], steps: list[int], histories: list[PenaltyHistory] | None,
+              vocab_size: int, device, pending: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> "SamplingBatch | None":
+        """histories: each row's, or None when no row uses a penalty; pending: (rows, their last token ids) of rows
+        whose last token is still on the device (not in their history yet). None when every row is plain greedy
+        without log-probabilities: an argmax needs no per-row settings."""
         sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
         bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias] + \
                [(i, t, -math.inf) for i, (p, s) in enumerate(zip(params, steps)) if s < p.min_tokens
@@ -111,16 +131,20 @@ class SamplingBatch:
             at = to_device([[i for i, _, _ in bias], [t for _, t, _ in bias]], torch.int64, device)
             batch.bias = at[0], at[1], to_device([v for _, _, v in bias], torch.float32, device)
         if histories is not None:
-            def where(part: int) -> tuple[torch.Tensor, torch.Tensor]:  # (row, token id) of every token in a part
-                flat = [x for i, h in enumerate(histories) for t in h[part] for x in (i, t)]
-                rc = to_device(flat, torch.int64, device).view(-1, 2)
-                return rc[:, 0], rc[:, 1]
             shape = (len(params), vocab_size)
-            out = where(1)
-            batch.token_counts = torch.zeros(shape, device=device).index_put_(
-                out, torch.ones(len(out[0]), device=device), accumulate=True)
+            # (row, id, count) of every distinct output id: one copy, of as many values as the outputs' distinct ids
+            counts = to_device([[i for i, h in enumerate(histories) for _ in h.counts],
+                                [t for h in histories for t in h.counts],
+                                [c for h in histories for c in h.counts.values()]], torch.int64, device)
+            batch.token_counts = torch.zeros(shape, device=device).index_put_((counts[0], counts[1]), counts[2].float())
+            if pending is not None:
+                batch.token_counts.index_put_(pending, torch.ones(len(pending[0]), device=device), accumulate=True)
+            # The prompts' ids are on the device already: only their lengths go there.
+            sizes = [len(h.prompt) for h in histories]
+            rows = torch.arange(len(sizes), device=device).repeat_interleave(to_device(sizes, torch.int64, device),
+                                                                              output_size=sum(sizes))
             batch.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=device).index_put_(
-                where(0), torch.ones((), dtype=torch.bool, device=device))
+                (rows, torch.cat([h.prompt for h in histories])), torch.ones((), dtype=torch.bool, device=device))
         return batch
 
 

@@ -3,8 +3,12 @@ import enum
 import uuid
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from services.llm_decoder.engine.sampler import PenaltyHistory
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Sequence:
     # With params.logprobs: per output token, (its log-probability, [(id, log-probability) of the top alternatives]).
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     _prompt_hashes: tuple[list[int], frozenset[int]] | None = field(default=None, init=False, repr=False)
+    penalty_history: "PenaltyHistory | None" = field(default=None, repr=False)  # made by its first penalized step
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
