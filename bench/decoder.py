@@ -724,7 +724,7 @@ CPU_DEFAULTS = dict(shape="qwen2_5_0_5b", dtype="float32", streams=[1, 8], promp
                     ttft_tiles=2, ttft_streams=4, ttft_repeat=3, penalty_streams=8, penalty_prompt_len=512,
                     stack_requests=64, stack_max_tokens=64)
 GPU_DEFAULTS = dict(shape="internlm2_5_7b", dtype="bfloat16", streams=[1, 16, 64], prompt_len=256, new_tokens=128,
-                    ttft_tiles=13, ttft_streams=16, ttft_repeat=3, penalty_streams=64, penalty_prompt_len=3072,
+                    ttft_tiles=13, ttft_streams=16, ttft_repeat=3, penalty_streams=64, penalty_prompt_len=2048,
                     stack_requests=64, stack_max_tokens=64)
 SMOKE = dict(shape="tiny", dtype="float32", streams=[1, 2], prompt_len=32, new_tokens=AGREE_MIN, ttft_tiles=13,
              ttft_streams=2, ttft_repeat=1, penalty_streams=2, penalty_prompt_len=64, stack_requests=4,
@@ -747,7 +747,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ttft-shared", type=int, default=4, help="questions about one image sent together (4)")
     p.add_argument("--ttft-repeat", type=int, help="TTFT-alone measurements, the median is reported (3; smoke: 1)")
     p.add_argument("--penalty-streams", type=int, help="streams of the penalties' decode steps (cuda: 64; cpu: 8)")
-    p.add_argument("--penalty-prompt-len", type=int, help="their prompt tokens (cuda: 3072; cpu: 512)")
+    p.add_argument("--penalty-prompt-len", type=int, help="their prompt tokens (cuda: 2048; cpu: 512)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measured runs per stream count (fresh prompts each); the median run is reported")
     p.add_argument("--hbm-bandwidth", type=float, default=4.8e12, help="B/s (H200: 4.8e12)")
