@@ -115,7 +115,8 @@ class ModelRunner:
             params = [s.params for s in sampled]
             histories, pending = None, None
             if any(p.uses_penalties for p in params):
-                histories = [PenaltyHistory.of(s, self.device) for s in sampled]
+                none = PenaltyHistory(torch.empty(0, dtype=torch.int64, device=self.device))  # a row without them
+                histories = [PenaltyHistory.of(s, self.device) if s.params.uses_penalties else none for s in sampled]
                 waiting = [(j, prev.index[s]) for j, s in enumerate(sampled) if s.num_pending]
                 if waiting:  # their last tokens are prev's, on the device: counted there
                     at = to_device(waiting, torch.int64, self.device)
