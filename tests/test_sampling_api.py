@@ -68,6 +68,13 @@ def test_a_stop_string_split_over_tokens_ends_the_answer(client, gateway, free_r
     parts = list(gateway.ChatStream(request, timeout=60))
     assert "".join(p.text for p in parts) == answer and parts[-1].finish_reason == "stop"
     assert parts[-1].usage.completion_tokens == used
+    # include_stop_str_in_output (as vLLM): the same tokens, and the stop string ends the text
+    kept = complete(client, max_tokens=32, temperature=0, stop=stop, extra={"include_stop_str_in_output": True})
+    assert (kept.choices[0].message.content, kept.choices[0].token_ids) == (answer + stop, ids[:used])
+    assert stream(client, max_tokens=32, temperature=0, stop=stop, extra={"include_stop_str_in_output": True})[:2] \
+        == ({0: answer + stop}, {0: "stop"})
+    request.include_stop_str_in_output = True
+    assert gateway.Chat(request, timeout=60).text == answer + stop
 
 
 def test_a_stop_string_in_the_first_token(client, free_run):

@@ -5,9 +5,9 @@ from hypothesis import strategies as st
 from services.llm_decoder.detokenizer import StopStrings
 
 
-def run(stop: list[str], deltas: list[str], skip: int = 0) -> tuple[str, bool, list[str]]:
+def run(stop: list[str], deltas: list[str], skip: int = 0, include: bool = False) -> tuple[str, bool, list[str]]:
     """Push the deltas, the first `skip` without looking for stop strings (min_tokens)."""
-    s, sent, seen = StopStrings(stop), [], ""
+    s, sent, seen = StopStrings(stop, include), [], ""
     for k, delta in enumerate(deltas):
         seen += delta
         piece, stopped = s.push(delta, look=k >= skip)
@@ -34,11 +34,13 @@ def test_the_answer_ends_before_the_first_stop_string(stop, deltas, skip):
     text, hits = "", []
     for k, delta in enumerate(deltas):
         text += delta
-        hits = [i for x in stop for i in range(len(text)) if text.startswith(x, i) and i + len(x) > unseen]
+        hits = [(i, len(x)) for x in stop for i in range(len(text)) if text.startswith(x, i) and i + len(x) > unseen]
         if hits and k >= skip:
             break
-    out, stopped, _ = run(stop, deltas, skip)
-    assert (out, stopped) == ((text[:min(hits)], True) if hits and k >= skip else (text, False))
+    stopped = bool(hits) and k >= skip
+    assert run(stop, deltas, skip)[:2] == ((text[:min(hits)[0]], True) if stopped else (text, False))
+    # included: the answer ends with the stop string that starts first (the shorter of two that start together)
+    assert run(stop, deltas, skip, include=True)[:2] == ((text[:sum(min(hits))], True) if stopped else (text, False))
 
 
 def test_split_over_deltas_and_in_the_first_delta():

@@ -155,6 +155,7 @@ class ChatService:
                                      min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
                                      presence_penalty=req.presence_penalty or 0.0,
                                      frequency_penalty=req.frequency_penalty or 0.0, stop=req.stop,
+                                     include_stop_str=req.include_stop_str_in_output,
                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                                      logit_bias=req.logit_bias, min_tokens=req.min_tokens)
         # The cache keys name each image's embeddings: the decoder reuses KV blocks of prompts with the same images.

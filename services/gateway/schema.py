@@ -160,7 +160,9 @@ class ChatCompletionRequest(BaseModel):
                                          "add_generation_prompt false)")
     n: int = Field(default=1, ge=1, lt=2 ** 31, description="answers to generate (at most the server's MAX_N)")
     stop: list[str] = Field(default_factory=list, description="a string or up to 4 strings that end the answer "
-                            "(not included in it)")
+                            "(not included in it, unless include_stop_str_in_output)")
+    include_stop_str_in_output: bool = Field(default=False, description="the stop string that ends the answer is "
+                                             "in its text (as vLLM)")
     logprobs: bool = Field(default=False, description="return each answer token's log-probability")
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="with logprobs: this many most likely "
                                      "alternatives per token")

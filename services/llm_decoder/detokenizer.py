@@ -104,14 +104,14 @@ class Detokenizer:
 
 
 class StopStrings:
-    """Ends a stream of final text at the first stop string, the stop string excluded.
+    """Ends a stream of final text at the first stop string, the stop string excluded (or included, `include`).
 
     Text is held back only while it could still be the start of a stop string (its tail is a prefix of one), so a
     stop string split over several tokens is found and never partly sent.
     """
 
-    def __init__(self, stop: list[str]):
-        self.stop, self.held = stop, ""
+    def __init__(self, stop: list[str], include: bool = False):
+        self.stop, self.held, self.include = stop, "", include
 
     def push(self, text: str, look: bool = True) -> tuple[str, bool]:
         """The text that can be sent now, and whether a stop string ended the answer there: one that ends in this
@@ -122,9 +122,11 @@ class StopStrings:
         # Whatever was sent cannot begin a match: a match starts in the held text or after it. One inside the held
         # text was passed over by a push that did not look.
         held, text, self.held = len(self.held), self.held + text, ""
-        found = [i for i in (text.find(s, max(0, held - len(s) + 1)) for s in self.stop) if i >= 0] if look else []
+        found = [(i, len(s)) for i, s in ((text.find(s, max(0, held - len(s) + 1)), s) for s in self.stop) if i >= 0] \
+            if look else []
         if found:
-            return text[:min(found)], True
+            i, n = min(found)  # the one that starts first (the shorter of two that start together)
+            return text[:i + n if self.include else i], True
         keep = max(next((n for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), 0)
                    for s in self.stop)
         self.held = text[len(text) - keep:]

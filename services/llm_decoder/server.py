@@ -153,7 +153,8 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
         stream = self.streams[seq.id] = _Stream(request.final_only and not request.sampling.stop, arrival)
         # An answer that continues the prompt's last message reads on from its text (a leading space kept).
         context = self.text.context(seq.prompt_ids) if request.continues_prompt else []
-        queue, detok, stops = stream.queue, self.text.stream(context), StopStrings(list(request.sampling.stop))
+        stops = StopStrings(list(request.sampling.stop), request.sampling.include_stop_str)
+        queue, detok = stream.queue, self.text.stream(context)
         model, delivered, last = self.info.model, 0, stream.start
         texted = bool(context)  # a text token came before: the next one's bytes keep their leading space
         answer = pb.GenerateResponse(embeddings_s=read_s)  # a final-only call's one message, gathered
