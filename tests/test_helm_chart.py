@@ -204,7 +204,8 @@ def test_objects_validate_against_kubernetes_schemas(render, files):
 
 @pytest.mark.parametrize("bad", [{"gateway": {"replicas": "many"}}, {"replicaCount": 3},
                                  {"llmDecoder": {"gpus": "two"}}, {"visionEncoder": {"replicsa": 1}},
-                                 {"redis": {"maxmemoryPolicy": "sometimes"}}, {"networkPolicy": {"enabled": "yes"}}])
+                                 {"redis": {"maxmemoryPolicy": "sometimes"}}, {"networkPolicy": {"enabled": "yes"}},
+                                 {"gateway": {"generationConfig": "vllm"}}])
 def test_schema_rejects_bad_values(helm, tmp_path, bad):
     with pytest.raises(RenderError, match="(?i)schema|additional propert|want|type|enum|value must be"):
         helm.template([values_file(tmp_path, bad)])

@@ -170,6 +170,45 @@ async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
     assert list(plain.sampling.stop) == [] and not plain.sampling.HasField("logprobs")
 
 
+async def test_the_checkpoints_sampling_defaults_fill_what_a_request_leaves_unset(tiny_checkpoint, tmp_path):
+    """As vLLM's --generation-config auto: generation_config.json's temperature, top_p, top_k, min_p,
+    repetition_penalty and max_new_tokens are the defaults of a request that does not set them (null is not set); a
+    default length is cut to the context's room, and values no request could send stop the gateway at start-up."""
+    from services.common.cache import EmbeddingCache
+    from services.gateway.balancer import Balancer
+    from services.gateway.chat import ChatService, Limits, Pools
+    from services.gateway.prompt import sampling_defaults
+    from services.gateway.schema import ChatCompletionRequest
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.6, "top_p": 0.8, "top_k": 20,
+                                                             "repetition_penalty": 1.05, "max_new_tokens": 10_000,
+                                                             "do_sample": True}))
+    defaults = sampling_defaults(path)
+    assert defaults == {"temperature": 0.6, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+                        "max_tokens": 10_000}
+    assert sampling_defaults(tiny_checkpoint) == {}
+    prompt = PromptBuilder(path, read_model_config(path))
+    pools = Pools(Balancer("vision encoder", None), Balancer("LLM decoder", None), "", 256, 4096)  # no endpoints
+    chat = ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits(sampling_defaults=defaults))
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    [silent] = await chat.prepare(ChatCompletionRequest(**ask, temperature=None))
+    s = silent.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.min_p) == pytest.approx((0.6, 0.8, 20, 1.05, 0))
+    assert s.max_tokens == 4096 - len(silent.token_ids)  # 10,000 by default, cut to the room
+    [given] = await chat.prepare(ChatCompletionRequest(**ask, temperature=0, top_k=-1, max_completion_tokens=5))
+    assert (given.sampling.temperature, given.sampling.top_k, given.sampling.max_tokens) == (0, -1, 5)
+    assert given.sampling.top_p == pytest.approx(0.8)
+    [plain] = await ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits()).prepare(
+        ChatCompletionRequest(**ask))
+    assert (plain.sampling.temperature, plain.sampling.top_p, plain.sampling.max_tokens) == (1, 1, 0)  # OpenAI's
+    (path / "generation_config.json").write_text(json.dumps({**config, "top_p": 0}))
+    with pytest.raises(ValueError, match="generation_config.json: sampling defaults"):
+        sampling_defaults(path)
+
+
 async def test_n_stop_and_logprobs_reach_the_decoder(tiny_checkpoint):
     """n choices are n decoder requests for the same prompt; seeded ones get distinct seeds, the same every time."""
     from services.common.cache import EmbeddingCache

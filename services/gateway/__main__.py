@@ -32,7 +32,7 @@ from services.gateway.malloc import return_large_buffers
 from services.gateway.media import UrlPolicy
 from services.gateway.pools import Pools, same_checkpoint
 from services.gateway.preprocess import Preprocessor
-from services.gateway.prompt import PromptBuilder
+from services.gateway.prompt import PromptBuilder, sampling_defaults
 from services.gateway.video import DEFAULT_NUM_SEGMENTS
 
 log = logging.getLogger("gateway")
@@ -71,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--max-num", "MAX_NUM", 12, "most tiles per image a request may ask for", int)
     settings.add(p, "--max-images", "MAX_IMAGES", 16, "most images per request", int)
     settings.add(p, "--max-n", "MAX_N", 8, "most answers (n) per request", int)
+    settings.add(p, "--generation-config", "GENERATION_CONFIG", "auto",
+                 "auto: a request's unset temperature, top_p, top_k, min_p, repetition_penalty and max_tokens come "
+                 "from the checkpoint's generation_config.json (as vLLM); none: OpenAI's defaults")
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
     settings.add(p, "--max-videos", "MAX_VIDEOS", 4, "most videos per request", int)
     settings.add(p, "--max-num-segments", "MAX_NUM_SEGMENTS", 32,
@@ -103,7 +106,10 @@ def parse_args() -> argparse.Namespace:
                  "networks and host names image URLs may reach besides public addresses, comma-separated "
                  "(e.g. 10.2.0.0/16,images.internal); by default loopback, private, link-local and other "
                  "non-public addresses are refused")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.generation_config not in ("auto", "none"):
+        p.error(f"--generation-config must be auto or none, not {args.generation_config!r}")
+    return args
 
 
 def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argparse.Namespace,
@@ -191,7 +197,11 @@ async def main() -> None:
                     max_concurrent_requests=args.max_concurrent_requests, max_request_bytes=args.max_request_bytes,
                     max_decode_pixels=args.max_decode_pixels, generate_timeout_s=args.generate_timeout,
                     single_flight_ttl_s=args.single_flight_ttl,
-                    api_keys=tuple(read_api_keys(args.api_keys, args.api_keys_file)))
+                    api_keys=tuple(read_api_keys(args.api_keys, args.api_keys_file)),
+                    sampling_defaults=sampling_defaults(path) if args.generation_config == "auto" else {})
+    if limits.sampling_defaults:  # as vLLM says it: answers differ from OpenAI's defaults
+        log.warning("sampling defaults from the checkpoint's generation_config.json: %s (--generation-config none: "
+                    "OpenAI's)", limits.sampling_defaults)
     cache = EmbeddingCache(args.redis_url, ttl_s=0)  # the gateway only reads; the vision pool writes
     preprocess = Preprocessor(args.preprocess_workers)
     await preprocess.start()  # the workers' imports before traffic, not on the first images

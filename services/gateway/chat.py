@@ -4,7 +4,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -53,6 +53,8 @@ class Limits:
     max_request_bytes: int = 64 * 1024 * 1024  # a chat request body (inline images included)
     max_decode_pixels: int = 256 * 1024 * 1024  # decoded pixels in flight over all requests (~1 GB of RGB(A))
     api_keys: tuple[str, ...] = ()  # clients must present one of these (none: the gateway is open)
+    # Request fields -> values a request that does not set them gets (the checkpoint's generation_config.json)
+    sampling_defaults: dict = field(default_factory=dict)
     url_policy: UrlPolicy = UrlPolicy()  # where image URLs may lead (public addresses only by default)
 
 
@@ -120,6 +122,7 @@ class ChatService:
         phases = phases or Phases()
         by_reference = by_reference and self.cache.usable() and self.pools.decoder_reads_cache
         self.check_model(req.model)
+        req, default_length = self._with_defaults(req)
         max_num = self._max_num(req.max_num or self.limits.default_max_num, "max_num")
         if req.n > self.limits.max_n:
             raise bad_request(f"n={req.n} exceeds the server's limit of {self.limits.max_n}", "n")
@@ -147,7 +150,9 @@ class ChatService:
                               f"{self.pools.max_model_len}", "messages")
         with phases("vision"):
             await self._encode_misses(resolved, request_id, by_reference, phases)
-        sampling = pb.SamplingParams(max_tokens=req.max_completion_tokens or req.max_tokens or 0,
+        room = self.pools.max_model_len - len(token_ids)  # a default length is cut to it; one asked for is checked
+        sampling = pb.SamplingParams(max_tokens=min(req.max_tokens, room) if default_length else
+                                     req.max_completion_tokens or req.max_tokens or 0,
                                      temperature=req.temperature, top_p=req.top_p,
                                      stop_token_ids=sorted(set(req.stop_token_ids) | set(
                                          () if req.ignore_eos else self.prompt.stop_token_ids)),
@@ -171,6 +176,13 @@ class ChatService:
             if req.seed is not None:  # reproducible, and not the same answer n times
                 choice.sampling.seed = choice_seed(req.seed, i)
         return requests
+
+    def _with_defaults(self, req: ChatCompletionRequest) -> tuple[ChatCompletionRequest, bool]:
+        """The request with the checkpoint's sampling defaults in the fields it does not set (null is not set), and
+        whether its length is the default."""
+        given = req.model_fields_set | ({"max_tokens"} if req.max_completion_tokens else set())
+        unset = {k: v for k, v in self.limits.sampling_defaults.items() if k not in given}
+        return (req.model_copy(update=unset) if unset else req), "max_tokens" in unset
 
     async def generate(self, requests: list[pb.GenerateRequest],
                        req: ChatCompletionRequest) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:

@@ -6,11 +6,13 @@ conversation.py does; transformers-native checkpoints carry a jinja chat templat
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from services.common.checkpoint import ModelConfig
 from services.common.tokenizer import load_tokenizer
 from services.gateway import templates
 from services.gateway.errors import bad_request
-from services.gateway.schema import ImagePart, Message, TextPart, VideoPart
+from services.gateway.schema import ChatCompletionRequest, ImagePart, Message, TextPart, VideoPart
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"  # where the cards' prompts put an image
@@ -127,10 +129,30 @@ def _message_text(m: Message, default_num_segments: int) -> tuple[str, list[Medi
     return "".join(text), media
 
 
+# generation_config.json's sampling keys, by the request field each one is the default of (vLLM's list)
+SAMPLING_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                     "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def _generation_config(path: Path) -> dict:
+    gen = path / "generation_config.json"
+    return json.loads(gen.read_text()) if gen.exists() else {}
+
+
 def _eos_ids(path: Path) -> set[int]:
     """The end-of-turn ids the checkpoint's generation config names."""
-    gen = path / "generation_config.json"
-    if not gen.exists():
-        return set()
-    eos = json.loads(gen.read_text()).get("eos_token_id")
+    eos = _generation_config(path).get("eos_token_id")
     return set(eos) if isinstance(eos, list) else {eos} - {None}
+
+
+def sampling_defaults(path: Path) -> dict:
+    """The sampling settings the checkpoint's generation_config.json recommends, as request fields: what a request
+    that does not set them gets (as vLLM's default --generation-config auto). Checked as a request's would be."""
+    config = _generation_config(path)
+    defaults = {field: config[key] for key, field in SAMPLING_DEFAULTS.items() if config.get(key) is not None}
+    try:
+        ChatCompletionRequest(model="m", messages=[Message(role="user", content="x")], **defaults)
+    except ValidationError as e:
+        raise ValueError(f"{path / 'generation_config.json'}: sampling defaults {defaults} are not valid request "
+                         f"settings: {e}") from e
+    return defaults
