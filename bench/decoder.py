@@ -344,19 +344,30 @@ def throughput(hf, engine, shape: Shape, dtype: torch.dtype, streams: int, args,
     return row
 
 
-def penalties(engine, shape: Shape, args) -> dict:
-    """Decode steps of long prompts with the repetition, frequency and presence penalties against the same steps
-    without them (fresh prompts each run, the better of two runs each): what keeping each sequence's token history
-    costs a step."""
-    streams, length, new = args.penalty_streams, args.penalty_prompt_len, args.new_tokens
-    penalized = SamplingParams(new, repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.2)
-    row = {"streams": streams, "prompt_len": length, "new_tokens": new}
-    for name, params in (("plain", None), ("penalized", penalized)):
-        row[f"{name}_step_ms"] = min(decode_step_ms(run_engine(
-            engine, random_prompts(streams, length, shape.vocab, args.seed), new, args.device, f"pen-{name}-{r}",
-            params), new) for r in range(2))
-    row["ratio"] = row["penalized_step_ms"] / row["plain_step_ms"]
-    return row
+# What a decode step costs with each kind of sampling setting, against greedy (bench `sampling`).
+SAMPLING_SETTINGS = {
+    "greedy": {},
+    "temperature 0.8, top_p 0.9, top_k 50 (seeded)": dict(temperature=0.8, top_p=0.9, top_k=50, seed=0),
+    "repetition 1.1, frequency 0.2, presence 0.2 penalties": dict(repetition_penalty=1.1, frequency_penalty=0.2,
+                                                                   presence_penalty=0.2),
+    "top 5 log-probabilities": dict(logprobs=5),
+}
+
+
+def sampling(engine, shape: Shape, args) -> dict:
+    """Decode steps of long prompts with each kind of sampling setting against greedy ones (fresh prompts each run,
+    the better of two runs each): what the sampler's work and the penalties' token histories cost a step."""
+    streams, length, new = args.sampling_streams, args.sampling_prompt_len, args.new_tokens
+    run_engine(engine, random_prompts(streams, length, shape.vocab, args.seed), 2, args.device, "sampling-warm")
+    rows = []
+    for name, settings in SAMPLING_SETTINGS.items():
+        params = SamplingParams(new, **settings)
+        step_ms = min(decode_step_ms(run_engine(engine, random_prompts(streams, length, shape.vocab, args.seed), new,
+                                                args.device, f"sampling-{len(rows)}-{r}", params), new)
+                      for r in range(2))
+        rows.append({"settings": name, "step_ms": step_ms, "vs_greedy": step_ms / (rows[0]["step_ms"] if rows
+                                                                                   else step_ms)})
+    return {"streams": streams, "prompt_len": length, "new_tokens": new, "rows": rows}
 
 
 def image_prompt(shape: Shape, tiles: int, seed: int) -> list[int]:
@@ -644,9 +655,7 @@ TTFT_COLUMNS = [("tiles", "tiles", 0), ("prompt_tokens", "prompt tokens", 0), ("
                 ("decode_gap_median_ms", "decode gap before ms (median)", 1),
                 ("decode_gap_max_ms", "decode max gap around the prefill ms", 1),
                 ("decodes_outlived_prefill", "decodes outlived the prefill", 0)]
-PENALTY_COLUMNS = [("streams", "streams", 0), ("prompt_len", "prompt tokens", 0), ("new_tokens", "new tokens", 0),
-                   ("plain_step_ms", "decode ms/step", 2), ("penalized_step_ms", "with penalties ms/step", 2),
-                   ("ratio", "with / without", 2)]
+SAMPLING_COLUMNS = [("settings", "settings", 0), ("step_ms", "decode ms/step", 2), ("vs_greedy", "/ greedy", 2)]
 STACK_COLUMNS = [("requests", "requests", 0), ("max_tokens", "max_tokens", 0), ("stack_tokens", "stack tokens", 0),
                  ("stack_s", "stack s", 2), ("stack_tok_s", "stack tok/s", 1), ("hf_tokens", "transformers tokens", 0),
                  ("hf_s", "transformers s", 2), ("hf_tok_s", "transformers tok/s", 1),
@@ -690,11 +699,12 @@ def report(result: dict) -> str:
         lines += ["", "Each its own question after the same image (one cache key): the first prefills the image, "
                   "the others wait for it and take its blocks from the prefix cache (without that wait, each one "
                   "prefilled the image beside the first).", ""]
-    if pen := result.get("penalties"):
-        lines += ["## Decode steps with penalties (engine)", ""] + table(PENALTY_COLUMNS, [pen])
-        lines += ["", "Greedy, and greedy with repetition_penalty 1.1, frequency_penalty 0.2, presence_penalty 0.2 "
-                  "(each sequence's prompt ids kept on the device, its output counts updated as tokens come, the "
-                  "token still on the device counted there); fresh prompts, the better of two runs each.", ""]
+    if s := result.get("sampling"):
+        lines += [f"## Decode steps by sampling settings (engine): {s['streams']} streams, prompts of "
+                  f"{s['prompt_len']} tokens, {s['new_tokens']} new tokens", ""] + table(SAMPLING_COLUMNS, s["rows"])
+        lines += ["", "Every stream with the same settings; fresh prompts, the better of two runs each. Penalties keep "
+                  "each sequence's prompt ids on the device and its output counts as tokens come (the token still on "
+                  "the device counted there).", ""]
     if prof := result.get("profile"):
         lines += ["## Where a decode step's time goes (engine)", ""] + table(PROFILE_COLUMNS, prof)
         lines += ["", f"Wall: {PROFILE_STEPS} decode steps timed alone, the engine as configured (overlap: each "
@@ -721,13 +731,13 @@ def report(result: dict) -> str:
 # ------------------------------------------------------------------------------------------------------ main
 
 CPU_DEFAULTS = dict(shape="qwen2_5_0_5b", dtype="float32", streams=[1, 8], prompt_len=64, new_tokens=24,
-                    ttft_tiles=2, ttft_streams=4, ttft_repeat=3, penalty_streams=8, penalty_prompt_len=512,
+                    ttft_tiles=2, ttft_streams=4, ttft_repeat=3, sampling_streams=8, sampling_prompt_len=512,
                     stack_requests=64, stack_max_tokens=64)
 GPU_DEFAULTS = dict(shape="internlm2_5_7b", dtype="bfloat16", streams=[1, 16, 64], prompt_len=256, new_tokens=128,
-                    ttft_tiles=13, ttft_streams=16, ttft_repeat=3, penalty_streams=64, penalty_prompt_len=2048,
+                    ttft_tiles=13, ttft_streams=16, ttft_repeat=3, sampling_streams=64, sampling_prompt_len=1024,
                     stack_requests=64, stack_max_tokens=64)
 SMOKE = dict(shape="tiny", dtype="float32", streams=[1, 2], prompt_len=32, new_tokens=AGREE_MIN, ttft_tiles=13,
-             ttft_streams=2, ttft_repeat=1, penalty_streams=2, penalty_prompt_len=64, stack_requests=4,
+             ttft_streams=2, ttft_repeat=1, sampling_streams=2, sampling_prompt_len=64, stack_requests=4,
              stack_max_tokens=16)
 
 
@@ -746,8 +756,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ttft-decode-tokens", type=int, help="tokens of each of those streams (default: --new-tokens)")
     p.add_argument("--ttft-shared", type=int, default=4, help="questions about one image sent together (4)")
     p.add_argument("--ttft-repeat", type=int, help="TTFT-alone measurements, the median is reported (3; smoke: 1)")
-    p.add_argument("--penalty-streams", type=int, help="streams of the penalties' decode steps (cuda: 64; cpu: 8)")
-    p.add_argument("--penalty-prompt-len", type=int, help="their prompt tokens (cuda: 2048; cpu: 512)")
+    p.add_argument("--sampling-streams", type=int, help="streams of the decode steps by sampling settings (cuda: 64; "
+                   "cpu: 8)")
+    p.add_argument("--sampling-prompt-len", type=int, help="their prompt tokens (cuda: 1024; cpu: 512)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measured runs per stream count (fresh prompts each); the median run is reported")
     p.add_argument("--hbm-bandwidth", type=float, default=4.8e12, help="B/s (H200: 4.8e12)")
@@ -775,7 +786,7 @@ def parse_args() -> argparse.Namespace:
     if args.stack is None:
         args.stack = not args.device.startswith("cuda")
     args.max_running = args.max_running or max(64, *args.streams, *args.profile, args.ttft_streams + 1,
-                                               args.penalty_streams)
+                                               args.sampling_streams)
     if args.new_tokens < 2 or args.ttft_decode_tokens < 2:
         p.error("--new-tokens and --ttft-decode-tokens must be at least 2")
     if not args.out:
@@ -826,8 +837,8 @@ def main() -> None:
                max(args.profile, default=0) * (args.prompt_len + 3 * PROFILE_STEPS + 4),
                args.ttft_streams * (args.prompt_len + args.ttft_decode_tokens) + image_tokens + 1,
                args.ttft_shared * (image_tokens + 1),
-               args.penalty_streams * (args.penalty_prompt_len + args.new_tokens))
-    seqs = max(max(args.streams), *args.profile, args.ttft_streams + 1, args.ttft_shared, args.penalty_streams)
+               args.sampling_streams * (args.sampling_prompt_len + args.new_tokens))
+    seqs = max(max(args.streams), *args.profile, args.ttft_streams + 1, args.ttft_shared, args.sampling_streams)
     num_blocks = -(-need // args.block_size) + seqs + 16
     engine = make_engine(ours, num_blocks, args, dtype)
     bytes_per_step = weight_bytes_per_step(ours)
@@ -863,8 +874,9 @@ def main() -> None:
     log(f"TTFT: {args.ttft_tiles}-tile image prompt, alone and with {args.ttft_streams} decoding streams")
     result["ttft"] = ttft(engine, shape, dtype, args)
     write(result, out)
-    log(f"penalties: {args.penalty_streams} streams x ({args.penalty_prompt_len} + {args.new_tokens}) tokens")
-    result["penalties"] = penalties(engine, shape, args)
+    log(f"sampling: {args.sampling_streams} streams x ({args.sampling_prompt_len} + {args.new_tokens}) tokens, "
+        f"{len(SAMPLING_SETTINGS)} settings")
+    result["sampling"] = sampling(engine, shape, args)
     write(result, out)
     del engine, ours
     gc.collect()

@@ -9,7 +9,7 @@
 #              comes back as $out/gemv_configs-*.json (to be committed as services/common/gemv_configs.json), and
 #              the decoder step after it runs with it (GEMV_CONFIGS)
 #   decoder    the engine against transformers' generate at InternLM2.5-7B shapes: 1/16/64 streams, 13-tile TTFT,
-#              decode steps with penalties at 64 x 2,048-token prompts against the same without them (~20 s);
+#              decode steps at 64 x 1,024-token prompts by sampling settings against greedy ones (~20 s);
 #              the profile times each step with and without overlap; then fp32 at 0.5B shapes, whose greedy tokens
 #              must equal transformers' (the bench fails otherwise)
 #   vision     InternViT-300M + the 8B projector against transformers': tiles/s at 64 tiles, a 13-tile image, one

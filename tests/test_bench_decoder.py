@@ -15,7 +15,7 @@ def test_smoke_run_writes_the_ratios(tmp_path):
     text, result = run_bench("decoder", tmp_path / "decoder.md", "--device", "cpu", "--profile", "1",
                              "--trace-compiles")
     for heading in ("engine/transformers", "TTFT while decoding ms", "stack/transformers", "Greedy agreement",
-                    "Where a decode step's time goes", "with penalties ms/step"):
+                    "Where a decode step's time goes", "Decode steps by sampling settings"):
         assert heading in text
     assert [r["streams"] for r in result["throughput"]] == [1, 2]
     for row in result["throughput"]:
@@ -25,8 +25,9 @@ def test_smoke_run_writes_the_ratios(tmp_path):
     assert result["correctness"]["passed"] and result["correctness"]["agree"] >= 16
     ttft = result["ttft"]
     assert ttft["prompt_tokens"] == 13 * 256 + 50 and ttft["alone_ms"] > 0 and ttft["loaded_ms"] > 0
-    pen = result["penalties"]
-    assert (pen["streams"], pen["prompt_len"]) == (2, 64) and pen["plain_step_ms"] > 0 and math.isfinite(pen["ratio"])
+    sampling = result["sampling"]
+    assert (sampling["streams"], sampling["prompt_len"]) == (2, 64) and len(sampling["rows"]) == 4
+    assert sampling["rows"][0]["vs_greedy"] == 1 and all(r["step_ms"] > 0 for r in sampling["rows"])
     stack = result["stack"]
     assert "error" not in stack, stack
     assert stack["requests"] == 4 and stack["stack_tokens"] > 0 and math.isfinite(stack["ratio"]) and stack["ratio"] > 0
