@@ -150,17 +150,24 @@ def test_the_gateway_needs_no_torch():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
+def chat_service(path, **limits):
+    """The gateway's chat service for a checkpoint, with pools that have no endpoints (prepare never calls them) and
+    a 4,096-token context."""
     from services.common.cache import EmbeddingCache
     from services.gateway.balancer import Balancer
     from services.gateway.chat import ChatService, Limits, Pools
+
+    pools = Pools(Balancer("vision encoder", None), Balancer("LLM decoder", None), "", 256, 4096)
+    return ChatService("m", PromptBuilder(path, read_model_config(path)), pools, EmbeddingCache(None, 0), None,
+                       Limits(**limits))
+
+
+async def test_stop_token_ids_and_ignore_eos_reach_the_decoder(tiny_checkpoint):
     from services.gateway.schema import ChatCompletionRequest
 
-    prompt = PromptBuilder(tiny_checkpoint, read_model_config(tiny_checkpoint))
-    pools = Pools(Balancer("vision encoder", None), Balancer("LLM decoder", None), "", 256, 4096)  # no endpoints
-    chat = ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits())
+    chat = chat_service(tiny_checkpoint)
     ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    end_of_turn = prompt.stop_token_ids
+    end_of_turn = chat.prompt.stop_token_ids
     [plain] = await chat.prepare(ChatCompletionRequest(**ask))
     assert list(plain.sampling.stop_token_ids) == end_of_turn
     [extra] = await chat.prepare(ChatCompletionRequest(**ask, stop_token_ids=[7, 3]))
@@ -174,9 +181,6 @@ async def test_the_checkpoints_sampling_defaults_fill_what_a_request_leaves_unse
     """As vLLM's --generation-config auto: generation_config.json's temperature, top_p, top_k, min_p,
     repetition_penalty and max_new_tokens are the defaults of a request that does not set them (null is not set); a
     default length is cut to the context's room, and values no request could send stop the gateway at start-up."""
-    from services.common.cache import EmbeddingCache
-    from services.gateway.balancer import Balancer
-    from services.gateway.chat import ChatService, Limits, Pools
     from services.gateway.prompt import sampling_defaults
     from services.gateway.schema import ChatCompletionRequest
 
@@ -190,9 +194,7 @@ async def test_the_checkpoints_sampling_defaults_fill_what_a_request_leaves_unse
     assert defaults == {"temperature": 0.6, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
                         "max_tokens": 10_000}
     assert sampling_defaults(tiny_checkpoint) == {}
-    prompt = PromptBuilder(path, read_model_config(path))
-    pools = Pools(Balancer("vision encoder", None), Balancer("LLM decoder", None), "", 256, 4096)  # no endpoints
-    chat = ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits(sampling_defaults=defaults))
+    chat = chat_service(path, sampling_defaults=defaults)
     ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     [silent] = await chat.prepare(ChatCompletionRequest(**ask, temperature=None))
     s = silent.sampling
@@ -201,8 +203,7 @@ async def test_the_checkpoints_sampling_defaults_fill_what_a_request_leaves_unse
     [given] = await chat.prepare(ChatCompletionRequest(**ask, temperature=0, top_k=-1, max_completion_tokens=5))
     assert (given.sampling.temperature, given.sampling.top_k, given.sampling.max_tokens) == (0, -1, 5)
     assert given.sampling.top_p == pytest.approx(0.8)
-    [plain] = await ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits()).prepare(
-        ChatCompletionRequest(**ask))
+    [plain] = await chat_service(path).prepare(ChatCompletionRequest(**ask))
     assert (plain.sampling.temperature, plain.sampling.top_p, plain.sampling.max_tokens) == (1, 1, 0)  # OpenAI's
     (path / "generation_config.json").write_text(json.dumps({**config, "top_p": 0}))
     with pytest.raises(ValueError, match="generation_config.json: sampling defaults"):
@@ -211,14 +212,9 @@ async def test_the_checkpoints_sampling_defaults_fill_what_a_request_leaves_unse
 
 async def test_n_stop_and_logprobs_reach_the_decoder(tiny_checkpoint):
     """n choices are n decoder requests for the same prompt; seeded ones get distinct seeds, the same every time."""
-    from services.common.cache import EmbeddingCache
-    from services.gateway.balancer import Balancer
-    from services.gateway.chat import ChatService, Limits, Pools
     from services.gateway.schema import ChatCompletionRequest
 
-    prompt = PromptBuilder(tiny_checkpoint, read_model_config(tiny_checkpoint))
-    pools = Pools(Balancer("vision encoder", None), Balancer("LLM decoder", None), "", 256, 4096)  # no endpoints
-    chat = ChatService("m", prompt, pools, EmbeddingCache(None, 0), None, Limits(max_n=3))
+    chat = chat_service(tiny_checkpoint, max_n=3)
     ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "END", "logprobs": True,
            "top_logprobs": 2}
     seeded = await chat.prepare(ChatCompletionRequest(**ask, n=3, seed=11))

@@ -16,9 +16,10 @@ from services.common.checkpoint import CheckpointError
 GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
-def add(parser: argparse.ArgumentParser, flag: str, env: str, default, help: str, type=str) -> None:
+def add(parser: argparse.ArgumentParser, flag: str, env: str, default, help: str, type=str,
+        choices: tuple | None = None) -> None:
     parser.add_argument(flag, type=type, default=type(os.environ[env]) if env in os.environ else default,
-                        help=f"{help} [env {env}, default {default}]")
+                        choices=choices, help=f"{help} [env {env}, default {default}]")
 
 
 class _Formatter(logging.Formatter):

@@ -73,7 +73,8 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--max-n", "MAX_N", 8, "most answers (n) per request", int)
     settings.add(p, "--generation-config", "GENERATION_CONFIG", "auto",
                  "auto: a request's unset temperature, top_p, top_k, min_p, repetition_penalty and max_tokens come "
-                 "from the checkpoint's generation_config.json (as vLLM); none: OpenAI's defaults")
+                 "from the checkpoint's generation_config.json (as vLLM); none: OpenAI's defaults",
+                 choices=("auto", "none"))
     settings.add(p, "--max-image-bytes", "MAX_IMAGE_BYTES", 20 * 1024 * 1024, "largest encoded image", int)
     settings.add(p, "--max-videos", "MAX_VIDEOS", 4, "most videos per request", int)
     settings.add(p, "--max-num-segments", "MAX_NUM_SEGMENTS", 32,
@@ -106,10 +107,7 @@ def parse_args() -> argparse.Namespace:
                  "networks and host names image URLs may reach besides public addresses, comma-separated "
                  "(e.g. 10.2.0.0/16,images.internal); by default loopback, private, link-local and other "
                  "non-public addresses are refused")
-    args = p.parse_args()
-    if args.generation_config not in ("auto", "none"):
-        p.error(f"--generation-config must be auto or none, not {args.generation_config!r}")
-    return args
+    return p.parse_args()
 
 
 def pool(name: str, stub_class, addr: str, service: str | None, kube, args: argparse.Namespace,

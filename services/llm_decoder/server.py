@@ -271,12 +271,13 @@ class LlmDecoderServicer(pb_grpc.LlmDecoderServicer):
             raise ValueError("token_ids is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
-        if any(not 0 <= i < self.vocab_size for i in request.sampling.stop_token_ids):  # one that can never end it
-            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
         if len(request.sampling.logit_bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens")
-        if any(not 0 <= i < self.vocab_size for i in request.sampling.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        # A stop token outside the vocabulary could never end the answer, nor a bias reach a logit.
+        for what, named in (("stop_token_ids", request.sampling.stop_token_ids),
+                            ("logit_bias token ids", request.sampling.logit_bias)):
+            if any(not 0 <= i < self.vocab_size for i in named):
+                raise ValueError(f"{what} must be in [0, {self.vocab_size})")
         if not all(-100 <= v <= 100 for v in request.sampling.logit_bias.values()):  # NaN too
             raise ValueError("logit_bias values must be in [-100, 100]")
         if len(ids) >= self.max_model_len:

@@ -46,6 +46,7 @@ class ModelRunner:
             attn.k_cache = torch.zeros(num_blocks + 1, bs, attn.kv_heads, attn.head_dim, device=device, dtype=dtype)
             attn.v_cache = torch.zeros_like(attn.k_cache)
         self.scratch_slot = num_blocks * bs
+        self.no_history = PenaltyHistory(torch.empty(0, dtype=torch.int64, device=device))  # a row without penalties
         self.tables = torch.zeros(max_rows, self.max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if cuda_graphs and self.device.type == "cuda":
@@ -115,8 +116,8 @@ class ModelRunner:
             params = [s.params for s in sampled]
             histories, pending = None, None
             if any(p.uses_penalties for p in params):
-                none = PenaltyHistory(torch.empty(0, dtype=torch.int64, device=self.device))  # a row without them
-                histories = [PenaltyHistory.of(s, self.device) if s.params.uses_penalties else none for s in sampled]
+                histories = [PenaltyHistory.of(s, self.device) if s.params.uses_penalties else self.no_history
+                             for s in sampled]
                 waiting = [(j, prev.index[s]) for j, s in enumerate(sampled) if s.num_pending]
                 if waiting:  # their last tokens are prev's, on the device: counted there
                     at = to_device(waiting, torch.int64, self.device)
