@@ -351,6 +351,7 @@ SAMPLING_SETTINGS = {
     "repetition 1.1, frequency 0.2, presence 0.2 penalties": dict(repetition_penalty=1.1, frequency_penalty=0.2,
                                                                    presence_penalty=0.2),
     "top 5 log-probabilities": dict(logprobs=5),
+    "logit_bias on 300 tokens (OpenAI's most)": dict(logit_bias=tuple((t, 1.0) for t in range(300))),
 }
 
 

@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from services.llm_decoder.engine.sampler import (MIN_TEMPERATURE, PenaltyHistory, SamplingBatch, _apply_penalties,
-                                                 sample, sample_to_host, uniform_noise)
+                                                 logit_bias_of, sample, sample_to_host, uniform_noise)
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 M64 = (1 << 64) - 1
@@ -195,8 +195,8 @@ class OpCounter(TorchDispatchMode):
 def test_work_is_batched_and_stays_on_device(hist):
     """The op count is the same for 2 rows as for 64 (no per-row loop), and nothing is read back (no .item())."""
     def ops(b):
-        params = [hot(i, top_k=20, top_p=0.9, min_p=0.01, frequency_penalty=0.1 * hist) if i % 3 else SamplingParams(8)
-                  for i in range(b)]
+        params = [hot(i, top_k=20, top_p=0.9, min_p=0.01, frequency_penalty=0.1 * hist,
+                      logit_bias=((i, 1.0), (i + 1, -1.0))) if i % 3 else SamplingParams(8) for i in range(b)]
         histories = [history([1, 2], [3, 3])] * b if hist else None
         batch, logits = SamplingBatch.build(params, list(range(b)), histories, 100, "cpu"), rand_logits(b, 100)
         with OpCounter() as counter:
@@ -249,6 +249,24 @@ def test_logit_bias_is_added_to_the_logits_the_choice_is_made_from():
         assert out[:2] == [7, by_hand[1].argmax().item()] and out[3] == top[3]
         assert out[2] == draw(by_hand[2:3], [hot(seed)], steps=[seed])[0]
     assert [draw(logits[2:3], [hot(s, logit_bias=((11, 100.0),))])[0] for s in range(3)] == [11] * 3
+
+
+def test_a_sequence_logit_bias_is_copied_to_the_device_once():
+    """The engine's per-sequence bias tensors, made by the first step and reused, bias the batch exactly as the
+    request's pairs do (rows with and without one, and min_tokens' ban on top)."""
+    seqs = [Sequence("a", [1], SamplingParams(8, logit_bias=((7, 100.0), (3, -5.0)))), Sequence("b", [1], hot(1)),
+            Sequence("c", [1], hot(2, logit_bias=((11, 2.5),), stop_token_ids=frozenset({4}), min_tokens=1))]
+    first = [logit_bias_of(s, "cpu") for s in seqs]
+    assert first[1] is None and [t.tolist() for t in first[0]] == [[7, 3], [100.0, -5.0]]
+    again = [logit_bias_of(s, "cpu") for s in seqs]
+    assert again[0] is first[0] and again[2] is first[2]
+    params = [s.params for s in seqs]
+    cached = SamplingBatch.build(params, [0] * 3, None, 20, "cpu", biases=again)
+    fresh = SamplingBatch.build(params, [0] * 3, None, 20, "cpu")
+    want = ([0, 0, 2, 2], [7, 3, 11, 4], [100.0, -5.0, 2.5, float("-inf")])
+    assert [t.tolist() for t in cached.bias] == [t.tolist() for t in fresh.bias] == list(want)
+    logits = rand_logits(3, 20)
+    assert sample(logits, cached).tolist() == sample(logits, fresh).tolist()
 
 
 def test_stop_tokens_wait_for_min_tokens():

@@ -16,8 +16,8 @@ import torch
 from services.common.cuda_graphs import bucket_sizes, record
 from services.llm_decoder.engine.block_manager import BlockManager
 from services.llm_decoder.engine.context import BatchContext, cpu_decode_rows
-from services.llm_decoder.engine.sampler import (Logprobs, PenaltyHistory, SamplingBatch, read_back, sample_for_host,
-                                                 sample_to_host, to_device)
+from services.llm_decoder.engine.sampler import (Logprobs, PenaltyHistory, SamplingBatch, logit_bias_of, read_back,
+                                                 sample_for_host, sample_to_host, to_device)
 from services.llm_decoder.engine.sequence import SamplingParams, Sequence
 
 
@@ -123,7 +123,8 @@ class ModelRunner:
                     at = to_device(waiting, torch.int64, self.device)
                     pending = at[:, 0], prev.ids.index_select(0, at[:, 1])
             step.sampling = SamplingBatch.build(params, [s.num_output + s.num_pending for s in sampled], histories,
-                                                logits.shape[-1], self.device, pending)
+                                                logits.shape[-1], self.device, pending,
+                                                [logit_bias_of(s, self.device) for s in sampled])
             step.ids, packed = sample_for_host(logits, step.sampling)
             step.host = packed.to("cpu", non_blocking=True)
             if self.device.type == "cuda":

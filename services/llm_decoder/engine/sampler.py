@@ -78,6 +78,27 @@ class PenaltyHistory:
         return h
 
 
+def logit_bias_of(seq: Sequence, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A sequence's logit_bias as device tensors (token ids, values), copied once: up to 300 pairs a row would
+    otherwise be flattened and copied every step. None without one."""
+    if seq.params.logit_bias and seq.bias_on_device is None:
+        seq.bias_on_device = bias_tensors(seq.params.logit_bias, device)
+    return seq.bias_on_device
+
+
+def bias_tensors(logit_bias: tuple[tuple[int, float], ...], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not logit_bias:
+        return None
+    ids, values = zip(*logit_bias)
+    return to_device(ids, torch.int64, device), to_device(values, torch.float32, device)
+
+
+def _row_of_each(rows: list[int], sizes: list[int], device) -> torch.Tensor:
+    """The row of each element of per-row device tensors of these sizes, concatenated in this order."""
+    n = to_device([rows, sizes], torch.int64, device)
+    return n[0].repeat_interleave(n[1], output_size=sum(sizes))
+
+
 @dataclass
 class SamplingBatch:
     """Per-row settings as device tensors [B], built once per step."""
@@ -102,16 +123,19 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], steps: list[int], histories: list[PenaltyHistory] | None,
-              vocab_size: int, device, pending: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> "SamplingBatch | None":
+              vocab_size: int, device, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+              biases: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> "SamplingBatch | None":
         """histories: each row's, or None when no row uses a penalty; pending: (rows, their last token ids) of rows
-        whose last token is still on the device (not in their history yet). None when every row is plain greedy
-        without log-probabilities: an argmax needs no per-row settings."""
+        whose last token is still on the device (not in their history yet); biases: each row's logit_bias on the
+        device (`logit_bias_of`), else copied from params now. None when every row is plain greedy without
+        log-probabilities: an argmax needs no per-row settings."""
         sampled = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
-        bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias] + \
-               [(i, t, -math.inf) for i, (p, s) in enumerate(zip(params, steps)) if s < p.min_tokens
-                for t in p.stop_token_ids]
-        if not sampled and histories is None and not bias and all(p.logprobs is None for p in params):
+        if biases is None:
+            biases = [bias_tensors(p.logit_bias, device) for p in params]
+        biased = [(i, b) for i, b in enumerate(biases) if b is not None]
+        banned = [(i, t) for i, (p, s) in enumerate(zip(params, steps)) if s < p.min_tokens for t in p.stop_token_ids]
+        if not sampled and histories is None and not biased and not banned and \
+                all(p.logprobs is None for p in params):
             return None
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         seeds = [_i64(p.seed if p.seed is not None else random.getrandbits(64)) for p in params]
@@ -127,9 +151,15 @@ class SamplingBatch:
                     use_sort=any(top_k[i] < vocab_size or params[i].top_p < 1 for i in sampled),
                     use_min_p=any(params[i].min_p > 0 for i in sampled),
                     logprob_rows=[(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None])
-        if bias:
-            at = to_device([[i for i, _, _ in bias], [t for _, t, _ in bias]], torch.int64, device)
-            batch.bias = at[0], at[1], to_device([v for _, _, v in bias], torch.float32, device)
+        parts = []  # (rows, token ids, values) of the logit biases, then of min_tokens' ban on stop tokens
+        if biased:
+            parts.append((_row_of_each([i for i, _ in biased], [len(b[0]) for _, b in biased], device),
+                          torch.cat([b[0] for _, b in biased]), torch.cat([b[1] for _, b in biased])))
+        if banned:
+            at = to_device([[i for i, _ in banned], [t for _, t in banned]], torch.int64, device)
+            parts.append((at[0], at[1], torch.full((len(banned),), -math.inf, device=device)))
+        if parts:
+            batch.bias = tuple(torch.cat(part) for part in zip(*parts))
         if histories is not None:
             shape = (len(params), vocab_size)
             # (row, id, count) of every distinct output id: one copy, of as many values as the outputs' distinct ids
@@ -140,9 +170,7 @@ class SamplingBatch:
             if pending is not None:
                 batch.token_counts.index_put_(pending, torch.ones(len(pending[0]), device=device), accumulate=True)
             # The prompts' ids are on the device already: only their lengths go there.
-            sizes = [len(h.prompt) for h in histories]
-            rows = torch.arange(len(sizes), device=device).repeat_interleave(to_device(sizes, torch.int64, device),
-                                                                              output_size=sum(sizes))
+            rows = _row_of_each(list(range(len(histories))), [len(h.prompt) for h in histories], device)
             batch.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=device).index_put_(
                 (rows, torch.cat([h.prompt for h in histories])), torch.ones((), dtype=torch.bool, device=device))
         return batch

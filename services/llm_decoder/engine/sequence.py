@@ -61,6 +61,7 @@ class Sequence:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     _prompt_hashes: tuple[list[int], frozenset[int]] | None = field(default=None, init=False, repr=False)
     penalty_history: "PenaltyHistory | None" = field(default=None, repr=False)  # made by its first penalized step
+    bias_on_device: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # params.logit_bias there
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
