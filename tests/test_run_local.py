@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from ipaddress import ip_address
 
 import psutil
 
@@ -23,6 +24,11 @@ def readme_curls(port: int) -> list[str]:
 def readme_python(grpc_port: int) -> str:
     (block,) = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
     return block.replace("localhost:50050", f"127.0.0.1:{grpc_port}")
+
+
+def loopback(ip: str) -> bool:
+    address = ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # gRPC's sockets are IPv6, v4 mapped
 
 
 def test_make_run_serves_the_readme_examples_and_stops_cleanly(tiny_checkpoint, tmp_path):
@@ -46,6 +52,11 @@ def test_make_run_serves_the_readme_examples_and_stops_cleanly(tiny_checkpoint, 
         # The allocator set up as in the images (services/common/settings.py): every service and worker.
         assert {c.environ().get("GLIBC_TUNABLES") for c in children if "redis" not in c.name()} == \
             {settings.GLIBC_TUNABLES}
+        # A stack on localhost is not open to other hosts: no port of any service (the pools take no API key).
+        listening = [(c.name(), conn.laddr) for c in children for conn in c.net_connections("inet")
+                     if conn.status == psutil.CONN_LISTEN]
+        # Redis; the gateway's REST and gRPC; each pool's gRPC and metrics.
+        assert len(listening) == 7 and all(loopback(a.ip) for _, a in listening), listening
         for curl in readme_curls(port):
             out = subprocess.run(["bash", "-c", curl.replace("tiny-internvl2_5", tiny_checkpoint.name)],
                                  capture_output=True, text=True, timeout=60)

@@ -164,7 +164,8 @@ def start_stack(model: str, *, device: str = "cpu", redis_url: str | None = None
         commands = {}  # process name -> (module, arguments); replicas after the first are "name.2", "name.3", ...
         for name, ps in ports.items():
             for i, (p, m) in enumerate(ps):
-                commands[name if i == 0 else f"{name}.{i + 1}"] = (name, ["--port", str(p), "--metrics-port", str(m)])
+                commands[name if i == 0 else f"{name}.{i + 1}"] = (name, ["--host", "127.0.0.1", "--port", str(p),
+                                                                          "--metrics-port", str(m)])
         commands["gateway"] = ("gateway", ["--host", host, "--port", str(rest), "--grpc-port", str(grpc_port),
                                            "--vision-addr", ",".join(stack.vision_addrs),
                                            "--decoder-addr", ",".join(stack.decoder_addrs)])

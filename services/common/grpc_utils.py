@@ -40,8 +40,10 @@ def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
-def add_server_tls_args(parser: argparse.ArgumentParser) -> None:
-    """A pool's TLS settings (off unless a certificate is given)."""
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """A pool's listening settings: the address, and TLS (off unless a certificate is given)."""
+    settings.add(parser, "--host", "LISTEN_HOST", "",
+                 "address the gRPC, health and metrics ports listen on (empty: every address)")
     settings.add(parser, "--tls-cert", "GRPC_TLS_CERT", None, "PEM certificate of the gRPC port (with --tls-key: TLS)")
     settings.add(parser, "--tls-key", "GRPC_TLS_KEY", None, "PEM private key of --tls-cert")
     settings.add(parser, "--tls-client-ca", "GRPC_TLS_CLIENT_CA", None,
@@ -52,7 +54,7 @@ def add_server_tls_args(parser: argparse.ArgumentParser) -> None:
 
 
 def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
-    """TLS for a pool's gRPC port from `add_server_tls_args`' settings; None when they are unset."""
+    """TLS for a pool's gRPC port from `add_server_args`' settings; None when they are unset."""
     if not args.tls_cert and not args.tls_key:
         if args.tls_client_ca:
             raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
@@ -91,15 +93,22 @@ async def set_serving(servicer: health.aio.HealthServicer, *service_names: str) 
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
+def listen_address(host: str, port: int) -> str:
+    """gRPC's address for listening on `host`; empty, 0.0.0.0 or ::, every address (IPv4 and IPv6)."""
+    if host in ("", "0.0.0.0", "::"):
+        return f"[::]:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def start_server(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, port: int,
-                       credentials: grpc.ServerCredentials | None = None, health_port: int = 0
+                       credentials: grpc.ServerCredentials | None = None, health_port: int = 0, host: str = ""
                        ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, grpc.aio.Server | None]:
     """A started server of one service plus health (TLS with `credentials`), and, with `health_port`, a plaintext
-    server of the same health service alone (the service itself stays behind TLS)."""
+    server of the same health service alone (the service itself stays behind TLS), listening on `host`."""
     server = create_server()
     add_servicer(server)
     servicer = add_health(server, service_name)
-    address = f"[::]:{port}"
+    address = listen_address(host, port)
     if credentials:
         server.add_secure_port(address, credentials)
     else:
@@ -109,22 +118,29 @@ async def start_server(add_servicer: Callable[[grpc.aio.Server], None], service_
     if health_port:
         health_server = create_server()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, health_server)
-        health_server.add_insecure_port(f"[::]:{health_port}")
+        health_server.add_insecure_port(listen_address(host, health_port))
         await health_server.start()
     return server, servicer, health_server
 
 
 async def serve(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, port: int,
-                metrics_port: int, credentials: grpc.ServerCredentials | None = None, health_port: int = 0) -> None:
+                metrics_port: int, credentials: grpc.ServerCredentials | None = None, health_port: int = 0,
+                host: str = "") -> None:
     """Serve one service (see `start_server`; Prometheus metrics unless the port is 0) until SIGINT/SIGTERM, then
     shut down gracefully (see `serve_until_signal`)."""
-    server, servicer, health_server = await start_server(add_servicer, service_name, port, credentials, health_port)
+    server, servicer, health_server = await start_server(add_servicer, service_name, port, credentials, health_port,
+                                                         host)
     if metrics_port:
-        start_http_server(metrics_port)
+        start_metrics_server(host, metrics_port)
     await set_serving(servicer, service_name)
     await serve_until_signal(server, servicer)
     if health_server:
         await health_server.stop(None)
+
+
+def start_metrics_server(host: str, port: int) -> None:
+    """Prometheus /metrics on `host` (empty: every IPv4 address, prometheus_client's default)."""
+    start_http_server(port, addr=host or "0.0.0.0")
 
 
 async def stop_signal() -> None:

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import httpx
 import uvicorn
-from prometheus_client import start_http_server
 
 from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import checkpoint_id, read_model_config, resolve_checkpoint
-from services.common.grpc_utils import (add_health, channel_credentials, create_server, set_serving, shutdown_times,
-                                        stop_signal)
+from services.common.grpc_utils import (add_health, channel_credentials, create_server, listen_address, set_serving,
+                                        shutdown_times, start_metrics_server, stop_signal)
 from services.gateway.auth import read_api_keys
 from services.gateway.balancer import (Balancer, kube_api_client, parse_addresses, pod_namespace, watch_addresses,
                                        watch_endpoint_slices)
@@ -43,7 +42,8 @@ def parse_args() -> argparse.Namespace:
     settings.add(p, "--model", "MODEL", None, "hub id or local checkpoint directory (tokenizer and config only)")
     settings.add(p, "--served-model-name", "SERVED_MODEL_NAME", None,
                  "name clients use in `model` (default: the directory name, or the hub id)")
-    settings.add(p, "--host", "GATEWAY_HOST", "0.0.0.0", "address to listen on")
+    settings.add(p, "--host", "GATEWAY_HOST", "0.0.0.0",
+                 "address the REST, gRPC and metrics ports listen on (0.0.0.0: every address; gRPC on IPv6 too)")
     settings.add(p, "--port", "GATEWAY_PORT", 8000, "REST port", int)
     settings.add(p, "--grpc-port", "GATEWAY_GRPC_PORT", 50050, "public gRPC port", int)
     settings.add(p, "--metrics-port", "GATEWAY_METRICS_PORT", 0,
@@ -209,11 +209,11 @@ async def main() -> None:
                            use_thumbnail=cfg.use_thumbnail, cache_namespace=args.cache_namespace,
                            preprocess=preprocess)
         if args.metrics_port:
-            start_http_server(args.metrics_port)
+            start_metrics_server(args.host, args.metrics_port)
         grpc_server = create_server()
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(chat), grpc_server)
         health = add_health(grpc_server, "internvl.serving.v1.Gateway")
-        grpc_server.add_insecure_port(f"[::]:{args.grpc_port}")
+        grpc_server.add_insecure_port(listen_address(args.host, args.grpc_port))
         await grpc_server.start()
         await set_serving(health, "internvl.serving.v1.Gateway")
         log.info("gateway serving %s: REST http://%s:%d, gRPC :%d", name, args.host, args.port, args.grpc_port)

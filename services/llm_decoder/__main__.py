@@ -10,7 +10,7 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings, weights
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import checkpoint_id
-from services.common.grpc_utils import add_server_tls_args, serve, server_credentials
+from services.common.grpc_utils import add_server_args, serve, server_credentials
 from services.common.tokenizer import load_tokenizer
 from services.llm_decoder.engine.llm_engine import LLMEngine
 from services.llm_decoder.engine.model_runner import profile_prefill_memory
@@ -25,7 +25,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.llm_decoder", description=__doc__)
     weights.add_model_args(p)
     settings.add(p, "--port", "DECODER_PORT", 50052, "gRPC port", int)
-    add_server_tls_args(p)
+    add_server_args(p)
     settings.add(p, "--metrics-port", "DECODER_METRICS_PORT", 9102, "Prometheus /metrics port (0 = off)", int)
     settings.add(p, "--max-model-len", "MAX_MODEL_LEN", 0, "longest prompt + completion (0 = the model's)", int)
     settings.add(p, "--kv-cache-tokens", "KV_CACHE_TOKENS", 0,
@@ -109,7 +109,7 @@ async def main() -> None:
              args.block_size)
     await serve(lambda server: pb_grpc.add_LlmDecoderServicer_to_server(servicer, server),
                 "internvl.serving.v1.LlmDecoder", args.port, args.metrics_port,
-                credentials, args.health_port)
+                credentials, args.health_port, args.host)
     if cache is not None:
         await cache.close()
 

@@ -7,7 +7,7 @@ from internvl.serving.v1 import serving_pb2_grpc as pb_grpc
 from services.common import settings, weights
 from services.common.cache import EmbeddingCache
 from services.common.checkpoint import checkpoint_id
-from services.common.grpc_utils import add_server_tls_args, serve, server_credentials
+from services.common.grpc_utils import add_server_args, serve, server_credentials
 from services.vision_encoder.encoder import TileBatcher, VisionRunner, load_vision_model
 from services.vision_encoder.server import VisionEncoderServicer
 
@@ -18,7 +18,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.vision_encoder", description=__doc__)
     weights.add_model_args(p)
     settings.add(p, "--port", "VISION_PORT", 50051, "gRPC port", int)
-    add_server_tls_args(p)
+    add_server_args(p)
     settings.add(p, "--metrics-port", "VISION_METRICS_PORT", 9101, "Prometheus /metrics port (0 = off)", int)
     settings.add(p, "--redis-url", "REDIS_URL", None, "Redis for the embedding cache (unset = no cache)")
     settings.add(p, "--cache-ttl", "CACHE_TTL_S", 3600, "seconds an image's embeddings stay cached", int)
@@ -51,7 +51,7 @@ async def main() -> None:
     log.info("vision encoder serving %s on :%d", args.model, args.port)
     await serve(lambda server: pb_grpc.add_VisionEncoderServicer_to_server(servicer, server),
                 "internvl.serving.v1.VisionEncoder", args.port, args.metrics_port,
-                credentials, args.health_port)
+                credentials, args.health_port, args.host)
     await cache.close()
 
 
