@@ -577,6 +577,58 @@ def test_a_non_streamed_client_that_leaves_cancels_the_generation(stack):
     assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 0
 
 
+def test_a_streamed_client_that_leaves_during_the_prefill_cancels_it(stack):
+    """A 12k-token prompt's prefill takes seconds on the CPU: a streaming client that leaves before its first token
+    ends the generation then (no token is generated), not once the first token is there to be written; the request
+    is counted as 499, the client's doing, not the server's."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    def counts():
+        return (metric(stack.decoder_metrics_url, "decoder_requests_total", finish_reason="cancelled"),
+                metric(stack.decoder_metrics_url, "decoder_generated_tokens_total"),
+                metric(stack.gateway_url + "/metrics", "gateway_requests_total", api="rest", status="499"))
+
+    before = counts()
+    body = json.dumps({"model": MODEL, "max_tokens": 1, "stream": True, "messages": [
+        {"role": "user", "content": "Tell me everything about the tiles, one by one. " * 600}]}).encode()
+    url = urlparse(stack.gateway_url)
+    with socket.create_connection((url.hostname, url.port)) as client:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while metric(stack.decoder_metrics_url, "decoder_running_requests") != 1:
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.02)
+    deadline = time.monotonic() + 20
+    while counts()[0] == before[0]:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.05)
+    assert [after - b for after, b in zip(counts(), before)] == [1, 0, 1]
+
+
+def test_a_client_that_leaves_during_its_upload_is_counted_as_499(stack):
+    """A request body cut short by the client is the client's doing: 499, not a server error."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    def count(status):
+        return metric(stack.gateway_url + "/metrics", "gateway_requests_total", api="rest", status=status)
+
+    before = count("499"), count("500")
+    url = urlparse(stack.gateway_url)
+    with socket.create_connection((url.hostname, url.port)) as client:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000\r\n\r\n{\"model\":")
+    deadline = time.monotonic() + 10
+    while count("499") == before[0]:
+        assert time.monotonic() < deadline, "the request was not counted"
+        time.sleep(0.02)
+    assert (count("499"), count("500")) == (before[0] + 1, before[1])
+
+
 def samples(url: str) -> dict[str, list]:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     out: dict[str, list] = {}

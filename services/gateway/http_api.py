@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +24,8 @@ from services.gateway.metrics import TTFT, Phases, RestMetrics
 from services.gateway.schema import ChatCompletion, ChatCompletionRequest, ErrorResponse, Model, ModelList, Status
 
 
-DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+DISCONNECT_POLL_S = 0.5  # how often a request without an answer yet checks that its client is still there
+T = TypeVar("T")
 
 
 def _errors(*statuses: int) -> dict:
@@ -116,22 +117,18 @@ def create_app(chat: ChatService) -> FastAPI:
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             # Wait for the first tokens before answering, so a request the decoder refuses still gets a 4xx status.
-            first = await anext(stream)
+            first = await _while_connected(request, anext(stream))
+            if first is None:
+                return Response(status_code=499)
             phases.decoder(time.perf_counter() - sent, first[1].embeddings_s)
             state["ttft_s"] = round(time.perf_counter() - start, 4)
             TTFT.labels("rest").observe(state["ttft_s"])
             return StreamingResponse(_sse(first, stream, completion_id, created, req, state),
                                      media_type="text/event-stream", headers={"Server-Timing": phases.server_timing()})
-        # One message per choice with its whole answer (the decoder's final_only); errors are raised by `result()`.
-        collect = asyncio.ensure_future(_collect(stream, req.n))
-        while not collect.done():
-            await asyncio.wait({collect}, timeout=DISCONNECT_POLL_S)
-            if not collect.done() and await request.is_disconnected():
-                collect.cancel()  # the client left: cancelling the decoder calls frees their sequences
-                with contextlib.suppress(asyncio.CancelledError):
-                    await collect
-                return Response(status_code=499)
-        answers = collect.result()
+        # One message per choice with its whole answer (the decoder's final_only).
+        answers = await _while_connected(request, _collect(stream, req.n))
+        if answers is None:
+            return Response(status_code=499)
         # The prompt's preparation + the decoder's wait for the first token of the first choice to have one.
         first = min(answers, key=lambda a: a.first_token_s)
         phases.decoder(first.first_token_s, first.embeddings_s)
@@ -151,6 +148,20 @@ def create_app(chat: ChatService) -> FastAPI:
                 "choices": choices, "usage": _usage(usage)}
 
     return app
+
+
+async def _while_connected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result (or its error), or None once the client has left: then it is cancelled, which cancels the
+    decoder calls and frees their sequences (a prompt's prefill included, not only the tokens after it)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+    return task.result()
 
 
 @dataclass

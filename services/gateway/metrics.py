@@ -98,7 +98,7 @@ class RestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500  # 500 unless a response starts
+        start, status = time.perf_counter(), None
         rid = request_id(dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1") or None)
         state = scope.setdefault("state", {})
         state["request_id"] = rid
@@ -113,6 +113,9 @@ class RestMetrics:
         IN_FLIGHT.labels("rest").inc()
         try:
             await self.app(scope, receive, observe)
-        finally:
-            request_done("rest", rid, status, start, state.get("ttft_s"), state.get("prompt_tokens"),
+        except Exception:
+            status = status or 500  # Starlette's outermost middleware answers an escaped fault with a 500
+            raise
+        finally:  # no answer and no fault: the client left first (e.g. during its upload), nginx's 499
+            request_done("rest", rid, status or 499, start, state.get("ttft_s"), state.get("prompt_tokens"),
                          state.get("completion_tokens"), state.get("phases"))
