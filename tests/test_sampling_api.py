@@ -227,6 +227,21 @@ def test_a_final_assistant_message_is_continued(client, gateway, reference):
 
 BAD = [
     ({"foo": 1}, "`foo` is not supported"),
+    # OpenAI's types, strictly: nothing is read as what the client may not have meant.
+    ({"stream": "yes"}, "stream: Input should be a valid boolean"),
+    ({"stream": 1}, "stream: Input should be a valid boolean"),
+    ({"logprobs": "yes"}, "logprobs: Input should be a valid boolean"),
+    ({"max_tokens": True}, "max_tokens: Input should be a valid integer"),
+    ({"n": 2.0}, "n: Input should be a valid integer"),
+    ({"temperature": True}, "temperature: Input should be a valid number"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage: Input should be a valid boolean"),
+    ({"stream_options": {"include_usage": True}}, "`stream_options` is only allowed when `stream` is true"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages.0.content: List should have at least 1 item"),
+    ({"messages": [{"role": "user", "content": "hi", "refusal": "no"}]},
+     "messages.0: `refusal` is only allowed in an assistant message"),
+    ({"max_tokens": 20000}, "max_tokens=20000 exceeds the "),
+    ({"max_completion_tokens": 20000}, "max_completion_tokens=20000 exceeds the "),
     ({"continue_final_message": True, "messages": ASK + [{"role": "assistant", "content": "A"}]},
      "`continue_final_message` needs `add_generation_prompt` set to false"),
     ({"continue_final_message": True, "add_generation_prompt": False},
@@ -271,10 +286,42 @@ def test_harmless_metadata_is_accepted(client, stack):
                                                            temperature=0).choices[0].message.content
 
 
+def test_a_refused_field_is_the_errors_param(stack):
+    """OpenAI's `param`: the field as the client wrote it, also for a rule across fields or a length the context
+    cannot hold."""
+    for fields, param in [({"stream": "yes"}, "stream"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+                          ({"top_logprobs": 2}, "top_logprobs"), ({"min_tokens": 3}, "min_tokens"),
+                          ({"max_tokens": 20000}, "max_tokens"), ({"max_completion_tokens": 20000},
+                                                                  "max_completion_tokens"),
+                          ({"messages": [{"role": "user", "content": []}]}, "messages.0.content"), ({"foo": 1}, "foo")]:
+        r = httpx.post(stack.gateway_url + "/v1/chat/completions", timeout=30,
+                       json={"model": MODEL, "messages": ASK, "max_tokens": 2, **fields})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, param), (fields, r.json())
+
+
+def test_an_answer_sent_back_as_history_may_be_a_refusal_or_empty(client):
+    """OpenAI's assistant messages may have null content or be a refusal (the `refusal` field, or refusal parts): as
+    history that is what the assistant said, its text (null: nothing), the same prompt as the plain text gives."""
+    def answer(said) -> tuple[int, str]:
+        r = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
+            *ASK, said, {"role": "user", "content": "Go on."}])
+        return r.usage.prompt_tokens, r.choices[0].message.content
+
+    text = answer({"role": "assistant", "content": "I will not."})
+    assert answer({"role": "assistant", "content": None, "refusal": "I will not."}) == text
+    assert answer({"role": "assistant", "content": [{"type": "refusal", "refusal": "I will not."}]}) == text
+    assert answer({"role": "assistant", "content": None}) == answer({"role": "assistant", "content": ""})
+
+
 def test_grpc_refuses_bad_sampling_fields(gateway):
     for fields in ({"stop": [""]}, {"top_logprobs": 3}, {"n": 9}, {"logit_bias": {1: -101.0}},
                    {"logit_bias": {10 ** 8: 1.0}}, {"min_tokens": 3},
-                   {"continue_final_message": True, "add_generation_prompt": False}):
+                   {"continue_final_message": True, "add_generation_prompt": False}, {"max_tokens": 20000},
+                   {"messages": [pb.ChatMessage(role="user")]}):
         with pytest.raises(grpc.RpcError) as e:
-            gateway.Chat(pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=2, **fields), timeout=30)
+            gateway.Chat(pb.ChatRequest(**{"model": MODEL, "messages": to_grpc(ASK), "max_tokens": 2, **fields}),
+                         timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+    # A seed is a uint64 (a string in protobuf's JSON form): read as the number it is.
+    seeded = pb.ChatRequest(model=MODEL, messages=to_grpc(ASK), max_tokens=4, seed=2 ** 63 + 5)
+    assert gateway.Chat(seeded, timeout=30).text == gateway.Chat(seeded, timeout=30).text

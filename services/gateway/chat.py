@@ -145,14 +145,20 @@ class ChatService:
         resolved = await self._resolve_media(media, tiles_cap, by_reference, phases)
         with phases("prompt"):
             token_ids = await asyncio.to_thread(self.prompt.expand, prompt, [img.tiles for img in resolved])
-        if len(token_ids) >= self.pools.max_model_len:  # refused before the vision pool spends time on it
+        # Refused before the vision pool spends time on them: a prompt over the context, a length beyond its room (a
+        # default length is cut to the room).
+        if len(token_ids) >= self.pools.max_model_len:
             raise bad_request(f"the prompt has {len(token_ids)} tokens (images included); the model's context is "
                               f"{self.pools.max_model_len}", "messages")
+        room = self.pools.max_model_len - len(token_ids)
+        asked, param = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens else \
+            (req.max_tokens, "max_tokens")
+        if not default_length and asked is not None and asked > room:
+            raise bad_request(f"{param}={asked} exceeds the {room} tokens left in the model's "
+                              f"{self.pools.max_model_len}-token context by the {len(token_ids)}-token prompt", param)
         with phases("vision"):
             await self._encode_misses(resolved, request_id, by_reference, phases)
-        room = self.pools.max_model_len - len(token_ids)  # a default length is cut to it; one asked for is checked
-        sampling = pb.SamplingParams(max_tokens=min(req.max_tokens, room) if default_length else
-                                     req.max_completion_tokens or req.max_tokens or 0,
+        sampling = pb.SamplingParams(max_tokens=min(req.max_tokens, room) if default_length else asked or 0,
                                      temperature=req.temperature, top_p=req.top_p,
                                      stop_token_ids=sorted(set(req.stop_token_ids) | set(
                                          () if req.ignore_eos else self.prompt.stop_token_ids)),

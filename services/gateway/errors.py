@@ -1,4 +1,6 @@
 """Client-facing errors: one exception type, rendered as OpenAI-style JSON on REST and as a status on gRPC."""
+import re
+
 import grpc
 
 
@@ -49,7 +51,10 @@ def invalid_request(errors: list[dict]) -> ApiError:
             first = first | {"msg": "Input should be a string or a list of content parts"}
     where = ".".join(_field_path(first["loc"]))
     message = first["msg"].removeprefix("Value error, ")
-    return bad_request(f"{where}: {message}" if where else message, where or None)
+    if where:
+        return bad_request(f"{where}: {message}", where)
+    # A rule across fields (the request's own validators) names the field it is about first: "`top_logprobs` needs"
+    return bad_request(message, named.group(1) if (named := re.match(r"`(\w+)`", message)) else None)
 
 
 def _field_path(loc: tuple) -> list[str]:

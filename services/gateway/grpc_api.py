@@ -87,6 +87,8 @@ def to_chat_request(request: pb.ChatRequest, stream: bool) -> ChatCompletionRequ
     """Validate a gRPC request with the same rules as REST; an invalid one is an ApiError 400."""
     fields = MessageToDict(request, preserving_proto_field_name=True)
     fields.pop("messages", None)
+    if "seed" in fields:  # a uint64, which MessageToDict writes as a string (JSON's numbers stop at 2^53)
+        fields["seed"] = int(fields["seed"])
     try:
         messages = [Message(role=m.role, content=[_part(p) for p in m.content]) for m in request.messages]
         return ChatCompletionRequest(messages=messages, stream=stream, **fields)

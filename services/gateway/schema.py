@@ -5,9 +5,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
+# Strict types, as OpenAI's API: "yes", 1 or true for a boolean, 2.0 for an integer or true for a number are refused
+# (400), never read as something the client may not have meant; an integer is a number.
 class _Strict(BaseModel):
     """A part of a request in which an unknown field is refused (400), never silently dropped."""
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ImageURL(_Strict):
@@ -24,7 +26,8 @@ class VideoURL(_Strict):
     url: str = Field(min_length=1, description="http(s) URL or data: URL of a video (mp4, webm, mkv, ...)")
     num_segments: int | None = Field(default=None, ge=1, description="frames sampled, one tile each (the cards' "
                                      "num_segments; default 8)")
-    bound: tuple[float, float] | None = Field(default=None, description="[start_s, end_s]: sample only this span")
+    bound: tuple[float, float] | None = Field(default=None, strict=False,  # a JSON array
+                                              description="[start_s, end_s]: sample only this span")
     _data: bytes | None = PrivateAttr(default=None)  # raw bytes sent over gRPC, used instead of the URL
 
     @model_validator(mode="after")
@@ -52,14 +55,14 @@ class VideoPart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
-# The official client's answer message's fields beside role and content.
-ANSWER_FIELDS = {"refusal", "tool_calls", "function_call", "audio", "annotations"}
+# The official client's answer message's fields beside role, content and refusal.
+ANSWER_FIELDS = {"tool_calls", "function_call", "audio", "annotations"}
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="`developer` (OpenAI's newer name for the instructions) is a system message")
-    content: str | list[ContentPart]
+    content: str | Annotated[list[ContentPart], Field(min_length=1)]
     name: str | None = Field(default=None, description="the participant's name (accepted; the chat templates of "
                              "InternVL do not use it)")
 
@@ -72,14 +75,32 @@ class Message(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def empty_answer_fields(cls, fields):
+    def answer_as_history(cls, fields):
         """An answer sent back as history (the official client's `message.model_dump()`) holds its other fields, null:
-        accepted then; a value asks for what this server does not do (tool calls, audio) and is refused."""
-        if isinstance(fields, dict):
-            for name in ANSWER_FIELDS & fields.keys():
-                if fields[name] not in (None, []):
-                    raise ValueError(f"`{name}` in a message is not supported by this server")
-            fields = {k: v for k, v in fields.items() if k not in ANSWER_FIELDS}
+        accepted then; a value asks for what this server does not do (tool calls, audio) and is refused. An
+        assistant's refusal (OpenAI's `refusal` with null content, or `refusal` parts) is what it said: its text; an
+        assistant's null content is empty, as OpenAI's API allows."""
+        if not isinstance(fields, dict):
+            return fields
+        for name in ANSWER_FIELDS & fields.keys():
+            if fields[name] not in (None, []):
+                raise ValueError(f"`{name}` in a message is not supported by this server")
+        fields = {k: v for k, v in fields.items() if k not in ANSWER_FIELDS}
+        refusal = fields.pop("refusal", None)
+        if fields.get("role") != "assistant":
+            if refusal is not None:
+                raise ValueError("`refusal` is only allowed in an assistant message")
+            return fields
+        content = fields.get("content")
+        if refusal is not None:
+            if content not in (None, ""):
+                raise ValueError("an assistant message has both `content` and `refusal`")
+            fields["content"] = refusal
+        elif content is None:
+            fields["content"] = ""
+        elif isinstance(content, list):
+            fields["content"] = [{"type": "text", "text": p["refusal"]} if isinstance(p, dict) and
+                                 p.get("type") == "refusal" and p.keys() == {"type", "refusal"} else p for p in content]
         return fields
 
     def parts(self) -> list[TextPart | ImagePart | VideoPart]:
@@ -131,7 +152,7 @@ def _utf8(text: str) -> bool:
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # only the IGNORED fields get this far
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)  # only IGNORED fields get this far
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -170,7 +191,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_num: int | None = Field(default=None, ge=1, description="most tiles per image (the model cards' max_num)")
     return_token_ids: bool = Field(default=False, description="add the generated token ids to each choice (as vLLM)")
-    logit_bias: dict[Annotated[int, Field(ge=0, lt=2 ** 31)], Annotated[float, Field(ge=-100, le=100)]] = Field(
+    logit_bias: dict[Annotated[int, Field(ge=0, lt=2 ** 31, strict=False)],  # JSON's keys are strings
+                     Annotated[float, Field(ge=-100, le=100)]] = Field(
         default_factory=dict, max_length=300, description="token id -> value added to its logit before sampling "
         "(the log-probabilities stay the model's own)")
 
@@ -201,6 +223,12 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"{where or 'the request'}: the text is not valid Unicode (a lone surrogate escape such "
                              "as \\ud800)")
         return data
+
+    @model_validator(mode="after")
+    def stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("`stream_options` is only allowed when `stream` is true")
+        return self
 
     @model_validator(mode="after")
     def top_logprobs_need_logprobs(self):
