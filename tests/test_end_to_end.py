@@ -517,6 +517,23 @@ def test_client_disconnect_cancels_the_generation(stack):
     assert metric(stack.decoder_metrics_url, "decoder_running_requests") == 0
 
 
+@pytest.mark.parametrize("addr,method,streams", [("gateway_grpc", "Gateway/Chat", False),
+                                                  ("gateway_grpc", "Gateway/ChatStream", True),
+                                                  ("vision_addr", "VisionEncoder/Encode", False),
+                                                  ("decoder_addr", "LlmDecoder/Generate", True)])
+def test_bytes_that_are_no_request_message_are_invalid_argument(stack, client, addr, method, streams):
+    """Bytes that do not parse (a truncated varint; a string field that is not UTF-8) are the client's error, as any
+    bad input: INVALID_ARGUMENT, not grpcio's UNKNOWN; the server keeps serving."""
+    with grpc.insecure_channel(getattr(stack, addr)) as channel:
+        call = (channel.unary_stream if streams else channel.unary_unary)(f"/internvl.serving.v1.{method}")
+        for data in (b"\xff\xff\xff\xff\x0f", b"\x0a\x02\xff\xfe"):
+            with pytest.raises(grpc.RpcError) as e:
+                list(call(data, timeout=10)) if streams else call(data, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in e.value.details()
+    answer = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("addr", ["gateway_grpc", "vision_addr", "decoder_addr"])
 def test_every_server_has_health_and_reflection(stack, addr):
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -1,6 +1,7 @@
 """gRPC server and channel set-up shared by the services, with optional mTLS between the gateway and the pools."""
 import argparse
 import asyncio
+import inspect
 import os
 import signal
 from pathlib import Path
@@ -21,8 +22,52 @@ OPTIONS = [
 ]
 
 
+class _Undecodable:
+    """What a request's bytes that do not parse as the method's message are handed on as."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class _RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """A request whose bytes are not the method's message is INVALID_ARGUMENT, as any other bad input (grpcio answers
+    UNKNOWN when a deserializer raises)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        behavior = getattr(handler, kind)
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except Exception as e:  # protobuf's DecodeError, or a string field that is not UTF-8
+                return _Undecodable(e)
+
+        async def check(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request is not a valid {details.method} message: {request.error}")
+
+        if inspect.isasyncgenfunction(behavior):
+            async def checked(request, context):
+                await check(request, context)
+                async for response in behavior(request, context):
+                    yield response
+        else:
+            async def checked(request, context):
+                await check(request, context)
+                return await behavior(request, context)
+        return handler._replace(request_deserializer=deserialize, **{kind: checked})
+
+
 def create_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=OPTIONS)
+    return grpc.aio.server(options=OPTIONS, interceptors=[_RefuseUndecodable()])
 
 
 def create_channel(target: str, options: Sequence[tuple[str, int]] = (),
