@@ -31,7 +31,7 @@ async def test_an_unexpected_error_is_a_500_in_the_openai_error_body():
 
 @pytest.mark.parametrize("body,content_type", [
     (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}', "application/x-www-form-urlencoded"),
-    (b'[{"model": "m"}]', "application/json")])
+    (b'[{"model": "m"}]', "application/json"), (b"", "application/json")])
 async def test_a_body_that_is_no_json_object_says_what_is_expected(body, content_type):
     chat = SimpleNamespace(admission=Admission(4), limits=SimpleNamespace(max_request_bytes=1 << 20),
                            api_keys=ApiKeys([]))

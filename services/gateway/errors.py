@@ -40,8 +40,8 @@ def invalid_request(errors: list[dict]) -> ApiError:
     first = errors[0]
     if first["type"] == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first['ctx']['error']}")
-    if first["loc"] == ("body",) and first["type"] == "model_attributes_type":
-        # JSON that is no object, or a body FastAPI did not parse as JSON at all (curl -d sends a form's type)
+    if first["loc"] == ("body",) and first["type"] in ("model_attributes_type", "missing"):
+        # JSON that is no object, no body, or a body FastAPI did not parse as JSON at all (curl -d sends a form's type)
         return bad_request("the request body must be a JSON object, sent with Content-Type: application/json")
     # A message's content is a string or a list of parts: the error of the branch the client did not take says
     # nothing useful ("should be a valid string" for a list with a bad part).
