@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+from bench.decoder import SAMPLING_SETTINGS
 from tests.conftest import run_bench
 from tools.run_local import ROOT
 
@@ -26,7 +27,7 @@ def test_smoke_run_writes_the_ratios(tmp_path):
     ttft = result["ttft"]
     assert ttft["prompt_tokens"] == 13 * 256 + 50 and ttft["alone_ms"] > 0 and ttft["loaded_ms"] > 0
     sampling = result["sampling"]
-    assert (sampling["streams"], sampling["prompt_len"]) == (2, 64) and len(sampling["rows"]) == 4
+    assert (sampling["streams"], sampling["prompt_len"]) == (2, 64) and len(sampling["rows"]) == len(SAMPLING_SETTINGS)
     assert sampling["rows"][0]["vs_greedy"] == 1 and all(r["step_ms"] > 0 for r in sampling["rows"])
     stack = result["stack"]
     assert "error" not in stack, stack

@@ -68,6 +68,12 @@ def _content(content) -> dict:
     (_content("hi") | {"temperature": math.nan}, "temperature: Input should be a finite number"),
     (_content([{"type": "video_url", "video_url": {"url": "x", "bound": [0, math.inf]}}]),
      "messages.0.content.0.video_url.bound.1: Input should be a finite number"),
+    # OpenAI's types, strictly: a string is no number, 1 no boolean.
+    (_content([{"type": "video_url", "video_url": {"url": "x", "bound": ["0", 1]}}]),
+     "messages.0.content.0.video_url.bound.0: Input should be a valid number"),
+    (_content([{"type": "video_url", "video_url": {"url": "x", "bound": [0, 1, 2]}}]),
+     "messages.0.content.0.video_url.bound: List should have at most 2 items after validation, not 3"),
+    (_content("hi") | {"stream": 1}, "stream: Input should be a valid boolean"),
 ])
 def test_invalid_requests_are_explained_by_the_field_the_client_sent(body, message):
     assert _error(body) == message

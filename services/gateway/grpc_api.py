@@ -116,7 +116,7 @@ def _part(part: pb.ContentPart) -> TextPart | ImagePart | VideoPart:
             raise ApiError(400, "a video part has neither a url nor data")
         url = VideoURL(url=v.url if source == "url" else "bytes:",
                        num_segments=v.num_segments if v.HasField("num_segments") else None,
-                       bound=(v.bound.start_s, v.bound.end_s) if v.HasField("bound") else None)
+                       bound=[v.bound.start_s, v.bound.end_s] if v.HasField("bound") else None)
         if source == "data":
             url._data = v.data
         return VideoPart(type="video_url", video_url=url)

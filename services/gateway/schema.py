@@ -26,8 +26,8 @@ class VideoURL(_Strict):
     url: str = Field(min_length=1, description="http(s) URL or data: URL of a video (mp4, webm, mkv, ...)")
     num_segments: int | None = Field(default=None, ge=1, description="frames sampled, one tile each (the cards' "
                                      "num_segments; default 8)")
-    bound: tuple[float, float] | None = Field(default=None, strict=False,  # a JSON array
-                                              description="[start_s, end_s]: sample only this span")
+    bound: Annotated[list[float], Field(min_length=2, max_length=2)] | None = Field(
+        default=None, description="[start_s, end_s]: sample only this span")
     _data: bytes | None = PrivateAttr(default=None)  # raw bytes sent over gRPC, used instead of the URL
 
     @model_validator(mode="after")
