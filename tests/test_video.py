@@ -44,6 +44,17 @@ def test_frames_equal_the_cards_load_video(container, codec, bound, threads):
     assert torch.equal(torch.stack([normalise(Image.fromarray(t)) for t in tiles]), expected)
 
 
+def test_a_bound_in_the_last_frames_time_gets_that_frame_as_the_cards_do():
+    """10 frames at 10 fps: [0.95, 1.0] starts within the last frame's 0.1 s (its start index rounds to 10, past the
+    last frame): the cards sample frame 9, and so does the gateway; a bound from 1.0 on is outside the video."""
+    data = noise_video(10, 64, 64, seed=7, fps=10)
+    for bound in ((0.95, 1.0), (0.96, 1.0), (0.95, 0.951)):
+        expected, _ = load_video(io.BytesIO(data), bound=bound, max_num=1, num_segments=2)
+        tiles = decode(data, num_segments=2, bound=bound)
+        assert torch.equal(torch.stack([build_transform(448)(Image.fromarray(t)) for t in tiles]), expected)
+    refused(data, "lies outside the video", bound=(1.0, 1.2))
+
+
 @pytest.mark.parametrize("codec", ["libx264", "libvpx-vp9"])
 def test_threaded_decoding_gives_the_frames_of_one_thread(codec):
     """Frames FFmpeg decodes in parallel (a moving picture: every frame predicted from others) equal one thread's."""

@@ -76,7 +76,9 @@ def video_tiles(data: bytes, num_segments: int, bound: tuple[float, float] | Non
     if not math.isfinite(fps) or fps <= 0:
         raise bad_request(f"video has no usable frame rate ({fps})")
     indices = frame_indices(num_frames, fps, num_segments, bound)
-    if bound and (round(bound[0] * fps) > num_frames - 1 or not all(0 <= i < num_frames for i in indices)):
+    # A bound must start before the video ends; one that starts within the last frame's time gets that frame, as the
+    # cards' get_index gives it (its start index rounds past the last frame).
+    if bound and (bound[0] * fps >= num_frames or not all(0 <= i < num_frames for i in indices)):
         raise bad_request(f"bound {list(bound)} lies outside the video ({num_frames} frames at {fps:g} fps)")
     try:
         frames = reader.get_batch(indices).asnumpy()
