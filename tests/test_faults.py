@@ -178,6 +178,7 @@ async def test_a_vision_and_a_decoder_replica_killed_during_load(stack):
         # Long streams (seconds each), so that some are in the middle of their answer on the replica that dies: a
         # call cut before its first answer reached the gateway is retried on the other replica instead.
         long, generated = 400, series(stack.decoder_metrics_urls[1], "decoder_generated_tokens_total")
+        served = series(stack.gateway_url + "/metrics", "gateway_requests_total", api="rest", status="200")
         load = [asyncio.create_task(ask(client, request(p, f"kill-{i}", stream=i % 2 == 0,
                                                         max_tokens=long if i % 2 == 0 else 24), started))
                 for i, p in enumerate(prompts)]
@@ -200,6 +201,9 @@ async def test_a_vision_and_a_decoder_replica_killed_during_load(stack):
                 assert len(ids) == n and ids[:24] == want[prompts[i]], (i, ids)
         ends = [end for _, _, end in results]
         assert running >= 1 and ends.count("error") >= 1, (running, ends)  # streams on the dead replica: errors
+        # A stream that ended with an error event is counted as that error, not as the 200 its headers said.
+        assert series(stack.gateway_url + "/metrics", "gateway_requests_total", api="rest", status="200") - served == \
+            sum(status == 200 and end == "done" for status, _, end in results)
         assert [s for s, _, _ in results].count(200) >= 30
 
         # Afterwards: the remaining replicas serve everything, fresh images included.

@@ -234,6 +234,7 @@ async def _sse(first, rest, completion_id: str, created: int, req: ChatCompletio
             if r.finish_reason:
                 usages.append(r.usage)
     except ApiError as e:  # headers are sent: the error travels as an event, never as a silent cut
+        state["failed_status"] = e.status  # the request's outcome, for its counter and access line: not the 200
         yield f"data: {json.dumps(e.body())}\n\n"
         return
     usage = total_usage(usages)

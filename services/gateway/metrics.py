@@ -117,5 +117,6 @@ class RestMetrics:
             status = status or 500  # Starlette's outermost middleware answers an escaped fault with a 500
             raise
         finally:  # no answer and no fault: the client left first (e.g. during its upload), nginx's 499
-            request_done("rest", rid, status or 499, start, state.get("ttft_s"), state.get("prompt_tokens"),
+            status = state.get("failed_status") or status or 499  # a stream that failed after its 200: that error
+            request_done("rest", rid, status, start, state.get("ttft_s"), state.get("prompt_tokens"),
                          state.get("completion_tokens"), state.get("phases"))
