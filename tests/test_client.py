@@ -32,3 +32,13 @@ def test_batch_chat_raises_on_a_refused_request(stack):
         batch_chat(stack.gateway_url, "no-such-model", ["hi"], max_tokens=2)
     with pytest.raises(ValueError):
         batch_chat(stack.gateway_url, MODEL, ["a", "b"], [None])
+    for shape in ({"stream": True}, {"n": 2}):  # one text per question: options that change the answer's shape
+        with pytest.raises(ValueError, match="one text per question"):
+            batch_chat(stack.gateway_url, MODEL, ["a"], **shape)
+    assert batch_chat(stack.gateway_url, MODEL, ["a"], n=1, stream=False, max_tokens=1)[0] is not None
+
+
+def test_batch_chat_raises_a_transport_error_when_no_server_answers():
+    from tools.run_local import free_port
+    with pytest.raises(httpx.ConnectError):
+        batch_chat(f"http://127.0.0.1:{free_port()}", MODEL, ["hi"], max_tokens=2)

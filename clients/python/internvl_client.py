@@ -19,9 +19,13 @@ def batch_chat(base_url: str, model: str, questions: list[str], images: list[Ima
                api_key: str | None = None, concurrency: int = 16, timeout_s: float = 600.0, **sampling) -> list[str]:
     """The answers to `questions`, in their order; question i is asked about images[i] (if any), the image first as
     the cards' `<image>\\n{question}`. `sampling` goes into each request as it is (max_tokens, temperature, max_num,
-    ...). At most `concurrency` requests are in flight; a failed request raises httpx.HTTPStatusError."""
+    ...), except what would change the answer's shape (`stream`, `n` other than 1: one text per question). At most
+    `concurrency` requests are in flight; a request the server refuses or fails raises httpx.HTTPStatusError (its
+    body the OpenAI error), a server that cannot be reached httpx.TransportError (e.g. httpx.ConnectError)."""
     if images is not None and len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
+    if sampling.get("stream") or sampling.get("n", 1) not in (1, None):
+        raise ValueError("batch_chat returns one text per question: `stream` and `n` other than 1 do not apply")
     return asyncio.run(_batch_chat(base_url, model, questions, images or [None] * len(questions), api_key,
                                    concurrency, timeout_s, sampling))
 
