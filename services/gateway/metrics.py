@@ -116,7 +116,9 @@ class RestMetrics:
         except Exception:
             status = status or 500  # Starlette's outermost middleware answers an escaped fault with a 500
             raise
-        finally:  # no answer and no fault: the client left first (e.g. during its upload), nginx's 499
-            status = state.get("failed_status") or status or 499  # a stream that failed after its 200: that error
+        finally:
+            # A stream that failed after its 200 is that error; no answer and no fault: the client left first (e.g.
+            # during its upload), nginx's 499.
+            status = state.get("failed_status") or status or 499
             request_done("rest", rid, status, start, state.get("ttft_s"), state.get("prompt_tokens"),
                          state.get("completion_tokens"), state.get("phases"))
