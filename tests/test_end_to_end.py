@@ -625,6 +625,25 @@ def test_a_streamed_client_that_leaves_during_the_prefill_cancels_it(stack):
     assert [after - b for after, b in zip(counts(), before)] == [1, 0, 1]
 
 
+def test_an_idle_connection_outlives_the_clients_keep_alive(stack):
+    """httpx (so the openai client) keeps an idle connection 5 s: the gateway keeps it open longer, so a client never
+    sends a request on a connection the server is just closing (uvicorn's own 5 s raced httpx's: a ReadError)."""
+    import http.client
+    import time
+    from urllib.parse import urlparse
+
+    url = urlparse(stack.gateway_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        for idle in (0, 5.5):  # one connection (http.client does not reconnect: a closed one raises)
+            time.sleep(idle)
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert (response.status, response.read()) == (200, b'{"status":"ok"}')
+    finally:
+        connection.close()
+
+
 def test_a_client_that_leaves_during_its_upload_is_counted_as_499(stack):
     """A request body cut short by the client is the client's doing: 499, not a server error."""
     import socket

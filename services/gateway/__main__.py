@@ -46,6 +46,10 @@ def parse_args() -> argparse.Namespace:
                  "address the REST, gRPC and metrics ports listen on (0.0.0.0: every address; gRPC on IPv6 too)")
     settings.add(p, "--port", "GATEWAY_PORT", 8000, "REST port", int)
     settings.add(p, "--grpc-port", "GATEWAY_GRPC_PORT", 50050, "public gRPC port", int)
+    settings.add(p, "--keep-alive", "GATEWAY_KEEP_ALIVE_S", 75.0,
+                 "seconds an idle client connection stays open: longer than clients and balancers keep theirs (httpx "
+                 "and the openai client: 5 s; cloud load balancers: 60 s), so that they close first and never send a "
+                 "request on a connection this server is closing (uvicorn's 5 s races httpx's 5 s)", float)
     settings.add(p, "--metrics-port", "GATEWAY_METRICS_PORT", 0,
                  "a separate port for Prometheus /metrics (0 = only /metrics on the REST port)", int)
     settings.add(p, "--vision-addr", "VISION_ADDR", "localhost:50051",
@@ -219,6 +223,7 @@ async def main() -> None:
         log.info("gateway serving %s: REST http://%s:%d, gRPC :%d", name, args.host, args.port, args.grpc_port)
         delay, grace = shutdown_times()
         rest = RestServer(uvicorn.Config(create_app(chat), host=args.host, port=args.port, log_level="warning",
+                                         timeout_keep_alive=args.keep_alive,
                                          timeout_graceful_shutdown=grace))
         serving, stopping = asyncio.ensure_future(rest.serve()), asyncio.ensure_future(stop_signal())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
